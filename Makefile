@@ -1,0 +1,32 @@
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install lint schema bench clean
+
+# The stamp is rebuilt whenever the dependency list changes.
+$(STAMP): pyproject.toml scripts/bootstrap.sh
+	PYTHON=$(PYTHON) sh scripts/bootstrap.sh $(VENV)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/fusion serve --host 127.0.0.1 --port 8000
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+schema: $(STAMP)
+	$(BIN)/fusion schema --output schemas/workflow.schema.json
+
+bench: $(STAMP)
+	$(BIN)/python bench/engine_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,28 @@
+#!/bin/sh
+# Create the virtual environment and install the project with its test tools.
+# Debian ships `venv` without ensurepip unless python3-venv is installed: install it
+# when we can (root with apt-get), otherwise say what is missing.
+set -eu
+VENV=${1:-.venv}
+PYTHON=${PYTHON:-python3}
+
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "Fusion needs Python 3.11 or newer; $PYTHON is $("$PYTHON" --version 2>&1)" >&2
+  exit 1
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if ! "$PYTHON" -m venv "$VENV" 2>/dev/null; then
+    rm -rf "$VENV"
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      apt-get update -qq && apt-get install -y -qq python3-venv
+      "$PYTHON" -m venv "$VENV"
+    else
+      echo "python -m venv failed: install python3-venv (apt-get install python3-venv)" >&2
+      exit 1
+    fi
+  fi
+fi
+
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+"$VENV/bin/python" -m pip install --quiet -e ".[dev]"
