@@ -1,0 +1,534 @@
+"""Static validation and compilation: a loaded document becomes a CompiledWorkflow (steps
+with compiled templates and a networkx DAG), or WorkflowInvalid listing every issue found."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+from jinja2 import nodes
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError, ValidationError, best_match
+
+from engine.dsl.issues import Issue, Path, WorkflowInvalid
+from engine.dsl.schema import STEP_KEYS, TEMPLATE, WORKFLOW_KEYS, WORKFLOW_SCHEMA, step_schema
+from engine.dsl.source import Document
+from engine.dsl.templating import ENV, Template, TemplateCompileError
+from engine.dsl.values import DictValue, Literal, TemplateValue, Value, compile_value
+from engine.steps.base import CheckContext, StepPlugin
+from engine.steps.registry import StepRegistry
+
+BASE_NAMES = frozenset({"input", "config", "models", "steps"})
+STEP_ATTRIBUTES = ("output", "status", "ran", "error", "attempts")
+# What a step's state reveals about a skipped dependency: reading it means the step
+# handles the skip itself, so the skip does not propagate to it.
+GUARD_ATTRIBUTES = frozenset({"ran", "status"})
+DEFAULT_CONCURRENCY = 4
+# Filters and operators whose result is never a list: a for_each over them is a mistake.
+_SCALAR_FILTERS = frozenset(
+    [
+        "join",
+        "string",
+        "tojson",
+        "upper",
+        "lower",
+        "title",
+        "capitalize",
+        "trim",
+        "format",
+        "replace",
+        "length",
+        "count",
+        "center",
+        "indent",
+        "truncate",
+        "wordcount",
+        "urlencode",
+        "striptags",
+        "round",
+        "int",
+        "float",
+        "abs",
+    ]
+)
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    type: str
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class RetrySpec:
+    attempts: int = 1
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        return float(min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s))
+
+
+@dataclass(frozen=True)
+class RepeatSpec:
+    max: int
+    until: Value
+
+
+@dataclass
+class CompiledStep:
+    id: str
+    type: str
+    plugin: StepPlugin
+    params: Value
+    raw_params: dict[str, Any]
+    prepared: Any = None
+    when: Value | None = None
+    for_each: Value | None = None
+    concurrency: int = DEFAULT_CONCURRENCY
+    repeat: RepeatSpec | None = None
+    retry: RetrySpec = field(default_factory=RetrySpec)
+    timeout_s: float | None = None
+    on_error: str = "fail"
+    default: Any = None
+    deps: frozenset[str] = frozenset()
+    guarded: frozenset[str] = frozenset()
+
+
+@dataclass
+class CompiledWorkflow:
+    id: str
+    name: str
+    description: str
+    version: int | str | None
+    models: dict[str, RoleSpec]
+    input_schema: dict[str, Any]
+    config: dict[str, Any]
+    steps: dict[str, CompiledStep]
+    graph: nx.DiGraph
+    output: Value | None
+    definition: dict[str, Any]
+    file: str | None = None
+
+    @property
+    def required_models(self) -> list[str]:
+        return sorted({r.type for r in self.models.values() if not r.optional})
+
+    @property
+    def optional_models(self) -> list[str]:
+        return sorted(role for role, r in self.models.items() if r.optional)
+
+    def sinks(self) -> list[str]:
+        return [s for s in self.steps if self.graph.out_degree(s) == 0]
+
+
+def suggest(word: str, options: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class _Compiler:
+    def __init__(
+        self,
+        doc: Document,
+        registry: StepRegistry,
+        workflow_ids: frozenset[str] | None,
+        base: Path,
+        data: Any,
+    ) -> None:
+        self.doc = doc
+        self.registry = registry
+        self.workflow_ids = workflow_ids
+        self.base = base
+        self.data = data
+        self.issues: list[Issue] = []
+
+    # -- reporting ---------------------------------------------------------------------
+    def report(self, message: str, path: Path, *, at_key: bool = False) -> None:
+        self.issues.append(self.doc.issue(message, (*self.base, *path), at_key=at_key))
+
+    def report_template(self, path: Path, exc: TemplateCompileError) -> None:
+        where = f" (template line {exc.lineno})" if exc.lineno and exc.lineno > 1 else ""
+        self.report(f"{exc.message}{where}", path)
+
+    def report_schema(self, error: ValidationError, path: Path) -> None:
+        self.report(_describe(error), (*path, *error.absolute_path))
+
+    def unknown_keys(self, obj: Mapping[str, Any], known: Iterable[str], path: Path, what: str):
+        known = list(known)
+        for key in obj:
+            if key not in known:
+                self.report(
+                    f"unknown {what} '{key}'{suggest(key, known)}", (*path, key), at_key=True
+                )
+
+    # -- the document --------------------------------------------------------------------
+    def compile(self, default_id: str | None) -> CompiledWorkflow | None:
+        data = self.data
+        if not isinstance(data, dict):
+            self.report("a workflow must be a mapping with a 'steps' list", ())
+            return None
+        self.unknown_keys(data, WORKFLOW_KEYS, (), "key")
+        for error in Draft202012Validator(WORKFLOW_SCHEMA).iter_errors(data):
+            if error.validator != "additionalProperties":
+                self.report_schema(error, ())
+        models = self.compile_models(data.get("models"))
+        input_schema = data.get("input_schema") or {"type": "object"}
+        if isinstance(input_schema, dict):
+            try:
+                Draft202012Validator.check_schema(input_schema)
+            except SchemaError as exc:
+                self.report(
+                    f"input_schema is not a valid JSON Schema: {exc.message}",
+                    ("input_schema", *exc.path),
+                )
+        steps_data = data.get("steps") if isinstance(data.get("steps"), list) else []
+        ids = self.collect_ids(steps_data)
+        steps: dict[str, CompiledStep] = {}
+        for index, raw in enumerate(steps_data):
+            step = self.compile_step(raw, ("steps", index), ids, models)
+            if step is not None and step.id not in steps:
+                steps[step.id] = step
+        output = None
+        if "output" in data:
+            output = self.compile_with_refs(
+                data["output"], ("output",), BASE_NAMES, ids, models, None
+            )[0]
+        graph = self.build_graph(steps, ids)
+        if self.issues:
+            return None
+        wf_id = data.get("id") or default_id or data.get("name") or "workflow"
+        return CompiledWorkflow(
+            id=str(wf_id),
+            name=str(data.get("name") or wf_id),
+            description=str(data.get("description") or ""),
+            version=data.get("version"),
+            models=models,
+            input_schema=input_schema,
+            config=dict(data.get("config") or {}),
+            steps=steps,
+            graph=graph,
+            output=output,
+            definition=data,
+            file=self.doc.file,
+        )
+
+    def compile_models(self, models: Any) -> dict[str, RoleSpec]:
+        if not isinstance(models, dict):
+            return {}
+        out = {}
+        for role, spec in models.items():
+            if isinstance(spec, dict) and isinstance(spec.get("type"), str):
+                out[role] = RoleSpec(spec["type"], bool(spec.get("optional", False)))
+        return out
+
+    def collect_ids(self, steps: list[Any]) -> dict[str, int]:
+        ids: dict[str, int] = {}
+        for index, raw in enumerate(steps):
+            if not isinstance(raw, dict):
+                continue
+            sid = raw.get("step_id")
+            if not isinstance(sid, str):
+                continue
+            if sid in ids:
+                first = self.doc.values.get((*self.base, "steps", ids[sid], "step_id"))
+                at = f" (first defined at line {first[0]})" if first else ""
+                self.report(
+                    f"duplicate step_id '{sid}'{at}: step ids must be unique",
+                    ("steps", index, "step_id"),
+                )
+            else:
+                ids[sid] = index
+        return ids
+
+    # -- steps ---------------------------------------------------------------------------
+    def compile_step(
+        self, raw: Any, path: Path, ids: dict[str, int], models: dict[str, RoleSpec]
+    ) -> CompiledStep | None:
+        if not isinstance(raw, dict):
+            self.report("a step must be a mapping with 'step_id' and 'type'", path)
+            return None
+        sid, type_name = raw.get("step_id"), raw.get("type")
+        if sid is None:
+            self.report("missing 'step_id': every step needs a unique id", path)
+        if type_name is None:
+            self.report("missing 'type': name the step type (e.g. 'template')", path)
+            return None
+        plugin = self.registry.get(type_name) if isinstance(type_name, str) else None
+        if plugin is None:
+            known = self.registry.names()
+            self.report(
+                f"unknown step type '{type_name}'{suggest(str(type_name), known)}; "
+                f"known types: {', '.join(known)}",
+                (*path, "type"),
+            )
+            return None
+        params_schema = plugin.params_schema
+        param_names = list(params_schema.get("properties", {}))
+        self.unknown_keys(
+            raw, [*STEP_KEYS, *param_names], path, f"parameter for step type '{type_name}'"
+        )
+        for name in params_schema.get("required", []):
+            if name not in raw:
+                self.report(f"missing required parameter '{name}' of step type '{type_name}'", path)
+        validator = Draft202012Validator(step_schema(params_schema, type_name))
+        for error in validator.iter_errors(raw):
+            if error.validator not in ("additionalProperties", "required"):
+                self.report_schema(error, path)
+        if not isinstance(sid, str):
+            return None
+
+        in_map = "for_each" in raw
+        in_repeat = "repeat" in raw
+        if in_map and in_repeat:
+            self.report(
+                "'repeat' and 'for_each' cannot be combined on one step: wrap the "
+                "repeated part in a 'workflow' step",
+                (*path, "repeat"),
+                at_key=True,
+            )
+        names = (
+            BASE_NAMES
+            | ({"item", "index"} if in_map else set())
+            | ({"iteration", "previous"} if in_repeat else set())
+        )
+        refs: set[tuple[str, str | None]] = set()
+
+        def templated(key: str | Path, value: Any, scope: frozenset[str]) -> Value:
+            sub = key if isinstance(key, tuple) else (key,)
+            compiled, found = self.compile_with_refs(value, (*path, *sub), scope, ids, models, sid)
+            refs.update(found)
+            return compiled
+
+        raw_params = {k: v for k, v in raw.items() if k in param_names}
+        params = {
+            k: templated(k, v, names) for k, v in raw_params.items() if k not in plugin.raw_params
+        }
+        params.update({k: Literal(v) for k, v in raw_params.items() if k in plugin.raw_params})
+        when = templated("when", raw["when"], BASE_NAMES) if "when" in raw else None
+        for_each = None
+        if in_map:
+            for_each = templated("for_each", raw["for_each"], BASE_NAMES)
+            self.check_for_each(raw["for_each"], for_each, (*path, "for_each"))
+        repeat = None
+        if in_repeat and isinstance(raw["repeat"], dict):
+            spec = raw["repeat"]
+            until = spec.get("until", False)
+            repeat = RepeatSpec(
+                max=int(spec.get("max", 1)),
+                until=templated(("repeat", "until"), until, names | {"output"}),
+            )
+        deps: set[str] = set()
+        for dep in raw.get("depends_on") or []:
+            if dep == sid:
+                self.report("a step cannot depend on itself", (*path, "depends_on"))
+            elif dep not in ids:
+                self.report(
+                    f"depends_on names unknown step '{dep}'{suggest(dep, ids)}",
+                    (*path, "depends_on"),
+                )
+            else:
+                deps.add(dep)
+        deps.update(ref for ref, _ in refs if ref in ids and ref != sid)
+        guarded = frozenset(ref for ref, attr in refs if attr in GUARD_ATTRIBUTES)
+        checks = CheckContext(
+            report=lambda message, sub: self.report(message, (*path, *sub)),
+            workflow_ids=self.workflow_ids,
+            compile_inline=lambda obj, sub: self.compile_inline(obj, (*path, *sub)),
+        )
+        plugin.check(raw_params, checks)
+        prepared = plugin.prepare(raw_params, checks)
+        retry = raw.get("retry") if isinstance(raw.get("retry"), dict) else {}
+        return CompiledStep(
+            id=sid,
+            type=type_name,
+            plugin=plugin,
+            params=_dict_value(params),
+            raw_params=raw_params,
+            prepared=prepared,
+            when=when,
+            for_each=for_each,
+            concurrency=int(raw.get("concurrency", DEFAULT_CONCURRENCY)),
+            repeat=repeat,
+            retry=RetrySpec(**retry),
+            timeout_s=raw.get("timeout_s"),
+            on_error=raw.get("on_error", "fail"),
+            default=raw.get("default"),
+            deps=frozenset(deps),
+            guarded=guarded & deps,
+        )
+
+    def compile_inline(self, obj: Any, path: Path) -> CompiledWorkflow | None:
+        sub = _Compiler(self.doc, self.registry, self.workflow_ids, (*self.base, *path), obj)
+        compiled = sub.compile(default_id=None)
+        self.issues.extend(sub.issues)
+        return compiled
+
+    def compile_with_refs(
+        self,
+        value: Any,
+        path: Path,
+        names: frozenset[str],
+        ids: dict[str, int],
+        models: dict[str, RoleSpec],
+        self_id: str | None,
+    ) -> tuple[Value, set[tuple[str, str | None]]]:
+        """Compile a value's templates and check every reference they make."""
+        found: set[tuple[str, str | None]] = set()
+
+        def on_template(tpath: Path, template: Template) -> None:
+            for ref in template.references:
+                if ref.root == "steps":
+                    found.update(self.check_step_ref(ref.path, tpath, ids, self_id))
+                elif ref.root == "models" and ref.path:
+                    role = ref.path[0]
+                    if role not in models:
+                        declared = ", ".join(models) or "none"
+                        self.report(
+                            f"undeclared model role '{role}'{suggest(str(role), models)}; "
+                            f"declare it under 'models:' (declared: {declared})",
+                            tpath,
+                        )
+
+        value_tree = compile_value(value, path, names, on_template, self.report_template)
+        return value_tree, found
+
+    def check_step_ref(
+        self, ref: tuple[str | int, ...], path: Path, ids: dict[str, int], self_id: str | None
+    ) -> set[tuple[str, str | None]]:
+        if not ref:
+            self.report("refer to a step as steps.<step_id>.<attribute>, not 'steps' alone", path)
+            return set()
+        target = str(ref[0])
+        if target not in ids:
+            self.report(f"reference to unknown step '{target}'{suggest(target, ids)}", path)
+            return set()
+        if target == self_id:
+            self.report(
+                f"step '{target}' cannot read its own result; inside 'repeat' use 'previous'", path
+            )
+            return set()
+        attr = ref[1] if len(ref) > 1 else None
+        if attr is not None and attr not in STEP_ATTRIBUTES:
+            self.report(
+                f"step '{target}' has no attribute '{attr}'{suggest(str(attr), STEP_ATTRIBUTES)}"
+                f"; a step has {', '.join(STEP_ATTRIBUTES)}",
+                path,
+            )
+            return set()
+        return {(target, None if attr is None else str(attr))}
+
+    def check_for_each(self, raw: Any, compiled: Value, path: Path) -> None:
+        if isinstance(raw, list):
+            return
+        if not isinstance(compiled, TemplateValue):
+            if not self._reported_at(path):
+                self.report(
+                    "for_each must be a list or a single {{ expression }} giving a list", path
+                )
+            return
+        template = compiled.template
+        if not template.native:
+            self.report(
+                "for_each must be a single {{ expression }} giving a list, not text "
+                "around a template (which renders to a string)",
+                path,
+            )
+            return
+        expr = _expression_node(template)
+        if _never_a_list(expr):
+            self.report("for_each expression never gives a list: it must evaluate to a list", path)
+
+    def _reported_at(self, path: Path) -> bool:
+        full = (*self.base, *path)
+        return any(i.path == full for i in self.issues)
+
+    # -- the graph -------------------------------------------------------------------------
+    def build_graph(self, steps: dict[str, CompiledStep], ids: dict[str, int]) -> nx.DiGraph:
+        graph = nx.DiGraph()
+        graph.add_nodes_from(steps)
+        for step in steps.values():
+            for dep in step.deps:
+                graph.add_edge(dep, step.id)
+        for component in nx.strongly_connected_components(graph):
+            if len(component) > 1:
+                cycle = [u for u, _ in nx.find_cycle(graph.subgraph(component))]
+                first = min(cycle, key=lambda s: ids[s])
+                start = cycle.index(first)
+                ordered = cycle[start:] + cycle[:start]
+                self.report(
+                    f"dependency cycle: {' -> '.join([*ordered, first])}; break it by "
+                    "removing one of these references",
+                    ("steps", ids[first], "step_id"),
+                )
+        return graph
+
+
+def _dict_value(params: dict[str, Value]) -> Value:
+    literals = {k: v.value for k, v in params.items() if isinstance(v, Literal)}
+    return Literal(literals) if len(literals) == len(params) else DictValue(params)
+
+
+def _expression_node(template: Template) -> nodes.Node:
+    ast = ENV.parse(template.source)
+    return ast.body[0].nodes[0]  # type: ignore[attr-defined]
+
+
+def _never_a_list(expr: nodes.Node) -> bool:
+    if isinstance(expr, nodes.Const):
+        return not isinstance(expr.value, list | tuple)
+    if isinstance(expr, nodes.Filter):
+        return expr.name in _SCALAR_FILTERS
+    return isinstance(
+        expr,
+        nodes.Dict
+        | nodes.Concat
+        | nodes.Compare
+        | nodes.Not
+        | nodes.And
+        | nodes.Or
+        | nodes.TemplateData,
+    )
+
+
+def _describe(error: ValidationError) -> str:
+    """A schema error in words: for 'value or template' alternatives, explain the value."""
+    if error.validator == "anyOf" and error.context:
+        relevant = [
+            e
+            for e in error.context
+            if e.schema is not TEMPLATE and e.schema.get("pattern") != TEMPLATE["pattern"]
+        ]
+        if relevant:
+            inner = best_match(relevant)
+            return f"{inner.message} (or use a {{{{ template }}}})"
+    if error.validator == "enum":
+        allowed = ", ".join(repr(v) for v in error.validator_value)
+        return f"{error.instance!r} is not one of {allowed}"
+    return error.message
+
+
+def compile_document(
+    doc: Document,
+    registry: StepRegistry,
+    *,
+    workflow_ids: Iterable[str] | None = None,
+    default_id: str | None = None,
+) -> CompiledWorkflow:
+    """Validate and compile; raises WorkflowInvalid with every issue found."""
+    compiler = _Compiler(
+        doc, registry, frozenset(workflow_ids) if workflow_ids is not None else None, (), doc.data
+    )
+    compiled = compiler.compile(default_id)
+    if compiled is None or compiler.issues:
+        issues = compiler.issues or [doc.issue("invalid workflow", ())]
+        raise WorkflowInvalid(sorted(issues, key=_issue_order))
+    return compiled
+
+
+def _issue_order(issue: Issue) -> tuple[int, int]:
+    return (issue.line or 0, issue.col or 0)

@@ -1,0 +1,231 @@
+"""Sandboxed Jinja templates for workflow values.
+
+Every template is parsed and compiled once, when the workflow is loaded. A value that is
+exactly one ``{{ expr }}`` evaluates to the expression's native value (a list stays a list);
+any other template renders to a string. Parsing also yields the template's references
+(``steps.X.output``, ``models.role`` ...) so the compiler can derive dependencies from the
+syntax tree rather than from a regex, and refuse escapes before anything runs.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateSyntaxError, nodes
+from jinja2.exceptions import SecurityError, UndefinedError
+from jinja2.runtime import Undefined
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+MAX_RANGE = 10_000
+MAX_REPEAT = 1_000_000  # longest string/list a `*` may build
+MAX_EXPONENT = 256
+
+_NATIVE = re.compile(r"^\{\{[-+]?(?P<expr>.*?)[-+]?\}\}$", re.DOTALL)
+_MARKERS = ("{{", "{%", "{#")
+# Jinja statements that reach outside the template (loaders) have no place in a value.
+_FORBIDDEN_NODES: tuple[tuple[type[nodes.Node], str], ...] = (
+    (nodes.Include, "include"),
+    (nodes.Import, "import"),
+    (nodes.FromImport, "import"),
+    (nodes.Extends, "extends"),
+    (nodes.Macro, "macro"),
+    (nodes.CallBlock, "call"),
+)
+
+
+class TemplateCompileError(Exception):
+    """A template that cannot be accepted: bad syntax or a refused construct."""
+
+    def __init__(self, message: str, lineno: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.lineno = lineno
+
+
+class TemplateRenderError(Exception):
+    """A template failed while rendering (undefined value, sandbox violation, type error)."""
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A name the template reads, with the constant attribute path after it:
+    ``steps.retrieve.output[0]`` is ``Reference("steps", ("retrieve", "output", 0))``."""
+
+    root: str
+    path: tuple[str | int, ...]
+    lineno: int
+
+
+def _safe_range(*args: int) -> range:
+    rng = range(*args)
+    if len(rng) > MAX_RANGE:
+        raise SecurityError(f"range() of {len(rng)} items exceeds the limit of {MAX_RANGE}")
+    return rng
+
+
+class _Environment(ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset({"*", "**"})
+
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        return not attr.startswith("_") and super().is_safe_attribute(obj, attr, value)
+
+    def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
+        if op == "**":
+            if isinstance(right, int | float) and abs(right) > MAX_EXPONENT:
+                raise SecurityError(f"exponent {right} exceeds the limit of {MAX_EXPONENT}")
+            return operator.pow(left, right)
+        for seq, count in ((left, right), (right, left)):
+            sized = isinstance(seq, str | list | tuple) and isinstance(count, int)
+            if sized and len(seq) * count > MAX_REPEAT:
+                raise SecurityError(
+                    f"repeating a sequence to {len(seq) * count} items exceeds "
+                    f"the limit of {MAX_REPEAT}"
+                )
+        return operator.mul(left, right)
+
+
+def _make_environment() -> _Environment:
+    env = _Environment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+    # cycler/joiner/namespace/lipsum are stateful or useless in a value: only these remain.
+    env.globals = {"range": _safe_range, "dict": dict}
+    return env
+
+
+ENV = _make_environment()
+GLOBAL_NAMES = frozenset(ENV.globals)
+
+
+def is_template(value: Any) -> bool:
+    return isinstance(value, str) and any(m in value for m in _MARKERS)
+
+
+class Template:
+    """One compiled template string."""
+
+    __slots__ = ("_render", "native", "references", "source")
+
+    def __init__(self, source: str, allowed_names: frozenset[str]) -> None:
+        self.source = source
+        try:
+            ast = ENV.parse(source)
+        except TemplateSyntaxError as exc:
+            raise TemplateCompileError(
+                f"template syntax error: {exc.message}", exc.lineno
+            ) from None
+        _refuse_escapes(ast)
+        self.references = tuple(_references(ast))
+        for ref in self.references:
+            if ref.root not in allowed_names and ref.root not in GLOBAL_NAMES:
+                raise TemplateCompileError(
+                    f"unknown name '{ref.root}' (available: {', '.join(sorted(allowed_names))})",
+                    ref.lineno,
+                )
+        stripped = source.strip()
+        match = _NATIVE.match(stripped)
+        self.native = bool(match) and _single_expression(ast)
+        try:
+            if self.native and match:
+                expr = ENV.compile_expression(match.group("expr"), undefined_to_none=False)
+                self._render: Callable[[Mapping[str, Any]], Any] = expr
+            else:
+                self._render = ENV.from_string(ast).render
+        except TemplateSyntaxError as exc:
+            raise TemplateCompileError(
+                f"template syntax error: {exc.message}", exc.lineno
+            ) from None
+
+    def render(self, context: Mapping[str, Any]) -> Any:
+        try:
+            result = self._render(context)
+            if isinstance(result, Undefined):
+                str(result)  # StrictUndefined raises with its own message
+        except UndefinedError as exc:
+            raise TemplateRenderError(f"{exc.message} in {self.source!r}") from None
+        except SecurityError as exc:
+            raise TemplateRenderError(f"refused: {exc} in {self.source!r}") from None
+        except Exception as exc:
+            raise TemplateRenderError(f"{type(exc).__name__}: {exc} in {self.source!r}") from None
+        return result
+
+
+def _single_expression(ast: nodes.Template) -> bool:
+    return (
+        len(ast.body) == 1
+        and isinstance(ast.body[0], nodes.Output)
+        and len(ast.body[0].nodes) == 1
+        and not isinstance(ast.body[0].nodes[0], nodes.TemplateData)
+    )
+
+
+def _refuse_escapes(ast: nodes.Template) -> None:
+    for node_type, what in _FORBIDDEN_NODES:
+        node = ast.find(node_type)
+        if node is not None:
+            raise TemplateCompileError(
+                f"'{what}' is not allowed in workflow templates", node.lineno
+            )
+    for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
+        name = node.attr if isinstance(node, nodes.Getattr) else _const_key(node.arg)
+        if isinstance(name, str) and name.startswith("_"):
+            raise TemplateCompileError(
+                f"attribute '{name}' is not allowed: names starting with '_' are private",
+                node.lineno,
+            )
+
+
+def _const_key(node: nodes.Node) -> str | int | None:
+    if isinstance(node, nodes.Const) and isinstance(node.value, str | int):
+        return node.value
+    return None
+
+
+def _local_names(ast: nodes.Template) -> set[str]:
+    """Names the template binds itself ({% for x %}, {% set y %}, loop)."""
+    bound = {n.name for n in ast.find_all(nodes.Name) if n.ctx in ("store", "param")}
+    if ast.find(nodes.For) is not None:
+        bound.add("loop")
+    return bound
+
+
+def _references(ast: nodes.Template) -> Iterator[Reference]:
+    local = _local_names(ast)
+    stack: list[nodes.Node] = [ast]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, nodes.Name | nodes.Getattr | nodes.Getitem):
+            root, path, dynamic = _flatten(node)
+            stack.extend(dynamic)
+            if root is not None:
+                if root.ctx == "load" and root.name not in local:
+                    yield Reference(root.name, path, node.lineno)
+                continue
+        stack.extend(node.iter_child_nodes())
+
+
+def _flatten(node: nodes.Node) -> tuple[nodes.Name | None, tuple[str | int, ...], list[nodes.Node]]:
+    """Split ``a.b[0][x].c`` into its root Name, the constant path before the first dynamic
+    subscript (``b, 0``), and the nodes still to walk (``x``). A chain on anything but a
+    Name (a filter's result, a literal) has no root."""
+    outer: list[str | int] = []
+    dynamic: list[nodes.Node] = []
+    while True:
+        if isinstance(node, nodes.Getattr):
+            outer.append(node.attr)
+            node = node.node
+        elif isinstance(node, nodes.Getitem):
+            key = _const_key(node.arg)
+            if key is None:
+                dynamic.append(node.arg)
+                outer.clear()
+            else:
+                outer.append(key)
+            node = node.node
+        elif isinstance(node, nodes.Name):
+            return node, tuple(reversed(outer)), dynamic
+        else:
+            dynamic.append(node)
+            return None, (), dynamic

@@ -1,0 +1,418 @@
+"""Run a compiled workflow: each step starts as soon as its dependencies are done, up to
+``max_parallel`` at once; the run records a trace entry per step."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import structlog
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import best_match
+
+from engine.dsl.compiler import CompiledStep, CompiledWorkflow, RoleSpec
+from engine.dsl.issues import dotted
+from engine.dsl.templating import TemplateRenderError
+from engine.dsl.values import Literal
+from engine.errors import FusionError, InvalidRequest, ServiceUnavailable
+from engine.runtime.inputs import prepare_input
+from engine.runtime.trace import (
+    COMPLETED,
+    FAILED,
+    PARTIAL,
+    STEP_CANCELLED,
+    STEP_RUNNING,
+    STEP_SKIPPED,
+    RunResult,
+    StepRecord,
+    utc_iso,
+)
+from engine.steps.base import StepContext
+
+log = structlog.get_logger(__name__)
+
+EventSink = Callable[[dict[str, Any]], None]
+ModelSelector = Callable[[str, RoleSpec], str | None]
+
+
+class WorkflowSource(Protocol):
+    def get(self, workflow_id: str) -> CompiledWorkflow: ...
+
+
+class StepFailed(Exception):
+    """A step's final failure, after its retries."""
+
+
+def new_run_id() -> str:
+    return f"wf-{uuid.uuid4().hex[:12]}"
+
+
+class Runner:
+    def __init__(
+        self,
+        *,
+        catalog: WorkflowSource | None = None,
+        services: Mapping[str, Any] | None = None,
+        select_model: ModelSelector | None = None,
+        max_parallel: int = 16,
+        max_depth: int = 8,
+    ) -> None:
+        self.catalog = catalog
+        self.services = services or {}
+        self.select_model = select_model
+        self.max_parallel = max_parallel
+        self.max_depth = max_depth
+        self._validators: dict[str, Draft202012Validator] = {}
+
+    def bind_models(self, wf: CompiledWorkflow, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Role -> model id: the caller's choice, else the selector's, else None for an
+        optional role; a required role nobody can fill is a 503."""
+        given = dict(given or {})
+        for role in given:
+            if role not in wf.models:
+                declared = ", ".join(wf.models) or "none"
+                raise InvalidRequest(
+                    f"workflow '{wf.id}' has no model role '{role}' (roles: {declared})",
+                    param=f"models.{role}",
+                )
+        bound: dict[str, Any] = {}
+        for role, spec in wf.models.items():
+            model = given.get(role)
+            if model is None and self.select_model is not None:
+                model = self.select_model(role, spec)
+            if model is None and not spec.optional:
+                raise ServiceUnavailable(
+                    f"no model bound to required role '{role}' (type '{spec.type}'): load a "
+                    f"'{spec.type}' model or pass models.{role}",
+                    param=f"models.{role}",
+                    code="model_not_loaded",
+                )
+            bound[role] = model
+        return bound
+
+    async def run(
+        self,
+        wf: CompiledWorkflow,
+        input: Any = None,
+        *,
+        models: Mapping[str, Any] | None = None,
+        config: Mapping[str, Any] | None = None,
+        on_event: EventSink | None = None,
+        run_id: str | None = None,
+        depth: int = 0,
+    ) -> RunResult:
+        """Validate input, bind models and execute. Request errors (bad input, unknown role,
+        missing model) raise before anything runs; step failures end in the result."""
+        prepared_input = prepare_input(wf.input_schema, input)
+        bound = self.bind_models(wf, models)
+        if config is not None and not isinstance(config, Mapping):
+            raise InvalidRequest("config must be an object", param="config")
+        merged_config = {**wf.config, **(config or {})}
+        run = _Run(self, wf, run_id or new_run_id(), depth, on_event)
+        return await run.execute(prepared_input, bound, merged_config)
+
+    async def run_child(
+        self,
+        target: str | CompiledWorkflow,
+        input: Any,
+        *,
+        models: Mapping[str, Any] | None,
+        config: Mapping[str, Any] | None,
+        parent_models: Mapping[str, Any],
+        depth: int,
+        on_event: EventSink | None,
+    ) -> RunResult:
+        if depth > self.max_depth:
+            raise InvalidRequest(f"workflow calls nest deeper than {self.max_depth} levels")
+        if isinstance(target, str):
+            if self.catalog is None:
+                raise InvalidRequest(f"no workflow catalog to resolve '{target}'")
+            target = self.catalog.get(target)
+        if models is None:  # inherit the parent's bindings for the roles the child declares
+            models = {r: m for r, m in parent_models.items() if r in target.models and m}
+        return await self.run(
+            target, input, models=models, config=config, depth=depth, on_event=on_event
+        )
+
+    def validator(self, step: CompiledStep) -> Draft202012Validator:
+        found = self._validators.get(step.type)
+        if found is None:
+            found = self._validators[step.type] = Draft202012Validator(step.plugin.params_schema)
+        return found
+
+
+class _Run:
+    def __init__(
+        self,
+        runner: Runner,
+        wf: CompiledWorkflow,
+        run_id: str,
+        depth: int,
+        on_event: EventSink | None,
+    ) -> None:
+        self.runner = runner
+        self.wf = wf
+        self.run_id = run_id
+        self.depth = depth
+        self.on_event = on_event
+        self.records = {sid: StepRecord(sid, step.type) for sid, step in wf.steps.items()}
+        self.states: dict[str, dict[str, Any]] = {
+            sid: {"output": None, "status": "pending", "ran": False, "error": None, "attempts": 0}
+            for sid in wf.steps
+        }
+        self.scope: dict[str, Any] = {}
+
+    def emit(self, event: str, data: Mapping[str, Any]) -> None:
+        if self.on_event is not None:
+            self.on_event({"event": event, "run_id": self.run_id, **data})
+
+    async def execute(
+        self, input: dict[str, Any], models: dict[str, Any], config: dict[str, Any]
+    ) -> RunResult:
+        wf = self.wf
+        started = time.perf_counter()
+        created_at = utc_iso()
+        self.scope = {"input": input, "config": config, "models": models, "steps": self.states}
+        self.emit("run_started", {"workflow_id": wf.id})
+        error: str | None = None
+        try:
+            error = await self.schedule()
+        except asyncio.CancelledError:
+            self.emit("run_cancelled", {})
+            raise
+        output = None
+        if error is None:
+            try:
+                output = self.render_output()
+            except TemplateRenderError as exc:
+                error = f"output: {exc}"
+        failed_steps = any(r.status == FAILED for r in self.records.values())
+        status = FAILED if error else (PARTIAL if failed_steps else COMPLETED)
+        result = RunResult(
+            run_id=self.run_id,
+            workflow_id=wf.id,
+            workflow_version=wf.version,
+            status=status,
+            output=output,
+            trace=list(self.records.values()),
+            error=error,
+            created_at=created_at,
+            completed_at=utc_iso(),
+            total_latency_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        self.emit("run_finished", {"status": status, "error": error})
+        return result
+
+    def render_output(self) -> Any:
+        if self.wf.output is not None:
+            return self.wf.output.render(self.scope)
+        return {sid: self.states[sid]["output"] for sid in self.wf.sinks()}
+
+    async def schedule(self) -> str | None:
+        """Run the DAG; the error that failed the run, or None."""
+        graph = self.wf.graph
+        waiting = {sid: graph.in_degree(sid) for sid in self.wf.steps}
+        ready = [sid for sid, n in waiting.items() if n == 0]
+        running: dict[asyncio.Task[None], str] = {}
+        try:
+            while ready or running:
+                while ready and len(running) < self.runner.max_parallel:
+                    sid = ready.pop(0)
+                    if self.should_skip(sid):
+                        self.finish_skipped(sid, "a dependency was skipped")
+                        ready.extend(self.release(sid, waiting))
+                        continue
+                    task = asyncio.create_task(self.run_step(self.wf.steps[sid]))
+                    running[task] = sid
+                if not running:
+                    continue
+                done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    sid = running.pop(task)
+                    task.result()
+                    step = self.wf.steps[sid]
+                    if self.states[sid]["status"] == FAILED and step.on_error == "fail":
+                        await self.cancel(running)
+                        return f"step '{sid}' failed: {self.records[sid].error}"
+                    ready.extend(self.release(sid, waiting))
+        except asyncio.CancelledError:
+            await self.cancel(running)
+            raise
+        return None
+
+    def release(self, sid: str, waiting: dict[str, int]) -> list[str]:
+        freed = []
+        for dependent in self.wf.graph.successors(sid):
+            waiting[dependent] -= 1
+            if waiting[dependent] == 0:
+                freed.append(dependent)
+        return freed
+
+    def should_skip(self, sid: str) -> bool:
+        step = self.wf.steps[sid]
+        return any(
+            self.states[dep]["status"] == STEP_SKIPPED and dep not in step.guarded
+            for dep in step.deps
+        )
+
+    def finish_skipped(self, sid: str, reason: str) -> None:
+        step, record = self.wf.steps[sid], self.records[sid]
+        record.status = STEP_SKIPPED
+        self.states[sid].update(status=STEP_SKIPPED, ran=False, output=step.default)
+        self.emit("step_finished", {"step_id": sid, "status": STEP_SKIPPED, "reason": reason})
+
+    async def cancel(self, running: dict[asyncio.Task[None], str]) -> None:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        for record in self.records.values():
+            if record.status in ("pending", STEP_RUNNING):
+                record.status = STEP_CANCELLED
+                self.states[record.step_id]["status"] = STEP_CANCELLED
+
+    async def run_step(self, step: CompiledStep) -> None:
+        record, state = self.records[step.id], self.states[step.id]
+        started = time.perf_counter()
+        record.started_at = utc_iso()
+        record.status = state["status"] = STEP_RUNNING
+        self.emit("step_started", {"step_id": step.id, "type": step.type})
+        try:
+            if step.when is not None and not self.render_control(step, "when", step.when, {}):
+                self.finish_skipped(step.id, "'when' was false")
+                return
+            if step.for_each is not None:
+                output = await self.run_items(step, record)
+            elif step.repeat is not None:
+                output = await self.run_repeat(step, record)
+            else:
+                output = await self.attempts(step, record, self.scope)
+            state.update(status=COMPLETED, ran=True, output=output)
+            record.status = COMPLETED
+        except StepFailed as exc:
+            record.status = FAILED
+            record.error = str(exc)
+            state.update(status=FAILED, ran=True, output=step.default, error=str(exc))
+            log.info("step_failed", run_id=self.run_id, step_id=step.id, error=str(exc))
+        except asyncio.CancelledError:
+            record.status = state["status"] = STEP_CANCELLED
+            raise
+        finally:
+            record.duration_ms = round((time.perf_counter() - started) * 1000, 3)
+            state["attempts"] = record.attempts
+            if record.status != STEP_SKIPPED:
+                self.emit(
+                    "step_finished",
+                    {
+                        "step_id": step.id,
+                        "status": record.status,
+                        "duration_ms": record.duration_ms,
+                        "error": record.error,
+                    },
+                )
+
+    def render_control(self, step: CompiledStep, key: str, value: Any, extra: dict) -> Any:
+        try:
+            return value.render({**self.scope, **extra} if extra else self.scope)
+        except TemplateRenderError as exc:
+            raise StepFailed(f"{key}: {exc}") from None
+
+    async def run_items(self, step: CompiledStep, record: StepRecord) -> list[Any]:
+        assert step.for_each is not None
+        items = self.render_control(step, "for_each", step.for_each, {})
+        if not isinstance(items, list | tuple):
+            raise StepFailed(f"for_each gave {type(items).__name__}, not a list")
+        record.items = len(items)
+        limit = asyncio.Semaphore(step.concurrency)
+
+        async def one(index: int, item: Any) -> Any:
+            async with limit:
+                scope = {**self.scope, "item": item, "index": index}
+                return await self.attempts(step, record, scope, item=item, index=index)
+
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(i, item)) for i, item in enumerate(items)]
+        return [t.result() for t in tasks]
+
+    async def run_repeat(self, step: CompiledStep, record: StepRecord) -> Any:
+        assert step.repeat is not None
+        previous: Any = None
+        for iteration in range(step.repeat.max):
+            scope = {**self.scope, "iteration": iteration, "previous": previous}
+            output = await self.attempts(step, record, scope)
+            record.iterations = iteration + 1
+            if self.render_control(
+                step, "repeat.until", step.repeat.until, {**scope, "output": output}
+            ):
+                return output
+            previous = output
+        return previous
+
+    async def attempts(
+        self,
+        step: CompiledStep,
+        record: StepRecord,
+        scope: Mapping[str, Any],
+        item: Any = None,
+        index: int | None = None,
+    ) -> Any:
+        try:
+            params = step.params.render(scope)
+        except TemplateRenderError as exc:
+            raise StepFailed(f"parameters: {exc}") from None
+        if not isinstance(step.params, Literal):
+            errors = list(self.runner.validator(step).iter_errors(params))
+            if errors:
+                error = best_match(errors)
+                raise StepFailed(f"parameter {dotted(tuple(error.absolute_path))}: {error.message}")
+        if step.plugin.model_param and record.model is None:
+            record.model = params.get(step.plugin.model_param)
+        error = "no attempt made"
+        for attempt in range(1, step.retry.attempts + 1):
+            record.attempts += 1
+            ctx = StepContext(
+                step_id=step.id,
+                attempt=attempt,
+                services=self.runner.services,
+                emit=lambda event, data: self.emit(event, {"step_id": step.id, **data}),
+                run_workflow=self.child_runner(),
+                item=item,
+                index=index,
+            )
+            try:
+                call = step.plugin.run(params, ctx, step.prepared)
+                if step.timeout_s:
+                    return await asyncio.wait_for(call, step.timeout_s)
+                return await call
+            except TimeoutError:
+                error = f"timed out after {step.timeout_s}s"
+            except InvalidRequest as exc:  # the same parameters fail the same way
+                raise StepFailed(exc.message) from None
+            except FusionError as exc:
+                error = exc.message
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            if attempt < step.retry.attempts:
+                await asyncio.sleep(step.retry.delay(attempt))
+        raise StepFailed(error)
+
+    def child_runner(self) -> Callable[..., Any]:
+        async def run_workflow(
+            target: str | CompiledWorkflow,
+            input: Any = None,
+            models: Mapping[str, Any] | None = None,
+            config: Mapping[str, Any] | None = None,
+        ) -> RunResult:
+            return await self.runner.run_child(
+                target,
+                input,
+                models=models,
+                config=config,
+                parent_models=self.scope["models"],
+                depth=self.depth + 1,
+                on_event=None,
+            )
+
+        return run_workflow

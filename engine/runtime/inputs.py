@@ -1,0 +1,50 @@
+"""Check a run's input against the workflow's input_schema, filling in defaults."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+from jsonschema import Draft202012Validator, validators
+from jsonschema.exceptions import best_match
+
+from engine.dsl.issues import json_pointer
+from engine.errors import InvalidRequest
+
+
+def _fill_defaults(
+    validator: Any, properties: dict[str, Any], instance: Any, schema: Any
+) -> Iterator:
+    if isinstance(instance, dict):
+        for name, sub in properties.items():
+            if isinstance(sub, dict) and "default" in sub and name not in instance:
+                instance[name] = copy.deepcopy(sub["default"])
+    yield from Draft202012Validator.VALIDATORS["properties"](
+        validator, properties, instance, schema
+    )
+
+
+_Filling = validators.extend(Draft202012Validator, {"properties": _fill_defaults})
+
+
+def prepare_input(schema: dict[str, Any], data: Any) -> dict[str, Any]:
+    """A validated copy of ``data`` with schema defaults applied; InvalidRequest naming the
+    JSON pointer of the first problem otherwise."""
+    instance = copy.deepcopy(data) if data is not None else {}
+    errors = list(_Filling(schema).iter_errors(instance))
+    if errors:
+        error = best_match(errors)
+        path = tuple(error.absolute_path)
+        if error.validator == "required":
+            missing = next((m for m in error.validator_value if m not in error.instance), None)
+            path = (*path, missing) if missing is not None else path
+        pointer = json_pointer(path)
+        raise InvalidRequest(
+            f"input{pointer or ''}: {error.message}",
+            param=f"input{pointer}" if pointer else "input",
+            code="invalid_input",
+        )
+    if not isinstance(instance, dict):
+        raise InvalidRequest("input must be a JSON object", param="input", code="invalid_input")
+    return instance

@@ -1,0 +1,65 @@
+"""What a run records: one entry per step and the run's outcome."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+COMPLETED, FAILED, PARTIAL = "completed", "failed", "partial"
+STEP_PENDING, STEP_RUNNING, STEP_SKIPPED, STEP_CANCELLED = (
+    "pending",
+    "running",
+    "skipped",
+    "cancelled",
+)
+
+
+def utc_iso(ts: float | None = None) -> str:
+    moment = datetime.fromtimestamp(ts, UTC) if ts is not None else datetime.now(UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class StepRecord:
+    step_id: str
+    type: str
+    status: str = STEP_PENDING
+    model: str | None = None
+    attempts: int = 0
+    started_at: str | None = None
+    duration_ms: float | None = None
+    error: str | None = None
+    items: int | None = None  # for_each: how many items ran
+    iterations: int | None = None  # repeat: how many passes ran
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None or k == "error"}
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    workflow_id: str
+    workflow_version: int | str | None
+    status: str
+    output: Any
+    trace: list[StepRecord] = field(default_factory=list)
+    error: str | None = None
+    created_at: str = ""
+    completed_at: str = ""
+    total_latency_ms: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "workflow_id": self.workflow_id,
+            "workflow_version": self.workflow_version,
+            "status": self.status,
+            "output": self.output,
+            "trace": [r.to_dict() for r in self.trace],
+            "error": self.error,
+            "created_at": self.created_at,
+            "completed_at": self.completed_at,
+            "total_latency_ms": self.total_latency_ms,
+        }

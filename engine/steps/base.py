@@ -1,0 +1,62 @@
+"""The step-type plugin contract.
+
+A step type is a class with a name, a JSON Schema for its parameters and an async ``run``.
+The engine renders the step's templates, validates the rendered parameters against
+``params_schema`` and calls ``run``; whatever ``run`` returns is the step's ``output``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:
+    from engine.dsl.issues import Path
+
+Emit = Callable[[str, Mapping[str, Any]], None]
+RunWorkflow = Callable[..., Awaitable[Any]]
+
+
+@dataclass
+class StepContext:
+    """What a running step may use besides its parameters."""
+
+    step_id: str
+    attempt: int
+    services: Mapping[str, Any]
+    emit: Emit
+    run_workflow: RunWorkflow
+    item: Any = None
+    index: int | None = None
+
+
+@dataclass
+class CheckContext:
+    """Static checks a plugin may run on its raw (unrendered) parameters."""
+
+    report: Callable[[str, Path], None]  # message, path relative to the step
+    workflow_ids: frozenset[str] | None  # known workflow ids, when a catalog is available
+    compile_inline: Callable[[Any, Path], Any]  # compile an inline workflow definition
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class StepPlugin:
+    type_name: ClassVar[str]
+    description: ClassVar[str] = ""
+    params_schema: ClassVar[dict[str, Any]] = {"type": "object", "properties": {}}
+    # Parameters the engine must not treat as templates (e.g. an inline workflow whose
+    # templates belong to the child run).
+    raw_params: ClassVar[frozenset[str]] = frozenset()
+    # Parameter naming the model a step calls, recorded in the trace.
+    model_param: ClassVar[str | None] = None
+
+    def check(self, params: Mapping[str, Any], ctx: CheckContext) -> None:
+        """Extra static validation beyond the JSON Schema; report problems via ctx.report."""
+
+    def prepare(self, params: Mapping[str, Any], ctx: CheckContext) -> Any:
+        """Compile-time state derived from raw parameters, passed to run as ``prepared``."""
+        return None
+
+    async def run(self, params: dict[str, Any], ctx: StepContext, prepared: Any = None) -> Any:
+        raise NotImplementedError
