@@ -47,7 +47,12 @@ def _renderer(fmt: str, stream: TextIO) -> list[Processor]:
             structlog.processors.JSONRenderer(),
         ]
     colors = bool(getattr(stream, "isatty", lambda: False)())
-    return [structlog.dev.ConsoleRenderer(colors=colors)]
+    # Plain tracebacks: rich's default also prints local variables, which can hold secrets.
+    return [
+        structlog.dev.ConsoleRenderer(
+            colors=colors, exception_formatter=structlog.dev.plain_traceback
+        )
+    ]
 
 
 def configure_logging(

@@ -158,12 +158,17 @@ class _Compiler:
     def report_schema(self, error: ValidationError, path: Path) -> None:
         self.report(_describe(error), (*path, *error.absolute_path))
 
-    def unknown_keys(self, obj: Mapping[str, Any], known: Iterable[str], path: Path, what: str):
+    def unknown_keys(
+        self, obj: Mapping[str, Any], known: Iterable[str], path: Path, owner: str
+    ) -> None:
         known = list(known)
         for key in obj:
             if key not in known:
+                allowed = ", ".join(known)
                 self.report(
-                    f"unknown {what} '{key}'{suggest(key, known)}", (*path, key), at_key=True
+                    f"unknown key '{key}' {owner}{suggest(key, known)}; allowed: {allowed}",
+                    (*path, key),
+                    at_key=True,
                 )
 
     # -- the document --------------------------------------------------------------------
@@ -172,7 +177,7 @@ class _Compiler:
         if not isinstance(data, dict):
             self.report("a workflow must be a mapping with a 'steps' list", ())
             return None
-        self.unknown_keys(data, WORKFLOW_KEYS, (), "key")
+        self.unknown_keys(data, WORKFLOW_KEYS, (), "in a workflow")
         for error in Draft202012Validator(WORKFLOW_SCHEMA).iter_errors(data):
             if error.validator != "additionalProperties":
                 self.report_schema(error, ())
@@ -269,9 +274,7 @@ class _Compiler:
             return None
         params_schema = plugin.params_schema
         param_names = list(params_schema.get("properties", {}))
-        self.unknown_keys(
-            raw, [*STEP_KEYS, *param_names], path, f"parameter for step type '{type_name}'"
-        )
+        self.unknown_keys(raw, [*STEP_KEYS, *param_names], path, f"for step type '{type_name}'")
         for name in params_schema.get("required", []):
             if name not in raw:
                 self.report(f"missing required parameter '{name}' of step type '{type_name}'", path)

@@ -1,0 +1,195 @@
+"""The ``fusion`` command: validate, run, graph, schema, serve."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from engine.config import Settings
+from engine.dsl.catalog import WorkflowCatalog, compile_files, workflow_files
+from engine.dsl.compiler import CompiledWorkflow
+from engine.dsl.graph import mermaid
+from engine.dsl.issues import Issue, WorkflowInvalid, format_issues
+from engine.dsl.schema import generate
+from engine.errors import FusionError
+from engine.runtime.executor import Runner
+from engine.runtime.trace import COMPLETED, FAILED
+from engine.steps.registry import default_registry
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+
+
+def _out(stream: TextIO, text: str) -> None:
+    stream.write(text if text.endswith("\n") else text + "\n")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    files = workflow_files(args.paths)
+    missing = [p for p in files if not p.exists()]
+    registry = default_registry()
+    extra = _catalog_ids(args.workflows_dir, registry, exclude=files)
+    _, issues = compile_files([p for p in files if p.exists()], registry, extra)
+    for path in missing:
+        issues[path] = [Issue("no such file or directory", (), str(path))]
+    found = [i for path in files for i in issues.get(path, [])]
+    if found:
+        _out(sys.stdout, format_issues(found, args.format))
+    elif args.format == "json":
+        _out(sys.stdout, "[]")
+    bad = sum(1 for p in files if p in issues)
+    summary = f"{len(files)} file(s) checked, {len(found)} error(s) in {bad} file(s)"
+    _out(sys.stderr, summary)
+    return EXIT_INVALID if found or not files else EXIT_OK
+
+
+def _catalog_ids(directory: str | None, registry: Any, exclude: Sequence[Path] = ()) -> list[str]:
+    """Ids of the workflows in the workflows directory, so files may call them."""
+    if not directory or not Path(directory).is_dir():
+        return []
+    excluded = {p.resolve() for p in exclude}
+    others = [p for p in workflow_files([directory]) if p.resolve() not in excluded]
+    compiled, _ = compile_files(others, registry)
+    return list(compiled)
+
+
+def _resolve(target: str, workflows_dir: str | None) -> tuple[CompiledWorkflow, WorkflowCatalog]:
+    registry = default_registry()
+    catalog = WorkflowCatalog(registry)
+    if workflows_dir and Path(workflows_dir).is_dir():
+        catalog.load_directory(workflows_dir)
+    path = Path(target)
+    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+        compiled, issues = compile_files([path], registry, catalog.ids())
+        if issues:
+            raise WorkflowInvalid(issues[path])
+        workflow = next(iter(compiled.values()))
+        catalog.add(workflow)
+        return workflow, catalog
+    return catalog.get(target), catalog
+
+
+def _parse_pairs(pairs: Sequence[str], what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--{what} expects key=value, got {pair!r}")
+        try:  # numbers, booleans, lists and objects as JSON; anything else is a string
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    workflow, catalog = _resolve(args.workflow, args.workflows_dir)
+    data: dict[str, Any] = json.loads(args.input_json) if args.input_json else {}
+    data.update(_parse_pairs(args.input or [], "input"))
+    config = json.loads(args.config_json) if args.config_json else None
+    models = _parse_pairs(args.model or [], "model")
+    runner = Runner(catalog=catalog)
+    result = asyncio.run(runner.run(workflow, data, models=models, config=config))
+    _out(sys.stdout, json.dumps(result.to_dict(), indent=2, default=str))
+    if result.status == COMPLETED:
+        return EXIT_OK
+    return EXIT_INVALID if result.status == FAILED else EXIT_PARTIAL
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    workflow, _ = _resolve(args.workflow, args.workflows_dir)
+    _out(sys.stdout, mermaid(workflow))
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    text = json.dumps(generate(default_registry()), indent=2) + "\n"
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    # The app factory reads its settings from the environment, so the flags go there;
+    # uvicorn imports the factory by path and engine/ never imports server/.
+    for name in ("host", "port", "data_dir", "log_format", "log_level", "workflows_dir"):
+        value = getattr(args, name, None)
+        if value is not None:
+            os.environ[f"FUSION_{name.upper()}"] = str(value)
+    settings = Settings.load()
+    uvicorn.run(
+        "server.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+    )
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusion", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check workflow files without running them")
+    p.add_argument("paths", nargs="+", help="workflow files or directories")
+    p.add_argument("--format", choices=["text", "json", "github"], default="text")
+    p.add_argument("--workflows-dir", default="workflows", help="ids a workflow step may call")
+    p.set_defaults(func=cmd_validate)
+
+    for name, func, text in (
+        ("run", cmd_run, "run a workflow in-process and print its result and trace"),
+        ("graph", cmd_graph, "print a workflow's DAG as a Mermaid flowchart"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("workflow", help="a workflow file, or an id in --workflows-dir")
+        p.add_argument("--workflows-dir", default="workflows")
+        p.set_defaults(func=func)
+        if name == "run":
+            p.add_argument("--input", action="append", metavar="KEY=VALUE")
+            p.add_argument("--input-json", metavar="JSON")
+            p.add_argument("--config-json", metavar="JSON")
+            p.add_argument("--model", action="append", metavar="ROLE=MODEL_ID")
+
+    p = sub.add_parser("schema", help="print the workflow JSON Schema")
+    p.add_argument("--output", "-o", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("serve", help="start the HTTP server")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--data-dir")
+    p.add_argument("--workflows-dir")
+    p.add_argument("--log-format", choices=["console", "json"])
+    p.add_argument("--log-level")
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except WorkflowInvalid as exc:
+        _out(sys.stdout, format_issues(exc.issues, getattr(args, "format", "text")))
+        return EXIT_INVALID
+    except FusionError as exc:
+        _out(sys.stderr, f"error: {exc.message}")
+        return EXIT_USAGE
+    except json.JSONDecodeError as exc:
+        _out(sys.stderr, f"error: invalid JSON: {exc}")
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
