@@ -1,0 +1,78 @@
+"""The Litestar application factory.
+
+`uvicorn --factory server.app:create_app` builds the app from `Settings.load()`; tests and
+the CLI pass their own Settings.
+
+What the running app exposes on `app.state`:
+    settings   the Settings it was built with
+    store      the open engine.store.Store (from startup to shutdown)
+    services   name -> engine service object; services started by the lifespan register
+               here ("fusion", "rag", "mcp", ...) and /health reports them
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+from litestar.types import ControllerRouterHandler
+
+from engine.config import Settings
+from engine.logging import configure_logging, get_logger
+from engine.store import Store
+from server.errors import exception_handlers
+from server.request_id import RequestIdMiddleware, set_request_id_header
+from server.routes.health import health
+
+log = get_logger("server.app")
+
+
+def _fusion_version() -> str:
+    try:
+        return version("fusion")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    extra_routes: Sequence[ControllerRouterHandler] = (),
+) -> Litestar:
+    """Build the Fusion app.
+
+    settings: defaults to Settings.load() (fusion.yaml, FUSION_* environment).
+    extra_routes: route handlers, controllers or routers mounted beside the built-in ones,
+        with the same error envelope, request ids and OpenAPI; for embedding and tests.
+    """
+    settings = settings if settings is not None else Settings.load()
+    configure_logging(settings.log_format, settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        store = Store(settings.db_path)
+        app.state.store = store
+        log.info("store opened", path=str(store.path), schema_version=store.user_version())
+        try:
+            yield
+        finally:
+            app.state.store = None
+            store.close()
+            log.info("store closed", path=str(store.path))
+
+    return Litestar(
+        route_handlers=[health, *extra_routes],
+        lifespan=[lifespan],
+        exception_handlers=exception_handlers(),
+        middleware=[RequestIdMiddleware()],
+        before_send=[set_request_id_header],
+        state=State({"settings": settings, "store": None, "services": {}}),
+        # Logging is configured above through structlog; Litestar's own config would add a
+        # second, differently formatted handler.
+        logging_config=None,
+        openapi_config=OpenAPIConfig(title="Fusion", version=_fusion_version()),
+    )

@@ -1,0 +1,210 @@
+"""Every error leaves the server as the spec's §7 envelope:
+{"error": {"type", "message", "param", "code"}}, with the status that goes with the type.
+
+Three handlers cover everything: domain errors (FusionError) carry their own status,
+type and code; Litestar's HTTPException (routing 404/405, validation 400, 413, 429, ...)
+is mapped by status; anything else is a 500 with a generic message, logged with its
+traceback here and never shown to the client.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from http import HTTPStatus
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.types import ExceptionHandlersMap
+
+from engine.errors import FusionError
+from engine.logging import get_logger
+
+log = get_logger("server.errors")
+
+GENERIC_500_MESSAGE = "Internal server error"
+
+# status -> (type, code) per spec §7. 405 has no row there: it is the caller's mistake,
+# so it is an invalid_request_error that keeps its own status and a precise code.
+_BY_STATUS: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "invalid_request"),
+    401: ("authentication_error", "authentication_failed"),
+    403: ("permission_error", "permission_denied"),
+    404: ("not_found_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    409: ("conflict_error", "conflict"),
+    413: ("payload_too_large_error", "payload_too_large"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    500: ("internal_error", "internal_error"),
+    503: ("service_unavailable_error", "service_unavailable"),
+    504: ("timeout_error", "timeout"),
+}
+
+
+def type_and_code(status: int) -> tuple[str, str]:
+    """The envelope's (type, code) for an HTTP status the spec does not list explicitly."""
+    if status in _BY_STATUS:
+        return _BY_STATUS[status]
+    phrase = _phrase(status) or "error"
+    code = re.sub(r"[^a-z0-9]+", "_", phrase.lower()).strip("_")
+    return ("internal_error" if status >= 500 else "invalid_request_error", code)
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type_: str | None = None,
+    code: str | None = None,
+    param: str | None = None,
+    details: Any = None,
+    headers: dict[str, str] | None = None,
+) -> Response[dict[str, Any]]:
+    default_type, default_code = type_and_code(status)
+    body: dict[str, Any] = {
+        "type": type_ or default_type,
+        "message": message,
+        "param": param,
+        "code": code or default_code,
+    }
+    if details is not None:
+        body["details"] = details
+    return Response(
+        content={"error": body},
+        status_code=status,
+        headers=headers,
+        media_type="application/json",
+    )
+
+
+def _log_server_error(request: Request[Any, Any, Any], exc: BaseException) -> None:
+    log.error(
+        "request failed",
+        method=request.method,
+        path=request.url.path,
+        error_type=type(exc).__name__,
+        exc_info=exc,
+    )
+
+
+def handle_fusion_error(
+    request: Request[Any, Any, Any], exc: FusionError
+) -> Response[dict[str, Any]]:
+    if exc.status >= 500:
+        _log_server_error(request, exc)
+    return Response(
+        content=exc.envelope(),
+        status_code=exc.status,
+        headers=exc.headers or None,
+        media_type="application/json",
+    )
+
+
+def handle_http_exception(
+    request: Request[Any, Any, Any], exc: HTTPException
+) -> Response[dict[str, Any]]:
+    status = exc.status_code
+    # Litestar's own headers (Allow on 405, rate-limit headers on 429) must survive the
+    # rewrite of the body.
+    headers = dict(exc.headers or {})
+    if status >= 500:
+        _log_server_error(request, exc)
+        message = GENERIC_500_MESSAGE if status == 500 else exc.detail
+        return error_response(status, message, headers=headers)
+    if isinstance(exc, ValidationException):
+        return _validation_response(exc, headers)
+    return error_response(status, _client_message(request, exc), headers=headers)
+
+
+def _client_message(request: Request[Any, Any, Any], exc: HTTPException) -> str:
+    # Routing raises 404/405 with only the reason phrase; say what did not match instead.
+    if exc.detail == _phrase(exc.status_code):
+        if exc.status_code == 404:
+            return f"No route matches {request.method} {request.url.path}"
+        if exc.status_code == 405:
+            return f"Method {request.method} is not allowed on {request.url.path}"
+    return exc.detail
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def _validation_response(
+    exc: ValidationException, headers: dict[str, str]
+) -> Response[dict[str, Any]]:
+    problems = _validation_problems(exc.extra)
+    if not problems:
+        # Litestar reports a missing parameter only in its message.
+        missing = _MISSING_PARAM.match(exc.detail)
+        param = missing.group(1) if missing else None
+        return error_response(exc.status_code, exc.detail, param=param, headers=headers)
+    first = problems[0]
+    return error_response(
+        exc.status_code,
+        f"{exc.detail}: {first['message']}",
+        param=first["param"],
+        details=problems,
+        headers=headers,
+    )
+
+
+_MISSING_PARAM = re.compile(r"Missing required \w+ parameter '([^']+)'")
+_MISSING_FIELD = re.compile(r"missing required field `([^`]+)`")
+
+
+def _validation_problems(extra: Any) -> list[dict[str, Any]]:
+    """Litestar's ValidationException.extra is a list of {"message", "key", "source"};
+    key is the offending field, dotted for nested body fields."""
+    if not isinstance(extra, list):
+        return []
+    problems: list[dict[str, Any]] = []
+    for item in extra:
+        if not isinstance(item, dict):
+            continue
+        message = str(item.get("message", "invalid value"))
+        problems.append(
+            {
+                "param": _offending_field(item.get("key"), message),
+                "message": message,
+                "source": _plain(item.get("source")),
+            }
+        )
+    return problems
+
+
+def _offending_field(key: Any, message: str) -> str | None:
+    # msgspec reports a missing field at its parent object ("data" for the body itself);
+    # the caller needs the missing field's own path.
+    path = str(key) if key is not None else None
+    missing = _MISSING_FIELD.search(message)
+    if missing is None:
+        return path
+    if path in (None, "data"):
+        return missing.group(1)
+    return f"{path}.{missing.group(1)}"
+
+
+def _plain(value: Any) -> Any:
+    # ParamType is an Enum: send its value, not a repr.
+    return value.value if isinstance(value, Enum) else value
+
+
+def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    _log_server_error(request, exc)
+    return error_response(500, GENERIC_500_MESSAGE)
+
+
+def exception_handlers() -> ExceptionHandlersMap:
+    """Handlers for `Litestar(exception_handlers=...)`. Keyed by class, so Litestar picks
+    the most specific one along the exception's MRO; unmatched routes (404) and methods
+    (405) raise HTTPException subclasses and land in handle_http_exception."""
+    return {
+        FusionError: handle_fusion_error,
+        HTTPException: handle_http_exception,
+        Exception: handle_unexpected,
+    }
