@@ -9,8 +9,9 @@ from pathlib import Path as FsPath
 from typing import Any
 
 from ruamel.yaml import YAML
-from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.constructor import SafeConstructor
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from engine.dsl.issues import Issue, Path, WorkflowInvalid
 
@@ -39,27 +40,86 @@ class Document:
 
 
 def _yaml() -> YAML:
-    yaml = YAML(typ="rt")
-    yaml.allow_duplicate_keys = False
-    return yaml
+    # The "safe" composer uses ruamel's C parser when ruamel.yaml.clib is installed (about
+    # ten times faster than the round-trip one) and its nodes still carry line and column.
+    return YAML(typ="safe")
 
 
 def load_text(text: str, file: str | None = None) -> Document:
     """Parse YAML (JSON is accepted as the YAML subset it is) into plain Python values."""
+    doc = Document(data=None, file=file, values={(): (1, 1)})
     try:
-        raw = _yaml().load(text)
+        yaml = _yaml()
+        node = yaml.compose(text)
+        doc.data = None if node is None else _Builder(doc, yaml.constructor).build(node, ())
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
+        # libyaml reports an unclosed bracket or quote at the end of the input; where
+        # it was opened is the useful place.
+        if exc.context_mark and mark and mark.index >= len(text.rstrip()):
+            mark = exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
         problem = " ".join(p for p in (exc.context, exc.problem) if p) or str(exc)
-        raise WorkflowInvalid(
-            [Issue(f"YAML syntax error: {problem}", (), file, line, col)]
-        ) from None
+        issue = Issue(f"YAML syntax error: {problem}", (), file, line, col)
+        raise WorkflowInvalid([issue]) from None
     except YAMLError as exc:
         raise WorkflowInvalid([Issue(f"YAML error: {exc}", (), file)]) from None
-    doc = Document(data=None, file=file, values={(): (1, 1)})
-    doc.data = _plain(raw, (), doc)
     return doc
+
+
+class _Builder:
+    """Node tree -> plain values, recording each key's and value's position."""
+
+    MAX_DEPTH = 200  # aliases can make a node its own descendant
+
+    def __init__(self, doc: Document, scalars: SafeConstructor) -> None:
+        self.doc = doc
+        self.scalars = scalars
+
+    def build(self, node: Node, path: Path, depth: int = 0) -> Any:
+        if depth > self.MAX_DEPTH:
+            raise MarkedYAMLError(
+                problem="nesting too deep (recursive alias?)", problem_mark=node.start_mark
+            )
+        if isinstance(node, MappingNode):
+            return self.mapping(node, path, depth)
+        if isinstance(node, SequenceNode):
+            items = []
+            for i, child in enumerate(node.value):
+                self.doc.values[(*path, i)] = _pos(child)
+                items.append(self.build(child, (*path, i), depth + 1))
+            return items
+        return self.scalars.construct_object(node, deep=True)
+
+    def mapping(self, node: MappingNode, path: Path, depth: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                merged = self.build(value_node, path, depth + 1)
+                for part in merged if isinstance(merged, list) else [merged]:
+                    if isinstance(part, dict):
+                        out.update({k: v for k, v in part.items() if k not in out})
+                continue
+            if not isinstance(key_node, ScalarNode):
+                raise MarkedYAMLError(
+                    problem="mapping keys must be plain scalars", problem_mark=key_node.start_mark
+                )
+            key = str(self.scalars.construct_object(key_node))
+            if key in out:
+                first = self.doc.keys.get((*path, key))
+                at = f" (first at line {first[0]})" if first else ""
+                raise MarkedYAMLError(
+                    problem=f'duplicate key "{key}"{at}', problem_mark=key_node.start_mark
+                )
+            child = (*path, key)
+            self.doc.keys[child] = _pos(key_node)
+            self.doc.values[child] = _pos(value_node)
+            out[key] = self.build(value_node, child, depth + 1)
+        return out
+
+
+def _pos(node: Node) -> Position:
+    return (node.start_mark.line + 1, node.start_mark.column + 1)
 
 
 def load_file(path: str | FsPath) -> Document:
@@ -73,36 +133,13 @@ def load_file(path: str | FsPath) -> Document:
 
 def from_object(data: Mapping[str, Any], file: str | None = None) -> Document:
     """A document that arrived already parsed: issues are located by JSON pointer only."""
-    return Document(data=_plain(data, (), None), file=file)
+    return Document(data=_plain(data), file=file)
 
 
-def _plain(node: Any, path: Path, doc: Document | None) -> Any:
-    """Convert ruamel's round-trip types to plain dict/list/str, recording positions."""
+def _plain(node: Any) -> Any:
+    """Copy an already-parsed object into plain dict/list values with string keys."""
     if isinstance(node, Mapping):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            child = (*path, str(key))
-            if doc is not None and isinstance(node, CommentedMap):
-                kl, kc, vl, vc = node.lc.data[key]
-                doc.keys[child] = (kl + 1, kc + 1)
-                doc.values[child] = (vl + 1, vc + 1)
-            out[str(key)] = _plain(value, child, doc)
-        return out
+        return {str(k): _plain(v) for k, v in node.items()}
     if isinstance(node, list | tuple):
-        items = []
-        for i, value in enumerate(node):
-            child = (*path, i)
-            if doc is not None and isinstance(node, CommentedSeq):
-                line, col = node.lc.data[i]
-                doc.values[child] = (line + 1, col + 1)
-            items.append(_plain(value, child, doc))
-        return items
-    if isinstance(node, str):
-        return str(node)
-    if isinstance(node, bool) or node is None:
-        return node
-    if isinstance(node, int):
-        return int(node)
-    if isinstance(node, float):
-        return float(node)
+        return [_plain(v) for v in node]
     return node

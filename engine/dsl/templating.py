@@ -106,7 +106,7 @@ def is_template(value: Any) -> bool:
 class Template:
     """One compiled template string."""
 
-    __slots__ = ("_render", "native", "references", "source")
+    __slots__ = ("_ast", "_expression", "_render", "native", "references", "source")
 
     def __init__(self, source: str, allowed_names: frozenset[str]) -> None:
         self.source = source
@@ -116,29 +116,29 @@ class Template:
             raise TemplateCompileError(
                 f"template syntax error: {exc.message}", exc.lineno
             ) from None
-        _refuse_escapes(ast)
-        self.references = tuple(_references(ast))
+        self.references = tuple(_references(ast, _scan(ast)))
         for ref in self.references:
             if ref.root not in allowed_names and ref.root not in GLOBAL_NAMES:
                 raise TemplateCompileError(
                     f"unknown name '{ref.root}' (available: {', '.join(sorted(allowed_names))})",
                     ref.lineno,
                 )
-        stripped = source.strip()
-        match = _NATIVE.match(stripped)
+        match = _NATIVE.match(source.strip())
         self.native = bool(match) and _single_expression(ast)
-        try:
-            if self.native and match:
-                expr = ENV.compile_expression(match.group("expr"), undefined_to_none=False)
-                self._render: Callable[[Mapping[str, Any]], Any] = expr
-            else:
-                self._render = ENV.from_string(ast).render
-        except TemplateSyntaxError as exc:
-            raise TemplateCompileError(
-                f"template syntax error: {exc.message}", exc.lineno
-            ) from None
+        self._expression = match.group("expr") if self.native and match else None
+        self._ast = ast
+        self._render: Callable[[Mapping[str, Any]], Any] | None = None
+
+    def _compile(self) -> Callable[[Mapping[str, Any]], Any]:
+        """Python code generation, deferred to the first render: validating a workflow
+        needs only the parse, and most of a template's cost is generating its code."""
+        if self._expression is not None:
+            return ENV.compile_expression(self._expression, undefined_to_none=False)
+        return ENV.from_string(self._ast).render
 
     def render(self, context: Mapping[str, Any]) -> Any:
+        if self._render is None:
+            self._render = self._compile()
         try:
             result = self._render(context)
             if isinstance(result, Undefined):
@@ -161,20 +161,29 @@ def _single_expression(ast: nodes.Template) -> bool:
     )
 
 
-def _refuse_escapes(ast: nodes.Template) -> None:
-    for node_type, what in _FORBIDDEN_NODES:
-        node = ast.find(node_type)
-        if node is not None:
+def _scan(ast: nodes.Template) -> set[str]:
+    """One walk over the tree: refuse escapes, and return the names the template binds
+    itself ({% for x %}, {% set y %}, loop), which are not references."""
+    bound: set[str] = set()
+    forbidden = dict(_FORBIDDEN_NODES)
+    for node in ast.find_all(nodes.Node):
+        what = forbidden.get(type(node))
+        if what is not None:
             raise TemplateCompileError(
                 f"'{what}' is not allowed in workflow templates", node.lineno
             )
-    for node in ast.find_all((nodes.Getattr, nodes.Getitem)):
-        name = node.attr if isinstance(node, nodes.Getattr) else _const_key(node.arg)
-        if isinstance(name, str) and name.startswith("_"):
-            raise TemplateCompileError(
-                f"attribute '{name}' is not allowed: names starting with '_' are private",
-                node.lineno,
-            )
+        if isinstance(node, nodes.Getattr | nodes.Getitem):
+            name = node.attr if isinstance(node, nodes.Getattr) else _const_key(node.arg)
+            if isinstance(name, str) and name.startswith("_"):
+                raise TemplateCompileError(
+                    f"attribute '{name}' is not allowed: names starting with '_' are private",
+                    node.lineno,
+                )
+        elif isinstance(node, nodes.Name) and node.ctx in ("store", "param"):
+            bound.add(node.name)
+        elif isinstance(node, nodes.For):
+            bound.add("loop")
+    return bound
 
 
 def _const_key(node: nodes.Node) -> str | int | None:
@@ -183,16 +192,7 @@ def _const_key(node: nodes.Node) -> str | int | None:
     return None
 
 
-def _local_names(ast: nodes.Template) -> set[str]:
-    """Names the template binds itself ({% for x %}, {% set y %}, loop)."""
-    bound = {n.name for n in ast.find_all(nodes.Name) if n.ctx in ("store", "param")}
-    if ast.find(nodes.For) is not None:
-        bound.add("loop")
-    return bound
-
-
-def _references(ast: nodes.Template) -> Iterator[Reference]:
-    local = _local_names(ast)
+def _references(ast: nodes.Template, local: set[str]) -> Iterator[Reference]:
     stack: list[nodes.Node] = [ast]
     while stack:
         node = stack.pop()
