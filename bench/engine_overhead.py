@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
 import statistics
 import time
@@ -94,7 +95,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
-    print(f"machine: {platform.machine()} {platform.processor() or ''} python {platform.python_version()}")
+    machine = f"{platform.machine()} {platform.processor()}".strip()
+    print(f"machine: {machine}, {os.cpu_count()} cores, python {platform.python_version()}")
 
     runner = Runner(max_parallel=N + 1)
     cases = {
@@ -119,8 +121,10 @@ def main() -> None:
         compile_yaml(text)
         samples.append(time.perf_counter() - start)
     med = statistics.median(samples)
-    print(f"validate 100-step workflow: median {med * 1000:.1f} ms (goal < 100 ms, ratio to goal "
-          f"{med / 0.1:.2f})")
+    print(
+        f"validate 100-step workflow: median {med * 1000:.1f} ms (goal < 100 ms, ratio to goal "
+        f"{med / 0.1:.2f})"
+    )
 
 
 if __name__ == "__main__":
