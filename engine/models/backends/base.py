@@ -1,0 +1,125 @@
+"""What a model backend provides. Backend methods run on the MLX worker thread and may
+block; the registry calls them through engine.models.worker.MLXWorker."""
+
+from __future__ import annotations
+
+import json
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import InvalidRequest
+
+
+@dataclass
+class ChatParams:
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    logit_bias: dict[int, float] | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class ChatChunk:
+    """A piece of generated text; the last chunk carries the finish reason and counts."""
+
+    text: str
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class ChatResult:
+    content: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class EmbedResult:
+    vectors: list[list[float]]
+    prompt_tokens: int
+    truncated: list[bool]
+
+
+class LoadedModel:
+    """A model in memory. ``weight_bytes`` is what its parameters occupy."""
+
+    model_type: str
+    family: str | None = None
+    context_length: int | None = None
+    weight_bytes: int = 0
+    capabilities: frozenset[str] = frozenset()
+
+    def chat_stream(
+        self, messages: Sequence[dict[str, Any]], params: ChatParams, stop: threading.Event
+    ) -> Iterator[ChatChunk]:
+        raise InvalidRequest(f"a '{self.model_type}' model does not chat", code="unsupported")
+
+    def embed(self, texts: Sequence[str], stop: threading.Event) -> EmbedResult:
+        raise InvalidRequest(f"a '{self.model_type}' model does not embed", code="unsupported")
+
+    def warmup(self, prompt: str, max_length: int) -> int:
+        """Run a prefill of ``prompt`` (at most ``max_length`` tokens); tokens processed."""
+        raise InvalidRequest(f"a '{self.model_type}' model has no warmup", code="unsupported")
+
+    def count_tokens(self, text: str) -> int:
+        raise InvalidRequest(f"a '{self.model_type}' model has no tokenizer", code="unsupported")
+
+    def close(self) -> None:
+        """Drop references to arrays so their memory can be reclaimed."""
+
+
+class Backend(ABC):
+    model_type: str
+    package: str  # the pip package that provides it, named in 'backend_unavailable' errors
+
+    @abstractmethod
+    def available(self) -> bool: ...
+
+    @abstractmethod
+    def load(self, path: Path, context_length: int | None) -> LoadedModel: ...
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    config = path / "config.json"
+    if not config.is_file():
+        raise InvalidRequest(
+            f"model_path '{path}' has no config.json: not a model directory",
+            param="model_path",
+            code="invalid_model_path",
+        )
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(
+            f"model_path '{path}': config.json is unreadable: {exc}",
+            param="model_path",
+            code="invalid_model_path",
+        ) from None
+    return data if isinstance(data, dict) else {}
+
+
+def weight_file_bytes(path: Path) -> int:
+    """Bytes of the weight files: the size estimate used before a load."""
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def context_length_of(config: dict[str, Any]) -> int | None:
+    for key in ("max_position_embeddings", "max_sequence_length", "n_positions", "seq_length"):
+        value = config.get(key) or (config.get("text_config") or {}).get(key)
+        if isinstance(value, int):
+            return value
+    return None

@@ -1,0 +1,133 @@
+"""Language models through mlx-lm."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from engine.errors import InvalidRequest
+from engine.models.backends.base import (
+    Backend,
+    ChatChunk,
+    ChatParams,
+    LoadedModel,
+    context_length_of,
+    read_config,
+)
+from engine.models.backends.textgen import StopScanner, parameter_bytes
+
+LONG_CONTEXT = 32_768
+
+
+class MlxLmBackend(Backend):
+    model_type = "lm"
+    package = "mlx-lm"
+
+    def available(self) -> bool:
+        return importlib.util.find_spec("mlx_lm") is not None
+
+    def load(self, path: Path, context_length: int | None) -> LoadedModel:
+        import mlx_lm
+
+        config = read_config(path)
+        model, tokenizer = mlx_lm.load(str(path))
+        return LmModel(model, tokenizer, config, context_length)
+
+
+class LmModel(LoadedModel):
+    model_type = "lm"
+
+    def __init__(
+        self, model: Any, tokenizer: Any, config: dict[str, Any], context_length: int | None
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.family = config.get("model_type")
+        self.context_length = context_length or context_length_of(config)
+        self.weight_bytes = parameter_bytes(model)
+        template = getattr(tokenizer, "chat_template", None) or ""
+        caps = {"chat"}
+        if "tools" in template:
+            caps.add("tool_calling")
+        if (self.context_length or 0) >= LONG_CONTEXT:
+            caps.add("long_context")
+        self.capabilities = frozenset(caps)
+
+    def prompt_tokens(
+        self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> list[int]:
+        if getattr(self.tokenizer, "chat_template", None):
+            kwargs: dict[str, Any] = {"add_generation_prompt": True}
+            if tools:
+                kwargs["tools"] = tools
+            tokens = self.tokenizer.apply_chat_template(list(messages), **kwargs)
+            # transformers 5 may return a BatchEncoding-like mapping instead of a list
+            return list(tokens["input_ids"] if isinstance(tokens, dict) else tokens)
+        text = "\n".join(f"{m.get('role')}: {m.get('content')}" for m in messages)
+        return list(self.tokenizer.encode(text + "\nassistant:"))
+
+    def chat_stream(
+        self, messages: Sequence[dict[str, Any]], params: ChatParams, stop: threading.Event
+    ) -> Iterator[ChatChunk]:
+        import mlx.core as mx
+        from mlx_lm import stream_generate
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+        prompt = self.prompt_tokens(messages, params.tools)
+        limit = self.context_length
+        if limit and len(prompt) >= limit:
+            raise InvalidRequest(
+                f"the prompt has {len(prompt)} tokens; the model's context is {limit}",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        max_tokens = min(params.max_tokens, limit - len(prompt)) if limit else params.max_tokens
+        if params.seed is not None:
+            mx.random.seed(params.seed)
+        sampler = make_sampler(
+            temp=params.temperature, top_p=params.top_p if params.top_p < 1.0 else 0.0
+        )
+        processors = make_logits_processors(logit_bias=params.logit_bias)
+        scanner = StopScanner(params.stop)
+        completion, finish = 0, "length"
+        for response in stream_generate(
+            self.model,
+            self.tokenizer,
+            prompt,
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=processors,
+        ):
+            completion = response.generation_tokens
+            text, hit = scanner.feed(response.text)
+            if text:
+                yield ChatChunk(text)
+            if hit:
+                finish = "stop"
+                break
+            if stop.is_set():
+                finish = "cancelled"
+                break
+            if response.finish_reason:
+                finish = response.finish_reason
+        yield ChatChunk(scanner.flush(), finish, len(prompt), completion)
+
+    def warmup(self, prompt: str, max_length: int) -> int:
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        tokens = list(self.tokenizer.encode(prompt))[: max(1, max_length)]
+        cache = make_prompt_cache(self.model)
+        logits = self.model(mx.array(tokens)[None], cache=cache)
+        mx.eval(logits, [c.state for c in cache])
+        return len(tokens)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text))
+
+    def close(self) -> None:
+        self.model = None
+        self.tokenizer = None

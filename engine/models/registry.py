@@ -1,0 +1,404 @@
+"""The model registry: loads and unloads models within a memory budget, admits requests
+through each model's bounded queue and concurrency limit, and keeps statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from engine.errors import (
+    Conflict,
+    InsufficientMemory,
+    InvalidRequest,
+    NotFound,
+    QueueFull,
+    ServiceUnavailable,
+)
+from engine.models.backends.base import (
+    Backend,
+    ChatChunk,
+    ChatParams,
+    ChatResult,
+    EmbedResult,
+    LoadedModel,
+    read_config,
+    weight_file_bytes,
+)
+from engine.models.memory import active_bytes, gb, release_cached
+from engine.models.paths import resolve_model_path
+from engine.models.stats import ModelStats
+from engine.models.types import MODEL_TYPES, PRIORITY_RANK, LoadSpec
+from engine.models.worker import MLXWorker
+
+log = structlog.get_logger(__name__)
+
+
+class Slots:
+    """A model's admission control: at most ``concurrency`` requests run and at most
+    ``max_queue`` wait; past that, QueueFull (429) tells the caller when to retry."""
+
+    def __init__(self, concurrency: int, max_queue: int) -> None:
+        self.concurrency = concurrency
+        self.max_queue = max_queue
+        self.active = 0
+        self.waiting = 0
+        self._free = asyncio.Semaphore(concurrency)
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def acquire(self, model_id: str, retry_after_s: int) -> None:
+        if self._free.locked() and self.waiting >= self.max_queue:
+            raise QueueFull(
+                f"model '{model_id}' has {self.waiting} requests queued (limit "
+                f"{self.max_queue}); retry later",
+                param="model",
+                headers={"Retry-After": str(retry_after_s)},
+            )
+        self.waiting += 1
+        try:
+            await self._free.acquire()
+        finally:
+            self.waiting -= 1
+        self.active += 1
+        self.idle.clear()
+
+    def release(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self.idle.set()
+        self._free.release()
+
+
+@dataclass
+class ModelEntry:
+    id: str
+    spec: LoadSpec
+    path: Path
+    model: LoadedModel
+    memory_bytes: int
+    load_time_ms: float
+    slots: Slots
+    created_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.time)
+    stats: ModelStats = field(default_factory=ModelStats)
+    warmup_completed: bool = False
+    unloading: bool = False
+    stops: set[threading.Event] = field(default_factory=set)
+    waiters: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @property
+    def busy(self) -> bool:
+        return self.slots.active > 0 or self.slots.waiting > 0
+
+    @property
+    def type(self) -> str:
+        return self.spec.model_type
+
+    def retry_after_s(self) -> int:
+        """A guess at when a queue slot frees: queue length times the median latency."""
+        p50 = self.stats.summary()["p50_latency_ms"] or 1000.0
+        return max(1, int(self.slots.waiting * p50 / 1000 / max(1, self.slots.concurrency)))
+
+
+class ModelRegistry:
+    def __init__(
+        self,
+        backends: Mapping[str, Backend],
+        *,
+        budget_bytes: int,
+        worker: MLXWorker | None = None,
+        default_concurrency: int = 1,
+        default_queue: int = 100,
+    ) -> None:
+        self.backends = dict(backends)
+        self.budget_bytes = budget_bytes
+        self.worker = worker or MLXWorker()
+        self.default_concurrency = default_concurrency
+        self.default_queue = default_queue
+        self._entries: dict[str, ModelEntry] = {}
+        self._loading: dict[str, tuple[LoadSpec, asyncio.Task[ModelEntry]]] = {}
+        self._load_lock = asyncio.Lock()
+
+    # -- queries ----------------------------------------------------------------------
+    def get(self, model_id: str) -> ModelEntry:
+        entry = self._entries.get(model_id)
+        if entry is None or entry.unloading:
+            raise NotFound(
+                f"model '{model_id}' not found", param="model_id", code="model_not_found"
+            )
+        return entry
+
+    def entries(self) -> list[ModelEntry]:
+        return [e for e in self._entries.values() if not e.unloading]
+
+    def used_bytes(self) -> int:
+        return sum(e.memory_bytes for e in self._entries.values())
+
+    def select(self, model_type: str) -> str | None:
+        """The loaded model of a type to use when the caller names none: the most
+        recently used one."""
+        candidates = [e for e in self.entries() if e.type == model_type]
+        return max(candidates, key=lambda e: e.last_used).id if candidates else None
+
+    # -- loading ------------------------------------------------------------------------
+    async def load(self, spec: LoadSpec) -> ModelEntry:
+        backend = self._backend(spec.model_type)
+        model_id = spec.model_id or _id_from_path(spec.model_path)
+        spec = spec.with_id(model_id)
+        if model_id in self._entries:
+            raise Conflict(
+                f"model '{model_id}' is already loaded",
+                param="model_id",
+                code="model_already_loaded",
+            )
+        pending = self._loading.get(model_id)
+        if pending is not None:
+            if pending[0].same_model(spec):  # the same load asked twice: load it once
+                return await asyncio.shield(pending[1])
+            raise Conflict(
+                f"model '{model_id}' is being loaded from another path",
+                param="model_id",
+                code="model_already_loaded",
+            )
+        task = asyncio.ensure_future(self._load(spec, backend))
+        self._loading[model_id] = (spec, task)
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._loading.pop(model_id, None)
+            else:
+                task.add_done_callback(lambda _: self._loading.pop(model_id, None))
+
+    def _backend(self, model_type: str) -> Backend:
+        if model_type not in MODEL_TYPES:
+            raise InvalidRequest(
+                f"model_type '{model_type}' is not one of {', '.join(MODEL_TYPES)}",
+                param="model_type",
+                code="invalid_model_type",
+            )
+        backend = self.backends.get(model_type)
+        if backend is None or not backend.available():
+            package = backend.package if backend else "a backend package"
+            raise InvalidRequest(
+                f"no backend for model_type '{model_type}' is installed: install "
+                f"'{package}' to load this type",
+                param="model_type",
+                code="backend_unavailable",
+            )
+        return backend
+
+    async def _load(self, spec: LoadSpec, backend: Backend) -> ModelEntry:
+        path = await asyncio.to_thread(resolve_model_path, spec.model_path)
+        await asyncio.to_thread(read_config, path)  # a clear 400 before any eviction
+        estimate = weight_file_bytes(path)
+        async with self._load_lock:
+            await self._make_room(spec.model_id or "", estimate)
+            started = time.perf_counter()
+            model, measured = await self.worker.call(_load_measured, backend, path, spec)
+            load_ms = round((time.perf_counter() - started) * 1000, 3)
+            entry = ModelEntry(
+                id=spec.model_id or "",
+                spec=spec,
+                path=path,
+                model=model,
+                memory_bytes=measured or model.weight_bytes,
+                load_time_ms=load_ms,
+                slots=Slots(
+                    spec.max_concurrency or self.default_concurrency,
+                    spec.max_queue or self.default_queue,
+                ),
+            )
+            self._entries[entry.id] = entry
+        log.info(
+            "model_loaded",
+            model_id=entry.id,
+            type=spec.model_type,
+            memory_gb=gb(entry.memory_bytes),
+            weights_gb=gb(model.weight_bytes),
+            load_ms=load_ms,
+        )
+        return entry
+
+    async def _make_room(self, model_id: str, needed: int) -> None:
+        """Evict idle, unpinned models, lowest priority then least recently used first,
+        until ``needed`` bytes fit; if even all of them would not do, evict nothing."""
+        excess = self.used_bytes() + needed - self.budget_bytes
+        if excess <= 0:
+            return
+        candidates = sorted(
+            (e for e in self.entries() if not e.spec.pinned and not e.busy),
+            key=lambda e: (PRIORITY_RANK[e.spec.priority], e.last_used),
+        )
+        victims, freed = [], 0
+        for entry in candidates:
+            if freed >= excess:
+                break
+            victims.append(entry)
+            freed += entry.memory_bytes
+        if freed < excess:
+            raise InsufficientMemory(
+                f"loading '{model_id}' needs {gb(needed)} GB; the budget is "
+                f"{gb(self.budget_bytes)} GB with {gb(self.used_bytes())} GB in use and only "
+                f"{gb(sum(e.memory_bytes for e in candidates))} GB evictable",
+                param="model_path",
+            )
+        for entry in victims:
+            log.info("model_evicted", model_id=entry.id, for_model=model_id)
+            await self._release(entry)
+
+    # -- unloading ------------------------------------------------------------------------
+    async def unload(self, model_id: str, *, force: bool = False) -> tuple[int, float]:
+        """Unload; returns (bytes freed, milliseconds). In use: 409 unless forced, which
+        stops running generations at their next token and fails queued requests."""
+        entry = self.get(model_id)
+        if entry.busy and not force:
+            raise Conflict(
+                f"model '{model_id}' is in use ({entry.slots.active} running, "
+                f"{entry.slots.waiting} queued); pass force=true to unload anyway",
+                param="model_id",
+                code="model_in_use",
+            )
+        started = time.perf_counter()
+        freed = await self._release(entry)
+        return freed, round((time.perf_counter() - started) * 1000, 3)
+
+    async def _release(self, entry: ModelEntry) -> int:
+        entry.unloading = True
+        for stop in list(entry.stops):
+            stop.set()
+        for waiter in list(entry.waiters):
+            waiter.cancel()
+        await entry.slots.idle.wait()  # running work ends at its next token or batch
+        self._entries.pop(entry.id, None)
+        freed = await self.worker.call(_close_measured, entry.model)
+        log.info("model_unloaded", model_id=entry.id, freed_gb=gb(freed))
+        return freed or entry.memory_bytes
+
+    async def close(self) -> None:
+        for entry in list(self._entries.values()):
+            await self._release(entry)
+        self.worker.shutdown()
+
+    # -- serving --------------------------------------------------------------------------
+    @asynccontextmanager
+    async def use(self, model_id: str) -> AsyncIterator[tuple[ModelEntry, threading.Event]]:
+        """Admission for one request: waits in the model's queue, then holds a slot.
+        Yields the entry and a stop event that a forced unload sets."""
+        entry = self.get(model_id)
+        task = asyncio.current_task()
+        assert task is not None
+        entry.waiters.add(task)
+        try:
+            await entry.slots.acquire(model_id, entry.retry_after_s())
+        except asyncio.CancelledError:
+            if entry.unloading:
+                raise _unloaded(model_id) from None
+            raise
+        finally:
+            entry.waiters.discard(task)
+        stop = threading.Event()
+        entry.stops.add(stop)
+        try:
+            if entry.unloading:
+                raise _unloaded(model_id)
+            yield entry, stop
+        finally:
+            entry.stops.discard(stop)
+            entry.last_used = time.time()
+            entry.slots.release()
+
+    async def chat_stream(
+        self, model_id: str, messages: Sequence[dict[str, Any]], params: ChatParams
+    ) -> AsyncIterator[ChatChunk]:
+        started = time.perf_counter()
+        async with self.use(model_id) as (entry, stop):
+            total = 0
+            try:
+                async for chunk in self.worker.stream(
+                    lambda _: entry.model.chat_stream(messages, params, stop), stop
+                ):
+                    total = chunk.prompt_tokens + chunk.completion_tokens or total
+                    if chunk.finish_reason == "cancelled" and entry.unloading:
+                        raise _unloaded(model_id)
+                    yield chunk
+            except (InvalidRequest, ServiceUnavailable):
+                raise
+            except Exception as exc:
+                entry.stats.record_error(f"{type(exc).__name__}: {exc}")
+                raise
+            entry.stats.record((time.perf_counter() - started) * 1000, total)
+
+    async def chat(
+        self, model_id: str, messages: Sequence[dict[str, Any]], params: ChatParams
+    ) -> ChatResult:
+        parts: list[str] = []
+        last = ChatChunk("")
+        async for chunk in self.chat_stream(model_id, messages, params):
+            parts.append(chunk.text)
+            last = chunk
+        return ChatResult(
+            "".join(parts), last.finish_reason or "stop", last.prompt_tokens, last.completion_tokens
+        )
+
+    async def embed(self, model_id: str, texts: Sequence[str]) -> EmbedResult:
+        started = time.perf_counter()
+        async with self.use(model_id) as (entry, stop):
+            try:
+                result = await self.worker.call(entry.model.embed, list(texts), stop)
+            except InvalidRequest:
+                raise
+            except Exception as exc:
+                entry.stats.record_error(f"{type(exc).__name__}: {exc}")
+                raise
+            if stop.is_set() and entry.unloading:
+                raise _unloaded(model_id)
+            entry.stats.record((time.perf_counter() - started) * 1000, result.prompt_tokens)
+            return result
+
+    async def warmup(self, model_id: str, prompt: str, max_length: int) -> tuple[float, int]:
+        async with self.use(model_id) as (entry, _):
+            started = time.perf_counter()
+            tokens = await self.worker.call(entry.model.warmup, prompt, max_length)
+            entry.warmup_completed = True
+            return round((time.perf_counter() - started) * 1000, 3), tokens
+
+    async def count_tokens(self, model_id: str, text: str) -> int:
+        entry = self.get(model_id)
+        return await self.worker.call(entry.model.count_tokens, text)
+
+
+def _unloaded(model_id: str) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"model '{model_id}' was unloaded while the request was pending",
+        param="model",
+        code="model_unloaded",
+    )
+
+
+def _id_from_path(model_path: str) -> str:
+    local = Path(model_path).expanduser()
+    return local.name if local.is_dir() else model_path.strip("/")
+
+
+def _load_measured(backend: Backend, path: Path, spec: LoadSpec) -> tuple[LoadedModel, int]:
+    """On the worker thread: load, and measure what MLX allocated for it."""
+    release_cached()
+    before = active_bytes()
+    model = backend.load(path, spec.context_length)
+    return model, max(0, active_bytes() - before)
+
+
+def _close_measured(model: LoadedModel) -> int:
+    before = active_bytes()
+    model.close()
+    release_cached()
+    return max(0, before - active_bytes())
