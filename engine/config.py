@@ -3,6 +3,7 @@ then explicit keyword arguments (the CLI's flags)."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -23,6 +24,17 @@ class Settings:
     log_level: str = "info"
     max_parallel_steps: int = 16
     max_workflow_depth: int = 8
+    # Models. None budget: a share of device or system memory (engine.models.memory).
+    model_memory_budget_gb: float | None = None
+    model_max_concurrency: int = 1
+    model_max_queue: int = 100
+    # Models loaded at start-up, each a /v1/models/load body. None: the demo setup (the
+    # MiniLM embedder when installed and a tiny random-weight chat model); [] loads none.
+    startup_models: list[dict[str, Any]] | None = None
+    # Where multimodal requests may read image files from; None: no local files.
+    image_root: Path | None = None
+    # Outbound fetches (image URLs, webhooks) to private and loopback addresses.
+    allow_private_urls: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -51,11 +63,18 @@ class Settings:
 
 
 def _coerce(cls: type[Settings], name: str, value: Any) -> Any:
-    default = next(f for f in fields(cls) if f.name == name).default
-    if isinstance(default, Path):
+    """Values from the environment arrive as strings: convert by the field's declared type."""
+    kind = str(next(f for f in fields(cls) if f.name == name).type)
+    if value is None or not isinstance(value, str):
+        return Path(value) if "Path" in kind and value is not None else value
+    if "Path" in kind:
         return Path(value)
-    if isinstance(default, bool):
-        return value if isinstance(value, bool) else str(value).lower() in {"1", "true", "yes"}
-    if isinstance(default, int):
+    if kind.startswith("bool"):
+        return value.lower() in {"1", "true", "yes", "on"}
+    if kind.startswith("int"):
         return int(value)
+    if kind.startswith("float"):
+        return float(value)
+    if kind.startswith(("list", "dict")):
+        return json.loads(value)
     return value

@@ -5,7 +5,8 @@ the CLI pass their own Settings.
 
 What the running app exposes on `app.state`:
     settings   the Settings it was built with
-    store      the open engine.store.Store (from startup to shutdown)
+    engine     the running engine.services.Engine (from startup to shutdown)
+    store      its engine.store.Store
     services   name -> engine service object; services started by the lifespan register
                here ("fusion", "rag", "mcp", ...) and /health reports them
 """
@@ -23,7 +24,7 @@ from litestar.types import ControllerRouterHandler
 
 from engine.config import Settings
 from engine.logging import configure_logging, get_logger
-from engine.store import Store
+from engine.services import Engine
 from server.errors import exception_handlers
 from server.request_id import RequestIdMiddleware, set_request_id_header
 from server.routes.health import health
@@ -54,15 +55,17 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        store = Store(settings.db_path)
-        app.state.store = store
-        log.info("store opened", path=str(store.path), schema_version=store.user_version())
+        engine = await Engine.start(settings)
+        app.state.engine = engine
+        app.state.store = engine.store
+        log.info("engine started", db=str(engine.store.path), models=len(engine.models.entries()))
         try:
             yield
         finally:
             app.state.store = None
-            store.close()
-            log.info("store closed", path=str(store.path))
+            app.state.engine = None
+            await engine.stop()
+            log.info("engine stopped")
 
     return Litestar(
         route_handlers=[health, *extra_routes],
@@ -70,7 +73,7 @@ def create_app(
         exception_handlers=exception_handlers(),
         middleware=[RequestIdMiddleware()],
         before_send=[set_request_id_header],
-        state=State({"settings": settings, "store": None, "services": {}}),
+        state=State({"settings": settings, "engine": None, "store": None, "services": {}}),
         # Logging is configured above through structlog; Litestar's own config would add a
         # second, differently formatted handler.
         logging_config=None,

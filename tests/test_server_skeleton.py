@@ -71,7 +71,13 @@ TEST_ROUTES = [create_item, boom, missing_model, queue_full, limited, search, sm
 
 
 def _settings(data_dir: Path) -> Settings:
-    return Settings(data_dir=data_dir, log_format="console", log_level="warning")
+    return Settings(
+        data_dir=data_dir,
+        log_format="console",
+        log_level="warning",
+        startup_models=[],
+        workflows_dir=data_dir / "workflows",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +257,7 @@ def test_uvicorn_factory_serves_with_json_logs_carrying_request_id(tmp_path: Pat
         "FUSION_DATA_DIR": str(tmp_path / "data"),
         "FUSION_LOG_FORMAT": "json",
         "FUSION_LOG_LEVEL": "info",
+        "FUSION_STARTUP_MODELS": "[]",
     }
     log_path = tmp_path / "server.log"
     with serve_factory_process(env, log_path, cwd=REPO_ROOT) as proc:
@@ -268,8 +275,8 @@ def test_uvicorn_factory_serves_with_json_logs_carrying_request_id(tmp_path: Pat
     access = [r for r in records if r.get("logger") == "uvicorn.access"]
     assert any(r.get("request_id") == "factory-check-1" for r in access), access
     assert any(r.get("request_id") == "factory-404" for r in access), access
-    assert any(r.get("event") == "store opened" for r in records)
-    assert any(r.get("event") == "store closed" for r in records)
+    assert any(r.get("event") == "engine started" for r in records)
+    assert any(r.get("event") == "engine stopped" for r in records)
 
 
 def test_unexpected_exception_is_logged_with_traceback_and_request_id(

@@ -1,0 +1,100 @@
+"""The engine's long-lived services, built from Settings and started/stopped together
+(the server's lifespan, or a CLI command, owns one Engine)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from engine.config import Settings
+from engine.dsl.catalog import WorkflowCatalog
+from engine.models.backends import default_backends
+from engine.models.memory import GIB, default_budget_bytes
+from engine.models.registry import ModelRegistry
+from engine.models.types import LoadSpec
+from engine.runtime.executor import Runner
+from engine.steps.registry import StepRegistry, default_registry
+from engine.store import Store
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Engine:
+    settings: Settings
+    store: Store
+    steps: StepRegistry
+    catalog: WorkflowCatalog
+    models: ModelRegistry
+    runner: Runner
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Engine:
+        store = Store(settings.db_path)
+        steps = default_registry()
+        catalog = WorkflowCatalog(steps)
+        if settings.workflows_dir.is_dir():
+            catalog.load_directory(settings.workflows_dir)
+        budget = (
+            int(settings.model_memory_budget_gb * GIB)
+            if settings.model_memory_budget_gb
+            else default_budget_bytes()
+        )
+        models = ModelRegistry(
+            default_backends(settings),
+            budget_bytes=budget,
+            default_concurrency=settings.model_max_concurrency,
+            default_queue=settings.model_max_queue,
+        )
+        services: dict[str, Any] = {"models": models, "store": store}
+        runner = Runner(
+            catalog=catalog,
+            services=services,
+            select_model=lambda role, spec: models.select(spec.type),
+            max_parallel=settings.max_parallel_steps,
+            max_depth=settings.max_workflow_depth,
+        )
+        engine = cls(settings, store, steps, catalog, models, runner)
+        services["engine"] = engine
+        await engine.load_startup_models()
+        return engine
+
+    async def load_startup_models(self) -> None:
+        specs = self.settings.startup_models
+        if specs is None:
+            specs = demo_models(self.settings.data_dir / "models")
+        for body in specs:
+            entry = await self.models.load(LoadSpec(**body))
+            log.info("startup_model_loaded", model_id=entry.id, type=entry.type)
+
+    async def stop(self) -> None:
+        await self.models.close()
+        self.store.close()
+
+
+def demo_models(models_dir: Path) -> list[dict[str, Any]]:
+    """The default setup: the real MiniLM embedder when its package is installed, and a
+    tiny random-weight chat model so every endpoint answers offline. The chat model is
+    tagged so nobody mistakes its output for language."""
+    from engine.models.minilm import minilm_path
+    from engine.models.synthetic import build_lm
+
+    specs: list[dict[str, Any]] = []
+    minilm = minilm_path()
+    if minilm is not None:
+        specs.append(
+            {"model_path": str(minilm), "model_type": "embeddings", "model_id": "all-minilm-l6-v2"}
+        )
+    chat = build_lm(models_dir / "demo-chat")
+    specs.append(
+        {
+            "model_path": str(chat),
+            "model_type": "lm",
+            "model_id": "demo-chat",
+            "metadata": {"tags": ["demo", "random-weights"]},
+        }
+    )
+    return specs
