@@ -1,0 +1,118 @@
+"""Outbound HTTP with an SSRF guard: the host is resolved once, every address checked
+against private, loopback, link-local and reserved ranges, and the connection is made to
+the checked address (TLS still verifies the host name), so a DNS answer that changes
+between check and connect cannot redirect the request. Redirects are followed by hand,
+each hop checked the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit, urlunsplit
+
+import httpx
+
+from engine.errors import InvalidRequest, PayloadTooLarge
+
+MAX_REDIRECTS = 5
+
+
+class BlockedAddress(InvalidRequest):
+    default_code = "url_not_allowed"
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    allow_private: bool = False
+    timeout_s: float = 10.0
+    max_bytes: int = 20 * 1024 * 1024
+
+
+def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast
+
+
+async def resolve_checked(host: str, port: int, policy: FetchPolicy) -> str:
+    """An address for ``host`` that the policy allows; BlockedAddress otherwise."""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise InvalidRequest(
+            f"cannot resolve host '{host}': {exc}", code="url_unreachable"
+        ) from None
+    addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+    if not policy.allow_private:
+        blocked = [str(a) for a in addresses if not _is_public(a)]
+        if blocked:
+            raise BlockedAddress(
+                f"host '{host}' resolves to a private, loopback or reserved address "
+                f"({', '.join(sorted(set(blocked)))}); such URLs are refused unless "
+                "allow_private_urls is set"
+            )
+    return str(addresses[0])
+
+
+def _pinned(url: str, address: str) -> tuple[str, str, str]:
+    """(URL with the host replaced by the checked address, Host header, TLS name)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    literal = f"[{address}]" if ":" in address else address
+    netloc = literal + (f":{parts.port}" if parts.port else "")
+    header = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc)), header, host
+
+
+@dataclass(frozen=True)
+class Fetched:
+    status_code: int
+    headers: httpx.Headers
+    content: bytes
+    url: str
+
+
+async def fetch(
+    url: str,
+    policy: FetchPolicy,
+    *,
+    method: str = "GET",
+    headers: dict[str, str] | None = None,
+    content: bytes | None = None,
+) -> Fetched:
+    """A checked request; the body is read up to policy.max_bytes."""
+    async with httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False) as client:
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise InvalidRequest(f"only http(s) URLs can be fetched, not '{url}'")
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            address = await resolve_checked(parts.hostname, port, policy)
+            target, host_header, tls_name = _pinned(url, address)
+            request = client.build_request(
+                method,
+                target,
+                headers={**(headers or {}), "Host": host_header},
+                content=content,
+                extensions={"sni_hostname": tls_name},
+            )
+            response = await client.send(request, stream=True)
+            try:
+                if response.is_redirect and "location" in response.headers:
+                    url = urljoin(url, response.headers["location"])
+                    if response.status_code == 303:
+                        method, content = "GET", None
+                    continue
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body.extend(chunk)
+                    if len(body) > policy.max_bytes:
+                        raise PayloadTooLarge(
+                            f"response from '{url}' exceeds {policy.max_bytes} bytes"
+                        )
+                return Fetched(response.status_code, response.headers, bytes(body), url)
+            finally:
+                await response.aclose()
+    raise InvalidRequest(f"more than {MAX_REDIRECTS} redirects fetching '{url}'")
