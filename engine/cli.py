@@ -17,7 +17,8 @@ from engine.dsl.compiler import CompiledWorkflow
 from engine.dsl.graph import mermaid
 from engine.dsl.issues import Issue, WorkflowInvalid, format_issues
 from engine.dsl.schema import generate
-from engine.errors import FusionError
+from engine.errors import FusionError, InvalidRequest
+from engine.logging import configure_logging
 from engine.runtime.executor import Runner
 from engine.runtime.trace import COMPLETED, FAILED
 from engine.steps.registry import default_registry
@@ -79,7 +80,8 @@ def _parse_pairs(pairs: Sequence[str], what: str) -> dict[str, Any]:
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--{what} expects key=value, got {pair!r}")
+            # A usage error (exit 2), not SystemExit's 1, which means "the run failed".
+            raise InvalidRequest(f"--{what} expects key=value, got {pair!r}", param=what)
         try:  # numbers, booleans, lists and objects as JSON; anything else is a string
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -88,6 +90,9 @@ def _parse_pairs(pairs: Sequence[str], what: str) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # structlog's unconfigured default prints to stdout, which must carry only the result
+    # JSON (`fusion run ... | jq`); logs go to stderr, and the trace already has each error.
+    configure_logging("console", "warning")
     workflow, catalog = _resolve(args.workflow, args.workflows_dir)
     data: dict[str, Any] = json.loads(args.input_json) if args.input_json else {}
     data.update(_parse_pairs(args.input or [], "input"))

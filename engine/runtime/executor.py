@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -110,7 +111,8 @@ class Runner:
         bound = self.bind_models(wf, models)
         if config is not None and not isinstance(config, Mapping):
             raise InvalidRequest("config must be an object", param="config")
-        merged_config = {**wf.config, **(config or {})}
+        # A copy: a step mutating a rendered `{{ config.x }}` must not change the workflow.
+        merged_config = copy.deepcopy({**wf.config, **(config or {})})
         run = _Run(self, wf, run_id or new_run_id(), depth, on_event)
         return await run.execute(prepared_input, bound, merged_config)
 
@@ -261,7 +263,7 @@ class _Run:
     def finish_skipped(self, sid: str, reason: str) -> None:
         step, record = self.wf.steps[sid], self.records[sid]
         record.status = STEP_SKIPPED
-        self.states[sid].update(status=STEP_SKIPPED, ran=False, output=step.default)
+        self.states[sid].update(status=STEP_SKIPPED, ran=False, output=copy.deepcopy(step.default))
         self.emit("step_finished", {"step_id": sid, "status": STEP_SKIPPED, "reason": reason})
 
     async def cancel(self, running: dict[asyncio.Task[None], str]) -> None:
@@ -294,7 +296,10 @@ class _Run:
         except StepFailed as exc:
             record.status = FAILED
             record.error = str(exc)
-            state.update(status=FAILED, ran=True, output=step.default, error=str(exc))
+            # A copy of the default, as for a skip: dependents may mutate what they read.
+            state.update(
+                status=FAILED, ran=True, output=copy.deepcopy(step.default), error=str(exc)
+            )
             log.info("step_failed", run_id=self.run_id, step_id=step.id, error=str(exc))
         except asyncio.CancelledError:
             record.status = state["status"] = STEP_CANCELLED
@@ -332,8 +337,13 @@ class _Run:
                 scope = {**self.scope, "item": item, "index": index}
                 return await self.attempts(step, record, scope, item=item, index=index)
 
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(i, item)) for i, item in enumerate(items)]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(i, item)) for i, item in enumerate(items)]
+        except* StepFailed as failed:
+            # TaskGroup wraps an item's failure in an ExceptionGroup, which run_step would
+            # not catch: the step fails with the (first) failing item's error instead.
+            raise failed.exceptions[0] from None
         return [t.result() for t in tasks]
 
     async def run_repeat(self, step: CompiledStep, record: StepRecord) -> Any:

@@ -13,19 +13,34 @@ from engine.dsl.issues import json_pointer
 from engine.errors import InvalidRequest
 
 
-def _fill_defaults(
-    validator: Any, properties: dict[str, Any], instance: Any, schema: Any
-) -> Iterator:
-    if isinstance(instance, dict):
+def _apply_defaults(properties: Any, instance: Any) -> None:
+    if isinstance(instance, dict) and isinstance(properties, dict):
         for name, sub in properties.items():
             if isinstance(sub, dict) and "default" in sub and name not in instance:
                 instance[name] = copy.deepcopy(sub["default"])
+
+
+def _fill_defaults(
+    validator: Any, properties: dict[str, Any], instance: Any, schema: Any
+) -> Iterator:
+    _apply_defaults(properties, instance)
     yield from Draft202012Validator.VALIDATORS["properties"](
         validator, properties, instance, schema
     )
 
 
-_Filling = validators.extend(Draft202012Validator, {"properties": _fill_defaults})
+def _required_after_defaults(
+    validator: Any, required: list[str], instance: Any, schema: Any
+) -> Iterator:
+    # Keywords run in the schema's key order: without this, a defaulted property counted
+    # as present only when `properties` happened to be written before `required`.
+    _apply_defaults(schema.get("properties"), instance)
+    yield from Draft202012Validator.VALIDATORS["required"](validator, required, instance, schema)
+
+
+_Filling = validators.extend(
+    Draft202012Validator, {"properties": _fill_defaults, "required": _required_after_defaults}
+)
 
 
 def prepare_input(schema: dict[str, Any], data: Any) -> dict[str, Any]:
