@@ -396,8 +396,11 @@ class _Run:
                 if step.timeout_s:
                     return await asyncio.wait_for(call, step.timeout_s)
                 return await call
-            except TimeoutError:
-                error = f"timed out after {step.timeout_s}s"
+            except TimeoutError as exc:
+                # wait_for's own timeout, or one the plugin raised itself
+                error = (
+                    f"timed out after {step.timeout_s}s" if step.timeout_s else f"timed out: {exc}"
+                )
             except InvalidRequest as exc:  # the same parameters fail the same way
                 raise StepFailed(exc.message) from None
             except FusionError as exc:
