@@ -11,12 +11,19 @@ from typing import Any
 import networkx as nx
 from jinja2 import nodes
 from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError, ValidationError, best_match
+from jsonschema.exceptions import ValidationError, best_match
 
 from engine.dsl.issues import Issue, Path, WorkflowInvalid
-from engine.dsl.schema import STEP_KEYS, TEMPLATE, WORKFLOW_KEYS, WORKFLOW_SCHEMA, step_schema
+from engine.dsl.schema import (
+    IDENTIFIER,
+    STEP_KEYS,
+    TEMPLATE,
+    WORKFLOW_KEYS,
+    WORKFLOW_SCHEMA,
+    step_schema,
+)
 from engine.dsl.source import Document
-from engine.dsl.templating import ENV, Template, TemplateCompileError
+from engine.dsl.templating import Template, TemplateCompileError
 from engine.dsl.values import DictValue, Literal, TemplateValue, Value, compile_value
 from engine.steps.base import CheckContext, StepPlugin
 from engine.steps.registry import StepRegistry
@@ -54,6 +61,14 @@ _SCALAR_FILTERS = frozenset(
         "abs",
     ]
 )
+
+
+_META_VALIDATOR = Draft202012Validator(
+    Draft202012Validator.META_SCHEMA, format_checker=Draft202012Validator.FORMAT_CHECKER
+)
+
+
+_NUMBER_FILTERS = frozenset(["length", "count", "wordcount", "round", "int", "float", "abs"])
 
 
 @dataclass(frozen=True)
@@ -156,7 +171,18 @@ class _Compiler:
         self.report(f"{exc.message}{where}", path)
 
     def report_schema(self, error: ValidationError, path: Path) -> None:
-        self.report(_describe(error), (*path, *error.absolute_path))
+        where = (*path, *error.absolute_path)
+        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+            # Nested objects (retry, repeat, a model role): name each unknown key where it
+            # is written, with a suggestion, as for the keys of a step.
+            owner = f"in '{where[-1]}'" if where else "here"
+            self.unknown_keys(error.instance, error.schema.get("properties", {}), where, owner)
+            return
+        if "propertyNames" in error.schema_path and isinstance(error.instance, str):
+            # The offending thing is the key itself, not the mapping holding it.
+            self.report(_describe(error), (*where, error.instance), at_key=True)
+            return
+        self.report(_describe(error), where)
 
     def unknown_keys(
         self, obj: Mapping[str, Any], known: Iterable[str], path: Path, owner: str
@@ -179,17 +205,18 @@ class _Compiler:
             return None
         self.unknown_keys(data, WORKFLOW_KEYS, (), "in a workflow")
         for error in Draft202012Validator(WORKFLOW_SCHEMA).iter_errors(data):
-            if error.validator != "additionalProperties":
-                self.report_schema(error, ())
+            where = tuple(error.absolute_path)
+            if len(where) == 2 and where[0] == "steps" and error.validator == "type":
+                continue  # a step that is no mapping: compile_step says what a step is
+            self.report_schema(error, ())
         models = self.compile_models(data.get("models"))
         input_schema = data.get("input_schema") or {"type": "object"}
         if isinstance(input_schema, dict):
-            try:
-                Draft202012Validator.check_schema(input_schema)
-            except SchemaError as exc:
+            # Every violation of the meta-schema, not just the best one check_schema raises.
+            for error in _META_VALIDATOR.iter_errors(input_schema):
                 self.report(
-                    f"input_schema is not a valid JSON Schema: {exc.message}",
-                    ("input_schema", *exc.path),
+                    f"input_schema is not a valid JSON Schema: {_describe(error)}",
+                    ("input_schema", *error.absolute_path),
                 )
         steps_data = data.get("steps") if isinstance(data.get("steps"), list) else []
         ids = self.collect_ids(steps_data)
@@ -272,6 +299,7 @@ class _Compiler:
                 (*path, "type"),
             )
             return None
+        issues_before = len(self.issues)
         params_schema = plugin.params_schema
         param_names = list(params_schema.get("properties", {}))
         self.unknown_keys(raw, [*STEP_KEYS, *param_names], path, f"for step type '{type_name}'")
@@ -280,10 +308,19 @@ class _Compiler:
                 self.report(f"missing required parameter '{name}' of step type '{type_name}'", path)
         validator = Draft202012Validator(step_schema(params_schema, type_name))
         for error in validator.iter_errors(raw):
-            if error.validator not in ("additionalProperties", "required"):
-                self.report_schema(error, path)
+            # The step's own unknown keys and missing parameters were reported above, with
+            # suggestions; nested objects (retry, repeat) still need the schema's word.
+            where = tuple(error.absolute_path)
+            if not where and error.validator in ("additionalProperties", "required"):
+                continue
+            if where == ("for_each",):
+                continue  # check_for_each explains what a for_each must be
+            self.report_schema(error, path)
         if not isinstance(sid, str):
             return None
+        # Templates are still checked below so that every issue is reported, but a step
+        # whose keys broke the schema is not built: its control values may be of any type.
+        schema_ok = len(self.issues) == issues_before
 
         in_map = "for_each" in raw
         in_repeat = "repeat" in raw
@@ -322,17 +359,20 @@ class _Compiler:
             spec = raw["repeat"]
             until = spec.get("until", False)
             repeat = RepeatSpec(
-                max=int(spec.get("max", 1)),
+                max=spec.get("max", 1),
                 until=templated(("repeat", "until"), until, names | {"output"}),
             )
         deps: set[str] = set()
-        for dep in raw.get("depends_on") or []:
+        depends_on = raw.get("depends_on")
+        for i, dep in enumerate(depends_on if isinstance(depends_on, list) else []):
+            if not isinstance(dep, str):
+                continue  # the schema reported it
             if dep == sid:
-                self.report("a step cannot depend on itself", (*path, "depends_on"))
+                self.report("a step cannot depend on itself", (*path, "depends_on", i))
             elif dep not in ids:
                 self.report(
                     f"depends_on names unknown step '{dep}'{suggest(dep, ids)}",
-                    (*path, "depends_on"),
+                    (*path, "depends_on", i),
                 )
             else:
                 deps.add(dep)
@@ -345,6 +385,8 @@ class _Compiler:
         )
         plugin.check(raw_params, checks)
         prepared = plugin.prepare(raw_params, checks)
+        if not schema_ok:
+            return None
         retry = raw.get("retry") if isinstance(raw.get("retry"), dict) else {}
         return CompiledStep(
             id=sid,
@@ -404,7 +446,12 @@ class _Compiler:
         self, ref: tuple[str | int, ...], path: Path, ids: dict[str, int], self_id: str | None
     ) -> set[tuple[str, str | None]]:
         if not ref:
-            self.report("refer to a step as steps.<step_id>.<attribute>, not 'steps' alone", path)
+            # `steps` alone, or `steps[expr]`: the dependency cannot be known before running.
+            self.report(
+                "read a step as steps.<step_id>.<attribute> with a literal step id "
+                "(not 'steps' alone or steps[expression]): dependencies are derived from it",
+                path,
+            )
             return set()
         target = str(ref[0])
         if target not in ids:
@@ -429,9 +476,13 @@ class _Compiler:
         if isinstance(raw, list):
             return
         if not isinstance(compiled, TemplateValue):
-            if not self._reported_at(path):
+            if not self._reported_at(path):  # a template that did not compile
+                # A bare `input.xs` is the usual slip: it is the string "input.xs".
+                hint = f" (did you mean '{{{{ {raw} }}}}'?)" if isinstance(raw, str) else ""
                 self.report(
-                    "for_each must be a list or a single {{ expression }} giving a list", path
+                    "for_each must be a list or a single {{ expression }} giving a list, "
+                    f"not {raw!r}{hint}",
+                    path,
                 )
             return
         template = compiled.template
@@ -442,9 +493,9 @@ class _Compiler:
                 path,
             )
             return
-        expr = _expression_node(template)
-        if _never_a_list(expr):
-            self.report("for_each expression never gives a list: it must evaluate to a list", path)
+        gives = _never_a_list(template.expression_node)
+        if gives:
+            self.report(f"for_each must give a list, but {gives}", path)
 
     def _reported_at(self, path: Path) -> bool:
         full = (*self.base, *path)
@@ -464,8 +515,8 @@ class _Compiler:
                 start = cycle.index(first)
                 ordered = cycle[start:] + cycle[:start]
                 self.report(
-                    f"dependency cycle: {' -> '.join([*ordered, first])}; break it by "
-                    "removing one of these references",
+                    f"dependency cycle: {' -> '.join([*ordered, first])} (each step "
+                    "feeds the next); break it by removing one of these references",
                     ("steps", ids[first], "step_id"),
                 )
         return graph
@@ -476,26 +527,33 @@ def _dict_value(params: dict[str, Value]) -> Value:
     return Literal(literals) if len(literals) == len(params) else DictValue(params)
 
 
-def _expression_node(template: Template) -> nodes.Node:
-    ast = ENV.parse(template.source)
-    return ast.body[0].nodes[0]  # type: ignore[attr-defined]
-
-
-def _never_a_list(expr: nodes.Node) -> bool:
+def _never_a_list(expr: nodes.Node | None) -> str | None:
+    """What the expression gives instead, when it can never be a list (said in the error)."""
     if isinstance(expr, nodes.Const):
-        return not isinstance(expr.value, list | tuple)
+        return None if isinstance(expr.value, list | tuple) else f"{expr.value!r} is not a list"
     if isinstance(expr, nodes.Filter):
-        return expr.name in _SCALAR_FILTERS
-    return isinstance(
-        expr,
-        nodes.Dict
-        | nodes.Concat
-        | nodes.Compare
-        | nodes.Not
-        | nodes.And
-        | nodes.Or
-        | nodes.TemplateData,
-    )
+        if expr.name in _SCALAR_FILTERS:
+            kind = "number" if expr.name in _NUMBER_FILTERS else "string"
+            return f"the '{expr.name}' filter gives a {kind}"
+        return None
+    kinds = {
+        nodes.Dict: "a {...} literal is a mapping",
+        nodes.Concat: "'~' joins strings",
+        nodes.Compare: "a comparison gives a boolean",
+        nodes.Not: "'not' gives a boolean",
+        nodes.And: "'and' gives a boolean",
+        nodes.Or: "'or' gives a boolean",
+        nodes.TemplateData: "text is a string",
+    }
+    return kinds.get(type(expr))
+
+
+# What the DSL's name patterns mean, in words: a bare regex tells the author little.
+_PATTERN_HELP = {
+    IDENTIFIER: "use letters, digits and '_', not starting with a digit",
+    WORKFLOW_KEYS["id"]["pattern"]: "use letters, digits, '_', '.' and '-', "
+    "not starting with '.' or '-'",
+}
 
 
 def _describe(error: ValidationError) -> str:
@@ -508,7 +566,13 @@ def _describe(error: ValidationError) -> str:
         ]
         if relevant:
             inner = best_match(relevant)
-            return f"{inner.message} (or use a {{{{ template }}}})"
+            # Only say a template would do when one of the alternatives was the template.
+            templatable = len(relevant) < len(error.context)
+            return _describe(inner) + (" (or use a {{ template }})" if templatable else "")
+    if error.validator == "pattern" and error.validator_value in _PATTERN_HELP:
+        return f"{error.instance!r} is not a valid name: {_PATTERN_HELP[error.validator_value]}"
+    if error.validator == "minItems" and error.instance == []:
+        return "must not be empty"
     if error.validator == "enum":
         allowed = ", ".join(repr(v) for v in error.validator_value)
         return f"{error.instance!r} is not one of {allowed}"

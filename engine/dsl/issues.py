@@ -48,13 +48,19 @@ class Issue:
         return f"{where}: {dotted(self.path)}: {self.message}"
 
     def github(self) -> str:
-        # GitHub's workflow-command syntax: properties are comma separated, the message
-        # must not contain raw newlines.
-        props = [f"file={self.file or 'workflow'}"]
+        # GitHub's workflow-command syntax: properties are comma separated and, like the
+        # message, percent-encoded ('%' first, or a '%' in a template would be misread);
+        # a property value also must not contain ':' or ','.
+        props = [f"file={_gh_escape(self.file or 'workflow', prop=True)}"]
         if self.line is not None:
             props += [f"line={self.line}", f"col={self.col or 1}"]
-        message = f"{dotted(self.path)}: {self.message}".replace("\n", "%0A")
+        message = _gh_escape(f"{dotted(self.path)}: {self.message}")
         return f"::error {','.join(props)}::{message}"
+
+
+def _gh_escape(text: str, *, prop: bool = False) -> str:
+    text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    return text.replace(":", "%3A").replace(",", "%2C") if prop else text
 
 
 def format_issues(issues: Sequence[Issue], fmt: str) -> str:

@@ -59,7 +59,8 @@ def load_text(text: str, file: str | None = None) -> Document:
         if exc.context_mark and mark and mark.index >= len(text.rstrip()):
             mark = exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
-        problem = " ".join(p for p in (exc.context, exc.problem) if p) or str(exc)
+        # "while parsing a block mapping: did not find expected key" reads as two parts.
+        problem = ": ".join(p for p in (exc.context, exc.problem) if p) or str(exc)
         issue = Issue(f"YAML syntax error: {problem}", (), file, line, col)
         raise WorkflowInvalid([issue]) from None
     except YAMLError as exc:

@@ -9,9 +9,10 @@ syntax tree rather than from a regex, and refuse escapes before anything runs.
 
 from __future__ import annotations
 
+import difflib
 import operator
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +105,14 @@ def _make_environment() -> _Environment:
 
 ENV = _make_environment()
 GLOBAL_NAMES = frozenset(ENV.globals)
+# Names that exist only in some places of a step: say where, rather than "unknown".
+_SCOPED_NAMES = {
+    "item": "inside a step with 'for_each'",
+    "index": "inside a step with 'for_each'",
+    "iteration": "inside a step with 'repeat'",
+    "previous": "inside a step with 'repeat'",
+    "output": "in 'repeat.until' (elsewhere use steps.<step_id>.output)",
+}
 
 
 def is_template(value: Any) -> bool:
@@ -113,7 +122,16 @@ def is_template(value: Any) -> bool:
 class Template:
     """One compiled template string."""
 
-    __slots__ = ("_ast", "_expression", "_render", "native", "references", "source")
+    __slots__ = (
+        "_ast",
+        "_computed",
+        "_expression",
+        "_render",
+        "expression_node",
+        "native",
+        "references",
+        "source",
+    )
 
     def __init__(self, source: str, allowed_names: frozenset[str]) -> None:
         self.source = source
@@ -126,12 +144,14 @@ class Template:
         self.references = tuple(_references(ast, _scan(ast)))
         for ref in self.references:
             if ref.root not in allowed_names and ref.root not in GLOBAL_NAMES:
-                raise TemplateCompileError(
-                    f"unknown name '{ref.root}' (available: {', '.join(sorted(allowed_names))})",
-                    ref.lineno,
-                )
+                raise TemplateCompileError(_unknown_name(ref.root, allowed_names), ref.lineno)
         match = _NATIVE.match(source.strip())
-        self.native = bool(match) and _single_expression(ast)
+        # The one expression of a native template (whitespace around it does not count).
+        self.expression_node = _single_expression(ast) if match else None
+        self.native = self.expression_node is not None
+        # A plain reference (input.x, steps.a.output[0]) yields data that is already plain;
+        # anything computed (a literal, a filter, a call) may hold lazy or undefined parts.
+        self._computed = self.native and not _is_reference(self.expression_node)
         self._expression = match.group("expr") if self.native and match else None
         self._ast = ast
         self._render: Callable[[Mapping[str, Any]], Any] | None = None
@@ -148,8 +168,8 @@ class Template:
             self._render = self._compile()
         try:
             result = self._render(context)
-            if isinstance(result, Undefined):
-                str(result)  # StrictUndefined raises with its own message
+            if self.native:
+                result = _as_data(result, deep=self._computed)
         except UndefinedError as exc:
             raise TemplateRenderError(f"{exc.message} in {self.source!r}") from None
         except SecurityError as exc:
@@ -159,13 +179,59 @@ class Template:
         return result
 
 
-def _single_expression(ast: nodes.Template) -> bool:
-    return (
-        len(ast.body) == 1
-        and isinstance(ast.body[0], nodes.Output)
-        and len(ast.body[0].nodes) == 1
-        and not isinstance(ast.body[0].nodes[0], nodes.TemplateData)
-    )
+def _unknown_name(name: str, allowed: frozenset[str]) -> str:
+    scope = _SCOPED_NAMES.get(name)
+    if scope:
+        return f"'{name}' is only defined {scope}"
+    available = sorted(allowed | GLOBAL_NAMES)
+    close = difflib.get_close_matches(name, available, n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown name '{name}'{hint}; available: {', '.join(available)}"
+
+
+def _is_reference(node: nodes.Node) -> bool:
+    while isinstance(node, nodes.Getattr | nodes.Getitem):
+        node = node.node
+    return isinstance(node, nodes.Name)
+
+
+def _as_data(value: Any, *, deep: bool) -> Any:
+    """A native result as plain data. Jinja filters return lazy iterators (map, select,
+    reverse), ``range`` and dict views; these become lists, or a step would get a
+    generator it can consume once and never serialise. StrictUndefined only raises when
+    used, so one left inside a list (``[input.missing]``) is raised here; a bound method
+    (``input.s.upper`` without ``()``) is no value at all."""
+    if isinstance(value, str | int | float | bool | None):
+        return value
+    if isinstance(value, Undefined):
+        str(value)  # StrictUndefined raises with its own message
+    if isinstance(value, dict):
+        return {k: _as_data(v, deep=True) for k, v in value.items()} if deep else value
+    if isinstance(value, list):
+        return [_as_data(v, deep=True) for v in value] if deep else value
+    if isinstance(value, tuple | range | Iterator | KeysView | ValuesView | ItemsView):
+        return [_as_data(v, deep=True) for v in value]
+    if callable(value):
+        raise TypeError(
+            f"the expression gives a {type(value).__name__}, not a value (missing '()'?)"
+        )
+    return value
+
+
+def _single_expression(ast: nodes.Template) -> nodes.Node | None:
+    """The expression of a template that is one ``{{ expr }}``, else None. Whitespace
+    around it is ignored: a YAML block scalar (``value: >``) ends in a newline, and the
+    value is still meant to keep its native type."""
+    if len(ast.body) != 1 or not isinstance(ast.body[0], nodes.Output):
+        return None
+    parts = [
+        n
+        for n in ast.body[0].nodes
+        if not (isinstance(n, nodes.TemplateData) and not n.data.strip())
+    ]
+    if len(parts) == 1 and not isinstance(parts[0], nodes.TemplateData):
+        return parts[0]
+    return None
 
 
 def _scan(ast: nodes.Template) -> set[str]:
