@@ -9,6 +9,7 @@ import pytest
 
 from engine.dsl.templating import (
     MAX_RANGE,
+    MAX_RANGE_ITEMS,
     Reference,
     Template,
     TemplateCompileError,
@@ -174,6 +175,23 @@ def test_undefined_raises_with_a_clear_message(
         ("{{ input.xs.append(4) }}", "attribute 'append' of 'list' object is unsafe"),
         ("{{ input.d.update({'k': 1}) }}", "attribute 'update' of 'dict' object is unsafe"),
         ("{{ input.xs.pop() }}", "attribute 'pop' of 'list' object is unsafe"),
+        # output sizes set by an argument are checked before anything is allocated
+        ("{{ '%0999999999d' | format(1) }}", "format: widths or precisions of a million"),
+        ("{{ '%09999999d' % 1 }}", "'%' formatting: widths or precisions"),
+        ("{{ '{:>9999999}'.format(1) }}", "str.format(): widths or precisions"),
+        ("{{ '{0:>9999999}'.format_map({}) }}", "str.format_map(): widths"),
+        ("{{ 'x' | center(10**9) }}", "center would build 1000000000 characters"),
+        ("{{ 'x'.ljust(10**9) }}", "str.ljust() would build 1000000000 characters"),
+        ("{{ 'x'.zfill(10**9) }}", "str.zfill() would build"),
+        ("{{ 'a\tb'.expandtabs(10**8) }}", "str.expandtabs() would build"),
+        ("{{ 'ab' | replace('', 'x' * 999999) }}", "replace would build 2999999 characters"),
+        ("{{ 'ab'.replace('', 'x' * 999999) }}", "str.replace() would build"),
+        ("{{ input.s | indent(10**7) }}", "indent would build"),
+        # nested loops over ranges draw on one budget per render
+        (
+            "{% for a in range(10000) %}{% for b in range(10000) %}{% endfor %}{% endfor %}",
+            f"iterates more than {MAX_RANGE_ITEMS} range() items",
+        ),
     ],
 )
 def test_sandbox_refuses_at_render_time(source: str, message: str, ctx: dict[str, Any]) -> None:
@@ -195,6 +213,15 @@ def test_limits_allow_ordinary_sizes(ctx: dict[str, Any]) -> None:
     assert render(f"{{{{ range({MAX_RANGE}) | list | length }}}}", ctx) == MAX_RANGE
     assert render("{{ 'ab' * 3 }}", ctx) == "ababab"
     assert render("{{ 2 ** 10 }}", ctx) == 1024
+    assert render("{{ '%05d' % 42 }}", ctx) == "00042"
+    assert render("{{ '{:>4}'.format(7) }}", ctx) == "   7"
+    assert render("{{ 'a' | center(5) }}", ctx) == "  a  "
+    assert render("{{ 'a b' | replace(' ', '-') }}", ctx) == "a-b"
+    assert render("{{ range(5)[2] }}", ctx) == 2
+    assert (
+        render("{% for a in range(300) %}{% for b in range(300) %}{% endfor %}{% endfor %}ok", ctx)
+        == "ok"
+    )
 
 
 # -- static refusals ------------------------------------------------------------------------

@@ -12,7 +12,16 @@ from __future__ import annotations
 import difflib
 import operator
 import re
-from collections.abc import Callable, ItemsView, Iterator, KeysView, Mapping, ValuesView
+from collections.abc import (
+    Callable,
+    ItemsView,
+    Iterator,
+    KeysView,
+    Mapping,
+    Sequence,
+    ValuesView,
+)
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,15 +70,125 @@ class Reference:
     lineno: int
 
 
-def _safe_range(*args: int) -> range:
+MAX_STRING = 1_000_000  # longest string a width, padding or replace may build
+MAX_RANGE_ITEMS = 100_000  # range() items one render may iterate, nested loops included
+_WIDTH = re.compile(r"(\d{7,})")  # a width or precision of a million or more
+_range_budget: ContextVar[list[int] | None] = ContextVar("range_budget", default=None)
+
+
+class _BoundedRange(Sequence[int]):
+    """range() whose iteration draws on the render's budget, so nested loops over
+    ranges cannot spin for minutes while the event loop waits."""
+
+    def __init__(self, rng: range) -> None:
+        self._rng = rng
+
+    def __len__(self) -> int:
+        return len(self._rng)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._rng[index]
+
+    def __iter__(self) -> Iterator[int]:
+        budget = _range_budget.get()
+        for value in self._rng:
+            if budget is not None:
+                budget[0] -= 1
+                if budget[0] < 0:
+                    raise SecurityError(
+                        f"the template iterates more than {MAX_RANGE_ITEMS} range() items"
+                    )
+            yield value
+
+
+def _safe_range(*args: int) -> _BoundedRange:
     rng = range(*args)
     if len(rng) > MAX_RANGE:
         raise SecurityError(f"range() of {len(rng)} items exceeds the limit of {MAX_RANGE}")
-    return rng
+    return _BoundedRange(rng)
+
+
+def _refuse_long(size: int, what: str) -> None:
+    if size > MAX_STRING:
+        raise SecurityError(f"{what} would build {size} characters (limit {MAX_STRING})")
+
+
+def _check_widths(fmt: Any, what: str) -> None:
+    if isinstance(fmt, str) and _WIDTH.search(fmt):
+        raise SecurityError(f"{what}: widths or precisions of a million or more are refused")
+
+
+def _replaced_size(text: str, old: str, new: str, count: int = -1) -> int:
+    hits = text.count(old) if old else len(text) + 1
+    if count is not None and count >= 0:
+        hits = min(hits, count)
+    return len(text) + hits * (len(new) - len(old))
+
+
+def _guard_call(obj: Any, args: tuple[Any, ...]) -> None:
+    """Refuse str methods whose result size an argument sets, before they allocate."""
+    owner = getattr(obj, "__self__", None)
+    name = getattr(obj, "__name__", "")
+    if not isinstance(owner, str):
+        return
+    if name in ("ljust", "rjust", "center", "zfill") and args and isinstance(args[0], int):
+        _refuse_long(args[0], f"str.{name}()")
+    elif name == "expandtabs" and args and isinstance(args[0], int):
+        _refuse_long(len(owner) * args[0], "str.expandtabs()")
+    elif name == "replace" and len(args) >= 2 and all(isinstance(a, str) for a in args[:2]):
+        _refuse_long(_replaced_size(owner, *args[:3]), "str.replace()")
+
+
+def _guarded_filters(filters: dict[str, Callable[..., Any]]) -> dict[str, Callable[..., Any]]:
+    """Jinja calls filters directly, not through the sandbox's call(): wrap the ones
+    whose output size an argument sets."""
+    center, indent, fmt, replace = (
+        filters["center"],
+        filters["indent"],
+        filters["format"],
+        filters["replace"],
+    )
+
+    def safe_center(value: Any, width: int = 80) -> str:
+        _refuse_long(int(width), "center")
+        return center(value, width)
+
+    def safe_indent(value: Any, width: Any = 4, *args: Any, **kwargs: Any) -> str:
+        pad = width if isinstance(width, str) else " " * int(width)
+        _refuse_long(len(str(value)) * (len(pad) + 1), "indent")
+        return indent(value, width, *args, **kwargs)
+
+    def safe_format(value: Any, *args: Any, **kwargs: Any) -> str:
+        _check_widths(value, "format")
+        return fmt(value, *args, **kwargs)
+
+    def safe_replace(eval_ctx: Any, value: Any, old: Any, new: Any, count: Any = None) -> str:
+        _refuse_long(_replaced_size(str(value), str(old), str(new), count), "replace")
+        return replace(eval_ctx, value, old, new, count)
+
+    safe_replace.jinja_pass_arg = replace.jinja_pass_arg  # type: ignore[attr-defined]
+    return {
+        **filters,
+        "center": safe_center,
+        "indent": safe_indent,
+        "format": safe_format,
+        "replace": safe_replace,
+    }
 
 
 class _Environment(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def call(self, context: Any, obj: Any, *args: Any, **kwargs: Any) -> Any:
+        _guard_call(obj, args)
+        return super().call(context, obj, *args, **kwargs)
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        # The sandbox swaps str.format for its own formatter when the attribute is read,
+        # so call() never sees it: check the widths here.
+        if isinstance(getattr(value, "__self__", None), str):
+            _check_widths(value.__self__, f"str.{getattr(value, '__name__', 'format')}()")
+        return super().wrap_str_format(value)
 
     def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
         return not attr.startswith("_") and super().is_safe_attribute(obj, attr, value)
@@ -82,6 +201,9 @@ class _Environment(ImmutableSandboxedEnvironment):
         return super().getattr(obj, attribute)
 
     def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
+        if op == "%":
+            _check_widths(left, "'%' formatting")
+            return operator.mod(left, right)
         if op == "**":
             if isinstance(right, int | float) and abs(right) > MAX_EXPONENT:
                 raise SecurityError(f"exponent {right} exceeds the limit of {MAX_EXPONENT}")
@@ -100,6 +222,7 @@ def _make_environment() -> _Environment:
     env = _Environment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
     # cycler/joiner/namespace/lipsum are stateful or useless in a value: only these remain.
     env.globals = {"range": _safe_range, "dict": dict}
+    env.filters = _guarded_filters(env.filters)
     return env
 
 
@@ -166,6 +289,7 @@ class Template:
     def render(self, context: Mapping[str, Any]) -> Any:
         if self._render is None:
             self._render = self._compile()
+        budget = _range_budget.set([MAX_RANGE_ITEMS])
         try:
             result = self._render(context)
             if self.native:
@@ -176,6 +300,8 @@ class Template:
             raise TemplateRenderError(f"refused: {exc} in {self.source!r}") from None
         except Exception as exc:
             raise TemplateRenderError(f"{type(exc).__name__}: {exc} in {self.source!r}") from None
+        finally:
+            _range_budget.reset(budget)
         return result
 
 
@@ -209,7 +335,9 @@ def _as_data(value: Any, *, deep: bool) -> Any:
         return {k: _as_data(v, deep=True) for k, v in value.items()} if deep else value
     if isinstance(value, list):
         return [_as_data(v, deep=True) for v in value] if deep else value
-    if isinstance(value, tuple | range | Iterator | KeysView | ValuesView | ItemsView):
+    if isinstance(
+        value, tuple | range | _BoundedRange | Iterator | KeysView | ValuesView | ItemsView
+    ):
         return [_as_data(v, deep=True) for v in value]
     if callable(value):
         raise TypeError(
