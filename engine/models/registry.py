@@ -324,7 +324,7 @@ class ModelRegistry:
             total = 0
             try:
                 async for chunk in self.worker.stream(
-                    lambda _: entry.model.chat_stream(messages, params, stop), stop
+                    lambda: entry.model.chat_stream(messages, params, stop), stop
                 ):
                     total = chunk.prompt_tokens + chunk.completion_tokens or total
                     if chunk.finish_reason == "cancelled" and entry.unloading:

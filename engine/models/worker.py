@@ -25,17 +25,18 @@ class MLXWorker:
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def stream(self, make: Callable[[threading.Event], Iterator[T]]) -> AsyncIterator[T]:
+    async def stream(
+        self, make: Callable[[], Iterator[T]], stop: threading.Event
+    ) -> AsyncIterator[T]:
         """Iterate a blocking generator on the worker thread, yielding its items here as
-        they come. Closing the async iterator early (client gone, task cancelled) sets the
-        event the generator watches, so the worker stops at its next item."""
+        they come. Closing the async iterator early (client gone, task cancelled) sets
+        ``stop``, which the generator watches, so the worker stops at its next item."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        stop = threading.Event()
 
         def produce() -> None:
             try:
-                for item in make(stop):
+                for item in make():
                     loop.call_soon_threadsafe(queue.put_nowait, item)
                     if stop.is_set():
                         break

@@ -1,0 +1,134 @@
+"""Sentence-embedding models (BERT family, sentence-transformers layout) on MLX, loaded
+through mlx-vlm's encoder loader. Pooling, normalisation and the maximum sequence length
+follow the model's own sentence-transformers files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from engine.errors import InvalidRequest
+from engine.models.backends.base import Backend, EmbedResult, LoadedModel, read_config
+from engine.models.backends.textgen import parameter_bytes
+
+BATCH = 32
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+class EmbeddingsBackend(Backend):
+    model_type = "embeddings"
+    package = "mlx-vlm"
+
+    def available(self) -> bool:
+        return importlib.util.find_spec("mlx_vlm") is not None
+
+    def load(self, path: Path, context_length: int | None) -> LoadedModel:
+        from mlx_vlm.embedding_loader import load_embedding_model
+        from transformers import AutoTokenizer
+
+        config = read_config(path)
+        try:
+            model = load_embedding_model(path)
+        except (ValueError, KeyError, FileNotFoundError) as exc:
+            raise InvalidRequest(
+                f"'{path}' is not an embedding model mlx-vlm can load: {exc}",
+                param="model_path",
+                code="invalid_model_path",
+            ) from None
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        return EmbeddingModel(model, tokenizer, config, path, context_length)
+
+
+class EmbeddingModel(LoadedModel):
+    model_type = "embeddings"
+    capabilities = frozenset({"embeddings"})
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        config: dict[str, Any],
+        path: Path,
+        context_length: int | None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.family = config.get("model_type")
+        self.pooling = _json(path / "1_Pooling" / "config.json") or {"pooling_mode": "mean"}
+        modules = _json(path / "modules.json") or []
+        # sentence-transformers normalises only when the pipeline has a Normalize module;
+        # a model without one (or without modules.json: a bare encoder) keeps raw pools.
+        self.normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
+        st_config = _json(path / "sentence_bert_config.json") or {}
+        positions = config.get("max_position_embeddings") or 512
+        self.max_seq_length = min(
+            context_length or st_config.get("max_seq_length") or positions, positions
+        )
+        self.context_length = self.max_seq_length
+        self.dimension = int(config.get("hidden_size", 0)) or None
+        self.weight_bytes = parameter_bytes(model)
+
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text with the special tokens, before truncation."""
+        return [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
+
+    def count_tokens(self, text: str) -> int:
+        return self.token_counts([text])[0]
+
+    def embed(self, texts: Sequence[str], stop: threading.Event) -> EmbedResult:
+        import mlx.core as mx
+        import numpy as np
+        from mlx_vlm.models.pooling import normalize_embeddings, pool_by_config
+
+        if not texts:
+            return EmbedResult([], 0, [])
+        counts = self.token_counts(texts)
+        # Similar lengths batched together waste less on padding; results keep input order.
+        order = sorted(range(len(texts)), key=lambda i: counts[i])
+        vectors: list[Any] = [None] * len(texts)
+        used = 0
+        for start in range(0, len(order), BATCH):
+            if stop.is_set():
+                break
+            batch = order[start : start + BATCH]
+            encoded = self.tokenizer(
+                [texts[i] for i in batch],
+                padding=True,
+                truncation=True,
+                max_length=self.max_seq_length,
+                return_tensors="np",
+            )
+            mask = mx.array(encoded["attention_mask"])
+            out = self.model(
+                mx.array(encoded["input_ids"]),
+                attention_mask=mask,
+                token_type_ids=mx.array(encoded["token_type_ids"])
+                if "token_type_ids" in encoded
+                else None,
+            )
+            pooled = pool_by_config(out.last_hidden_state, mask, self.pooling)
+            if self.normalize:
+                pooled = normalize_embeddings(pooled)
+            rows = np.array(pooled.astype(mx.float32))
+            used += int(encoded["attention_mask"].sum())
+            for row, index in zip(rows, batch, strict=True):
+                vectors[index] = row.tolist()
+        return EmbedResult(
+            vectors=vectors,
+            prompt_tokens=used,
+            truncated=[n > self.max_seq_length for n in counts],
+        )
+
+    def close(self) -> None:
+        self.model = None
+        self.tokenizer = None
