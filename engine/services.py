@@ -48,6 +48,8 @@ class Engine:
             budget_bytes=budget,
             default_concurrency=settings.model_max_concurrency,
             default_queue=settings.model_max_queue,
+            image_root=settings.image_root,
+            allow_private_urls=settings.allow_private_urls,
         )
         services: dict[str, Any] = {"models": models, "store": store}
         runner = Runner(

@@ -33,6 +33,7 @@ from engine.models.backends.base import (
     weight_file_bytes,
 )
 from engine.models.memory import active_bytes, gb, release_cached
+from engine.models.messages import text_messages, vision_prompt
 from engine.models.paths import resolve_model_path
 from engine.models.stats import ModelStats
 from engine.models.types import MODEL_TYPES, PRIORITY_RANK, LoadSpec
@@ -117,8 +118,12 @@ class ModelRegistry:
         worker: MLXWorker | None = None,
         default_concurrency: int = 1,
         default_queue: int = 100,
+        image_root: Path | None = None,
+        allow_private_urls: bool = False,
     ) -> None:
         self.backends = dict(backends)
+        self.image_root = image_root
+        self.allow_private_urls = allow_private_urls
         self.budget_bytes = budget_bytes
         self.worker = worker or MLXWorker()
         self.default_concurrency = default_concurrency
@@ -187,10 +192,9 @@ class ModelRegistry:
             )
         backend = self.backends.get(model_type)
         if backend is None or not backend.available():
-            package = backend.package if backend else "a backend package"
+            reason = backend.unavailable_reason() if backend else "no backend is configured"
             raise InvalidRequest(
-                f"no backend for model_type '{model_type}' is installed: install "
-                f"'{package}' to load this type",
+                f"cannot load model_type '{model_type}': {reason}",
                 param="model_type",
                 code="backend_unavailable",
             )
@@ -320,11 +324,12 @@ class ModelRegistry:
         self, model_id: str, messages: Sequence[dict[str, Any]], params: ChatParams
     ) -> AsyncIterator[ChatChunk]:
         started = time.perf_counter()
+        prompt = await self._prepare(self.get(model_id), messages)
         async with self.use(model_id) as (entry, stop):
             total = 0
             try:
                 async for chunk in self.worker.stream(
-                    lambda: entry.model.chat_stream(messages, params, stop), stop
+                    lambda: entry.model.chat_stream(prompt, params, stop), stop
                 ):
                     total = chunk.prompt_tokens + chunk.completion_tokens or total
                     if chunk.finish_reason == "cancelled" and entry.unloading:
@@ -336,6 +341,15 @@ class ModelRegistry:
                 entry.stats.record_error(f"{type(exc).__name__}: {exc}")
                 raise
             entry.stats.record((time.perf_counter() - started) * 1000, total)
+
+    async def _prepare(self, entry: ModelEntry, messages: Sequence[dict[str, Any]]) -> Any:
+        """Text-only messages for a language model; for a multimodal one, the images are
+        fetched here, before the request takes a model slot."""
+        if entry.type == "multimodal":
+            return await vision_prompt(
+                messages, root=self.image_root, allow_private=self.allow_private_urls
+            )
+        return text_messages(messages)
 
     async def chat(
         self, model_id: str, messages: Sequence[dict[str, Any]], params: ChatParams

@@ -89,6 +89,9 @@ class Backend(ABC):
     @abstractmethod
     def available(self) -> bool: ...
 
+    def unavailable_reason(self) -> str:
+        return f"install the '{self.package}' package to load this type"
+
     @abstractmethod
     def load(self, path: Path, context_length: int | None) -> LoadedModel: ...
 

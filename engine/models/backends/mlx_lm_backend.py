@@ -17,7 +17,7 @@ from engine.models.backends.base import (
     context_length_of,
     read_config,
 )
-from engine.models.backends.textgen import StopScanner, parameter_bytes
+from engine.models.backends.textgen import parameter_bytes, stream_chunks
 
 LONG_CONTEXT = 32_768
 
@@ -91,29 +91,15 @@ class LmModel(LoadedModel):
             temp=params.temperature, top_p=params.top_p if params.top_p < 1.0 else 0.0
         )
         processors = make_logits_processors(logit_bias=params.logit_bias)
-        scanner = StopScanner(params.stop)
-        completion, finish = 0, "length"
-        for response in stream_generate(
+        responses = stream_generate(
             self.model,
             self.tokenizer,
             prompt,
             max_tokens=max_tokens,
             sampler=sampler,
             logits_processors=processors,
-        ):
-            completion = response.generation_tokens
-            text, hit = scanner.feed(response.text)
-            if text:
-                yield ChatChunk(text)
-            if hit:
-                finish = "stop"
-                break
-            if stop.is_set():
-                finish = "cancelled"
-                break
-            if response.finish_reason:
-                finish = response.finish_reason
-        yield ChatChunk(scanner.flush(), finish, len(prompt), completion)
+        )
+        yield from stream_chunks(responses, params.stop, stop, prompt_tokens=len(prompt))
 
     def warmup(self, prompt: str, max_length: int) -> int:
         import mlx.core as mx

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable, Iterator
 from typing import Any
+
+from engine.models.backends.base import ChatChunk
 
 
 def parameter_bytes(model: Any) -> int:
@@ -37,3 +41,31 @@ class StopScanner:
     def flush(self) -> str:
         out, self.buffer = self.buffer, ""
         return out
+
+
+def stream_chunks(
+    responses: Iterable[Any],
+    stops: list[str],
+    stop: threading.Event,
+    prompt_tokens: int | None = None,
+) -> Iterator[ChatChunk]:
+    """Turn mlx-lm / mlx-vlm generation responses (``text``, ``generation_tokens``,
+    ``finish_reason``, ``prompt_tokens``) into chunks, cutting at stop strings and
+    ending early when ``stop`` is set; the last chunk carries the counts."""
+    scanner = StopScanner(stops)
+    completion, finish, prompt = 0, "length", prompt_tokens or 0
+    for response in responses:
+        completion = response.generation_tokens
+        prompt = prompt_tokens if prompt_tokens is not None else response.prompt_tokens
+        text, hit = scanner.feed(response.text)
+        if text:
+            yield ChatChunk(text)
+        if hit:
+            finish = "stop"
+            break
+        if stop.is_set():
+            finish = "cancelled"
+            break
+        if response.finish_reason:
+            finish = response.finish_reason
+    yield ChatChunk(scanner.flush(), finish, prompt, completion)

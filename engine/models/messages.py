@@ -1,0 +1,73 @@
+"""Chat messages as OpenAI clients send them: ``content`` is a string or a list of parts
+(``{"type": "text"}``, ``{"type": "image_url", "image_url": {"url": ...}}``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.errors import InvalidRequest
+from engine.models.images import load_image
+
+IMAGE_PART_TYPES = ("image_url", "input_image", "image")
+
+
+def _parts(content: Any) -> list[dict[str, Any]]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if isinstance(content, list):
+        return [p if isinstance(p, dict) else {"type": "text", "text": str(p)} for p in content]
+    raise InvalidRequest("message content must be a string or a list of parts", param="messages")
+
+
+def _image_url(part: dict[str, Any]) -> str:
+    ref = part.get("image_url", part.get("image"))
+    url = ref.get("url") if isinstance(ref, dict) else ref
+    if not isinstance(url, str) or not url:
+        raise InvalidRequest("an image part needs image_url.url", param="messages")
+    return url
+
+
+def text_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with content flattened to text; image parts are refused."""
+    out = []
+    for i, message in enumerate(messages):
+        parts = _parts(message.get("content"))
+        if any(p.get("type") in IMAGE_PART_TYPES for p in parts):
+            raise InvalidRequest(
+                "this model takes text only; send images to a multimodal model",
+                param=f"messages[{i}].content",
+                code="images_not_supported",
+            )
+        text = "".join(str(p.get("text", "")) for p in parts)
+        out.append({**message, "content": text})
+    return out
+
+
+@dataclass
+class VisionPrompt:
+    messages: list[dict[str, Any]]  # text content only
+    images: list[Any]  # PIL images, in order of appearance
+
+
+async def vision_prompt(
+    messages: Sequence[dict[str, Any]], *, root: Path | None, allow_private: bool
+) -> VisionPrompt:
+    """Fetch every image (data: URI, file under ``root``, http(s) under the SSRF policy)
+    before generation, so the model's worker thread never does network I/O."""
+    texts, images = [], []
+    for message in messages:
+        text = []
+        for part in _parts(message.get("content")):
+            if part.get("type") in IMAGE_PART_TYPES:
+                images.append(
+                    await load_image(_image_url(part), root=root, allow_private=allow_private)
+                )
+            else:
+                text.append(str(part.get("text", "")))
+        texts.append({**message, "content": "".join(text)})
+    return VisionPrompt(texts, images)
