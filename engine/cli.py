@@ -63,8 +63,16 @@ def _resolve(target: str, workflows_dir: str | None) -> tuple[CompiledWorkflow, 
     registry = default_registry()
     catalog = WorkflowCatalog(registry)
     if workflows_dir and Path(workflows_dir).is_dir():
-        catalog.load_directory(workflows_dir)
+        # Only to resolve `workflow` steps by id: a broken file there must not stop an
+        # unrelated run, so it is reported and left out (`fusion validate` shows it whole).
+        compiled, issues = compile_files(workflow_files([workflows_dir]), registry)
+        for path, found in issues.items():
+            _out(sys.stderr, f"warning: {path} skipped: {len(found)} error(s)")
+        for workflow in compiled.values():
+            catalog.add(workflow)
     path = Path(target)
+    if path.suffix in (".yaml", ".yml", ".json") and not path.exists():
+        raise InvalidRequest(f"no such workflow file: {target}", param="workflow")
     if path.suffix in (".yaml", ".yml", ".json") or path.exists():
         compiled, issues = compile_files([path], registry, catalog.ids())
         if issues:
@@ -75,13 +83,16 @@ def _resolve(target: str, workflows_dir: str | None) -> tuple[CompiledWorkflow, 
     return catalog.get(target), catalog
 
 
-def _parse_pairs(pairs: Sequence[str], what: str) -> dict[str, Any]:
+def _parse_pairs(pairs: Sequence[str], what: str, *, as_json: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             # A usage error (exit 2), not SystemExit's 1, which means "the run failed".
             raise InvalidRequest(f"--{what} expects key=value, got {pair!r}", param=what)
+        if not as_json:
+            out[key] = raw
+            continue
         try:  # numbers, booleans, lists and objects as JSON; anything else is a string
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
@@ -89,15 +100,24 @@ def _parse_pairs(pairs: Sequence[str], what: str) -> dict[str, Any]:
     return out
 
 
+def _json_object(text: str | None, flag: str) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"--{flag} must be a JSON object", param=flag)
+    return value
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     # structlog's unconfigured default prints to stdout, which must carry only the result
     # JSON (`fusion run ... | jq`); logs go to stderr, and the trace already has each error.
     configure_logging("console", "warning")
     workflow, catalog = _resolve(args.workflow, args.workflows_dir)
-    data: dict[str, Any] = json.loads(args.input_json) if args.input_json else {}
+    data = _json_object(args.input_json, "input-json") or {}
     data.update(_parse_pairs(args.input or [], "input"))
-    config = json.loads(args.config_json) if args.config_json else None
-    models = _parse_pairs(args.model or [], "model")
+    config = _json_object(args.config_json, "config-json")
+    models = _parse_pairs(args.model or [], "model", as_json=False)  # model ids are strings
     runner = Runner(catalog=catalog)
     result = asyncio.run(runner.run(workflow, data, models=models, config=config))
     _out(sys.stdout, json.dumps(result.to_dict(), indent=2, default=str))

@@ -50,6 +50,7 @@ CASES: dict[str, list[Expected]] = {
             "unknown key 'backof' in 'retry' (did you mean 'backoff_s'?)",
         ),
         (11, 7, "/steps/1/repeat", "'max' is a required property"),
+        (12, 5, "/steps/1/concurrency", "does nothing without 'for_each'"),
         (12, 18, "/steps/1/concurrency", "'many' is not of type 'integer'"),
         (13, 11, "/steps/1/when", "'yes' is not of type 'boolean' (or use a {{ template }})"),
     ],

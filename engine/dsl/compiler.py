@@ -324,6 +324,12 @@ class _Compiler:
 
         in_map = "for_each" in raw
         in_repeat = "repeat" in raw
+        if "concurrency" in raw and not in_map:
+            self.report(
+                "'concurrency' bounds for_each items and does nothing without 'for_each'",
+                (*path, "concurrency"),
+                at_key=True,
+            )
         if in_map and in_repeat:
             self.report(
                 "'repeat' and 'for_each' cannot be combined on one step: wrap the "

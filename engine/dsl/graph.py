@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import networkx as nx
+
 from engine.dsl.compiler import CompiledWorkflow
 
 
@@ -9,10 +11,24 @@ def _label(text: str) -> str:
     return text.replace('"', "#quot;")
 
 
+def _may_skip(wf: CompiledWorkflow) -> set[str]:
+    """Steps that can end skipped: those with `when`, and those downstream of one
+    through unguarded dependencies (the skip propagates)."""
+    skippable: set[str] = set()
+    for sid in nx.topological_sort(wf.graph):
+        step = wf.steps[sid]
+        if step.when is not None or any(
+            d in skippable and d not in step.guarded for d in step.deps
+        ):
+            skippable.add(sid)
+    return skippable
+
+
 def mermaid(wf: CompiledWorkflow) -> str:
     """Conditional steps are hexagons and the edges that may carry a skip are dashed;
     for_each and repeat are named on the node."""
     lines = ["flowchart TD"]
+    may_skip = _may_skip(wf)
     for sid, step in wf.steps.items():
         notes = [step.type]
         if step.for_each is not None:
@@ -25,10 +41,9 @@ def mermaid(wf: CompiledWorkflow) -> str:
         shape = ('{{"', '"}}') if step.when is not None else ('["', '"]')
         lines.append(f"  {sid}{shape[0]}{text}{shape[1]}")
     for dep, sid in wf.graph.edges:
-        source, target = wf.steps[dep], wf.steps[sid]
-        if dep in target.guarded:
+        if dep in wf.steps[sid].guarded:
             lines.append(f"  {dep} -. if ran .-> {sid}")
-        elif source.when is not None:
+        elif dep in may_skip:
             lines.append(f"  {dep} -. skip propagates .-> {sid}")
         else:
             lines.append(f"  {dep} --> {sid}")

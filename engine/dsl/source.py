@@ -94,12 +94,10 @@ class _Builder:
 
     def mapping(self, node: MappingNode, path: Path, depth: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        merges = []
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
-                merged = self.build(value_node, path, depth + 1)
-                for part in merged if isinstance(merged, list) else [merged]:
-                    if isinstance(part, dict):
-                        out.update({k: v for k, v in part.items() if k not in out})
+                merges.append(value_node)  # applied last: the mapping's own keys win
                 continue
             if not isinstance(key_node, ScalarNode):
                 raise MarkedYAMLError(
@@ -116,6 +114,11 @@ class _Builder:
             self.doc.keys[child] = _pos(key_node)
             self.doc.values[child] = _pos(value_node)
             out[key] = self.build(value_node, child, depth + 1)
+        for value_node in merges:
+            merged = self.build(value_node, path, depth + 1)
+            for part in merged if isinstance(merged, list) else [merged]:
+                if isinstance(part, dict):
+                    out.update({k: v for k, v in part.items() if k not in out})
         return out
 
 

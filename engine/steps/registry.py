@@ -35,7 +35,10 @@ class StepRegistry:
             if getattr(cls, "type_name", None) != ep.name:
                 log.error("step_plugin_name_mismatch", entry_point=ep.name, type_name=cls.type_name)
                 continue
-            self.register(cls)
+            try:
+                self.register(cls)
+            except ValueError as exc:  # two packages claiming one step type name
+                log.error("step_plugin_conflict", entry_point=ep.name, error=str(exc))
         return self
 
     def get(self, name: str) -> StepPlugin | None:
