@@ -115,10 +115,24 @@ class _Builder:
             self.doc.values[child] = _pos(value_node)
             out[key] = self.build(value_node, child, depth + 1)
         for value_node in merges:
-            merged = self.build(value_node, path, depth + 1)
+            # Built aside, so the merged-in mapping's positions cannot overwrite those of
+            # keys this mapping sets itself.
+            scratch = Document(data=None, file=self.doc.file)
+            merged = _Builder(scratch, self.scalars).build(value_node, path, depth + 1)
             for part in merged if isinstance(merged, list) else [merged]:
-                if isinstance(part, dict):
-                    out.update({k: v for k, v in part.items() if k not in out})
+                if not isinstance(part, dict):
+                    continue
+                new = {k: v for k, v in part.items() if k not in out}
+                out.update(new)
+                for table, source in (
+                    (self.doc.keys, scratch.keys),
+                    (self.doc.values, scratch.values),
+                ):
+                    table.update(
+                        (p, pos)
+                        for p, pos in source.items()
+                        if len(p) > len(path) and p[len(path)] in new
+                    )
         return out
 
 
