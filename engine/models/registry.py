@@ -34,6 +34,7 @@ from engine.models.backends.base import (
 )
 from engine.models.memory import active_bytes, gb, release_cached
 from engine.models.messages import text_messages, vision_prompt
+from engine.models.params import check_logit_bias
 from engine.models.paths import resolve_model_path
 from engine.models.stats import ModelStats
 from engine.models.types import MODEL_TYPES, PRIORITY_RANK, LoadSpec
@@ -218,7 +219,7 @@ class ModelRegistry:
                 load_time_ms=load_ms,
                 slots=Slots(
                     spec.max_concurrency or self.default_concurrency,
-                    spec.max_queue or self.default_queue,
+                    self.default_queue if spec.max_queue is None else spec.max_queue,
                 ),
             )
             self._entries[entry.id] = entry
@@ -324,6 +325,7 @@ class ModelRegistry:
         self, model_id: str, messages: Sequence[dict[str, Any]], params: ChatParams
     ) -> AsyncIterator[ChatChunk]:
         started = time.perf_counter()
+        check_logit_bias(self.get(model_id).path, params)
         prompt = await self._prepare(self.get(model_id), messages)
         async with self.use(model_id) as (entry, stop):
             total = 0
