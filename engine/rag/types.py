@@ -1,0 +1,78 @@
+"""The RAG provider's records, shared by extraction, chunking, the store and the service."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Section:
+    """A run of extracted text with where it came from."""
+
+    text: str
+    page: int | None = None  # 1-based, for paged formats (PDF)
+    heading: str | None = None  # the enclosing heading path, e.g. "Install > Linux"
+
+
+@dataclass(frozen=True)
+class Extracted:
+    format: str  # pdf | html | markdown | text
+    title: str | None
+    sections: list[Section]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int  # position in the document, 0-based
+    text: str
+    token_count: int  # in the embedding model's own tokens
+    page: int | None = None
+    heading: str | None = None
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    name: str
+    embedding_model: str
+    dimension: int
+    chunk_size: int
+    overlap: int
+    metadata: dict[str, Any]
+    created_at: str
+    updated_at: str
+    document_count: int
+    chunk_count: int
+
+
+@dataclass(frozen=True)
+class DocumentInfo:
+    document_id: str
+    filename: str
+    content_hash: str
+    chunk_count: int
+    ingested_at: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NewDocument:
+    """A document ready to store: its chunks and one unit vector per chunk."""
+
+    document_id: str
+    filename: str
+    content_hash: str
+    format: str
+    title: str | None
+    metadata: dict[str, Any]
+    chunks: list[Chunk]
+    vectors: list[list[float]]
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk_id: str  # "{document_id}_chunk_{n}"
+    document_id: str
+    text: str
+    score: float  # cosine similarity in [-1, 1] for vector hits
+    metadata: dict[str, Any]  # file, page, heading, document_id and the user's metadata
