@@ -85,6 +85,16 @@ class EmbeddingModel(LoadedModel):
     def count_tokens(self, text: str) -> int:
         return self.token_counts([text])[0]
 
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character span of each token, special tokens excluded: what chunking counts."""
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
+
+    @property
+    def special_tokens(self) -> int:
+        """Tokens the tokenizer adds around every text ([CLS] and [SEP] for BERT)."""
+        return len(self.tokenizer("")["input_ids"])
+
     def embed(self, texts: Sequence[str], stop: threading.Event) -> EmbedResult:
         import mlx.core as mx
         import numpy as np
