@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -41,6 +41,7 @@ from engine.models.types import MODEL_TYPES, PRIORITY_RANK, LoadSpec
 from engine.models.worker import MLXWorker
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 
 class Slots:
@@ -256,6 +257,10 @@ class ModelRegistry:
                 f"{gb(sum(e.memory_bytes for e in candidates))} GB evictable",
                 param="model_path",
             )
+        # Take every victim out of service before the first release awaits: a request
+        # admitted to a later victim meanwhile would be killed by its eviction.
+        for entry in victims:
+            entry.unloading = True
         for entry in victims:
             log.info("model_evicted", model_id=entry.id, for_model=model_id)
             await self._release(entry)
@@ -329,14 +334,24 @@ class ModelRegistry:
         prompt = await self._prepare(self.get(model_id), messages)
         async with self.use(model_id) as (entry, stop):
             total = 0
+            finished = False
             try:
-                async for chunk in self.worker.stream(
-                    lambda: entry.model.chat_stream(prompt, params, stop), stop
-                ):
-                    total = chunk.prompt_tokens + chunk.completion_tokens or total
-                    if chunk.finish_reason == "cancelled" and entry.unloading:
-                        raise _unloaded(model_id)
-                    yield chunk
+                # aclosing: when this stream is closed early, the worker's generation is
+                # stopped and awaited here, before `use` gives the slot back (left to the
+                # garbage collector, it ran on after the next request was admitted).
+                async with aclosing(
+                    self.worker.stream(lambda: entry.model.chat_stream(prompt, params, stop), stop)
+                ) as chunks:
+                    async for chunk in chunks:
+                        total = chunk.prompt_tokens + chunk.completion_tokens or total
+                        if chunk.finish_reason == "cancelled" and entry.unloading:
+                            raise _unloaded(model_id)
+                        finished = chunk.finish_reason is not None
+                        yield chunk
+                # A forced unload makes the worker drop the generation before its last
+                # chunk: say so, rather than end the stream as if the answer were complete.
+                if not finished and entry.unloading:
+                    raise _unloaded(model_id)
             except (InvalidRequest, ServiceUnavailable):
                 raise
             except Exception as exc:
@@ -365,11 +380,17 @@ class ModelRegistry:
             "".join(parts), last.finish_reason or "stop", last.prompt_tokens, last.completion_tokens
         )
 
-    async def embed(self, model_id: str, texts: Sequence[str]) -> EmbedResult:
+    async def _serve(
+        self,
+        model_id: str,
+        call: Callable[[ModelEntry, threading.Event], T],
+        tokens: Callable[[T], int],
+    ) -> T:
+        """One blocking request on the worker thread, admitted and counted in the stats."""
         started = time.perf_counter()
         async with self.use(model_id) as (entry, stop):
             try:
-                result = await self.worker.call(entry.model.embed, list(texts), stop)
+                result = await self.worker.call(call, entry, stop)
             except InvalidRequest:
                 raise
             except Exception as exc:
@@ -377,8 +398,25 @@ class ModelRegistry:
                 raise
             if stop.is_set() and entry.unloading:
                 raise _unloaded(model_id)
-            entry.stats.record((time.perf_counter() - started) * 1000, result.prompt_tokens)
+            entry.stats.record((time.perf_counter() - started) * 1000, tokens(result))
             return result
+
+    async def embed(self, model_id: str, texts: Sequence[str]) -> EmbedResult:
+        return await self._serve(
+            model_id,
+            lambda entry, stop: entry.model.embed(list(texts), stop),
+            lambda r: r.prompt_tokens,
+        )
+
+    async def relevance(
+        self, model_id: str, query: str, documents: Sequence[str], instruction: str
+    ) -> list[float]:
+        """Rerank scores in [0, 1] from a language model's yes/no judgement."""
+        return await self._serve(
+            model_id,
+            lambda entry, _: entry.model.relevance(query, list(documents), instruction),
+            lambda scores: 0,
+        )
 
     async def warmup(self, model_id: str, prompt: str, max_length: int) -> tuple[float, int]:
         async with self.use(model_id) as (entry, _):

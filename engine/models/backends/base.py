@@ -78,6 +78,10 @@ class LoadedModel:
     def count_tokens(self, text: str) -> int:
         raise InvalidRequest(f"a '{self.model_type}' model has no tokenizer", code="unsupported")
 
+    def relevance(self, query: str, documents: Sequence[str], instruction: str) -> list[float]:
+        """Relevance of each document to the query in [0, 1] (reranking)."""
+        raise InvalidRequest(f"a '{self.model_type}' model cannot rerank", code="unsupported")
+
     def close(self) -> None:
         """Drop references to arrays so their memory can be reclaimed."""
 

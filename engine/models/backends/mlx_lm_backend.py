@@ -20,6 +20,10 @@ from engine.models.backends.base import (
 from engine.models.backends.textgen import parameter_bytes, stream_chunks
 
 LONG_CONTEXT = 32_768
+RERANK_SYSTEM = (
+    "Judge whether the Document meets the requirements based on the Query and the Instruct "
+    'provided. Note that the answer can only be "yes" or "no".'
+)
 
 
 class MlxLmBackend(Backend):
@@ -110,6 +114,33 @@ class LmModel(LoadedModel):
         logits = self.model(mx.array(tokens)[None], cache=cache)
         mx.eval(logits, [c.state for c in cache])
         return len(tokens)
+
+    def relevance(self, query: str, documents: Sequence[str], instruction: str) -> list[float]:
+        """P(yes) that each document answers the query, judged by the model itself: the
+        Qwen3-Reranker method (a yes/no question; softmax over the two answer logits at
+        the first generated position). Works with any chat model; rerankers trained for
+        it (Qwen3-Reranker) judge best."""
+        import mlx.core as mx
+
+        yes, no = (self.tokenizer.encode(w, add_special_tokens=False)[0] for w in ("yes", "no"))
+        scores = []
+        for document in documents:
+            messages = [
+                {"role": "system", "content": RERANK_SYSTEM},
+                {
+                    "role": "user",
+                    "content": (
+                        f"<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}"
+                    ),
+                },
+            ]
+            tokens = self.prompt_tokens(messages, None)
+            if self.context_length:
+                tokens = tokens[-self.context_length :]
+            logits = self.model(mx.array(tokens)[None])[0, -1]
+            pair = mx.softmax(mx.stack([logits[yes], logits[no]]).astype(mx.float32))
+            scores.append(float(pair[0].item()))
+        return scores
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
