@@ -136,12 +136,16 @@ class ModelRegistry:
 
     # -- queries ----------------------------------------------------------------------
     def get(self, model_id: str) -> ModelEntry:
-        entry = self._entries.get(model_id)
-        if entry is None or entry.unloading:
+        entry = self.find(model_id)
+        if entry is None:
             raise NotFound(
                 f"model '{model_id}' not found", param="model_id", code="model_not_found"
             )
         return entry
+
+    def find(self, model_id: str) -> ModelEntry | None:
+        entry = self._entries.get(model_id)
+        return None if entry is None or entry.unloading else entry
 
     def entries(self) -> list[ModelEntry]:
         return [e for e in self._entries.values() if not e.unloading]

@@ -76,3 +76,4 @@ class Hit:
     text: str
     score: float  # cosine similarity in [-1, 1] for vector hits
     metadata: dict[str, Any]  # file, page, heading, document_id and the user's metadata
+    rerank_score: float | None = None  # the reranker's score, when reranking ordered it
