@@ -27,6 +27,8 @@ from engine.logging import configure_logging, get_logger
 from engine.services import Engine
 from server.errors import exception_handlers
 from server.request_id import RequestIdMiddleware, set_request_id_header
+from server.routes import models as model_routes
+from server.routes import openai as openai_routes
 from server.routes.health import health
 
 log = get_logger("server.app")
@@ -68,7 +70,12 @@ def create_app(
             log.info("engine stopped")
 
     return Litestar(
-        route_handlers=[health, *extra_routes],
+        route_handlers=[
+            health,
+            *model_routes.ROUTES,
+            *openai_routes.ROUTES,
+            *extra_routes,
+        ],
         lifespan=[lifespan],
         exception_handlers=exception_handlers(),
         middleware=[RequestIdMiddleware()],

@@ -13,6 +13,7 @@ import msgspec
 from litestar import Request, get
 
 from engine.logging import get_logger
+from engine.models import views
 from engine.store import Store
 
 log = get_logger("server.health")
@@ -61,11 +62,15 @@ async def health(request: Request[Any, Any, Any]) -> HealthResponse:
     # The ping is one in-process SQLite statement (microseconds), so it runs inline.
     connected = _store_connected(getattr(state, "store", None))
     services: dict[str, Any] = getattr(state, "services", {})
+    engine = getattr(state, "engine", None)
+    loaded = [views.health(e) for e in engine.models.entries()] if engine is not None else []
     return HealthResponse(
         status="ok" if connected else "degraded",
         timestamp=utc_timestamp(),
-        # The model registry does not exist yet; until it does nothing is loaded.
-        models=ModelsHealth(loaded_count=0, models_healthy=True, models=[]),
+        # Every listed model is loaded and serving; one being unloaded is no longer listed.
+        models=ModelsHealth(
+            loaded_count=len(loaded), models_healthy=engine is not None, models=loaded
+        ),
         persistence=PersistenceHealth(vector_db_connected=connected),
         services={flag: name in services for name, flag in _SPEC_SERVICES.items()},
     )

@@ -1,0 +1,320 @@
+"""OpenAI-compatible endpoints on the model registry: `POST /v1/chat/completions` (with SSE
+streaming) and `POST /v1/embeddings`. `GET /v1/models` lives in routes/models.py.
+
+Only the request's shape is handled here; admission, generation, token counting and
+cancellation are the registry's. Errors raised before a stream starts leave as the normal
+envelope and status; once the 200 and the first event are out, an error is sent as a
+`data: {"error": {...}}` event followed by `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, Literal, cast
+
+import msgspec
+import numpy as np
+from litestar import Response, post
+from litestar.datastructures import State
+from litestar.params import JSONBody
+from litestar.response import Stream
+from msgspec import Meta
+
+from engine.errors import FusionError, InvalidRequest, NotFound
+from engine.logging import get_logger
+from engine.models.backends.base import ChatChunk, ChatParams
+from engine.models.registry import ModelRegistry
+from server.deps import model_registry
+from server.errors import GENERIC_500_MESSAGE, type_and_code
+
+log = get_logger("server.openai")
+
+TAGS = ["openai"]
+FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter")
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's defaults when the field is absent
+DEFAULT_TOP_P = 1.0
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+# -- chat ---------------------------------------------------------------------------------------
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(msgspec.Struct):
+    model: Annotated[str, Meta(min_length=1)]
+    messages: Annotated[list[dict[str, Any]], Meta(min_length=1)]
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    logit_bias: dict[str, float] | None = None
+
+
+class ChatMessage(msgspec.Struct):
+    role: str
+    content: str
+
+
+class ChatChoice(msgspec.Struct):
+    index: int
+    message: ChatMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(msgspec.Struct, kw_only=True):
+    id: str
+    object: str = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+def _chat_params(body: ChatCompletionRequest) -> ChatParams:
+    if body.n not in (None, 1):
+        raise InvalidRequest("only n=1 is supported", param="n", code="unsupported_parameter")
+    for i, message in enumerate(body.messages):
+        if not isinstance(message.get("role"), str):
+            raise InvalidRequest("every message needs a string 'role'", param=f"messages[{i}].role")
+    bias: dict[int, float] | None = None
+    if body.logit_bias:
+        try:
+            bias = {int(token): float(value) for token, value in body.logit_bias.items()}
+        except ValueError:
+            raise InvalidRequest(
+                "logit_bias keys must be token ids (integers as strings)",
+                param="logit_bias",
+            ) from None
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    params = ChatParams(
+        temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
+        top_p=DEFAULT_TOP_P if body.top_p is None else body.top_p,
+        stop=stop,
+        seed=body.seed,
+        logit_bias=bias,
+        tools=None if body.tool_choice == "none" else body.tools,
+    )
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is not None:
+        params.max_tokens = max_tokens
+    return params
+
+
+@contextmanager
+def _model_param() -> Iterator[None]:
+    """The registry names the missing model `model_id`; in OpenAI's bodies it is `model`."""
+    try:
+        yield
+    except NotFound as exc:
+        if exc.code == "model_not_found":
+            exc.param = "model"
+        raise
+
+
+def _finish_reason(reason: str | None) -> str:
+    return reason if reason in FINISH_REASONS else "stop"
+
+
+@post(
+    "/v1/chat/completions",
+    status_code=200,
+    tags=TAGS,
+    summary="Chat completion (OpenAI); `stream: true` answers with server-sent events",
+)
+async def chat_completions(
+    state: State, data: JSONBody[ChatCompletionRequest]
+) -> Response[ChatCompletion]:
+    registry = model_registry(state)
+    params = _chat_params(data)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if data.stream:
+        include_usage = bool(data.stream_options and data.stream_options.include_usage)
+        return await _start_stream(registry, data, params, completion_id, created, include_usage)
+    with _model_param():
+        result = await registry.chat(data.model, data.messages, params)
+    return Response(
+        ChatCompletion(
+            id=completion_id,
+            created=created,
+            model=data.model,
+            choices=[
+                ChatChoice(
+                    index=0,
+                    message=ChatMessage(role="assistant", content=result.content),
+                    finish_reason=_finish_reason(result.finish_reason),
+                )
+            ],
+            usage=Usage(result.prompt_tokens, result.completion_tokens, result.total_tokens),
+        )
+    )
+
+
+async def _start_stream(
+    registry: ModelRegistry,
+    body: ChatCompletionRequest,
+    params: ChatParams,
+    completion_id: str,
+    created: int,
+    include_usage: bool,
+) -> Stream:
+    """Wait for admission and the first piece before answering, so that an unknown model,
+    a full queue or an over-long prompt still get their own status."""
+    source = registry.chat_stream(body.model, body.messages, params)
+    with _model_param():
+        try:
+            first = await anext(source)
+        except StopAsyncIteration:
+            first = None
+    events = _sse(source, first, completion_id, created, body.model, include_usage)
+    return Stream(events, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _event(payload: Any) -> bytes:
+    return b"data: " + msgspec.json.encode(payload) + b"\n\n"
+
+
+async def _sse(
+    source: AsyncIterator[ChatChunk],
+    first: ChatChunk | None,
+    completion_id: str,
+    created: int,
+    model: str,
+    include_usage: bool,
+) -> AsyncIterator[bytes]:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        if include_usage:
+            body["usage"] = None
+        return body
+
+    async def pieces() -> AsyncIterator[ChatChunk]:
+        if first is not None:
+            yield first
+        async for piece in source:
+            yield piece
+
+    last: ChatChunk | None = None
+    try:
+        yield _event(chunk({"role": "assistant", "content": ""}))
+        async for piece in pieces():
+            if piece.text:
+                yield _event(chunk({"content": piece.text}))
+            if piece.finish_reason is not None:
+                last = piece
+        reason = _finish_reason(last.finish_reason if last else None)
+        yield _event(chunk({}, reason))
+        if include_usage and last is not None:
+            usage = Usage(
+                last.prompt_tokens,
+                last.completion_tokens,
+                last.prompt_tokens + last.completion_tokens,
+            )
+            yield _event({**chunk({}), "choices": [], "usage": usage})
+    except FusionError as exc:
+        yield _event(exc.envelope())
+    except Exception as exc:
+        log.error("stream failed", model=model, error_type=type(exc).__name__, exc_info=exc)
+        type_, code = type_and_code(500)
+        yield _event(
+            {"error": {"type": type_, "message": GENERIC_500_MESSAGE, "param": None, "code": code}}
+        )
+    finally:
+        # The client went away or the response failed: stop generation now rather than
+        # when the generator is collected.
+        await cast(AsyncGenerator[ChatChunk, None], source).aclose()
+    yield b"data: [DONE]\n\n"
+
+
+# -- embeddings ------------------------------------------------------------------------------------
+class EmbeddingRequest(msgspec.Struct):
+    model: Annotated[str, Meta(min_length=1)]
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Meta(ge=1)] | None = None
+    user: str | None = None
+
+
+class Embedding(msgspec.Struct, kw_only=True):
+    object: str = "embedding"
+    index: int
+    embedding: list[float] | str
+    truncated: bool
+
+
+class EmbeddingUsage(msgspec.Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(msgspec.Struct, kw_only=True):
+    object: str = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+def _encode(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":  # as OpenAI: little-endian float32 bytes
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+    return vector
+
+
+def _check_dimensions(requested: int | None, actual: int | None) -> None:
+    if requested is not None and actual is not None and requested != actual:
+        raise InvalidRequest(
+            f"this model's embeddings have {actual} dimensions; it cannot return {requested}",
+            param="dimensions",
+            code="dimensions_not_supported",
+        )
+
+
+@post("/v1/embeddings", status_code=200, tags=TAGS, summary="Embeddings (OpenAI)")
+async def embeddings(state: State, data: JSONBody[EmbeddingRequest]) -> EmbeddingList:
+    registry = model_registry(state)
+    texts = [data.input] if isinstance(data.input, str) else data.input
+    if not texts:
+        raise InvalidRequest("input must not be empty", param="input")
+    with _model_param():
+        entry = registry.get(data.model)
+        _check_dimensions(data.dimensions, getattr(entry.model, "dimension", None))
+        result = await registry.embed(data.model, texts)
+    if result.vectors:
+        _check_dimensions(data.dimensions, len(result.vectors[0]))
+    return EmbeddingList(
+        data=[
+            Embedding(index=i, embedding=_encode(vector, data.encoding_format), truncated=cut)
+            for i, (vector, cut) in enumerate(zip(result.vectors, result.truncated, strict=True))
+        ],
+        model=data.model,
+        usage=EmbeddingUsage(result.prompt_tokens, result.prompt_tokens),
+    )
+
+
+ROUTES = [chat_completions, embeddings]
