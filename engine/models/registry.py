@@ -42,6 +42,7 @@ from engine.models.worker import MLXWorker
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+RELEASE_WAIT_S = 10.0
 
 
 class Slots:
@@ -291,7 +292,13 @@ class ModelRegistry:
             stop.set()
         for waiter in list(entry.waiters):
             waiter.cancel()
-        await entry.slots.idle.wait()  # running work ends at its next token or batch
+        # Running work stops at its next token or batch. A request whose client stopped
+        # reading can hold its slot longer; the close is still safe after the bound,
+        # because it is queued on the one worker thread behind any generation step.
+        try:
+            await asyncio.wait_for(entry.slots.idle.wait(), RELEASE_WAIT_S)
+        except TimeoutError:
+            log.warning("model_release_without_idle", model_id=entry.id, active=entry.slots.active)
         self._entries.pop(entry.id, None)
         freed = await self.worker.call(_close_measured, entry.model)
         log.info("model_unloaded", model_id=entry.id, freed_gb=gb(freed))

@@ -85,6 +85,13 @@ class EmbeddingModel(LoadedModel):
     def count_tokens(self, text: str) -> int:
         return self.token_counts([text])[0]
 
+    def warmup(self, prompt: str, max_length: int) -> int:
+        """One real forward pass over the prompt (allocations, kernels)."""
+        ids = self.tokenizer(prompt, truncation=True, max_length=max(2, max_length))["input_ids"]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True) or prompt
+        self.embed([text], threading.Event())
+        return len(ids)
+
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
         """Character span of each token, special tokens excluded: what chunking counts."""
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
