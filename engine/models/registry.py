@@ -322,6 +322,9 @@ class ModelRegistry:
             await entry.slots.acquire(model_id, entry.retry_after_s())
         except asyncio.CancelledError:
             if entry.unloading:
+                # The unload cancelled the wait, not the caller: clear that cancellation so
+                # the task's later awaits (timeouts, task groups) are not disturbed by it.
+                task.uncancel()
                 raise _unloaded(model_id) from None
             raise
         finally:
