@@ -1,0 +1,661 @@
+"""The RAG provider's storage: collections, documents, chunks, an FTS5 index and vec0 vectors
+in the engine's one SQLite database (`engine.store.Store`).
+
+Schema (migrations 100-199)
+    collections -> documents -> chunks, with ON DELETE CASCADE down the chain.
+    `chunks.id` is the rowid shared by the FTS index and the vector tables.
+
+    chunks_fts is an FTS5 *external content* table over `chunks.text` (porter + unicode61,
+    good for English). Triggers on `chunks` write and delete its rows, so the index follows
+    every way a chunk can disappear (document delete, collection delete, cascades) without
+    each code path remembering to do it. The index's own row count is `chunks_fts_docsize`;
+    `INSERT INTO chunks_fts(chunks_fts) VALUES('integrity-check')` proves it matches `chunks`.
+
+    vec0 tables have a fixed dimension, so there is one per dimension (`vec_384`, ...),
+    created on demand inside the transaction of the first ingest that needs it, with the
+    collection as partition key so a query scans only its own collection. Each comes with
+    an AFTER DELETE trigger on `chunks`, for the same reason as the FTS triggers.
+
+Vectors
+    Stored normalised to unit length (this module normalises; it does not trust callers),
+    as float32 little-endian blobs, and searched by L2 distance: for unit vectors
+    L2² = 2 - 2·cos, so the ranking equals cosine's and `cos = 1 - L2²/2`; sqlite-vec's
+    L2 is faster than its cosine.
+
+Transactions
+    Every mutating method is one `BEGIN IMMEDIATE ... COMMIT`: an exception or a SIGKILL in
+    the middle leaves the database as it was before the call. Methods are synchronous; the
+    service runs them in a worker thread (`Store` gives each thread its own connection).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import apsw
+import numpy as np
+
+from engine.errors import InvalidRequest, NotFound
+from engine.rag.types import CollectionInfo, DocumentInfo, Hit, NewDocument
+from engine.store import Store, register_migration
+
+# sqlite-vec refuses k above this in a KNN query.
+MAX_K = 4096
+# sqlite-vec's limit on a vector column's dimension.
+MAX_DIMENSION = 8192
+# A unit vector must be recognisably non-zero to be normalised meaningfully.
+_MIN_NORM = 1e-12
+# Bound the FTS5 expression: a pasted essay as a query must not become a 10k-term OR.
+MAX_QUERY_TERMS = 64
+
+ProgressFn = Callable[[int, int], None]
+
+_SCHEMA_SQL = """
+CREATE TABLE collections (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    embedding_model TEXT NOT NULL,
+    dimension INTEGER NOT NULL CHECK (dimension > 0),
+    chunk_size INTEGER NOT NULL,
+    overlap INTEGER NOT NULL,
+    metadata TEXT NOT NULL CHECK (json_valid(metadata)),
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+) STRICT;
+
+CREATE TABLE documents (
+    id INTEGER PRIMARY KEY,
+    document_id TEXT NOT NULL UNIQUE,
+    collection_id INTEGER NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+    filename TEXT NOT NULL,
+    content_hash TEXT NOT NULL,
+    format TEXT NOT NULL,
+    title TEXT,
+    metadata TEXT NOT NULL CHECK (json_valid(metadata)),
+    chunk_count INTEGER NOT NULL,
+    ingested_at TEXT NOT NULL,
+    UNIQUE (collection_id, content_hash)
+) STRICT;
+
+-- AUTOINCREMENT: a rowid is never reused, so a rowid a reader got from a search cannot
+-- silently name a different chunk after a delete and a new ingest.
+CREATE TABLE chunks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    chunk_id TEXT NOT NULL UNIQUE,
+    document_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+    collection_id INTEGER NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    token_count INTEGER NOT NULL,
+    page INTEGER,
+    heading TEXT,
+    UNIQUE (document_id, idx)
+) STRICT;
+CREATE INDEX chunks_by_collection ON chunks (collection_id);
+"""
+
+_FTS_SQL = """
+CREATE VIRTUAL TABLE chunks_fts USING fts5(
+    text,
+    content = 'chunks',
+    content_rowid = 'id',
+    tokenize = 'porter unicode61 remove_diacritics 2'
+);
+CREATE TRIGGER chunks_fts_insert AFTER INSERT ON chunks BEGIN
+    INSERT INTO chunks_fts (rowid, text) VALUES (new.id, new.text);
+END;
+-- External content: a delete must hand FTS5 the old text to remove its terms.
+CREATE TRIGGER chunks_fts_delete AFTER DELETE ON chunks BEGIN
+    INSERT INTO chunks_fts (chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
+END;
+CREATE TRIGGER chunks_fts_update AFTER UPDATE OF text ON chunks BEGIN
+    INSERT INTO chunks_fts (chunks_fts, rowid, text) VALUES ('delete', old.id, old.text);
+    INSERT INTO chunks_fts (rowid, text) VALUES (new.id, new.text);
+END;
+"""
+
+register_migration(100, "rag_tables", _SCHEMA_SQL)
+register_migration(101, "rag_chunks_fts", _FTS_SQL)
+
+
+@dataclass(frozen=True)
+class _Collection:
+    id: int
+    name: str
+    embedding_model: str
+    dimension: int
+
+
+class RagStore:
+    """Synchronous access to the RAG tables of `store` (see the module doc)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    # -- ingest --------------------------------------------------------------------------
+
+    def ingest(
+        self,
+        collection: str,
+        *,
+        embedding_model: str,
+        dimension: int,
+        chunk_size: int,
+        overlap: int,
+        collection_metadata: dict[str, Any],
+        documents: list[NewDocument],
+        on_progress: ProgressFn | None = None,
+    ) -> list[str]:
+        """Store `documents` in `collection` (created if absent) in one transaction.
+
+        Returns the document ids in input order; a document whose content hash is already
+        in the collection is not stored again and its existing id is returned.
+        A new collection records `embedding_model`, `dimension`, `chunk_size`, `overlap` and
+        `collection_metadata`; an existing one keeps what it was created with, and a
+        different model or dimension is refused (nothing written).
+        `on_progress(done, total)` is called inside the transaction after each document.
+        """
+        _check_dimension(dimension)
+        # Validated and converted before taking the write lock: a bad vector fails fast and
+        # the lock is held only for writing.
+        matrices = [_document_matrix(doc, dimension) for doc in documents]
+        with self._store.transaction() as conn:
+            coll = self._ensure_collection(
+                conn,
+                collection,
+                embedding_model,
+                dimension,
+                chunk_size,
+                overlap,
+                collection_metadata,
+            )
+            vec_table = _ensure_vec_table(conn, dimension)
+            ids: list[str] = []
+            wrote = False
+            for done, (doc, matrix) in enumerate(zip(documents, matrices, strict=True), 1):
+                existing = _existing_document(conn, coll.id, doc.content_hash)
+                if existing is None:
+                    _insert_document(conn, coll.id, vec_table, doc, matrix)
+                    wrote = True
+                ids.append(existing or doc.document_id)
+                if on_progress is not None:
+                    on_progress(done, len(documents))
+            if wrote:
+                _touch(conn, coll.id)
+        return ids
+
+    def _ensure_collection(
+        self,
+        conn: apsw.Connection,
+        name: str,
+        embedding_model: str,
+        dimension: int,
+        chunk_size: int,
+        overlap: int,
+        metadata: dict[str, Any],
+    ) -> _Collection:
+        coll = _find_collection(conn, name)
+        if coll is None:
+            now = _now()
+            conn.execute(
+                "INSERT INTO collections (name, embedding_model, dimension, chunk_size, overlap,"
+                " metadata, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, embedding_model, dimension, chunk_size, overlap, _json(metadata), now, now),
+            )
+            return _Collection(conn.last_insert_rowid(), name, embedding_model, dimension)
+        _check_same_model(coll, embedding_model, dimension)
+        return coll
+
+    # -- search --------------------------------------------------------------------------
+
+    def knn(self, collection: str, vector: Sequence[float], k: int) -> list[tuple[int, float]]:
+        """The `k` chunks of `collection` nearest to `vector`: (rowid, cosine), best first."""
+        conn = self._store.connection()
+        coll = _require_collection(conn, collection)
+        query = _unit_vector(vector, coll.dimension, "vector")
+        k = min(k, MAX_K)
+        if k <= 0 or not _vec_table_exists(conn, coll.dimension):
+            return []
+        rows = conn.execute(
+            f"SELECT chunk_rowid, distance FROM {_vec_table(coll.dimension)}"
+            " WHERE embedding MATCH ? AND k = ? AND collection_id = ? ORDER BY distance",
+            (query.tobytes(), k, coll.id),
+        ).fetchall()
+        return [(int(rowid), 1.0 - float(distance) ** 2 / 2.0) for rowid, distance in rows]
+
+    def lexical(self, collection: str, query: str, k: int) -> list[tuple[int, float]]:
+        """The `k` chunks of `collection` best matching `query`'s words by BM25.
+
+        Returns (rowid, score) best first, where score is -bm25() so that higher is better.
+        Any word matches (OR); BM25 ranks chunks with more and rarer words first.
+        """
+        conn = self._store.connection()
+        coll = _require_collection(conn, collection)
+        expression = fts_expression(query)
+        if expression is None or k <= 0:
+            return []
+        rows = conn.execute(
+            "SELECT chunks_fts.rowid, bm25(chunks_fts) AS rank FROM chunks_fts"
+            " JOIN chunks ON chunks.id = chunks_fts.rowid"
+            " WHERE chunks_fts MATCH ? AND chunks.collection_id = ?"
+            " ORDER BY rank LIMIT ?",
+            (expression, coll.id, k),
+        ).fetchall()
+        return [(int(rowid), -float(rank)) for rowid, rank in rows]
+
+    def hits(self, rowids: Sequence[int], scores: dict[int, float]) -> list[Hit]:
+        """The chunks `rowids` as hits, in that order, scored from `scores`.
+
+        Rowids no longer present (deleted since the search) are left out.
+        """
+        if not rowids:
+            return []
+        rows = self._store.query(
+            "SELECT c.id, c.chunk_id, c.text, c.page, c.heading, d.document_id, d.filename,"
+            " d.metadata FROM chunks c JOIN documents d ON d.id = c.document_id"
+            " WHERE c.id IN (SELECT value FROM json_each(?))",
+            (json.dumps([int(r) for r in rowids]),),
+        )
+        by_rowid = {row[0]: row for row in rows}
+        return [
+            _hit(by_rowid[rowid], scores.get(rowid, 0.0)) for rowid in rowids if rowid in by_rowid
+        ]
+
+    # -- collections and documents -------------------------------------------------------
+
+    def list_collections(self) -> list[CollectionInfo]:
+        rows = self._store.query(f"{_COLLECTION_INFO_SQL} ORDER BY c.name")
+        return [_collection_info(row) for row in rows]
+
+    def collection(self, name: str) -> CollectionInfo:
+        rows = self._store.query(f"{_COLLECTION_INFO_SQL} WHERE c.name = ?", (name,))
+        if not rows:
+            raise _collection_not_found(name)
+        return _collection_info(rows[0])
+
+    def documents(self, name: str) -> list[DocumentInfo]:
+        conn = self._store.connection()
+        coll = _require_collection(conn, name)
+        rows = conn.execute(
+            "SELECT document_id, filename, content_hash, chunk_count, ingested_at, metadata"
+            " FROM documents WHERE collection_id = ? ORDER BY id",
+            (coll.id,),
+        ).fetchall()
+        return [
+            DocumentInfo(
+                document_id=row[0],
+                filename=row[1],
+                content_hash=row[2],
+                chunk_count=row[3],
+                ingested_at=row[4],
+                metadata=json.loads(row[5]),
+            )
+            for row in rows
+        ]
+
+    def delete_document(self, collection: str, document_id: str) -> int:
+        """Delete one document with its chunks, FTS and vector rows; returns chunks deleted."""
+        with self._store.transaction() as conn:
+            coll = _require_collection(conn, collection)
+            row = conn.execute(
+                "SELECT id FROM documents WHERE collection_id = ? AND document_id = ?",
+                (coll.id, document_id),
+            ).fetchone()
+            if row is None:
+                raise NotFound(
+                    f"document {document_id!r} not found in collection {collection!r}",
+                    param="document_id",
+                    code="document_not_found",
+                )
+            chunks = _scalar(conn, "SELECT count(*) FROM chunks WHERE document_id = ?", row[0])
+            # Chunks, FTS rows and vectors follow by cascade and triggers.
+            conn.execute("DELETE FROM documents WHERE id = ?", (row[0],))
+            _touch(conn, coll.id)
+        return chunks
+
+    def delete_collection(self, name: str) -> tuple[int, int]:
+        """Delete a collection and everything in it; returns (documents, chunks) deleted."""
+        with self._store.transaction() as conn:
+            coll = _require_collection(conn, name)
+            documents = _scalar(
+                conn, "SELECT count(*) FROM documents WHERE collection_id = ?", coll.id
+            )
+            chunks = _scalar(conn, "SELECT count(*) FROM chunks WHERE collection_id = ?", coll.id)
+            conn.execute("DELETE FROM collections WHERE id = ?", (coll.id,))
+        return documents, chunks
+
+    # -- diagnostics ---------------------------------------------------------------------
+
+    def counts(self, name: str) -> dict[str, int]:
+        """Row counts of one collection in each of its tables; all but documents agree."""
+        with _snapshot(self._store.connection()) as conn:
+            coll = _require_collection(conn, name)
+            vector_rows = 0
+            if _vec_table_exists(conn, coll.dimension):
+                vector_rows = _scalar(
+                    conn,
+                    f"SELECT count(*) FROM {_vec_table(coll.dimension)} WHERE collection_id = ?",
+                    coll.id,
+                )
+            return {
+                "documents": _scalar(
+                    conn, "SELECT count(*) FROM documents WHERE collection_id = ?", coll.id
+                ),
+                "chunks": _scalar(
+                    conn, "SELECT count(*) FROM chunks WHERE collection_id = ?", coll.id
+                ),
+                # The index's own rows (docsize), not the content table's.
+                "fts_rows": _scalar(
+                    conn,
+                    "SELECT count(*) FROM chunks_fts_docsize"
+                    " WHERE id IN (SELECT id FROM chunks WHERE collection_id = ?)",
+                    coll.id,
+                ),
+                "vector_rows": vector_rows,
+            }
+
+    def totals(self) -> dict[str, int]:
+        """Whole-database counts; fts_rows and vector_rows also catch orphans."""
+        with _snapshot(self._store.connection()) as conn:
+            return {
+                "collections": _scalar(conn, "SELECT count(*) FROM collections"),
+                "documents": _scalar(conn, "SELECT count(*) FROM documents"),
+                "chunks": _scalar(conn, "SELECT count(*) FROM chunks"),
+                "fts_rows": _scalar(conn, "SELECT count(*) FROM chunks_fts_docsize"),
+                "vector_rows": sum(
+                    _scalar(conn, f"SELECT count(*) FROM {table}") for table in _vec_tables(conn)
+                ),
+            }
+
+
+# -- FTS query -----------------------------------------------------------------------------
+
+# unicode61 splits on everything that is not a letter, digit or private-use character; `\w`
+# also keeps `_`, which the tokenizer splits again inside the quoted string, harmlessly.
+_WORD = re.compile(r"\w+")
+
+
+def fts_expression(query: str) -> str | None:
+    """`query`'s words as an FTS5 OR of quoted strings, or None if it has no words.
+
+    Quoting makes every word a string token, so user text such as `"foo`, `a AND`,
+    `NEAR(`, `col:x` or `*` can never be read as FTS5 syntax.
+    """
+    words = list(dict.fromkeys(w.lower() for w in _WORD.findall(query)))[:MAX_QUERY_TERMS]
+    if not words:
+        return None
+    return " OR ".join('"' + word.replace('"', '""') + '"' for word in words)
+
+
+# -- ingest helpers ------------------------------------------------------------------------
+
+
+def _check_dimension(dimension: int) -> None:
+    if isinstance(dimension, bool) or not isinstance(dimension, int):
+        raise InvalidRequest(f"dimension must be an integer, not {dimension!r}", param="dimension")
+    if not 0 < dimension <= MAX_DIMENSION:
+        raise InvalidRequest(
+            f"dimension must be between 1 and {MAX_DIMENSION}, not {dimension}", param="dimension"
+        )
+
+
+def _document_matrix(doc: NewDocument, dimension: int) -> np.ndarray:
+    """The document's vectors as unit-norm float32 rows, one per chunk."""
+    if len(doc.vectors) != len(doc.chunks):
+        raise InvalidRequest(
+            f"{doc.filename}: {len(doc.chunks)} chunks but {len(doc.vectors)} vectors",
+            param="documents",
+        )
+    if not doc.vectors:
+        return np.zeros((0, dimension), dtype="<f4")
+    try:
+        matrix = np.asarray(doc.vectors, dtype=np.float64)
+    except ValueError:  # ragged: rows of different lengths
+        matrix = None
+    if matrix is None or matrix.shape != (len(doc.vectors), dimension):
+        # The slow path only to name the offending vector in the error.
+        for vector in doc.vectors:
+            _unit_vector(vector, dimension, "documents", doc.filename)
+        raise InvalidRequest(f"{doc.filename}: malformed vectors", param="documents")
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    if not np.all(np.isfinite(norms)) or np.any(norms < _MIN_NORM):
+        raise InvalidRequest(
+            f"{doc.filename}: a vector is zero or not finite",
+            param="documents",
+            code="invalid_vector",
+        )
+    return (matrix / norms).astype("<f4")
+
+
+def _unit_vector(
+    vector: Sequence[float], dimension: int, param: str, where: str = "vector"
+) -> np.ndarray:
+    array = np.asarray(vector, dtype=np.float64)
+    if array.shape != (dimension,):
+        raise InvalidRequest(
+            f"{where}: vector has shape {array.shape}, the collection's dimension is {dimension}",
+            param=param,
+            code="dimension_mismatch",
+        )
+    norm = float(np.linalg.norm(array))
+    if not math.isfinite(norm) or norm < _MIN_NORM:
+        raise InvalidRequest(
+            f"{where}: vector is zero or not finite", param=param, code="invalid_vector"
+        )
+    return (array / norm).astype("<f4")
+
+
+def _check_same_model(coll: _Collection, embedding_model: str, dimension: int) -> None:
+    if coll.dimension != dimension:
+        raise InvalidRequest(
+            f"collection {coll.name!r} holds {coll.dimension}-dimensional vectors "
+            f"({coll.embedding_model}); this request has {dimension}",
+            param="embedding_model",
+            code="dimension_mismatch",
+        )
+    if coll.embedding_model != embedding_model:
+        # Same dimension, different model: the vectors would not be comparable.
+        raise InvalidRequest(
+            f"collection {coll.name!r} was built with embedding model "
+            f"{coll.embedding_model!r}, not {embedding_model!r}",
+            param="embedding_model",
+            code="embedding_model_mismatch",
+        )
+
+
+def _existing_document(conn: apsw.Connection, collection_id: int, content_hash: str) -> str | None:
+    row = conn.execute(
+        "SELECT document_id FROM documents WHERE collection_id = ? AND content_hash = ?",
+        (collection_id, content_hash),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _insert_document(
+    conn: apsw.Connection, collection_id: int, vec_table: str, doc: NewDocument, matrix: np.ndarray
+) -> None:
+    conn.execute(
+        "INSERT INTO documents (document_id, collection_id, filename, content_hash, format,"
+        " title, metadata, chunk_count, ingested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            doc.document_id,
+            collection_id,
+            doc.filename,
+            doc.content_hash,
+            doc.format,
+            doc.title,
+            _json(doc.metadata),
+            len(doc.chunks),
+            _now(),
+        ),
+    )
+    document_rowid = conn.last_insert_rowid()
+    conn.executemany(
+        "INSERT INTO chunks (chunk_id, document_id, collection_id, idx, text, token_count,"
+        " page, heading) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            (
+                f"{doc.document_id}_chunk_{chunk.index}",
+                document_rowid,
+                collection_id,
+                chunk.index,
+                chunk.text,
+                chunk.token_count,
+                chunk.page,
+                chunk.heading,
+            )
+            for chunk in doc.chunks
+        ),
+    )
+    rowids = _chunk_rowids(conn, document_rowid, [chunk.index for chunk in doc.chunks])
+    conn.executemany(
+        f"INSERT INTO {vec_table} (chunk_rowid, collection_id, embedding) VALUES (?, ?, ?)",
+        ((rowid, collection_id, matrix[row].tobytes()) for row, rowid in enumerate(rowids)),
+    )
+
+
+def _chunk_rowids(conn: apsw.Connection, document_rowid: int, indexes: list[int]) -> list[int]:
+    """The rowids given to the document's chunks, in the order of `indexes`."""
+    by_index = dict(
+        conn.execute(
+            "SELECT idx, id FROM chunks WHERE document_id = ?", (document_rowid,)
+        ).fetchall()
+    )
+    return [by_index[index] for index in indexes]
+
+
+def _touch(conn: apsw.Connection, collection_id: int) -> None:
+    conn.execute("UPDATE collections SET updated_at = ? WHERE id = ?", (_now(), collection_id))
+
+
+# -- vector tables -------------------------------------------------------------------------
+
+
+def _vec_table(dimension: int) -> str:
+    # Only ever built from a validated int, so it is safe to put into SQL text.
+    return f"vec_{int(dimension)}"
+
+
+def _vec_table_exists(conn: apsw.Connection, dimension: int) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?", (_vec_table(dimension),)
+    ).fetchone()
+    return row is not None
+
+
+def _vec_tables(conn: apsw.Connection) -> list[str]:
+    rows = conn.execute(
+        "SELECT name FROM sqlite_schema WHERE type = 'table' AND sql LIKE 'CREATE VIRTUAL TABLE%'"
+        " AND name GLOB 'vec_[0-9]*' AND name NOT GLOB 'vec_*_*'"
+    ).fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def _ensure_vec_table(conn: apsw.Connection, dimension: int) -> str:
+    """The vec0 table for `dimension`, created (in the caller's transaction) if absent."""
+    table = _vec_table(dimension)
+    if _vec_table_exists(conn, dimension):
+        return table
+    conn.execute(
+        f"CREATE VIRTUAL TABLE {table} USING vec0("
+        "chunk_rowid INTEGER PRIMARY KEY,"
+        " collection_id INTEGER PARTITION KEY,"
+        f" embedding float[{int(dimension)}])"
+    )
+    conn.execute(
+        f"CREATE TRIGGER {table}_chunk_delete AFTER DELETE ON chunks BEGIN"
+        f" DELETE FROM {table} WHERE chunk_rowid = old.id; END"
+    )
+    return table
+
+
+# -- reading helpers -----------------------------------------------------------------------
+
+_COLLECTION_INFO_SQL = """
+SELECT c.name, c.embedding_model, c.dimension, c.chunk_size, c.overlap, c.metadata,
+       c.created_at, c.updated_at,
+       (SELECT count(*) FROM documents d WHERE d.collection_id = c.id),
+       (SELECT count(*) FROM chunks k WHERE k.collection_id = c.id)
+FROM collections c
+"""
+
+
+def _collection_info(row: Sequence[Any]) -> CollectionInfo:
+    return CollectionInfo(
+        name=row[0],
+        embedding_model=row[1],
+        dimension=row[2],
+        chunk_size=row[3],
+        overlap=row[4],
+        metadata=json.loads(row[5]),
+        created_at=row[6],
+        updated_at=row[7],
+        document_count=row[8],
+        chunk_count=row[9],
+    )
+
+
+def _hit(row: Sequence[Any], score: float) -> Hit:
+    _, chunk_id, text, page, heading, document_id, filename, metadata = row
+    # The user's metadata first: the store's own keys must not be overridden by it.
+    meta = {
+        **json.loads(metadata),
+        "file": filename,
+        "page": page,
+        "heading": heading,
+        "document_id": document_id,
+    }
+    return Hit(chunk_id=chunk_id, document_id=document_id, text=text, score=score, metadata=meta)
+
+
+def _find_collection(conn: apsw.Connection, name: str) -> _Collection | None:
+    row = conn.execute(
+        "SELECT id, name, embedding_model, dimension FROM collections WHERE name = ?", (name,)
+    ).fetchone()
+    return None if row is None else _Collection(*row)
+
+
+def _require_collection(conn: apsw.Connection, name: str) -> _Collection:
+    coll = _find_collection(conn, name)
+    if coll is None:
+        raise _collection_not_found(name)
+    return coll
+
+
+def _collection_not_found(name: str) -> NotFound:
+    return NotFound(
+        f"collection {name!r} not found", param="collection", code="collection_not_found"
+    )
+
+
+def _scalar(conn: apsw.Connection, sql: str, *bindings: Any) -> int:
+    return int(conn.execute(sql, bindings).fetchall()[0][0])
+
+
+def _json(value: dict[str, Any]) -> str:
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@contextmanager
+def _snapshot(conn: apsw.Connection) -> Iterator[apsw.Connection]:
+    """A read transaction, so several counts see one state; no write lock (unlike IMMEDIATE)."""
+    if conn.in_transaction:
+        yield conn
+        return
+    conn.execute("BEGIN DEFERRED")
+    try:
+        yield conn
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")  # nothing was written; ending the read is all we need
