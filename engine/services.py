@@ -15,6 +15,7 @@ from engine.models.backends import default_backends
 from engine.models.memory import GIB, default_budget_bytes
 from engine.models.registry import ModelRegistry
 from engine.models.types import LoadSpec
+from engine.rag.service import RagService
 from engine.runtime.executor import Runner
 from engine.steps.registry import StepRegistry, default_registry
 from engine.store import Store
@@ -30,6 +31,7 @@ class Engine:
     catalog: WorkflowCatalog
     models: ModelRegistry
     runner: Runner
+    rag: RagService
 
     @classmethod
     async def start(cls, settings: Settings) -> Engine:
@@ -51,7 +53,8 @@ class Engine:
             image_root=settings.image_root,
             allow_private_urls=settings.allow_private_urls,
         )
-        services: dict[str, Any] = {"models": models, "store": store}
+        rag = RagService(store, models)
+        services: dict[str, Any] = {"models": models, "store": store, "rag": rag}
         runner = Runner(
             catalog=catalog,
             services=services,
@@ -59,7 +62,7 @@ class Engine:
             max_parallel=settings.max_parallel_steps,
             max_depth=settings.max_workflow_depth,
         )
-        engine = cls(settings, store, steps, catalog, models, runner)
+        engine = cls(settings, store, steps, catalog, models, runner, rag)
         services["engine"] = engine
         await engine.load_startup_models()
         return engine

@@ -60,12 +60,14 @@ def create_app(
         engine = await Engine.start(settings)
         app.state.engine = engine
         app.state.store = engine.store
+        app.state.services["rag"] = engine.rag
         log.info("engine started", db=str(engine.store.path), models=len(engine.models.entries()))
         try:
             yield
         finally:
             app.state.store = None
             app.state.engine = None
+            app.state.services.clear()
             await engine.stop()
             log.info("engine stopped")
 

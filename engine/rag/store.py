@@ -230,6 +230,23 @@ class RagStore:
         ).fetchall()
         return [(int(rowid), 1.0 - float(distance) ** 2 / 2.0) for rowid, distance in rows]
 
+    def similarities(
+        self, collection: str, rowids: Sequence[int], vector: Sequence[float]
+    ) -> dict[int, float]:
+        """Cosine similarity of given chunks to `vector` (for matches found lexically)."""
+        conn = self._store.connection()
+        coll = _require_collection(conn, collection)
+        if not rowids or not _vec_table_exists(conn, coll.dimension):
+            return {}
+        query = _unit_vector(vector, coll.dimension, "vector")
+        marks = ",".join("?" * len(rowids))
+        rows = conn.execute(
+            f"SELECT chunk_rowid, vec_distance_l2(embedding, ?) FROM {_vec_table(coll.dimension)}"
+            f" WHERE collection_id = ? AND chunk_rowid IN ({marks})",
+            (query.tobytes(), coll.id, *rowids),
+        ).fetchall()
+        return {int(rowid): 1.0 - float(distance) ** 2 / 2.0 for rowid, distance in rows}
+
     def lexical(self, collection: str, query: str, k: int) -> list[tuple[int, float]]:
         """The `k` chunks of `collection` best matching `query`'s words by BM25.
 
@@ -275,10 +292,20 @@ class RagStore:
         return [_collection_info(row) for row in rows]
 
     def collection(self, name: str) -> CollectionInfo:
-        rows = self._store.query(f"{_COLLECTION_INFO_SQL} WHERE c.name = ?", (name,))
-        if not rows:
+        found = self.find_collection(name)
+        if found is None:
             raise _collection_not_found(name)
-        return _collection_info(rows[0])
+        return found
+
+    def find_collection(self, name: str) -> CollectionInfo | None:
+        rows = self._store.query(f"{_COLLECTION_INFO_SQL} WHERE c.name = ?", (name,))
+        return _collection_info(rows[0]) if rows else None
+
+    def document_by_hash(self, collection: str, content_hash: str) -> str | None:
+        """The id of the collection's document with this content, if it has one."""
+        conn = self._store.connection()
+        coll = _find_collection(conn, collection)
+        return None if coll is None else _existing_document(conn, coll.id, content_hash)
 
     def documents(self, name: str) -> list[DocumentInfo]:
         conn = self._store.connection()

@@ -1,0 +1,310 @@
+"""The RAG provider: ingest documents into collections and answer questions from them,
+with the registry's embedding and chat models."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from engine.errors import InvalidRequest, ServiceUnavailable
+from engine.models.backends.base import ChatParams
+from engine.models.registry import ModelRegistry
+from engine.rag.chunking import chunk_sections
+from engine.rag.extract import extract
+from engine.rag.prompt import answer_messages
+from engine.rag.retrieval import Retriever
+from engine.rag.store import RagStore
+from engine.rag.types import NewDocument
+from engine.store import Store
+
+log = structlog.get_logger(__name__)
+
+COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+EMBED_BATCH = 128
+MIN_CHUNK = 16
+
+
+@dataclass(frozen=True)
+class Upload:
+    filename: str
+    data: bytes
+    content_type: str | None = None
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    upload: Upload
+    content_hash: str
+    document: NewDocument | None  # None: already stored in the collection
+
+
+def check_collection_name(name: str, param: str = "collection") -> str:
+    if not isinstance(name, str) or not COLLECTION_NAME.match(name):
+        raise InvalidRequest(
+            f"collection name {name!r} is invalid: use 1-128 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit",
+            param=param,
+            code="invalid_collection",
+        )
+    return name
+
+
+class RagService:
+    def __init__(self, store: Store, models: ModelRegistry) -> None:
+        self.db = RagStore(store)
+        self.models = models
+        self.retriever = Retriever(self.db, models)
+
+    # -- models ---------------------------------------------------------------------------
+    def embedding_model(self, collection: str | None, requested: str | None) -> str:
+        """The embedding model for a collection: the one asked for, else the one the
+        collection was built with, else the loaded embeddings model (503 when none)."""
+        existing = self.db.find_collection(collection) if collection else None
+        model_id = requested or (existing.embedding_model if existing else None)
+        model_id = model_id or self.models.select("embeddings")
+        if model_id is None:
+            raise ServiceUnavailable(
+                "no embedding model is loaded: load a model of type 'embeddings'",
+                param="embedding_model",
+                code="model_not_loaded",
+            )
+        entry = self.models.find(model_id)
+        if entry is None:
+            raise ServiceUnavailable(
+                f"embedding model '{model_id}' is not loaded",
+                param="embedding_model",
+                code="model_not_loaded",
+            )
+        if entry.type != "embeddings":
+            raise InvalidRequest(
+                f"model '{model_id}' is a '{entry.type}' model, not an embeddings model",
+                param="embedding_model",
+            )
+        return model_id
+
+    # -- ingest ---------------------------------------------------------------------------
+    async def ingest(
+        self,
+        collection: str,
+        files: Sequence[Upload],
+        *,
+        chunk_size: int = 512,
+        overlap: int = 64,
+        embedding_model: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Extract, chunk, embed and store every file in one transaction: a bad file or
+        a crash leaves the collection as it was."""
+        check_collection_name(collection)
+        if not files:
+            raise InvalidRequest("no files were uploaded", param="files")
+        if chunk_size < MIN_CHUNK:
+            raise InvalidRequest(f"chunk_size must be at least {MIN_CHUNK}", param="chunk_size")
+        if not 0 <= overlap < chunk_size:
+            raise InvalidRequest("overlap must be >= 0 and below chunk_size", param="overlap")
+        model_id = self.embedding_model(collection, embedding_model)
+        model = self.models.get(model_id).model
+        usable = model.max_seq_length - model.special_tokens  # type: ignore[attr-defined]
+        size = min(chunk_size, usable)
+        step_overlap = min(overlap, size // 2)
+        prepared = await asyncio.to_thread(
+            self._prepare, collection, files, size, step_overlap, model, metadata or {}
+        )
+        new = [p.document for p in prepared if p.document is not None]
+        started = time.perf_counter()
+        vectors = await self._embed_chunks(model_id, new, collection)
+        embedding_ms = round((time.perf_counter() - started) * 1000, 3)
+        documents = [
+            NewDocument(**{**d.__dict__, "vectors": v}) for d, v in zip(new, vectors, strict=True)
+        ]
+        ids = await asyncio.to_thread(
+            self.db.ingest,
+            collection,
+            embedding_model=model_id,
+            dimension=len(vectors[0][0]) if vectors and vectors[0] else model.dimension,  # type: ignore[attr-defined]
+            chunk_size=size,
+            overlap=step_overlap,
+            collection_metadata=metadata or {},
+            documents=documents,
+        )
+        stored = dict(zip((d.content_hash for d in documents), ids, strict=True))
+        document_ids = [
+            stored.get(p.content_hash) or self.db.document_by_hash(collection, p.content_hash)
+            for p in prepared
+        ]
+        result: dict[str, Any] = {
+            "collection": collection,
+            "documents_ingested": len(documents),
+            "chunks_created": sum(len(d.chunks) for d in documents),
+            "embedding_time_ms": embedding_ms,
+            "document_ids": document_ids,
+            "status": "completed",
+            "embedding_model": model_id,
+            "chunk_size": size,
+            "overlap": step_overlap,
+            "duplicates": [p.upload.filename for p in prepared if p.document is None],
+        }
+        if size != chunk_size or step_overlap != overlap:
+            result["warnings"] = [
+                f"chunk_size {chunk_size} / overlap {overlap} clamped to {size} / {step_overlap}: "
+                f"'{model_id}' reads at most {usable} tokens per chunk"
+            ]
+        return result
+
+    def _prepare(
+        self,
+        collection: str,
+        files: Sequence[Upload],
+        size: int,
+        overlap: int,
+        model: Any,
+        metadata: dict[str, Any],
+    ) -> list[_Prepared]:
+        """Extract and chunk every file before anything is embedded or stored, so one
+        bad file fails the request with nothing written."""
+        out: list[_Prepared] = []
+        seen: set[str] = set()
+        for upload in files:
+            digest = hashlib.sha256(upload.data).hexdigest()
+            extracted = extract(upload.filename, upload.data, upload.content_type)
+            if digest in seen or self.db.document_by_hash(collection, digest):
+                out.append(_Prepared(upload, digest, None))
+                continue
+            seen.add(digest)
+            chunks = chunk_sections(extracted.sections, model.token_offsets, size, overlap)
+            document = NewDocument(
+                document_id=f"doc-{uuid.uuid4().hex[:12]}",
+                filename=upload.filename,
+                content_hash=digest,
+                format=extracted.format,
+                title=extracted.title,
+                metadata=metadata,
+                chunks=chunks,
+                vectors=[],
+            )
+            out.append(_Prepared(upload, digest, document))
+        return out
+
+    async def _embed_chunks(
+        self, model_id: str, documents: list[NewDocument], collection: str
+    ) -> list[list[list[float]]]:
+        texts = [c.text for d in documents for c in d.chunks]
+        flat: list[list[float]] = []
+        for start in range(0, len(texts), EMBED_BATCH):
+            result = await self.models.embed(model_id, texts[start : start + EMBED_BATCH])
+            flat.extend(result.vectors)
+            log.info(
+                "rag_ingest_progress",
+                collection=collection,
+                chunks_embedded=len(flat),
+                chunks_total=len(texts),
+            )
+        out, at = [], 0
+        for document in documents:
+            out.append(flat[at : at + len(document.chunks)])
+            at += len(document.chunks)
+        return out
+
+    # -- query ----------------------------------------------------------------------------
+    async def query(
+        self,
+        query: str,
+        *,
+        collection: str = "default",
+        top_k: int = 5,
+        model_id: str | None = None,
+        embedding_model: str | None = None,
+        include_sources: bool = True,
+        similarity_threshold: float = 0.7,
+        rerank: bool = False,
+        rerank_model: str | None = None,
+        generation_config: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        if not query.strip():
+            raise InvalidRequest("query must not be empty", param="query")
+        started = time.perf_counter()
+        info = self.db.collection(collection)
+        embedder = self.embedding_model(collection, embedding_model)
+        if embedder != info.embedding_model:
+            raise InvalidRequest(
+                f"collection '{collection}' was embedded with '{info.embedding_model}', "
+                f"not '{embedder}'",
+                param="embedding_model",
+                code="embedding_model_mismatch",
+            )
+        hits = await self.retriever.retrieve(
+            collection,
+            query,
+            embedder,
+            top_k=top_k,
+            threshold=similarity_threshold,
+            rerank=rerank,
+            rerank_model=rerank_model,
+        )
+        retrieval_ms = (time.perf_counter() - started) * 1000
+        generator = model_id or self.models.select("lm")
+        if generator is None:
+            raise ServiceUnavailable(
+                "no chat model is loaded to answer: load a model of type 'lm' or pass model_id",
+                param="model_id",
+                code="model_not_loaded",
+            )
+        params = chat_params(generation_config or {})
+        gen_started = time.perf_counter()
+        answer = await self.models.chat(generator, answer_messages(query, hits), params)
+        generation_ms = (time.perf_counter() - gen_started) * 1000
+        response: dict[str, Any] = {
+            "answer": answer.content.strip(),
+            "retrieval_latency_ms": round(retrieval_ms, 3),
+            "generation_latency_ms": round(generation_ms, 3),
+            "total_latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            "metadata": {
+                "collection": collection,
+                "top_k": top_k,
+                "model_id": generator,
+                "embedding_model": embedder,
+                "rerank": rerank,
+                "usage": {
+                    "prompt_tokens": answer.prompt_tokens,
+                    "completion_tokens": answer.completion_tokens,
+                },
+            },
+        }
+        if include_sources:
+            response["sources"] = [hit_json(h) for h in hits]
+        return response
+
+
+def hit_json(hit: Any) -> dict[str, Any]:
+    out = {"chunk_id": hit.chunk_id, "text": hit.text, "score": round(hit.score, 6)}
+    if getattr(hit, "rerank_score", None) is not None:
+        out["rerank_score"] = round(hit.rerank_score, 6)
+    out["metadata"] = hit.metadata
+    return out
+
+
+def chat_params(config: dict[str, Any]) -> ChatParams:
+    known = {"temperature", "top_p", "max_tokens", "stop", "seed"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        allowed = ", ".join(sorted(known))
+        raise InvalidRequest(
+            f"unknown generation_config key(s): {', '.join(unknown)} (known: {allowed})",
+            param="generation_config",
+        )
+    stop = config.get("stop") or []
+    return ChatParams(
+        max_tokens=int(config.get("max_tokens", 512)),
+        temperature=float(config.get("temperature", 0.7)),
+        top_p=float(config.get("top_p", 1.0)),
+        stop=[stop] if isinstance(stop, str) else list(stop),
+        seed=config.get("seed"),
+    )
