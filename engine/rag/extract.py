@@ -1,0 +1,155 @@
+"""Document text extraction for RAG ingest: pick the format from the file name and the
+content, extract it into sections, and turn every failure into a 400 naming the file."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import PurePosixPath
+
+import structlog
+
+from engine.errors import InvalidRequest
+from engine.rag.formats.common import FormatError
+from engine.rag.types import Extracted
+
+log = structlog.get_logger(__name__)
+
+SUPPORTED = "PDF, HTML, Markdown or plain text"
+
+_EXTENSIONS = {
+    ".pdf": "pdf",
+    ".html": "html",
+    ".htm": "html",
+    ".xhtml": "html",
+    ".md": "markdown",
+    ".markdown": "markdown",
+    ".txt": "text",
+    ".text": "text",
+}
+_CONTENT_TYPES = {
+    "application/pdf": "pdf",
+    "text/html": "html",
+    "application/xhtml+xml": "html",
+    "text/markdown": "markdown",
+    "text/x-markdown": "markdown",
+    "text/plain": "text",
+}
+# Extensions of formats we know we cannot read: refused by name, so a .docx gets a clear
+# answer instead of being sniffed as (zip) binary or, worse, decoded as text.
+# fmt: off
+_UNSUPPORTED_EXTENSIONS = frozenset({
+    ".doc", ".docx", ".odt", ".rtf", ".xls", ".xlsx", ".ods", ".ppt", ".pptx", ".odp", ".epub",
+    ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".svg", ".ico",
+    ".mp3", ".wav", ".ogg", ".flac", ".mp4", ".mov", ".avi", ".mkv", ".webm",
+    ".zip", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".tar", ".exe", ".dll", ".so", ".dylib",
+    ".bin", ".iso", ".dmg", ".sqlite", ".db", ".parquet", ".pkl", ".npy", ".safetensors", ".gguf",
+    ".woff", ".woff2", ".ttf", ".otf", ".ps", ".eps",
+})
+# fmt: on
+# Well-known signatures, for a useful message about binary data under any name. Only
+# signatures that plain text cannot start with: other binary data is caught by decoding.
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"GIF87a", "a GIF image"),
+    (b"GIF89a", "a GIF image"),
+    (b"PK\x03\x04", "a ZIP archive or an Office/EPUB document"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "a legacy Office document"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"7z\xbc\xaf\x27\x1c", "a 7z archive"),
+    (b"Rar!\x1a\x07", "a RAR archive"),
+    (b"\x7fELF", "an executable"),
+    (b"{\\rtf", "an RTF document"),
+    (b"%!PS", "a PostScript document"),
+    (b"SQLite format 3\x00", "an SQLite database"),
+)
+_PDF_HEADER = b"%PDF-"
+# Readers accept the PDF header after up to 1 KiB of junk; we do so only for .pdf names, so
+# a text that merely mentions "%PDF-" is not taken for a PDF.
+_PDF_HEADER_WINDOW = 1024
+_HTML_START = re.compile(
+    rb"^(?:\xef\xbb\xbf)?\s*(?:<!--.*?-->\s*)*<(?:!doctype\s+html|html[\s>]|head[\s>]|body[\s>])",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def extract(filename: str, data: bytes, content_type: str | None = None) -> Extracted:
+    """Extract a document's text as sections.
+
+    The extension chooses the format unless the content says otherwise (a PDF signature
+    or an HTML document start); without a known extension the content (then the declared
+    content type) decides, and anything that decodes as text is read as plain text.
+    Raises InvalidRequest (param `files`, code `unsupported_format` or
+    `invalid_document`) naming the file and the problem."""
+    name = filename or "(unnamed file)"
+    try:
+        if not data.strip():
+            raise FormatError("empty document")
+        kind = detect_format(name, data, content_type)
+        extracted = _extract_as(kind, data, _charset(content_type))
+        if not extracted.sections:
+            raise FormatError("empty document (no extractable text)")
+        return extracted
+    except FormatError as exc:
+        raise _invalid(name, exc.problem, exc.code) from exc
+    except Exception as exc:  # a parser's own failure on hostile input: still a 400
+        log.warning("rag.extract.failed", file=name, error=repr(exc))
+        raise _invalid(name, f"the document could not be read ({type(exc).__name__})") from exc
+
+
+def detect_format(filename: str, data: bytes, content_type: str | None = None) -> str:
+    """pdf | html | markdown | text; raises FormatError(unsupported_format)."""
+    suffix = PurePosixPath(filename.replace("\\", "/")).suffix.lower()
+    by_name = _EXTENSIONS.get(suffix)
+    if data.lstrip(b"\xef\xbb\xbf \t\r\n\x00").startswith(_PDF_HEADER) or (
+        by_name == "pdf" and _PDF_HEADER in data[:_PDF_HEADER_WINDOW]
+    ):
+        return "pdf"  # a signature is more reliable than a name
+    if by_name != "html" and _HTML_START.match(data[:4096]):
+        return "html"  # e.g. a page saved under a .txt or .pdf name
+    if by_name == "pdf":
+        raise FormatError("not a PDF (no %PDF- header)")
+    if by_name is not None:
+        return by_name
+    if suffix in _UNSUPPORTED_EXTENSIONS:
+        raise FormatError(
+            f"unsupported format '{suffix}'; {SUPPORTED} expected", code="unsupported_format"
+        )
+    for magic, what in _MAGIC:
+        if data.startswith(magic):
+            raise FormatError(
+                f"unsupported format ({what}); {SUPPORTED} expected", code="unsupported_format"
+            )
+    by_type = _CONTENT_TYPES.get(_media_type(content_type))
+    # pdf by type alone is impossible here: the signature check above found none.
+    return by_type if by_type in ("html", "markdown") else "text"
+
+
+def _extract_as(kind: str, data: bytes, charset: str | None) -> Extracted:
+    # Imported on use: a text upload need not load pdfium or the HTML parser.
+    extractor: Callable[..., Extracted]
+    if kind == "pdf":
+        from engine.rag.formats.pdf import extract_pdf
+
+        return extract_pdf(data)
+    if kind == "html":
+        from engine.rag.formats.html import extract_html as extractor
+    elif kind == "markdown":
+        from engine.rag.formats.markdown import extract_markdown as extractor
+    else:
+        from engine.rag.formats.text import extract_text as extractor
+    return extractor(data, charset)
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def _charset(content_type: str | None) -> str | None:
+    match = re.search(r";\s*charset\s*=\s*\"?([\w.:-]+)", content_type or "", re.IGNORECASE)
+    return match.group(1) if match else None
+
+
+def _invalid(name: str, problem: str, code: str = "invalid_document") -> InvalidRequest:
+    return InvalidRequest(f"{name}: {problem}", param="files", code=code, details={"file": name})
