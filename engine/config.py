@@ -35,6 +35,10 @@ class Settings:
     image_root: Path | None = None
     # Outbound fetches (image URLs, webhooks) to private and loopback addresses.
     allow_private_urls: bool = False
+    # RAG ingest uploads: the size limit of each file (spec §4.1: 10 MB), enforced while the
+    # upload is read, and the most files one request may carry.
+    rag_max_file_mb: float = 10
+    rag_max_files: int = 100
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -34,11 +34,14 @@ class Engine:
     rag: RagService
 
     @classmethod
-    async def start(cls, settings: Settings) -> Engine:
+    async def start(cls, settings: Settings, *, load_workflows: bool = True) -> Engine:
+        """Open the store, load the workflows (unless `load_workflows` is false: a command
+        that runs none, such as `fusion ingest`, must not fail on a broken one) and the
+        start-up models."""
         store = Store(settings.db_path)
         steps = default_registry()
         catalog = WorkflowCatalog(steps)
-        if settings.workflows_dir.is_dir():
+        if load_workflows and settings.workflows_dir.is_dir():
             catalog.load_directory(settings.workflows_dir)
         budget = (
             int(settings.model_memory_budget_gb * GIB)
@@ -84,15 +87,10 @@ def demo_models(models_dir: Path) -> list[dict[str, Any]]:
     """The default setup: the real MiniLM embedder when its package is installed, and a
     tiny random-weight chat model so every endpoint answers offline. The chat model is
     tagged so nobody mistakes its output for language."""
-    from engine.models.minilm import minilm_path
     from engine.models.synthetic import build_lm
 
-    specs: list[dict[str, Any]] = []
-    minilm = minilm_path()
-    if minilm is not None:
-        specs.append(
-            {"model_path": str(minilm), "model_type": "embeddings", "model_id": "all-minilm-l6-v2"}
-        )
+    embedder = demo_embedder()
+    specs: list[dict[str, Any]] = [] if embedder is None else [embedder]
     chat = build_lm(models_dir / "demo-chat")
     specs.append(
         {
@@ -103,3 +101,14 @@ def demo_models(models_dir: Path) -> list[dict[str, Any]]:
         }
     )
     return specs
+
+
+def demo_embedder() -> dict[str, Any] | None:
+    """The demo setup's embedder (the real MiniLM) as a load body, if its package is
+    installed; `fusion ingest` uses it so its collections match the server's default."""
+    from engine.models.minilm import minilm_path
+
+    minilm = minilm_path()
+    if minilm is None:
+        return None
+    return {"model_path": str(minilm), "model_type": "embeddings", "model_id": "all-minilm-l6-v2"}

@@ -29,6 +29,7 @@ from server.errors import exception_handlers
 from server.request_id import RequestIdMiddleware, set_request_id_header
 from server.routes import models as model_routes
 from server.routes import openai as openai_routes
+from server.routes import rag as rag_routes
 from server.routes.health import health
 
 log = get_logger("server.app")
@@ -76,6 +77,7 @@ def create_app(
             health,
             *model_routes.ROUTES,
             *openai_routes.ROUTES,
+            *rag_routes.ROUTES,
             *extra_routes,
         ],
         lifespan=[lifespan],

@@ -6,6 +6,7 @@ from litestar.datastructures import State
 
 from engine.errors import ServiceUnavailable
 from engine.models.registry import ModelRegistry
+from engine.rag.service import RagService
 
 
 def model_registry(state: State) -> ModelRegistry:
@@ -16,3 +17,12 @@ def model_registry(state: State) -> ModelRegistry:
         raise ServiceUnavailable("the engine is not running", code="engine_not_running")
     registry: ModelRegistry = engine.models
     return registry
+
+
+def rag_service(state: State) -> RagService:
+    """The running engine's RAG service; 503 outside the lifespan."""
+    engine = getattr(state, "engine", None)
+    if engine is None:
+        raise ServiceUnavailable("the engine is not running", code="engine_not_running")
+    service: RagService = engine.rag
+    return service

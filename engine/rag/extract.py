@@ -27,6 +27,8 @@ _EXTENSIONS = {
     ".txt": "text",
     ".text": "text",
 }
+# File name extensions read as documents (what `fusion ingest` picks up in a directory).
+EXTENSIONS = frozenset(_EXTENSIONS)
 _CONTENT_TYPES = {
     "application/pdf": "pdf",
     "text/html": "html",

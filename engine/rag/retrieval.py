@@ -57,7 +57,7 @@ class Retriever:
         nearest = await asyncio.to_thread(self.db.knn, collection, vector, pool)
         similar = {rowid: score for rowid, score in nearest if score >= threshold}
         if not rerank:
-            return self.db.hits(list(similar)[:top_k], similar)
+            return await asyncio.to_thread(self.db.hits, list(similar)[:top_k], similar)
         if rerank_model:
             return await self._judged(query, rerank_model, similar, top_k)
         return await self._hybrid(
@@ -67,7 +67,7 @@ class Retriever:
     async def _judged(
         self, query: str, model: str, similar: dict[int, float], top_k: int
     ) -> list[Hit]:
-        hits = self.db.hits(list(similar), similar)
+        hits = await asyncio.to_thread(self.db.hits, list(similar), similar)
         if not hits:
             return []
         scores = await self.models.relevance(
@@ -98,5 +98,5 @@ class Retriever:
         ranked = [
             r for r in sorted(fused, key=lambda r: -fused[r]) if cosine.get(r, -1.0) >= threshold
         ]
-        hits = self.db.hits(ranked[:top_k], cosine)
+        hits = await asyncio.to_thread(self.db.hits, ranked[:top_k], cosine)
         return [replace(hit, rerank_score=fused[r]) for r, hit in zip(ranked, hits, strict=False)]

@@ -8,13 +8,13 @@ import hashlib
 import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from engine.errors import InvalidRequest, ServiceUnavailable
+from engine.errors import InvalidRequest, NotFound, ServiceUnavailable
 from engine.models.backends.base import ChatParams
 from engine.models.registry import ModelRegistry
 from engine.rag.chunking import chunk_sections
@@ -30,6 +30,12 @@ log = structlog.get_logger(__name__)
 COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 EMBED_BATCH = 128
 MIN_CHUNK = 16
+# Ingest progress: (stage, done, total). Stages in order: "extract" (files), "embed"
+# (chunks), "store" (documents). Called from the event loop or a worker thread.
+ProgressFn = Callable[[str, int, int], None]
+PROGRESS_UNITS = {"extract": "files", "embed": "chunks", "store": "documents"}
+# A progress log line at most this often per ingest (and always at a stage's end).
+PROGRESS_LOG_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,34 @@ class Upload:
     filename: str
     data: bytes
     content_type: str | None = None
+
+
+class _Progress:
+    """The one progress mechanism of an ingest: every step goes to the caller's callback
+    (the CLI's progress bar) and, throttled, to the `rag_ingest_progress` log event."""
+
+    def __init__(self, collection: str, callback: ProgressFn | None) -> None:
+        self.collection = collection
+        self.callback = callback
+        self._last_log = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.callback is not None:
+            self.callback(stage, done, total)
+        now = time.monotonic()
+        if done >= total or now - self._last_log >= PROGRESS_LOG_INTERVAL_S:
+            self._last_log = now
+            log.info(
+                "rag_ingest_progress",
+                collection=self.collection,
+                stage=stage,
+                done=done,
+                total=total,
+                unit=PROGRESS_UNITS.get(stage, "items"),
+            )
+
+    def stage(self, stage: str) -> Callable[[int, int], None]:
+        return lambda done, total: self(stage, done, total)
 
 
 @dataclass(frozen=True)
@@ -100,9 +134,14 @@ class RagService:
         overlap: int = 64,
         embedding_model: str | None = None,
         metadata: dict[str, Any] | None = None,
+        on_progress: ProgressFn | None = None,
     ) -> dict[str, Any]:
         """Extract, chunk, embed and store every file in one transaction: a bad file or
-        a crash leaves the collection as it was."""
+        a crash leaves the collection as it was.
+
+        `on_progress(stage, done, total)` follows the work (see ProgressFn); the same
+        steps are logged as `rag_ingest_progress` events."""
+        progress = _Progress(collection, on_progress)
         check_collection_name(collection)
         if not files:
             raise InvalidRequest("no files were uploaded", param="files")
@@ -110,17 +149,24 @@ class RagService:
             raise InvalidRequest(f"chunk_size must be at least {MIN_CHUNK}", param="chunk_size")
         if not 0 <= overlap < chunk_size:
             raise InvalidRequest("overlap must be >= 0 and below chunk_size", param="overlap")
-        model_id = self.embedding_model(collection, embedding_model)
+        model_id = await asyncio.to_thread(self.embedding_model, collection, embedding_model)
         model = self.models.get(model_id).model
         usable = model.max_seq_length - model.special_tokens  # type: ignore[attr-defined]
         size = min(chunk_size, usable)
         step_overlap = min(overlap, size // 2)
         prepared = await asyncio.to_thread(
-            self._prepare, collection, files, size, step_overlap, model, metadata or {}
+            self._prepare,
+            collection,
+            files,
+            size,
+            step_overlap,
+            model,
+            metadata or {},
+            progress.stage("extract"),
         )
         new = [p.document for p in prepared if p.document is not None]
         started = time.perf_counter()
-        vectors = await self._embed_chunks(model_id, new, collection)
+        vectors = await self._embed_chunks(model_id, new, progress.stage("embed"))
         embedding_ms = round((time.perf_counter() - started) * 1000, 3)
         documents = [
             NewDocument(**{**d.__dict__, "vectors": v}) for d, v in zip(new, vectors, strict=True)
@@ -134,12 +180,17 @@ class RagService:
             overlap=step_overlap,
             collection_metadata=metadata or {},
             documents=documents,
+            on_progress=progress.stage("store"),
         )
         stored = dict(zip((d.content_hash for d in documents), ids, strict=True))
-        document_ids = [
-            stored.get(p.content_hash) or self.db.document_by_hash(collection, p.content_hash)
-            for p in prepared
-        ]
+        document_ids = []
+        for p in prepared:
+            known = stored.get(p.content_hash)
+            if known is None:
+                known = await asyncio.to_thread(
+                    self.db.document_by_hash, collection, p.content_hash
+                )
+            document_ids.append(known)
         result: dict[str, Any] = {
             "collection": collection,
             "documents_ingested": len(documents),
@@ -167,16 +218,18 @@ class RagService:
         overlap: int,
         model: Any,
         metadata: dict[str, Any],
+        on_progress: Callable[[int, int], None] = lambda done, total: None,
     ) -> list[_Prepared]:
         """Extract and chunk every file before anything is embedded or stored, so one
         bad file fails the request with nothing written."""
         out: list[_Prepared] = []
         seen: set[str] = set()
-        for upload in files:
+        for done, upload in enumerate(files, 1):
             digest = hashlib.sha256(upload.data).hexdigest()
             extracted = extract(upload.filename, upload.data, upload.content_type)
             if digest in seen or self.db.document_by_hash(collection, digest):
                 out.append(_Prepared(upload, digest, None))
+                on_progress(done, len(files))
                 continue
             seen.add(digest)
             chunks = chunk_sections(extracted.sections, model.token_offsets, size, overlap)
@@ -191,22 +244,22 @@ class RagService:
                 vectors=[],
             )
             out.append(_Prepared(upload, digest, document))
+            on_progress(done, len(files))
         return out
 
     async def _embed_chunks(
-        self, model_id: str, documents: list[NewDocument], collection: str
+        self,
+        model_id: str,
+        documents: list[NewDocument],
+        on_progress: Callable[[int, int], None],
     ) -> list[list[list[float]]]:
         texts = [c.text for d in documents for c in d.chunks]
         flat: list[list[float]] = []
+        on_progress(0, len(texts))
         for start in range(0, len(texts), EMBED_BATCH):
             result = await self.models.embed(model_id, texts[start : start + EMBED_BATCH])
             flat.extend(result.vectors)
-            log.info(
-                "rag_ingest_progress",
-                collection=collection,
-                chunks_embedded=len(flat),
-                chunks_total=len(texts),
-            )
+            on_progress(len(flat), len(texts))
         out, at = [], 0
         for document in documents:
             out.append(flat[at : at + len(document.chunks)])
@@ -214,6 +267,18 @@ class RagService:
         return out
 
     # -- query ----------------------------------------------------------------------------
+    def _require_lm(self, model_id: str, param: str) -> None:
+        """Name the request field when a model it names is missing or of the wrong type
+        (the registry's own errors would say `model_id` for every one)."""
+        entry = self.models.find(model_id)
+        if entry is None:
+            raise NotFound(f"model '{model_id}' not found", param=param, code="model_not_found")
+        if entry.type != "lm":
+            raise InvalidRequest(
+                f"model '{model_id}' is a '{entry.type}' model; {param} needs an 'lm' model",
+                param=param,
+            )
+
     async def query(
         self,
         query: str,
@@ -231,8 +296,8 @@ class RagService:
         if not query.strip():
             raise InvalidRequest("query must not be empty", param="query")
         started = time.perf_counter()
-        info = self.db.collection(collection)
-        embedder = self.embedding_model(collection, embedding_model)
+        info = await asyncio.to_thread(self.db.collection, collection)
+        embedder = await asyncio.to_thread(self.embedding_model, collection, embedding_model)
         if embedder != info.embedding_model:
             raise InvalidRequest(
                 f"collection '{collection}' was embedded with '{info.embedding_model}', "
@@ -240,6 +305,10 @@ class RagService:
                 param="embedding_model",
                 code="embedding_model_mismatch",
             )
+        if rerank and rerank_model:
+            self._require_lm(rerank_model, "rerank_model")
+        if model_id:
+            self._require_lm(model_id, "model_id")
         hits = await self.retriever.retrieve(
             collection,
             query,
