@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator
@@ -17,7 +17,6 @@ from engine.dsl.compiler import compile_document
 from engine.dsl.issues import WorkflowInvalid
 from engine.dsl.schema import STEP_KEYS, WORKFLOW_KEYS
 from engine.dsl.source import from_object, load_file, load_text
-from engine.steps.base import StepContext, StepPlugin
 from engine.steps.registry import StepRegistry, default_registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,47 +172,10 @@ COMPOSE_BODY: dict[str, Any] = {
 }
 
 
-class FakeModelCall(StepPlugin):
-    """Test-only stand-in with the parameters the spec's example uses."""
-
-    type_name = "model_call"
-    params_schema: ClassVar[dict[str, Any]] = {
-        "type": "object",
-        "properties": {
-            "model_id": {"type": "string", "minLength": 1},
-            "operation": {"enum": ["chat", "complete", "embed"]},
-            "input": {},
-        },
-        "required": ["model_id", "operation", "input"],
-    }
-    model_param = "model_id"
-
-    async def run(self, params: dict[str, Any], ctx: StepContext, prepared: Any = None) -> Any:
-        return params["input"]
-
-
-class FakeVectorSearch(StepPlugin):
-    type_name = "vector_search"
-    params_schema: ClassVar[dict[str, Any]] = {
-        "type": "object",
-        "properties": {
-            "collection": {"type": "string", "minLength": 1},
-            "query_embedding": {"type": "array", "items": {"type": "number"}},
-            "top_k": {"type": "integer", "minimum": 1},
-        },
-        "required": ["collection", "query_embedding"],
-    }
-
-    async def run(self, params: dict[str, Any], ctx: StepContext, prepared: Any = None) -> Any:
-        return []
-
-
 @pytest.fixture
 def compose_registry() -> StepRegistry:
-    registry = default_registry()
-    for plugin in (FakeModelCall, FakeVectorSearch):
-        registry.register(plugin)
-    return registry
+    """The installed step types: the built-in model_call and vector_search."""
+    return default_registry()
 
 
 def test_compose_example_compiles_as_is(compose_registry: StepRegistry) -> None:
@@ -260,3 +222,10 @@ def test_compose_body_with_a_typo_names_the_pointer(compose_registry: StepRegist
         ("/steps/2/input/messages/0/content", "reference to unknown step 'retrieve'"),
     }
     assert info.value.param == "/steps/1/top_kk"
+
+
+def test_editor_schema_accepts_the_compose_example(validator: Draft202012Validator) -> None:
+    assert _messages(validator, COMPOSE_BODY) == ""
+    body = copy.deepcopy(COMPOSE_BODY)
+    body["steps"][1]["top_k"] = "five"
+    assert "'five' is not valid under any of the given schemas" in _messages(validator, body)

@@ -71,3 +71,30 @@ async def vision_prompt(
                 text.append(str(part.get("text", "")))
         texts.append({**message, "content": "".join(text)})
     return VisionPrompt(texts, images)
+
+
+def prompt_messages(
+    prompt: str, *, image_url: str | None = None, system: str | None = None
+) -> list[dict[str, Any]]:
+    """A one-turn conversation from a prompt: an optional system message, then the user's
+    prompt, with the image as an ``image_url`` part after the text when one is given."""
+    messages: list[dict[str, Any]] = []
+    if system:
+        messages.append({"role": "system", "content": system})
+    if image_url is None:
+        messages.append({"role": "user", "content": prompt})
+    else:
+        parts = [
+            {"type": "text", "text": prompt},
+            {"type": "image_url", "image_url": {"url": image_url}},
+        ]
+        messages.append({"role": "user", "content": parts})
+    return messages
+
+
+def has_image(messages: Sequence[dict[str, Any]]) -> bool:
+    return any(
+        isinstance(m, dict) and p.get("type") in IMAGE_PART_TYPES
+        for m in messages
+        for p in (_parts(m.get("content")) if isinstance(m, dict) else [])
+    )

@@ -144,6 +144,21 @@ class ModelRegistry:
             )
         return entry
 
+    def require(
+        self, model_id: str, types: Sequence[str], purpose: str, param: str = "model_id"
+    ) -> ModelEntry:
+        """The loaded model, which must be of one of ``types`` to serve ``purpose``:
+        NotFound when it is not loaded, InvalidRequest (``wrong_model_type``) otherwise."""
+        entry = self.get(model_id)
+        if entry.type not in types:
+            wanted = " or ".join(f"'{t}'" for t in types)
+            raise InvalidRequest(
+                f"{purpose} needs a model of type {wanted}; '{model_id}' is a '{entry.type}' model",
+                param=param,
+                code="wrong_model_type",
+            )
+        return entry
+
     def find(self, model_id: str) -> ModelEntry | None:
         entry = self._entries.get(model_id)
         return None if entry is None or entry.unloading else entry
@@ -383,13 +398,20 @@ class ModelRegistry:
         return text_messages(messages)
 
     async def chat(
-        self, model_id: str, messages: Sequence[dict[str, Any]], params: ChatParams
+        self,
+        model_id: str,
+        messages: Sequence[dict[str, Any]],
+        params: ChatParams,
+        on_text: Callable[[str], None] | None = None,
     ) -> ChatResult:
+        """The whole answer; ``on_text`` (if given) sees each piece as it is generated."""
         parts: list[str] = []
         last = ChatChunk("")
         async for chunk in self.chat_stream(model_id, messages, params):
             parts.append(chunk.text)
             last = chunk
+            if on_text is not None and chunk.text:
+                on_text(chunk.text)
         return ChatResult(
             "".join(parts), last.finish_reason or "stop", last.prompt_tokens, last.completion_tokens
         )

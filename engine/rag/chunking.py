@@ -13,6 +13,8 @@ from engine.rag.types import Chunk, Section
 # Character spans of a text's tokens, special tokens excluded.
 Tokenize = Callable[[str], list[tuple[int, int]]]
 
+_WORD = re.compile(r"\S+")
+
 _PARAGRAPH = re.compile(r"\n\s*\n")
 # A sentence ends at . ! ? (optionally closed by quotes or brackets) before whitespace and
 # a capital, digit or opening quote; abbreviations mid-sentence rarely meet all three.
@@ -28,6 +30,11 @@ class _Unit:
     page: int | None
     heading: str | None
     new_paragraph: bool
+
+
+def word_offsets(text: str) -> list[tuple[int, int]]:
+    """A Tokenize without a model: whitespace-separated words count as tokens."""
+    return [match.span() for match in _WORD.finditer(text)]
 
 
 def chunk_sections(

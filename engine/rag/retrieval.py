@@ -26,6 +26,21 @@ MAX_K = 4096
 RERANK_INSTRUCTION = "Given a question, judge whether the passage helps answer it"
 
 
+async def rank_by_relevance(
+    models: ModelRegistry,
+    model_id: str,
+    query: str,
+    texts: Sequence[str],
+    instruction: str = RERANK_INSTRUCTION,
+) -> list[tuple[int, float]]:
+    """(index, relevance in [0, 1]) of each text by a language model's judgement, most
+    relevant first; equal scores keep the input order."""
+    if not texts:
+        return []
+    scores = await models.relevance(model_id, query, list(texts), instruction)
+    return sorted(enumerate(scores), key=lambda pair: -pair[1])
+
+
 def reciprocal_rank_fusion(rankings: Sequence[Sequence[int]], k: int = RRF_K) -> dict[int, float]:
     fused: dict[int, float] = {}
     for ranking in rankings:
@@ -53,28 +68,34 @@ class Retriever:
         if top_k < 1:
             return []
         vector = (await self.models.embed(embedder, [query])).vectors[0]
-        pool = min(top_k * CANDIDATES_PER_RESULT if rerank else top_k, MAX_K)
+        if not rerank:
+            return await self.by_vector(collection, vector, top_k=top_k, threshold=threshold)
+        pool = min(top_k * CANDIDATES_PER_RESULT, MAX_K)
         nearest = await asyncio.to_thread(self.db.knn, collection, vector, pool)
         similar = {rowid: score for rowid, score in nearest if score >= threshold}
-        if not rerank:
-            return await asyncio.to_thread(self.db.hits, list(similar)[:top_k], similar)
         if rerank_model:
             return await self._judged(query, rerank_model, similar, top_k)
         return await self._hybrid(
             collection, query, vector, nearest, similar, pool, top_k, threshold
         )
 
+    async def by_vector(
+        self, collection: str, vector: Sequence[float], *, top_k: int, threshold: float
+    ) -> list[Hit]:
+        """The ``top_k`` chunks nearest to ``vector`` with at least ``threshold`` cosine
+        similarity (the vector must have the collection's dimension)."""
+        if top_k < 1:
+            return []
+        nearest = await asyncio.to_thread(self.db.knn, collection, vector, min(top_k, MAX_K))
+        similar = {rowid: score for rowid, score in nearest if score >= threshold}
+        return await asyncio.to_thread(self.db.hits, list(similar), similar)
+
     async def _judged(
         self, query: str, model: str, similar: dict[int, float], top_k: int
     ) -> list[Hit]:
         hits = await asyncio.to_thread(self.db.hits, list(similar), similar)
-        if not hits:
-            return []
-        scores = await self.models.relevance(
-            model, query, [h.text for h in hits], RERANK_INSTRUCTION
-        )
-        ranked = sorted(zip(scores, hits, strict=True), key=lambda pair: -pair[0])
-        return [replace(hit, rerank_score=score) for score, hit in ranked[:top_k]]
+        ranked = await rank_by_relevance(self.models, model, query, [h.text for h in hits])
+        return [replace(hits[i], rerank_score=score) for i, score in ranked[:top_k]]
 
     async def _hybrid(
         self,

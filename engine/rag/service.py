@@ -22,7 +22,7 @@ from engine.rag.extract import extract
 from engine.rag.prompt import answer_messages
 from engine.rag.retrieval import Retriever
 from engine.rag.store import RagStore
-from engine.rag.types import NewDocument
+from engine.rag.types import Hit, NewDocument
 from engine.store import Store
 
 log = structlog.get_logger(__name__)
@@ -123,6 +123,21 @@ class RagService:
                 param="embedding_model",
             )
         return model_id
+
+    def collection_embedder(self, collection: str, requested: str | None) -> str:
+        """The embedding model to query a collection with: ``requested``, else the
+        collection's own; it must be the collection's (two models' vectors do not compare).
+        """
+        info = self.db.collection(collection)
+        embedder = self.embedding_model(collection, requested)
+        if embedder != info.embedding_model:
+            raise InvalidRequest(
+                f"collection '{collection}' was embedded with '{info.embedding_model}', "
+                f"not '{embedder}'",
+                param="embedding_model",
+                code="embedding_model_mismatch",
+            )
+        return embedder
 
     # -- ingest ---------------------------------------------------------------------------
     async def ingest(
@@ -266,6 +281,55 @@ class RagService:
             at += len(document.chunks)
         return out
 
+    # -- search and query -----------------------------------------------------------------
+    async def search(
+        self,
+        collection: str,
+        *,
+        query: str | None = None,
+        vector: Sequence[float] | None = None,
+        embedding_model: str | None = None,
+        top_k: int = 5,
+        threshold: float = 0.0,
+        hybrid: bool = False,
+    ) -> list[Hit]:
+        """Retrieval without generation, by exactly one of: ``query`` text (embedded with
+        the collection's model; ``hybrid`` fuses BM25 matches by reciprocal rank fusion),
+        or ``vector``, a query the caller embedded, of the collection's dimension."""
+        if (query is None) == (vector is None):
+            raise InvalidRequest("give either a query text or a query vector", param="query")
+        if query is not None:
+            if not query.strip():
+                raise InvalidRequest("query must not be empty", param="query")
+            embedder = await asyncio.to_thread(
+                self.collection_embedder, collection, embedding_model
+            )
+            return await self.retriever.retrieve(
+                collection, query, embedder, top_k=top_k, threshold=threshold, rerank=hybrid
+            )
+        assert vector is not None
+        if hybrid:
+            raise InvalidRequest(
+                "hybrid search matches the query's words: give the query text, not a vector",
+                param="hybrid",
+            )
+        info = await asyncio.to_thread(self.db.collection, collection)
+        if embedding_model is not None and embedding_model != info.embedding_model:
+            raise InvalidRequest(
+                f"collection '{collection}' was embedded with '{info.embedding_model}', "
+                f"not '{embedding_model}'",
+                param="embedding_model",
+                code="embedding_model_mismatch",
+            )
+        if len(vector) != info.dimension:
+            raise InvalidRequest(
+                f"the query vector has {len(vector)} dimensions; collection '{collection}' "
+                f"holds {info.dimension}-dimensional vectors of '{info.embedding_model}'",
+                param="query_embedding",
+                code="dimension_mismatch",
+            )
+        return await self.retriever.by_vector(collection, vector, top_k=top_k, threshold=threshold)
+
     # -- query ----------------------------------------------------------------------------
     def _require_lm(self, model_id: str, param: str) -> None:
         """Name the request field when a model it names is missing or of the wrong type
@@ -296,15 +360,7 @@ class RagService:
         if not query.strip():
             raise InvalidRequest("query must not be empty", param="query")
         started = time.perf_counter()
-        info = await asyncio.to_thread(self.db.collection, collection)
-        embedder = await asyncio.to_thread(self.embedding_model, collection, embedding_model)
-        if embedder != info.embedding_model:
-            raise InvalidRequest(
-                f"collection '{collection}' was embedded with '{info.embedding_model}', "
-                f"not '{embedder}'",
-                param="embedding_model",
-                code="embedding_model_mismatch",
-            )
+        embedder = await asyncio.to_thread(self.collection_embedder, collection, embedding_model)
         if rerank and rerank_model:
             self._require_lm(rerank_model, "rerank_model")
         if model_id:
@@ -326,7 +382,7 @@ class RagService:
                 param="model_id",
                 code="model_not_loaded",
             )
-        params = chat_params(generation_config or {})
+        params = ChatParams.from_options(generation_config or {}, param="generation_config")
         gen_started = time.perf_counter()
         answer = await self.models.chat(generator, answer_messages(query, hits), params)
         generation_ms = (time.perf_counter() - gen_started) * 1000
@@ -358,22 +414,3 @@ def hit_json(hit: Any) -> dict[str, Any]:
         out["rerank_score"] = round(hit.rerank_score, 6)
     out["metadata"] = hit.metadata
     return out
-
-
-def chat_params(config: dict[str, Any]) -> ChatParams:
-    known = {"temperature", "top_p", "max_tokens", "stop", "seed"}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        allowed = ", ".join(sorted(known))
-        raise InvalidRequest(
-            f"unknown generation_config key(s): {', '.join(unknown)} (known: {allowed})",
-            param="generation_config",
-        )
-    stop = config.get("stop") or []
-    return ChatParams(
-        max_tokens=int(config.get("max_tokens", 512)),
-        temperature=float(config.get("temperature", 0.7)),
-        top_p=float(config.get("top_p", 1.0)),
-        stop=[stop] if isinstance(stop, str) else list(stop),
-        seed=config.get("seed"),
-    )

@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from engine.errors import InvalidRequest
+
 if TYPE_CHECKING:
     from engine.dsl.issues import Path
 
@@ -29,6 +31,17 @@ class StepContext:
     run_workflow: RunWorkflow
     item: Any = None
     index: int | None = None
+
+    def service(self, name: str) -> Any:
+        """An engine service by name ("models", "rag", ...). Where the runner provides
+        none by that name (e.g. `fusion run`, which loads no models), a request error."""
+        found = self.services.get(name)
+        if found is None:
+            raise InvalidRequest(
+                f"step '{self.step_id}' needs the engine's '{name}' service, which this runner "
+                "does not provide: run the workflow on the server (`fusion serve`)"
+            )
+        return found
 
 
 @dataclass

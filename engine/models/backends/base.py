@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from engine.errors import InvalidRequest
 
@@ -23,6 +23,34 @@ class ChatParams:
     seed: int | None = None
     logit_bias: dict[int, float] | None = None
     tools: list[dict[str, Any]] | None = None
+
+    OPTIONS: ClassVar[tuple[str, ...]] = ("max_tokens", "temperature", "top_p", "stop", "seed")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], *, param: str) -> ChatParams:
+        """Generation options as callers write them (the RAG API's ``generation_config``,
+        a ``model_call`` step's input): ``max_tokens`` (default 512), ``temperature``
+        (0.7), ``top_p`` (1.0), ``stop`` (a string or a list) and ``seed``. Anything else
+        is refused, naming ``param``."""
+        unknown = sorted(set(options) - set(cls.OPTIONS))
+        if unknown:
+            raise InvalidRequest(
+                f"unknown {param} key(s): {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(cls.OPTIONS))})",
+                param=param,
+            )
+        stop = options.get("stop") or []
+        seed = options.get("seed")
+        try:
+            return cls(
+                max_tokens=int(options.get("max_tokens", 512)),
+                temperature=float(options.get("temperature", 0.7)),
+                top_p=float(options.get("top_p", 1.0)),
+                stop=[stop] if isinstance(stop, str) else [str(s) for s in stop],
+                seed=None if seed is None else int(seed),
+            )
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"invalid {param}: {exc}", param=param) from None
 
 
 @dataclass
@@ -78,6 +106,11 @@ class LoadedModel:
     def count_tokens(self, text: str) -> int:
         raise InvalidRequest(f"a '{self.model_type}' model has no tokenizer", code="unsupported")
 
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        """Character span of each of ``text``'s tokens, special tokens excluded: what
+        chunking counts. Tokenizer work only, so callers may run it in any thread."""
+        raise InvalidRequest(f"a '{self.model_type}' model has no tokenizer", code="unsupported")
+
     def relevance(self, query: str, documents: Sequence[str], instruction: str) -> list[float]:
         """Relevance of each document to the query in [0, 1] (reranking)."""
         raise InvalidRequest(f"a '{self.model_type}' model cannot rerank", code="unsupported")
@@ -98,6 +131,18 @@ class Backend(ABC):
 
     @abstractmethod
     def load(self, path: Path, context_length: int | None) -> LoadedModel: ...
+
+
+def hf_token_offsets(tokenizer: Any, text: str) -> list[tuple[int, int]]:
+    """Token spans from a Hugging Face fast tokenizer (slow ones cannot report them)."""
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise InvalidRequest(
+            "this model's tokenizer cannot report token offsets (it is not a fast tokenizer)",
+            code="unsupported",
+        ) from None
+    return [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
 
 
 def read_config(path: Path) -> dict[str, Any]:

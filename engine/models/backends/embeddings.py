@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import InvalidRequest
-from engine.models.backends.base import Backend, EmbedResult, LoadedModel, read_config
+from engine.models.backends.base import (
+    Backend,
+    EmbedResult,
+    LoadedModel,
+    hf_token_offsets,
+    read_config,
+)
 from engine.models.backends.textgen import parameter_bytes
 
 BATCH = 32
@@ -63,6 +69,10 @@ class EmbeddingModel(LoadedModel):
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        # A fast tokenizer keeps truncation/padding as state that every call resets: two
+        # threads using it at once (chunking in a thread while the worker embeds) get each
+        # other's truncation. Every use of the tokenizer holds this lock.
+        self.tokenizer_lock = threading.Lock()
         self.family = config.get("model_type")
         self.pooling = _json(path / "1_Pooling" / "config.json") or {"pooling_mode": "mean"}
         modules = _json(path / "modules.json") or []
@@ -80,27 +90,32 @@ class EmbeddingModel(LoadedModel):
 
     def token_counts(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text with the special tokens, before truncation."""
-        return [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
+        with self.tokenizer_lock:
+            encoded = self.tokenizer(list(texts))
+        return [len(ids) for ids in encoded["input_ids"]]
 
     def count_tokens(self, text: str) -> int:
         return self.token_counts([text])[0]
 
     def warmup(self, prompt: str, max_length: int) -> int:
         """One real forward pass over the prompt (allocations, kernels)."""
-        ids = self.tokenizer(prompt, truncation=True, max_length=max(2, max_length))["input_ids"]
-        text = self.tokenizer.decode(ids, skip_special_tokens=True) or prompt
+        with self.tokenizer_lock:
+            ids = self.tokenizer(prompt, truncation=True, max_length=max(2, max_length))
+            ids = ids["input_ids"]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True) or prompt
         self.embed([text], threading.Event())
         return len(ids)
 
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
         """Character span of each token, special tokens excluded: what chunking counts."""
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        return [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
+        with self.tokenizer_lock:
+            return hf_token_offsets(self.tokenizer, text)
 
     @property
     def special_tokens(self) -> int:
         """Tokens the tokenizer adds around every text ([CLS] and [SEP] for BERT)."""
-        return len(self.tokenizer("")["input_ids"])
+        with self.tokenizer_lock:
+            return len(self.tokenizer("")["input_ids"])
 
     def embed(self, texts: Sequence[str], stop: threading.Event) -> EmbedResult:
         import mlx.core as mx
@@ -118,13 +133,14 @@ class EmbeddingModel(LoadedModel):
             if stop.is_set():
                 break
             batch = order[start : start + BATCH]
-            encoded = self.tokenizer(
-                [texts[i] for i in batch],
-                padding=True,
-                truncation=True,
-                max_length=self.max_seq_length,
-                return_tensors="np",
-            )
+            with self.tokenizer_lock:
+                encoded = self.tokenizer(
+                    [texts[i] for i in batch],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_seq_length,
+                    return_tensors="np",
+                )
             mask = mx.array(encoded["attention_mask"])
             out = self.model(
                 mx.array(encoded["input_ids"]),

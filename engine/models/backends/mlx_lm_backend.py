@@ -15,6 +15,7 @@ from engine.models.backends.base import (
     ChatParams,
     LoadedModel,
     context_length_of,
+    hf_token_offsets,
     read_config,
 )
 from engine.models.backends.textgen import parameter_bytes, stream_chunks
@@ -144,6 +145,10 @@ class LmModel(LoadedModel):
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text))
+
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        # mlx-lm's TokenizerWrapper forwards attributes, not calls, to the HF tokenizer.
+        return hf_token_offsets(getattr(self.tokenizer, "_tokenizer", self.tokenizer), text)
 
     def close(self) -> None:
         self.model = None

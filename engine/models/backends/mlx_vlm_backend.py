@@ -15,6 +15,7 @@ from engine.models.backends.base import (
     ChatParams,
     LoadedModel,
     context_length_of,
+    hf_token_offsets,
     read_config,
 )
 from engine.models.backends.textgen import parameter_bytes, stream_chunks
@@ -81,6 +82,9 @@ class VlmModel(LoadedModel):
     def count_tokens(self, text: str) -> int:
         tokenizer = getattr(self.processor, "tokenizer", self.processor)
         return len(tokenizer.encode(text))
+
+    def token_offsets(self, text: str) -> list[tuple[int, int]]:
+        return hf_token_offsets(getattr(self.processor, "tokenizer", self.processor), text)
 
     def close(self) -> None:
         self.model = None
