@@ -11,6 +11,7 @@ import structlog
 
 from engine.config import Settings
 from engine.dsl.catalog import WorkflowCatalog
+from engine.fusion.service import FusionService
 from engine.models.backends import default_backends
 from engine.models.memory import GIB, default_budget_bytes
 from engine.models.registry import ModelRegistry
@@ -32,6 +33,7 @@ class Engine:
     models: ModelRegistry
     runner: Runner
     rag: RagService
+    fusion: FusionService | None = None  # set by start(), once the catalog is loaded
 
     @classmethod
     async def start(cls, settings: Settings, *, load_workflows: bool = True) -> Engine:
@@ -67,6 +69,8 @@ class Engine:
         )
         engine = cls(settings, store, steps, catalog, models, runner, rag)
         services["engine"] = engine
+        # Composed workflows join the catalog here, after the predefined files.
+        engine.fusion = services["fusion"] = FusionService(engine)
         await engine.load_startup_models()
         return engine
 

@@ -18,7 +18,8 @@ Migrations
     Rules:
     - `version` is a positive integer unique across the whole program. Each module owns a
       range, so nobody edits this file to add a table:
-          1-99      engine/store.py (core: runs)
+          1-99      core: engine/store.py (runs), engine/fusion (runs rebuilt, composed
+                    workflows)
           100-199   engine/rag
           200-299   engine/jobs (queue, webhooks, deliveries)
           300-399   engine/models
@@ -150,6 +151,11 @@ class Store:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def busy_timeout_ms(self) -> int:
+        """How long a connection waits for another's lock before SQLITE_BUSY."""
+        return self._busy_timeout_ms
 
     # -- connections ---------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from engine.logging import configure_logging, get_logger
 from engine.services import Engine
 from server.errors import exception_handlers
 from server.request_id import RequestIdMiddleware, set_request_id_header
+from server.routes import fusion as fusion_routes
 from server.routes import models as model_routes
 from server.routes import openai as openai_routes
 from server.routes import rag as rag_routes
@@ -62,6 +63,7 @@ def create_app(
         app.state.engine = engine
         app.state.store = engine.store
         app.state.services["rag"] = engine.rag
+        app.state.services["fusion"] = engine.fusion
         log.info("engine started", db=str(engine.store.path), models=len(engine.models.entries()))
         try:
             yield
@@ -77,6 +79,7 @@ def create_app(
             health,
             *model_routes.ROUTES,
             *openai_routes.ROUTES,
+            *fusion_routes.ROUTES,
             *rag_routes.ROUTES,
             *extra_routes,
         ],

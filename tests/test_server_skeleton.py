@@ -117,7 +117,7 @@ def test_health_reports_real_readings(client: httpx.Client, server: RunningServe
     assert abs(datetime.now(UTC) - stamp) < timedelta(minutes=5)
     assert body["models"] == {"loaded_count": 0, "models_healthy": True, "models": []}
     assert body["persistence"] == {"vector_db_connected": True}
-    assert body["services"] == {"fusion_enabled": False, "rag_enabled": True, "mcp_enabled": False}
+    assert body["services"] == {"fusion_enabled": True, "rag_enabled": True, "mcp_enabled": False}
     assert server.app.state.store.path.is_file()
 
 

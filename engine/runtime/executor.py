@@ -104,10 +104,13 @@ class Runner:
         on_event: EventSink | None = None,
         run_id: str | None = None,
         depth: int = 0,
+        input_checked: bool = False,
     ) -> RunResult:
         """Validate input, bind models and execute. Request errors (bad input, unknown role,
-        missing model) raise before anything runs; step failures end in the result."""
-        prepared_input = prepare_input(wf.input_schema, input)
+        missing model) raise before anything runs; step failures end in the result.
+        ``input_checked``: the caller already ran prepare_input against wf.input_schema
+        (the server checks every request error before it answers)."""
+        prepared_input = input if input_checked else prepare_input(wf.input_schema, input)
         bound = self.bind_models(wf, models)
         if config is not None and not isinstance(config, Mapping):
             raise InvalidRequest("config must be an object", param="config")

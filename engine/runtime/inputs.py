@@ -43,11 +43,29 @@ _Filling = validators.extend(
 )
 
 
+# Validators by schema identity: building one costs more than validating a small input,
+# and a workflow's input_schema is the same object on every run. Bounded, because inline
+# workflows bring a new schema with each request.
+_VALIDATORS: dict[int, tuple[dict[str, Any], Any]] = {}
+_MAX_VALIDATORS = 256
+
+
+def _validator(schema: dict[str, Any]) -> Any:
+    found = _VALIDATORS.get(id(schema))
+    if found is not None and found[0] is schema:
+        return found[1]
+    if len(_VALIDATORS) >= _MAX_VALIDATORS:
+        _VALIDATORS.clear()
+    validator = _Filling(schema)
+    _VALIDATORS[id(schema)] = (schema, validator)  # the schema kept alive: its id stays its own
+    return validator
+
+
 def prepare_input(schema: dict[str, Any], data: Any) -> dict[str, Any]:
     """A validated copy of ``data`` with schema defaults applied; InvalidRequest naming the
     JSON pointer of the first problem otherwise."""
     instance = copy.deepcopy(data) if data is not None else {}
-    errors = list(_Filling(schema).iter_errors(instance))
+    errors = list(_validator(schema).iter_errors(instance))
     if errors:
         error = best_match(errors)
         path = tuple(error.absolute_path)

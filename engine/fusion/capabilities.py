@@ -1,0 +1,77 @@
+"""Capability discovery (spec §3.3), derived from the models that are loaded right now."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.errors import InvalidRequest
+from engine.models.memory import gb
+from engine.models.registry import ModelEntry
+
+LONG_CONTEXT_TOKENS = 32_768
+# The spec's six, then the two the remaining model types give.
+CAPABILITIES = (
+    "chat",
+    "vision",
+    "embeddings",
+    "image_generation",
+    "tool_calling",
+    "long_context",
+    "transcription",
+    "image_edit",
+)
+_BY_TYPE = {
+    "lm": ("chat",),
+    "multimodal": ("chat", "vision"),
+    "embeddings": ("embeddings",),
+    "image-generation": ("image_generation",),
+    "image-edit": ("image_edit",),
+    "whisper": ("transcription",),
+}
+
+
+def model_capabilities(entry: ModelEntry) -> list[str]:
+    """What one loaded model can do: by its type (lm chats, multimodal also sees), what
+    its backend found (tool_calling when the chat template handles `tools`), and
+    long_context when its context length is at least 32768 tokens; in CAPABILITIES order."""
+    found = set(_BY_TYPE.get(entry.type, ()))
+    found |= {c.replace("-", "_") for c in entry.model.capabilities}
+    if (entry.model.context_length or 0) >= LONG_CONTEXT_TOKENS:
+        found.add("long_context")
+    return [c for c in CAPABILITIES if c in found]
+
+
+def normalise(capability: str) -> str:
+    name = capability.strip().lower().replace("-", "_")
+    if name not in CAPABILITIES:
+        raise InvalidRequest(
+            f"unknown capability '{capability}'; known: {', '.join(CAPABILITIES)}",
+            param="capability",
+            code="invalid_capability",
+        )
+    return name
+
+
+def capabilities(entries: list[ModelEntry], capability: str | None = None) -> dict[str, Any]:
+    """§3.3's body. With `capability`, only that key and the models that have it."""
+    wanted = normalise(capability) if capability is not None else None
+    by_name: dict[str, list[str]] = {c: [] for c in CAPABILITIES if wanted in (None, c)}
+    models = []
+    for entry in sorted(entries, key=lambda e: e.id):
+        caps = model_capabilities(entry)
+        if wanted is not None and wanted not in caps:
+            continue
+        for cap in caps:
+            if cap in by_name:
+                by_name[cap].append(entry.id)
+        models.append(
+            {
+                "id": entry.id,
+                "type": entry.type,
+                "capabilities": caps,
+                "context_length": entry.model.context_length,
+                "vram_usage_gb": gb(entry.memory_bytes),
+                "status": "loaded",
+            }
+        )
+    return {"capabilities": by_name, "models": models}

@@ -1,0 +1,201 @@
+"""Workflow runs, stored in the `runs` table once they end, and fetched by id.
+
+A run row keeps what the orchestrate response said (status, result, execution trace,
+error, timings) and what it was asked (input, model bindings, config, and the definition
+of an inline "custom" workflow), plus the workflow's id, version and source, so a run can
+be explained after the workflow has changed or been deleted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import apsw
+import msgspec
+
+from engine.errors import NotFound
+from engine.runtime.trace import RunResult, StepRecord
+from engine.store import Store, register_migration
+
+# Migration 1 typed workflow_version INTEGER, but a workflow's `version` may be a string
+# ("2026.11"); STRICT tables take ANY for that. The table is rebuilt (SQLite cannot change
+# a column's type) with the request's context appended.
+register_migration(
+    2,
+    "runs_version_any_and_request",
+    """
+    CREATE TABLE runs_v2 (
+        id TEXT PRIMARY KEY,
+        workflow_id TEXT NOT NULL,
+        workflow_version ANY,
+        status TEXT NOT NULL,
+        input TEXT CHECK (input IS NULL OR json_valid(input)),
+        result TEXT CHECK (result IS NULL OR json_valid(result)),
+        trace TEXT CHECK (trace IS NULL OR json_valid(trace)),
+        error TEXT,
+        created_at TEXT NOT NULL,
+        completed_at TEXT,
+        total_latency_ms REAL,
+        workflow_source TEXT,
+        models TEXT CHECK (models IS NULL OR json_valid(models)),
+        config TEXT CHECK (config IS NULL OR json_valid(config)),
+        definition TEXT CHECK (definition IS NULL OR json_valid(definition))
+    ) STRICT;
+    INSERT INTO runs_v2 (id, workflow_id, workflow_version, status, input, result, trace,
+                         error, created_at, completed_at, total_latency_ms)
+        SELECT id, workflow_id, workflow_version, status, input, result, trace,
+               error, created_at, completed_at, total_latency_ms FROM runs;
+    DROP TABLE runs;
+    ALTER TABLE runs_v2 RENAME TO runs;
+    CREATE INDEX runs_by_workflow ON runs (workflow_id, created_at);
+    CREATE INDEX runs_by_status ON runs (status, created_at);
+    """,
+)
+
+_COLUMNS = (
+    "id, workflow_id, workflow_version, status, input, result, trace, error, created_at, "
+    "completed_at, total_latency_ms, workflow_source, models, config, definition"
+)
+_INSERT = f"INSERT INTO runs ({_COLUMNS}) VALUES ({', '.join('?' * 15)})"
+_JSON_COLUMNS = ("input", "result", "trace", "models", "config", "definition")
+
+
+def _encode_fallback(value: Any) -> Any:
+    return str(value)  # anything JSON has no type for (a YAML date, a set) as text
+
+
+def _json(value: Any) -> str | None:
+    if value is None:
+        return None
+    return msgspec.json.encode(value, enc_hook=_encode_fallback).decode()
+
+
+def trace_entry(record: StepRecord) -> dict[str, Any]:
+    """One item of §3.1's execution_trace: step, model, status, duration_ms, plus the
+    step's type, attempts, error and start, and for_each/repeat counts when they apply."""
+    entry: dict[str, Any] = {
+        "step": record.step_id,
+        "type": record.type,
+        "model": record.model,
+        "status": record.status,
+        "duration_ms": record.duration_ms,
+        "attempts": record.attempts,
+        "error": record.error,
+        "started_at": record.started_at,
+    }
+    if record.items is not None:
+        entry["items"] = record.items
+    if record.iterations is not None:
+        entry["iterations"] = record.iterations
+    return entry
+
+
+def run_body(result: RunResult, *, workflow_source: str, models: dict[str, Any]) -> dict[str, Any]:
+    """§3.1's response: `workflow_id` is the run's id (as the spec shows it, "wf-..."), the
+    workflow itself is `workflow` (with its version and source), `models` the bindings."""
+    return {
+        "workflow_id": result.run_id,
+        "status": result.status,
+        "result": result.output,
+        "execution_trace": [trace_entry(r) for r in result.trace],
+        "total_latency_ms": result.total_latency_ms,
+        "created_at": result.created_at,
+        "completed_at": result.completed_at,
+        "workflow": result.workflow_id,
+        "workflow_version": result.workflow_version,
+        "workflow_source": workflow_source,
+        "models": models,
+        "error": result.error,
+    }
+
+
+def _row(
+    body: dict[str, Any], input: Any, config: Any, definition: dict[str, Any] | None = None
+) -> tuple[Any, ...]:
+    version = body["workflow_version"]
+    if version is not None and not isinstance(version, int | str):
+        version = str(version)
+    return (
+        body["workflow_id"],
+        body["workflow"],
+        version,
+        body["status"],
+        _json(input),
+        _json(body["result"]),
+        _json(body["execution_trace"]),
+        body["error"],
+        body["created_at"],
+        body["completed_at"],
+        body["total_latency_ms"],
+        body["workflow_source"],
+        _json(body["models"]),
+        _json(config),
+        _json(definition),
+    )
+
+
+class RunStore:
+    """Runs in the engine's database: one small INSERT per run, after it has ended (WAL,
+    synchronous=NORMAL: no fsync per commit)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def try_save(self, body: dict[str, Any], **request: Any) -> bool:
+        """Save now, on this thread, if the database is free: False, having written
+        nothing, when another connection holds the write lock. Lets the event loop write
+        without ever waiting for a lock (it would stall every request)."""
+        conn = self.store.connection()
+        if conn.in_transaction:
+            return False  # a caller's open transaction: do not write into it
+        conn.set_busy_timeout(0)
+        try:
+            # One statement in autocommit mode is its own transaction.
+            conn.execute(_INSERT, _row(body, **request))
+        except apsw.BusyError:
+            return False
+        finally:
+            conn.set_busy_timeout(self.store.busy_timeout_ms)
+        return True
+
+    def save(
+        self,
+        body: dict[str, Any],
+        *,
+        input: Any,
+        config: Any,
+        definition: dict[str, Any] | None = None,
+    ) -> None:
+        with self.store.transaction() as conn:
+            conn.execute(_INSERT, _row(body, input, config, definition))
+
+    def get(self, run_id: str) -> dict[str, Any]:
+        """A stored run: the orchestrate response, plus the request's input and config
+        (and `definition` for an inline workflow)."""
+        rows = self.store.query(f"SELECT {_COLUMNS} FROM runs WHERE id = ?", (run_id,))
+        if not rows:
+            raise NotFound(f"run '{run_id}' not found", param="run_id", code="run_not_found")
+        names = [c.strip() for c in _COLUMNS.split(",")]
+        row = dict(zip(names, rows[0], strict=True))
+        for key in _JSON_COLUMNS:
+            if row[key] is not None:
+                row[key] = msgspec.json.decode(row[key])
+        body = {
+            "workflow_id": row["id"],
+            "status": row["status"],
+            "result": row["result"],
+            "execution_trace": row["trace"] or [],
+            "total_latency_ms": row["total_latency_ms"],
+            "created_at": row["created_at"],
+            "completed_at": row["completed_at"],
+            "workflow": row["workflow_id"],
+            "workflow_version": row["workflow_version"],
+            "workflow_source": row["workflow_source"],
+            "models": row["models"] or {},
+            "error": row["error"],
+            "input": row["input"],
+            "config": row["config"],
+        }
+        if row["definition"] is not None:
+            body["definition"] = row["definition"]
+        return body

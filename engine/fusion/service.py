@@ -1,0 +1,253 @@
+"""FusionService: what the §3 routes call. Orchestrate a workflow (predefined, composed,
+or an inline "custom" definition), stream its events, store and fetch runs, list and
+describe workflows, compose and delete custom ones, and report capabilities."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from engine.dsl.compiler import CompiledWorkflow, compile_document
+from engine.dsl.issues import Issue, WorkflowInvalid
+from engine.dsl.source import from_object
+from engine.errors import InvalidRequest, ServiceUnavailable
+from engine.fusion import capabilities as caps
+from engine.fusion.composed import ComposedWorkflows
+from engine.fusion.runs import RunStore, run_body
+from engine.runtime.executor import EventSink, new_run_id
+from engine.runtime.inputs import prepare_input
+
+if TYPE_CHECKING:
+    from engine.services import Engine
+
+log = structlog.get_logger(__name__)
+
+CUSTOM = "custom"
+PREDEFINED, COMPOSED, INLINE = "predefined", "custom", "inline"
+# Runner events that describe the run as a whole: the stream's `result` event says it all.
+_RUN_EVENTS = frozenset({"run_started", "run_finished", "run_cancelled"})
+# A model type that can stand in for a role's type when the caller names it explicitly.
+_SERVES = {"lm": frozenset({"lm", "multimodal"})}
+
+
+@dataclass
+class PreparedRun:
+    """A request that passed every check: it will run, and end with a stored run."""
+
+    run_id: str
+    workflow: CompiledWorkflow
+    source: str
+    input: dict[str, Any]  # validated, defaults filled in
+    given_input: Any
+    models: dict[str, Any]  # every role bound (None for an unbound optional role)
+    config: dict[str, Any] | None
+    definition: dict[str, Any] | None  # an inline workflow's definition
+
+
+class FusionService:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.runs = RunStore(engine.store)
+        self.composed = ComposedWorkflows(engine.store, engine.steps, engine.catalog)
+        self.composed.load()
+
+    # -- orchestrate ----------------------------------------------------------------------
+    def prepare(
+        self,
+        workflow: str,
+        input: Any = None,
+        models: Mapping[str, Any] | None = None,
+        config: Mapping[str, Any] | None = None,
+        definition: dict[str, Any] | None = None,
+    ) -> PreparedRun:
+        """Every request error, before anything runs: unknown workflow (404), invalid
+        inline definition or input (400, `param` naming where), a model that is not
+        loaded (503 `model_not_loaded`)."""
+        wf, source = self.resolve(workflow, definition)
+        prepared_input = prepare_input(wf.input_schema, input)
+        if config is not None and not isinstance(config, Mapping):
+            raise InvalidRequest("config must be an object", param="config")
+        self.check_models(wf, models or {})
+        bound = self.engine.runner.bind_models(wf, models)
+        return PreparedRun(
+            run_id=new_run_id(),
+            workflow=wf,
+            source=source,
+            input=prepared_input,
+            given_input=input,
+            models=bound,
+            config=dict(config) if config is not None else None,
+            definition=definition if source == INLINE else None,
+        )
+
+    def resolve(
+        self, workflow: str, definition: dict[str, Any] | None
+    ) -> tuple[CompiledWorkflow, str]:
+        if workflow != CUSTOM:
+            if definition is not None:
+                raise InvalidRequest(
+                    f"'definition' is only read with workflow \"{CUSTOM}\" (got '{workflow}')",
+                    param="definition",
+                )
+            wf = self.engine.catalog.get(workflow)  # 404 invalid_workflow
+            return wf, COMPOSED if workflow in self.composed.active else PREDEFINED
+        if definition is None:
+            raise InvalidRequest(
+                f"workflow \"{CUSTOM}\" runs the workflow given in 'definition'; it is missing",
+                param="definition",
+                code="invalid_workflow",
+            )
+        if not isinstance(definition, dict):
+            raise InvalidRequest("definition must be an object", param="definition")
+        try:
+            wf = compile_document(
+                from_object(definition),
+                self.engine.steps,
+                workflow_ids=self.engine.catalog.ids(),
+                default_id=CUSTOM,
+            )
+        except WorkflowInvalid as exc:
+            # Pointers into the request body, not into the definition alone.
+            raise WorkflowInvalid(
+                [Issue(i.message, ("definition", *i.path)) for i in exc.issues]
+            ) from None
+        return wf, INLINE
+
+    def check_models(self, wf: CompiledWorkflow, given: Mapping[str, Any]) -> None:
+        """A model the caller names for a role must be loaded and of the role's type."""
+        registry = self.engine.models
+        for role, model_id in given.items():
+            spec = wf.models.get(role)
+            if model_id is None or spec is None:
+                continue  # unbound: auto-selected; unknown role: the runner says so
+            if not isinstance(model_id, str):
+                raise InvalidRequest("a model id must be a string", param=f"models.{role}")
+            entry = registry.find(model_id)
+            if entry is None:
+                raise ServiceUnavailable(
+                    f"model '{model_id}' given for role '{role}' (type '{spec.type}') is not "
+                    "loaded: load it first (POST /v1/models/load)",
+                    param=f"models.{role}",
+                    code="model_not_loaded",
+                )
+            if entry.type not in _SERVES.get(spec.type, {spec.type}):
+                raise InvalidRequest(
+                    f"role '{role}' needs a '{spec.type}' model; '{model_id}' is a "
+                    f"'{entry.type}' model",
+                    param=f"models.{role}",
+                    code="model_type_mismatch",
+                )
+
+    async def execute(self, run: PreparedRun, on_event: EventSink | None = None) -> dict[str, Any]:
+        """Run, store the run, and return §3.1's body. A run that ends failed or partial
+        is a result like any other, not an error."""
+        result = await self.engine.runner.run(
+            run.workflow,
+            run.input,
+            models=run.models,
+            config=run.config,
+            on_event=on_event,
+            run_id=run.run_id,
+            input_checked=True,
+        )
+        body = run_body(result, workflow_source=run.source, models=run.models)
+        request = {"input": run.given_input, "config": run.config, "definition": run.definition}
+        # On the loop when the database is free (a thread hop costs more than the insert);
+        # when another writer (a RAG ingest) holds the lock, wait for it in a worker thread
+        # rather than stall every request.
+        if not self.runs.try_save(body, **request):
+            await asyncio.to_thread(self.runs.save, body, **request)
+        return body
+
+    async def orchestrate(
+        self,
+        workflow: str,
+        input: Any = None,
+        models: Mapping[str, Any] | None = None,
+        config: Mapping[str, Any] | None = None,
+        definition: dict[str, Any] | None = None,
+        on_event: EventSink | None = None,
+    ) -> dict[str, Any]:
+        return await self.execute(
+            self.prepare(workflow, input, models, config, definition), on_event
+        )
+
+    async def stream(self, run: PreparedRun) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """The run's events as (name, data) in order: step_started, step_finished, token
+        (and any other event a step plugin emits), then ("result", §3.1 body). Closing the
+        iterator early (the client went away) cancels the run; it is then not stored."""
+        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        task = asyncio.create_task(self.execute(run, on_event=queue.put_nowait))
+        task.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            while (event := await queue.get()) is not None:
+                name = event.get("event")
+                if name in _RUN_EVENTS or not isinstance(name, str):
+                    continue
+                yield name, {k: v for k, v in event.items() if k != "event"}
+            yield "result", task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                log.info("run_cancelled", run_id=run.run_id, workflow_id=run.workflow.id)
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        return self.runs.get(run_id)
+
+    # -- workflows ------------------------------------------------------------------------
+    def source_of(self, wf_id: str) -> str:
+        return COMPOSED if wf_id in self.composed.active else PREDEFINED
+
+    def summary(self, wf: CompiledWorkflow) -> dict[str, Any]:
+        """One item of §3.2's list, plus the workflow's source and version."""
+        return {
+            "id": wf.id,
+            "name": wf.name,
+            "description": wf.description,
+            "required_models": wf.required_models,
+            "optional_models": wf.optional_models,
+            "input_schema": wf.input_schema,
+            "source": self.source_of(wf.id),
+            "version": wf.version,
+        }
+
+    def list_workflows(self) -> list[dict[str, Any]]:
+        """Predefined workflows, then composed ones, each by id."""
+        found = sorted(
+            self.engine.catalog, key=lambda wf: (self.source_of(wf.id) != PREDEFINED, wf.id)
+        )
+        return [self.summary(wf) for wf in found]
+
+    def get_workflow(self, wf_id: str) -> dict[str, Any]:
+        wf = self.engine.catalog.get(wf_id)
+        body = self.summary(wf)
+        body["models"] = {
+            role: {"type": spec.type, "optional": spec.optional} for role, spec in wf.models.items()
+        }
+        info = self.composed.active.get(wf_id)
+        body["created_at"] = info.created_at if info else None
+        body["definition"] = wf.definition
+        return body
+
+    def compose(self, body: dict[str, Any]) -> dict[str, Any]:
+        info = self.composed.compose(body)
+        return {
+            "workflow_id": info.workflow_id,
+            "name": info.name,
+            "status": "created",
+            "created_at": info.created_at,
+            "version": info.version,
+        }
+
+    def delete_workflow(self, wf_id: str) -> dict[str, Any]:
+        info = self.composed.delete(wf_id)
+        return {"workflow_id": wf_id, "status": "deleted", "version": info.version}
+
+    # -- capabilities ---------------------------------------------------------------------
+    def capabilities(self, capability: str | None = None) -> dict[str, Any]:
+        return caps.capabilities(self.engine.models.entries(), capability)
