@@ -69,8 +69,9 @@ class Runner:
         self._validators: dict[str, Draft202012Validator] = {}
 
     def bind_models(self, wf: CompiledWorkflow, given: Mapping[str, Any] | None) -> dict[str, Any]:
-        """Role -> model id: the caller's choice, else the selector's, else None for an
-        optional role; a required role nobody can fill is a 503."""
+        """Role -> model id: the caller's choice; for a required role, else the selector's
+        (a loaded model of its type); an optional role not given is None. A required role
+        nobody can fill is a 503."""
         given = dict(given or {})
         for role in given:
             if role not in wf.models:
@@ -82,7 +83,9 @@ class Runner:
         bound: dict[str, Any] = {}
         for role, spec in wf.models.items():
             model = given.get(role)
-            if model is None and self.select_model is not None:
+            # An optional role is a feature the caller turns on (a reranker): filling it
+            # with whatever model is loaded would turn it on for everyone.
+            if model is None and not spec.optional and self.select_model is not None:
                 model = self.select_model(role, spec)
             if model is None and not spec.optional:
                 raise ServiceUnavailable(
