@@ -4,8 +4,9 @@
   versus the same encoder called directly in this process;
 - the encoder with Debian's OpenBLAS (the default when installed) versus MLX's bundled
   reference BLAS (FUSION_BLAS=bundled, in a subprocess);
-- versus sentence-transformers on PyTorch CPU, when it is installed
-  (`.venv/bin/pip install torch==2.13.0 sentence-transformers`).
+- versus sentence-transformers on PyTorch CPU, in a separate environment:
+  `python3 -m venv /tmp/st && /tmp/st/bin/pip install torch sentence-transformers`,
+  then `--st-python /tmp/st/bin/python`.
 
     .venv/bin/python bench/embeddings.py [--passages 256]
 """
@@ -132,22 +133,41 @@ def bundled_blas_rate(n: int) -> float:
     return float(json.loads(out.stdout.strip().splitlines()[-1])["direct"])
 
 
-def sentence_transformers_rate(texts: list[str]) -> float | None:
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
+ST_SCRIPT = """
+import json, sys, time
+from sentence_transformers import SentenceTransformer
+path, batch, texts = sys.argv[1], int(sys.argv[2]), json.load(sys.stdin)
+model = SentenceTransformer(path, device="cpu")
+model.encode(texts[:batch], batch_size=batch)
+start = time.perf_counter()
+model.encode(texts, batch_size=batch)
+print(len(texts) / (time.perf_counter() - start))
+"""
+
+
+def sentence_transformers_rate(python: str | None, texts: list[str]) -> float | None:
+    """Measured in another interpreter: sentence-transformers and PyTorch pin versions of
+    transformers that must not be mixed into Fusion's own environment."""
+    if not python:
         return None
-    model = SentenceTransformer(str(minilm_path()), device="cpu")
-    model.encode(texts[:BATCH], batch_size=BATCH)
-    start = time.perf_counter()
-    model.encode(texts, batch_size=BATCH)
-    return len(texts) / (time.perf_counter() - start)
+    out = subprocess.run(
+        [python, "-c", ST_SCRIPT, str(minilm_path()), str(BATCH)],
+        input=json.dumps(texts),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--passages", type=int, default=256)
     parser.add_argument("--direct-only", action="store_true")
+    parser.add_argument(
+        "--st-python",
+        help="a Python with torch and sentence-transformers, e.g. a separate venv's",
+    )
     args = parser.parse_args()
     texts = passages(args.passages)
     if args.direct_only:
@@ -167,9 +187,9 @@ def main() -> None:
         f"encoder with OpenBLAS: {direct:.1f} passages/s vs MLX bundled BLAS {bundled:.2f} "
         f"passages/s -> ratio {direct / bundled:.1f}x"
     )
-    st = sentence_transformers_rate(texts)
+    st = sentence_transformers_rate(args.st_python, texts)
     if st is None:
-        print("sentence-transformers: not installed, comparison skipped")
+        print("sentence-transformers: no --st-python given, comparison skipped")
     else:
         print(
             f"encoder (MLX, OpenBLAS): {direct:.1f} passages/s vs sentence-transformers "
