@@ -20,9 +20,6 @@ class MissingBackend(Backend):
         self.model_type = model_type
         self.package = package
 
-    def available(self) -> bool:
-        return False
-
     def unavailable_reason(self) -> str:
         return (
             f"this server has no '{self.model_type}' backend yet (it would be built on the "

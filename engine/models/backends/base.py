@@ -3,6 +3,7 @@ block; the registry calls them through engine.models.worker.MLXWorker."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
 from abc import ABC, abstractmethod
@@ -122,9 +123,10 @@ class LoadedModel:
 class Backend(ABC):
     model_type: str
     package: str  # the pip package that provides it, named in 'backend_unavailable' errors
+    module: str = ""  # the module it imports; found without importing it
 
-    @abstractmethod
-    def available(self) -> bool: ...
+    def available(self) -> bool:
+        return bool(self.module) and importlib.util.find_spec(self.module) is not None
 
     def unavailable_reason(self) -> str:
         return f"install the '{self.package}' package to load this type"

@@ -4,7 +4,6 @@ follow the model's own sentence-transformers files."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 from collections.abc import Sequence
@@ -34,9 +33,7 @@ def _json(path: Path) -> Any:
 class EmbeddingsBackend(Backend):
     model_type = "embeddings"
     package = "mlx-vlm"
-
-    def available(self) -> bool:
-        return importlib.util.find_spec("mlx_vlm") is not None
+    module = "mlx_vlm"
 
     def load(self, path: Path, context_length: int | None) -> LoadedModel:
         from mlx_vlm.embedding_loader import load_embedding_model

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,9 +29,7 @@ RERANK_SYSTEM = (
 class MlxLmBackend(Backend):
     model_type = "lm"
     package = "mlx-lm"
-
-    def available(self) -> bool:
-        return importlib.util.find_spec("mlx_lm") is not None
+    module = "mlx_lm"
 
     def load(self, path: Path, context_length: int | None) -> LoadedModel:
         import mlx_lm

@@ -3,7 +3,6 @@ engine.models.messages under the SSRF policy; mlx-vlm never fetches anything."""
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -25,9 +24,7 @@ from engine.models.messages import VisionPrompt
 class MlxVlmBackend(Backend):
     model_type = "multimodal"
     package = "mlx-vlm"
-
-    def available(self) -> bool:
-        return importlib.util.find_spec("mlx_vlm") is not None
+    module = "mlx_vlm"
 
     def load(self, path: Path, context_length: int | None) -> LoadedModel:
         import mlx_vlm
