@@ -203,9 +203,13 @@ def test_lexical_survives_hostile_queries(rag: RagStore, query: str) -> None:
 
 
 def test_fts_expression_quotes_every_word() -> None:
-    assert fts_expression('"foo AND bar') == '"foo" OR "and" OR "bar"'
+    assert fts_expression('"foo NEAR bar') == '"foo" OR "near" OR "bar"'
     assert fts_expression("  --  ") is None
-    assert fts_expression("a a A") == '"a"'
+    assert fts_expression("a a A") == '"a"'  # only function words: they are kept
+
+
+def test_fts_expression_drops_function_words() -> None:
+    assert fts_expression("How does the sourdough rise?") == '"sourdough" OR "rise"'
 
 
 # -- ingest ----------------------------------------------------------------------------------

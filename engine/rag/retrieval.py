@@ -119,5 +119,4 @@ class Retriever:
         ranked = [
             r for r in sorted(fused, key=lambda r: -fused[r]) if cosine.get(r, -1.0) >= threshold
         ]
-        hits = await asyncio.to_thread(self.db.hits, ranked[:top_k], cosine)
-        return [replace(hit, rerank_score=fused[r]) for r, hit in zip(ranked, hits, strict=False)]
+        return await asyncio.to_thread(self.db.hits, ranked[:top_k], cosine, fused)

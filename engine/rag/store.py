@@ -267,8 +267,14 @@ class RagStore:
         ).fetchall()
         return [(int(rowid), -float(rank)) for rowid, rank in rows]
 
-    def hits(self, rowids: Sequence[int], scores: dict[int, float]) -> list[Hit]:
-        """The chunks `rowids` as hits, in that order, scored from `scores`.
+    def hits(
+        self,
+        rowids: Sequence[int],
+        scores: dict[int, float],
+        rerank_scores: dict[int, float] | None = None,
+    ) -> list[Hit]:
+        """The chunks `rowids` as hits, in that order, scored from `scores` (and
+        `rerank_scores`, when a reranker ordered them).
 
         Rowids no longer present (deleted since the search) are left out.
         """
@@ -281,8 +287,11 @@ class RagStore:
             (json.dumps([int(r) for r in rowids]),),
         )
         by_rowid = {row[0]: row for row in rows}
+        reranked = rerank_scores or {}
         return [
-            _hit(by_rowid[rowid], scores.get(rowid, 0.0)) for rowid in rowids if rowid in by_rowid
+            _hit(by_rowid[rowid], scores.get(rowid, 0.0), reranked.get(rowid))
+            for rowid in rowids
+            if rowid in by_rowid
         ]
 
     # -- collections and documents -------------------------------------------------------
@@ -407,6 +416,16 @@ class RagStore:
 # unicode61 splits on everything that is not a letter, digit or private-use character; `\w`
 # also keeps `_`, which the tokenizer splits again inside the quoted string, harmlessly.
 _WORD = re.compile(r"\w+")
+STOP_WORDS = frozenset(
+    """a about above after again against all am an and any are as at be because been before
+    being below between both but by can could did do does doing down during each few for
+    from further had has have having he her here hers herself him himself his how i if in
+    into is it its itself just me more most my myself no nor not of off on once only or
+    other our ours ourselves out over own same she should so some such than that the their
+    theirs them themselves then there these they this those through to too under until up
+    very was we were what when where which while who whom why will with would you your
+    yours yourself yourselves""".split()
+)
 
 
 def fts_expression(query: str) -> str | None:
@@ -415,7 +434,10 @@ def fts_expression(query: str) -> str | None:
     Quoting makes every word a string token, so user text such as `"foo`, `a AND`,
     `NEAR(`, `col:x` or `*` can never be read as FTS5 syntax.
     """
-    words = list(dict.fromkeys(w.lower() for w in _WORD.findall(query)))[:MAX_QUERY_TERMS]
+    words = list(dict.fromkeys(w.lower() for w in _WORD.findall(query)))
+    # Function words match nearly every chunk and, OR-ed in, let a chunk that shares only
+    # "the" outrank the best vector match in hybrid fusion; a query of nothing else keeps them.
+    words = ([w for w in words if w not in STOP_WORDS] or words)[:MAX_QUERY_TERMS]
     if not words:
         return None
     return " OR ".join('"' + word.replace('"', '""') + '"' for word in words)
@@ -629,7 +651,7 @@ def _collection_info(row: Sequence[Any]) -> CollectionInfo:
     )
 
 
-def _hit(row: Sequence[Any], score: float) -> Hit:
+def _hit(row: Sequence[Any], score: float, rerank_score: float | None = None) -> Hit:
     _, chunk_id, text, page, heading, document_id, filename, metadata = row
     # The user's metadata first: the store's own keys must not be overridden by it.
     meta = {
@@ -639,7 +661,14 @@ def _hit(row: Sequence[Any], score: float) -> Hit:
         "heading": heading,
         "document_id": document_id,
     }
-    return Hit(chunk_id=chunk_id, document_id=document_id, text=text, score=score, metadata=meta)
+    return Hit(
+        chunk_id=chunk_id,
+        document_id=document_id,
+        text=text,
+        score=score,
+        metadata=meta,
+        rerank_score=rerank_score,
+    )
 
 
 def _find_collection(conn: apsw.Connection, name: str) -> _Collection | None:
