@@ -275,14 +275,15 @@ def test_orchestrate_returns_the_spec_body(client: httpx.Client) -> None:
     assert body["error"] is None
     assert body["workflow"] == "greet"
     assert body["workflow_source"] == "predefined"
-    # Roles not given are filled with loaded models of their type (optional ones too).
+    # A required role not given is filled with a loaded model of its type; an optional
+    # one stays off unless the caller names a model (docs/decisions.md).
     assert body["models"]["generation"] in (LM, LM_LONG)
-    assert body["models"]["retrieval"] == EMBED
+    assert body["models"]["retrieval"] is None
     assert body["result"] == {
         "text": "Hello, Ada!",
         "all": ["Hello, Ada!", "Hello, Ada!"],
         "generation": body["models"]["generation"],
-        "retrieval": EMBED,
+        "retrieval": None,
     }
     trace = body["execution_trace"]
     assert [t["step"] for t in trace] == ["greet", "repeated"]
@@ -360,11 +361,16 @@ def test_explicit_models_override_the_automatic_choice(client: httpx.Client) -> 
         ).json()
         assert body["models"]["generation"] == chosen
         assert body["result"]["generation"] == chosen
-    # null leaves a role to the automatic choice
+    # an optional role is on only when named; null leaves it off
+    body = orchestrate(
+        client, workflow="greet", input={"name": "Ada"}, models={"retrieval": EMBED}
+    ).json()
+    assert body["models"]["retrieval"] == EMBED
+    assert body["result"]["retrieval"] == EMBED
     body = orchestrate(
         client, workflow="greet", input={"name": "Ada"}, models={"retrieval": None}
     ).json()
-    assert body["models"]["retrieval"] == EMBED
+    assert body["models"]["retrieval"] is None
 
 
 def test_explicit_model_errors(client: httpx.Client) -> None:
