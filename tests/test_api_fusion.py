@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 from serverutil import RunningServer, serve_app
+from spec_examples import COMPOSE_EXAMPLE
 
 from engine.config import Settings
 from engine.steps.base import StepContext, StepPlugin
@@ -100,44 +101,6 @@ steps:
     value: "{{ input.data.value }}"
     when: "{{ not input.tolerate }}"
 """
-
-# Spec §3.4's example body, exactly as printed there.
-SPEC_COMPOSE_EXAMPLE: dict[str, Any] = {
-    "name": "custom_rag_workflow",
-    "description": "Custom RAG workflow with specific models",
-    "steps": [
-        {
-            "step_id": "embed_query",
-            "type": "model_call",
-            "model_id": "embedding-model",
-            "operation": "embed",
-            "input": "{{ input.query }}",
-        },
-        {
-            "step_id": "retrieve_docs",
-            "type": "vector_search",
-            "collection": "{{ input.collection }}",
-            "query_embedding": "{{ steps.embed_query.output }}",
-            "top_k": 5,
-        },
-        {
-            "step_id": "generate_answer",
-            "type": "model_call",
-            "model_id": "qwen-7b",
-            "operation": "chat",
-            "input": {
-                "messages": [
-                    {
-                        "role": "system",
-                        "content": "Answer based on the following context: "
-                        "{{ steps.retrieve_docs.output }}",
-                    },
-                    {"role": "user", "content": "{{ input.query }}"},
-                ]
-            },
-        },
-    ],
-}
 
 
 def template_workflow(name: str, value: str, **extra: Any) -> dict[str, Any]:
@@ -683,7 +646,7 @@ def test_compose_the_spec_example_as_is(server: RunningServer, client: httpx.Cli
     for stub in (_StubModelCall, _StubVectorSearch):
         if steps.get(stub.type_name) is None:
             steps.register(stub)
-    response = client.post("/api/fusion/compose", json=SPEC_COMPOSE_EXAMPLE)
+    response = client.post("/api/fusion/compose", json=COMPOSE_EXAMPLE)
     assert response.status_code == 201, response.text
     body = response.json()
     assert body["workflow_id"] == "custom_rag_workflow"
@@ -698,7 +661,7 @@ def test_compose_the_spec_example_as_is(server: RunningServer, client: httpx.Cli
     assert entry["version"] == 1
     assert entry["description"] == "Custom RAG workflow with specific models"
     detail = client.get("/api/fusion/workflows/custom_rag_workflow").json()
-    assert detail["definition"]["steps"] == SPEC_COMPOSE_EXAMPLE["steps"]
+    assert detail["definition"]["steps"] == COMPOSE_EXAMPLE["steps"]
     assert detail["created_at"] == body["created_at"]
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator
+from spec_examples import COMPOSE_EXAMPLE
 
 from engine.dsl.catalog import workflow_files
 from engine.dsl.compiler import compile_document
@@ -134,43 +135,6 @@ def test_schema_rejects_what_the_validator_calls_a_schema_error(
 
 # -- the compose API's example body (spec §3.4) must load unchanged -------------------------
 
-COMPOSE_BODY: dict[str, Any] = {
-    "name": "custom_rag_workflow",
-    "description": "Custom RAG workflow with specific models",
-    "steps": [
-        {
-            "step_id": "embed_query",
-            "type": "model_call",
-            "model_id": "embedding-model",
-            "operation": "embed",
-            "input": "{{ input.query }}",
-        },
-        {
-            "step_id": "retrieve_docs",
-            "type": "vector_search",
-            "collection": "{{ input.collection }}",
-            "query_embedding": "{{ steps.embed_query.output }}",
-            "top_k": 5,
-        },
-        {
-            "step_id": "generate_answer",
-            "type": "model_call",
-            "model_id": "qwen-7b",
-            "operation": "chat",
-            "input": {
-                "messages": [
-                    {
-                        "role": "system",
-                        "content": "Answer based on the following context: "
-                        "{{ steps.retrieve_docs.output }}",
-                    },
-                    {"role": "user", "content": "{{ input.query }}"},
-                ]
-            },
-        },
-    ],
-}
-
 
 @pytest.fixture
 def compose_registry() -> StepRegistry:
@@ -179,9 +143,9 @@ def compose_registry() -> StepRegistry:
 
 
 def test_compose_example_compiles_as_is(compose_registry: StepRegistry) -> None:
-    body = copy.deepcopy(COMPOSE_BODY)
+    body = copy.deepcopy(COMPOSE_EXAMPLE)
     workflow = compile_document(from_object(body), compose_registry)
-    assert body == COMPOSE_BODY  # compiling does not touch the caller's object
+    assert body == COMPOSE_EXAMPLE  # compiling does not touch the caller's object
     assert workflow.id == "custom_rag_workflow"
     assert list(workflow.steps) == ["embed_query", "retrieve_docs", "generate_answer"]
     assert set(workflow.graph.edges) == {
@@ -195,7 +159,7 @@ def test_compose_example_compiles_as_is(compose_registry: StepRegistry) -> None:
 
 
 def test_compose_example_as_json_text_compiles(compose_registry: StepRegistry) -> None:
-    doc = load_text(json.dumps(COMPOSE_BODY, indent=2), "compose.json")
+    doc = load_text(json.dumps(COMPOSE_EXAMPLE, indent=2), "compose.json")
     workflow = compile_document(doc, compose_registry)
     assert workflow.sinks() == ["generate_answer"]
 
@@ -204,14 +168,14 @@ def test_compose_example_not_registered_is_reported_by_pointer() -> None:
     """Without the step types, the body fails with issues located by JSON pointer."""
     registry = StepRegistry()
     with pytest.raises(WorkflowInvalid) as info:
-        compile_document(from_object(COMPOSE_BODY), registry)
+        compile_document(from_object(COMPOSE_EXAMPLE), registry)
     pointers = [i.pointer for i in info.value.issues]
     assert pointers == ["/steps/0/type", "/steps/1/type", "/steps/2/type"]
     assert all(i.line is None for i in info.value.issues)
 
 
 def test_compose_body_with_a_typo_names_the_pointer(compose_registry: StepRegistry) -> None:
-    body = copy.deepcopy(COMPOSE_BODY)
+    body = copy.deepcopy(COMPOSE_EXAMPLE)
     body["steps"][1]["top_kk"] = body["steps"][1].pop("top_k")
     body["steps"][2]["input"]["messages"][0]["content"] = "{{ steps.retrieve.output }}"
     with pytest.raises(WorkflowInvalid) as info:
@@ -225,7 +189,7 @@ def test_compose_body_with_a_typo_names_the_pointer(compose_registry: StepRegist
 
 
 def test_editor_schema_accepts_the_compose_example(validator: Draft202012Validator) -> None:
-    assert _messages(validator, COMPOSE_BODY) == ""
-    body = copy.deepcopy(COMPOSE_BODY)
+    assert _messages(validator, COMPOSE_EXAMPLE) == ""
+    body = copy.deepcopy(COMPOSE_EXAMPLE)
     body["steps"][1]["top_k"] = "five"
     assert "'five' is not valid under any of the given schemas" in _messages(validator, body)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from spec_examples import COMPOSE_EXAMPLE
 from step_helpers import compile_workflow, run_workflow, start_engine
 
 from engine.dsl.issues import WorkflowInvalid
@@ -32,44 +33,6 @@ DOCS = {
     "the same face to us.",
     "router": "To reset the router, hold the recessed button for ten seconds; the lights "
     "blink and the firmware code ZX81Q restores factory settings.",
-}
-
-# The spec's §3.4 example body, verbatim: the models are loaded under its ids.
-COMPOSE_BODY: dict[str, Any] = {
-    "name": "custom_rag_workflow",
-    "description": "Custom RAG workflow with specific models",
-    "steps": [
-        {
-            "step_id": "embed_query",
-            "type": "model_call",
-            "model_id": "embedding-model",
-            "operation": "embed",
-            "input": "{{ input.query }}",
-        },
-        {
-            "step_id": "retrieve_docs",
-            "type": "vector_search",
-            "collection": "{{ input.collection }}",
-            "query_embedding": "{{ steps.embed_query.output }}",
-            "top_k": 5,
-        },
-        {
-            "step_id": "generate_answer",
-            "type": "model_call",
-            "model_id": "qwen-7b",
-            "operation": "chat",
-            "input": {
-                "messages": [
-                    {
-                        "role": "system",
-                        "content": "Answer based on the following context: "
-                        "{{ steps.retrieve_docs.output }}",
-                    },
-                    {"role": "user", "content": "{{ input.query }}"},
-                ]
-            },
-        },
-    ],
 }
 
 
@@ -158,11 +121,11 @@ async def test_search_by_embedding_matches_search_by_text(engine: Engine) -> Non
 
 
 async def test_spec_compose_example_runs_end_to_end(engine: Engine) -> None:
-    body = copy.deepcopy(COMPOSE_BODY)
+    body = copy.deepcopy(COMPOSE_EXAMPLE)
     run = await run_workflow(
         engine, body, {"query": "How often does the moon go round us?", "collection": COLLECTION}
     )
-    assert body == COMPOSE_BODY
+    assert body == COMPOSE_EXAMPLE
     assert run.status == "completed", run.result.error
     assert [(r.step_id, r.status, r.model) for r in run.result.trace] == [
         ("embed_query", "completed", "embedding-model"),
