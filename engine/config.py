@@ -39,6 +39,8 @@ class Settings:
     # upload is read, and the most files one request may carry.
     rag_max_file_mb: float = 10
     rag_max_files: int = 100
+    # /v1/audio/transcriptions: the size limit of the uploaded file (OpenAI's is 25 MB).
+    audio_max_file_mb: float = 25
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

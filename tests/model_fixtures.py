@@ -7,6 +7,7 @@ Make them available to every test module from tests/conftest.py::
         tiny_embedder_dir,
         tiny_lm_dir,
         tiny_vlm_dir,
+        tiny_whisper_dir,
     )
 
 Each synthetic model is built once per session (a fraction of a second) into a fixed
@@ -28,7 +29,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 from engine.models.minilm import minilm_path
-from engine.models.synthetic import build_embedder, build_lm, build_vlm
+from engine.models.synthetic import build_embedder, build_lm, build_vlm, build_whisper
 
 
 def _models_root(factory: pytest.TempPathFactory) -> Path:
@@ -51,6 +52,14 @@ def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_embedder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """BERT sentence model: 32-dimensional, mean pooling, normalised, max_seq_length 128."""
     return build_embedder(_models_root(tmp_path_factory) / "embedder")
+
+
+@pytest.fixture(scope="session")
+def tiny_whisper_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Whisper with real audio geometry (80 mels, 30-s windows) and the multilingual
+    vocabulary; width 64, 2 layers. Needs mlx-whisper (installed with --no-deps)."""
+    pytest.importorskip("mlx_whisper", reason="pip install --no-deps mlx-whisper")
+    return build_whisper(_models_root(tmp_path_factory) / "whisper")
 
 
 @pytest.fixture(scope="session")

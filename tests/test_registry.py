@@ -292,7 +292,7 @@ async def test_load_by_hub_id_fails_fast_offline(
     assert "someone/some-model" in info.value.message
 
 
-@pytest.mark.parametrize("model_type", ["image-generation", "image-edit", "whisper"])
+@pytest.mark.parametrize("model_type", ["image-generation", "image-edit"])
 async def test_load_without_a_backend_package_names_the_package(
     registry: ModelRegistry, lm_path: str, model_type: str
 ) -> None:

@@ -454,6 +454,15 @@ class ModelRegistry:
             lambda scores: 0,
         )
 
+    async def transcribe(self, model_id: str, audio: Any, language: str | None) -> dict[str, Any]:
+        """Speech to text: ``audio`` is float32 mono 16 kHz samples (a numpy array)."""
+        self.require(model_id, ["whisper"], "transcription", param="model")
+        return await self._serve(
+            model_id,
+            lambda entry, stop: entry.model.transcribe(audio, language, stop),
+            lambda r: 0,
+        )
+
     async def warmup(self, model_id: str, prompt: str, max_length: int) -> tuple[float, int]:
         async with self.use(model_id) as (entry, _):
             started = time.perf_counter()

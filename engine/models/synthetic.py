@@ -10,6 +10,8 @@ them as such (the marker file tells them apart from real models).
 - `build_vlm`: qwen2_vl for mlx-vlm, with the image/video processor configs it needs.
 - `build_embedder`: a BERT sentence model in sentence-transformers layout (mean pooling,
   normalisation) for `mlx_vlm.embedding_loader.load_embedding_model`.
+- `build_whisper`: a Whisper model (multilingual vocabulary, so the tokenizer bundled with
+  mlx-whisper applies) for `mlx_whisper.load_models.load_model`.
 
 A build takes 10-40 ms once mlx-lm / mlx-vlm are imported (about 2 s, paid once per process).
 Each builder is deterministic for a given seed, writes `fusion_synthetic.json` last and is
@@ -243,6 +245,41 @@ def build_embedder(
     return _build(Path(path), _marker("embedder", seed, params), EMBEDDER_FILES, write)
 
 
+WHISPER_FILES = ("config.json", "weights.safetensors")
+
+
+def build_whisper(
+    path: str | os.PathLike[str], *, seed: int = 0, state: int = 64, layers: int = 2
+) -> Path:
+    """Build a random-weight Whisper model for `mlx_whisper.load_models.load_model`.
+
+    Real Whisper's audio geometry (80 mel bins, 1500 audio positions: 30-s windows of 3000
+    mel frames halved by the stride-2 convolution) and the multilingual vocabulary (51865,
+    the size of the tiktoken encoding mlx-whisper ships), so real decoding code runs
+    unchanged; only the widths and depths are tiny. 448 text positions, as in Whisper.
+    """
+    params = {"state": state, "layers": layers}
+
+    def write(out: Path) -> None:
+        config = {
+            "n_mels": 80,
+            "n_audio_ctx": 1500,
+            "n_audio_state": state,
+            "n_audio_head": 2,
+            "n_audio_layer": layers,
+            "n_vocab": 51865,
+            "n_text_ctx": 448,
+            "n_text_state": state,
+            "n_text_head": 2,
+            "n_text_layer": layers,
+            "model_type": "whisper",
+        }
+        _write_json(out / "config.json", config)
+        _save_weights(out / "weights.safetensors", _whisper_shapes(config), seed)
+
+    return _build(Path(path), _marker("whisper", seed, params), WHISPER_FILES, write)
+
+
 def read_marker(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The synthetic-model marker of a model directory, or None for any other directory."""
     try:
@@ -431,6 +468,17 @@ def _bert_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     from mlx_vlm.models import bert
 
     return _parameter_shapes(bert.Model(bert.ModelConfig.from_dict(config)))
+
+
+def _whisper_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    import mlx.core as mx
+    from mlx_whisper.whisper import ModelDimensions, Whisper
+
+    dims = ModelDimensions(**{k: v for k, v in config.items() if k != "model_type"})
+    shapes = _parameter_shapes(Whisper(dims, mx.float32))
+    # `alignment_heads` (integer head indices for word timestamps) is not a weight: the
+    # model computes its own default.
+    return {k: v for k, v in shapes.items() if k.startswith(("encoder.", "decoder."))}
 
 
 def _parameter_shapes(model: Any) -> dict[str, tuple[int, ...]]:

@@ -1,5 +1,6 @@
 """OpenAI-compatible endpoints on the model registry: `POST /v1/chat/completions` (with SSE
-streaming) and `POST /v1/embeddings`. `GET /v1/models` lives in routes/models.py.
+streaming), `POST /v1/embeddings` and `POST /v1/audio/transcriptions`.
+`GET /v1/models` lives in routes/models.py.
 
 Only the request's shape is handled here; admission, generation, token counting and
 cancellation are the registry's. Errors raised before a stream starts leave as the normal
@@ -9,27 +10,33 @@ envelope and status; once the 200 and the first event are out, an error is sent 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, cast
 
 import msgspec
 import numpy as np
-from litestar import Response, post
+from litestar import Request, Response, post
 from litestar.datastructures import State
+from litestar.openapi.spec import OpenAPIFormat, OpenAPIMediaType, Operation, RequestBody, Schema
+from litestar.openapi.spec.enums import OpenAPIType
 from litestar.params import JSONBody
 from litestar.response import Stream
 from msgspec import Meta
 
 from engine.errors import FusionError, InvalidRequest, NotFound
 from engine.logging import get_logger
+from engine.models.audio import decode_wav
 from engine.models.backends.base import ChatChunk, ChatParams
 from engine.models.registry import ModelRegistry
 from server.deps import model_registry
 from server.errors import GENERIC_500_MESSAGE, type_and_code
+from server.uploads import UploadLimits, read_multipart
 
 log = get_logger("server.openai")
 
@@ -317,4 +324,80 @@ async def embeddings(state: State, data: JSONBody[EmbeddingRequest]) -> Embeddin
     )
 
 
-ROUTES = [chat_completions, embeddings]
+# -- audio transcriptions ------------------------------------------------------------------------
+AUDIO_FILE_FIELDS = frozenset({"file"})
+AUDIO_TEXT_FIELDS = frozenset({"model", "language", "response_format"})
+RESPONSE_FORMATS = ("json", "text")
+_TRANSCRIPTION_FORM = Schema(
+    type=OpenAPIType.OBJECT,
+    required=["file", "model"],
+    properties={
+        "file": Schema(
+            type=OpenAPIType.STRING,
+            format=OpenAPIFormat.BINARY,
+            description="A PCM WAV file (8/16/24/32-bit, any rate, mono or stereo)",
+        ),
+        "model": Schema(type=OpenAPIType.STRING, description="A loaded whisper model"),
+        "language": Schema(type=OpenAPIType.STRING, description="ISO-639-1 code; else detected"),
+        "response_format": Schema(type=OpenAPIType.STRING, enum=list(RESPONSE_FORMATS)),
+    },
+)
+
+
+@dataclass
+class TranscriptionOperation(Operation):
+    """The body is read by hand (streamed, size-limited), so Litestar cannot infer it."""
+
+    def __post_init__(self) -> None:
+        self.request_body = RequestBody(
+            content={"multipart/form-data": OpenAPIMediaType(schema=_TRANSCRIPTION_FORM)},
+            required=True,
+        )
+
+
+class Transcription(msgspec.Struct):
+    text: str
+
+
+@post(
+    "/v1/audio/transcriptions",
+    status_code=200,
+    tags=TAGS,
+    summary="Transcribe audio (OpenAI); multipart/form-data with a WAV file",
+    request_max_body_size=None,  # bounded per file and per field in server/uploads.py
+    operation_class=TranscriptionOperation,
+)
+async def transcriptions(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+    limits = UploadLimits(
+        max_file_bytes=int(state.settings.audio_max_file_mb * 1_000_000), max_files=1
+    )
+    form = await read_multipart(
+        request, limits, file_fields=AUDIO_FILE_FIELDS, text_fields=AUDIO_TEXT_FIELDS
+    )
+    model = form.fields.get("model", "").strip()
+    if not model:
+        raise InvalidRequest("the form field 'model' is required", param="model")
+    if not form.files:
+        raise InvalidRequest("upload the audio in the form field 'file'", param="file")
+    response_format = form.fields.get("response_format", "").strip() or "json"
+    if response_format not in RESPONSE_FORMATS:
+        raise InvalidRequest(
+            f"response_format '{response_format}' is not supported "
+            f"(one of: {', '.join(RESPONSE_FORMATS)})",
+            param="response_format",
+        )
+    registry = model_registry(state)
+    with _model_param():
+        registry.require(model, ["whisper"], "transcription", param="model")
+    upload = form.files[0]
+    audio = await asyncio.to_thread(decode_wav, upload.data, upload.filename)
+    with _model_param():
+        result = await registry.transcribe(
+            model, audio, form.fields.get("language", "").strip() or None
+        )
+    if response_format == "text":
+        return Response(result["text"], media_type="text/plain; charset=utf-8")
+    return Response(Transcription(text=result["text"]))
+
+
+ROUTES = [chat_completions, embeddings, transcriptions]

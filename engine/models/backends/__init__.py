@@ -10,6 +10,7 @@ from engine.models.backends.base import Backend, LoadedModel
 from engine.models.backends.embeddings import EmbeddingsBackend
 from engine.models.backends.mlx_lm_backend import MlxLmBackend
 from engine.models.backends.mlx_vlm_backend import MlxVlmBackend
+from engine.models.backends.whisper import WhisperBackend
 
 
 class MissingBackend(Backend):
@@ -35,7 +36,7 @@ def default_backends(settings: Settings) -> dict[str, Backend]:
         MlxLmBackend(),
         MlxVlmBackend(),
         EmbeddingsBackend(),
-        MissingBackend("whisper", "mlx-whisper"),
+        WhisperBackend(),
         MissingBackend("image-generation", "mflux"),
         MissingBackend("image-edit", "mflux"),
     ]
