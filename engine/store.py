@@ -47,12 +47,13 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import apsw
 import sqlite_vec
+
+from engine.clock import utc_iso
 
 MigrationFn = Callable[[apsw.Connection], None]
 Bindings = Sequence[Any] | Mapping[str, Any] | None
@@ -309,7 +310,7 @@ class Store:
                 ) from exc
             conn.execute(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
-                (migration.version, migration.name, _now()),
+                (migration.version, migration.name, utc_iso()),
             )
             current = int(conn.execute("PRAGMA user_version").fetchall()[0][0])
             # PRAGMA takes no bound parameters; the version is a validated int.
@@ -355,10 +356,6 @@ def _load_sqlite_vec(conn: apsw.Connection) -> None:
         conn.enable_load_extension(False)
     if not version:
         raise StoreError(f"sqlite-vec loaded from {path} but vec_version() returned nothing")
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 register_migration(

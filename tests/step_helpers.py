@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
+import pytest_asyncio
 from engine_helpers import compile_yaml
 
 from engine.config import Settings
@@ -94,3 +96,25 @@ def png_data_uri(size: int = 32, colour: tuple[int, int, int] = (200, 30, 30)) -
     buffer = io.BytesIO()
     Image.new("RGB", (size, size), colour).save(buffer, "PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", name="engine")
+async def tiny_models_engine(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_lm_dir: Path,
+    tiny_vlm_dir: Path,
+    tiny_embedder_dir: Path,
+) -> AsyncIterator[Engine]:
+    """A running engine per test module with the three tiny models, as `engine`."""
+    engine = await start_engine(
+        tmp_path_factory.mktemp("steps"),
+        {
+            "tiny-lm": (tiny_lm_dir, "lm"),
+            "tiny-vlm": (tiny_vlm_dir, "multimodal"),
+            "tiny-embedder": (tiny_embedder_dir, "embeddings"),
+        },
+    )
+    try:
+        yield engine
+    finally:
+        await engine.stop()

@@ -7,24 +7,20 @@ chunks, FTS5 index rows and vec0 rows (RagStore.counts / totals)."""
 
 from __future__ import annotations
 
-import ctypes
-import io
 import json
 import re
 import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pypdfium2 as pdfium
-import pypdfium2.raw as pdfium_c
 import pytest
+from documents import pdfium_pdf
 from serverutil import serve_app
 
 from engine.config import Settings
@@ -61,31 +57,7 @@ HTML = b"""<!doctype html><html><head><title>Bees</title><script>var x = 1;</scr
 """
 
 
-def pdf_bytes(pages: list[list[str]]) -> bytes:
-    """A PDF written by pdfium: one Helvetica text object per line."""
-    pdf = pdfium.PdfDocument.new()
-    for lines in pages:
-        page = pdf.new_page(612, 792)
-        y = 740.0
-        for line in lines:
-            obj = pdfium_c.FPDFPageObj_NewTextObj(pdf.raw, b"Helvetica", ctypes.c_float(12))
-            utf16 = (line + "\0").encode("utf-16-le")
-            buffer = ctypes.create_string_buffer(utf16, len(utf16))
-            assert pdfium_c.FPDFText_SetText(
-                obj, ctypes.cast(buffer, ctypes.POINTER(ctypes.c_ushort))
-            )
-            pdfium_c.FPDFPageObj_Transform(obj, 1, 0, 0, 1, 72, y)
-            pdfium_c.FPDFPage_InsertObject(page.raw, obj)
-            y -= 16.0
-        assert pdfium_c.FPDFPage_GenerateContent(page.raw)
-        page.close()
-    out = io.BytesIO()
-    pdf.save(out)
-    pdf.close()
-    return out.getvalue()
-
-
-PDF = pdf_bytes(
+PDF = pdfium_pdf(
     [
         ["Solar panels turn sunlight into electricity.", "Silicon cells are common."],
         ["Wind turbines turn moving air into electricity.", "Offshore farms are large."],
@@ -249,14 +221,11 @@ def test_unsupported_file_fails_the_whole_request(api: Api, corpus: dict[str, An
 def test_file_over_the_limit_is_413_and_nothing_is_stored(api: Api) -> None:
     small = {"ok.txt": (b"A small valid file.", "text/plain")}
     big = {"big.txt": (b"word " * 1_000_000, "text/plain")}  # 5 MB, the limit is 50 KB
-    started = time.monotonic()
     response = api.ingest("limits", {**small, **big})
-    elapsed = time.monotonic() - started
     error = _error(response, 413, "files")
     assert error["type"] == "payload_too_large_error"
     assert "big.txt" in error["message"]
     assert "50 KB" in error["message"]
-    assert elapsed < 10
     _error(api.client.get("/api/rag/collections/limits"), 404)
     # Exactly at the limit is fine.
     response = api.ingest("limits", {"edge.txt": (b"a" * (LIMIT_BYTES - 1) + b"\n", "text/plain")})

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-import pytest_asyncio
-from step_helpers import compile_workflow, run_workflow, start_engine
+from step_helpers import (
+    compile_workflow,
+    run_workflow,
+    tiny_models_engine,  # noqa: F401  (provides the `engine` fixture)
+)
 
 from engine.dsl.issues import WorkflowInvalid
 from engine.services import Engine
@@ -26,27 +27,6 @@ TEXT = (
     "Summaries of each piece are combined at the end. The combined summary is shortened "
     "again when it is still too long."
 )
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def engine(
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_lm_dir: Path,
-    tiny_vlm_dir: Path,
-    tiny_embedder_dir: Path,
-) -> AsyncIterator[Engine]:
-    engine = await start_engine(
-        tmp_path_factory.mktemp("chunk"),
-        {
-            "tiny-lm": (tiny_lm_dir, "lm"),
-            "tiny-vlm": (tiny_vlm_dir, "multimodal"),
-            "tiny-embedder": (tiny_embedder_dir, "embeddings"),
-        },
-    )
-    try:
-        yield engine
-    finally:
-        await engine.stop()
 
 
 def chunk(**params: object) -> str:

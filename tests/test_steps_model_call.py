@@ -4,12 +4,14 @@ vision with an image, embed, count_tokens, and its errors."""
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-import pytest_asyncio
-from step_helpers import compile_workflow, png_data_uri, run_workflow, start_engine
+from step_helpers import (
+    compile_workflow,
+    png_data_uri,
+    run_workflow,
+    tiny_models_engine,  # noqa: F401  (provides the `engine` fixture)
+)
 
 from engine.dsl.issues import WorkflowInvalid
 from engine.errors import InvalidRequest
@@ -18,27 +20,6 @@ from engine.runtime.executor import Runner
 from engine.services import Engine
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def engine(
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_lm_dir: Path,
-    tiny_vlm_dir: Path,
-    tiny_embedder_dir: Path,
-) -> AsyncIterator[Engine]:
-    engine = await start_engine(
-        tmp_path_factory.mktemp("model-call"),
-        {
-            "tiny-lm": (tiny_lm_dir, "lm"),
-            "tiny-vlm": (tiny_vlm_dir, "multimodal"),
-            "tiny-embedder": (tiny_embedder_dir, "embeddings"),
-        },
-    )
-    try:
-        yield engine
-    finally:
-        await engine.stop()
 
 
 CHAT = """

@@ -20,13 +20,13 @@ from typing import Any
 import msgspec
 import structlog
 
+from engine.clock import utc_iso
 from engine.dsl.catalog import WorkflowCatalog
 from engine.dsl.compiler import CompiledWorkflow, compile_document
 from engine.dsl.issues import Issue, WorkflowInvalid
 from engine.dsl.schema import WORKFLOW_KEYS
 from engine.dsl.source import from_object
 from engine.errors import Conflict, NotFound
-from engine.runtime.trace import utc_iso
 from engine.steps.registry import StepRegistry
 from engine.store import Store, register_migration
 

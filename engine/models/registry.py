@@ -136,12 +136,11 @@ class ModelRegistry:
         self._load_lock = asyncio.Lock()
 
     # -- queries ----------------------------------------------------------------------
-    def get(self, model_id: str) -> ModelEntry:
+    def get(self, model_id: str, param: str = "model_id") -> ModelEntry:
+        """The loaded model; NotFound naming ``param`` (the request field) otherwise."""
         entry = self.find(model_id)
         if entry is None:
-            raise NotFound(
-                f"model '{model_id}' not found", param="model_id", code="model_not_found"
-            )
+            raise NotFound(f"model '{model_id}' not found", param=param, code="model_not_found")
         return entry
 
     def require(
@@ -149,7 +148,7 @@ class ModelRegistry:
     ) -> ModelEntry:
         """The loaded model, which must be of one of ``types`` to serve ``purpose``:
         NotFound when it is not loaded, InvalidRequest (``wrong_model_type``) otherwise."""
-        entry = self.get(model_id)
+        entry = self.get(model_id, param)
         if entry.type not in types:
             wanted = " or ".join(f"'{t}'" for t in types)
             raise InvalidRequest(

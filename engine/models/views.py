@@ -5,9 +5,9 @@ view of a model agrees."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
+from engine.clock import utc_iso
 from engine.models.backends.base import read_config
 from engine.models.memory import gb
 from engine.models.registry import ModelEntry
@@ -32,8 +32,7 @@ def iso(timestamp: float | None) -> str | None:
     """Epoch seconds as ISO 8601 UTC with a Z, as the spec writes dates."""
     if timestamp is None:
         return None
-    moment = datetime.fromtimestamp(timestamp, UTC)
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return utc_iso(timestamp, timespec="seconds")
 
 
 def request_tags(metadata: dict[str, Any]) -> list[str] | None:

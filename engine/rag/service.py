@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from engine.errors import InvalidRequest, NotFound, ServiceUnavailable
+from engine.errors import InvalidRequest, ServiceUnavailable
 from engine.models.backends.base import ChatParams
 from engine.models.registry import ModelRegistry
 from engine.rag.chunking import chunk_sections
@@ -331,18 +331,6 @@ class RagService:
         return await self.retriever.by_vector(collection, vector, top_k=top_k, threshold=threshold)
 
     # -- query ----------------------------------------------------------------------------
-    def _require_lm(self, model_id: str, param: str) -> None:
-        """Name the request field when a model it names is missing or of the wrong type
-        (the registry's own errors would say `model_id` for every one)."""
-        entry = self.models.find(model_id)
-        if entry is None:
-            raise NotFound(f"model '{model_id}' not found", param=param, code="model_not_found")
-        if entry.type != "lm":
-            raise InvalidRequest(
-                f"model '{model_id}' is a '{entry.type}' model; {param} needs an 'lm' model",
-                param=param,
-            )
-
     async def query(
         self,
         query: str,
@@ -362,9 +350,9 @@ class RagService:
         started = time.perf_counter()
         embedder = await asyncio.to_thread(self.collection_embedder, collection, embedding_model)
         if rerank and rerank_model:
-            self._require_lm(rerank_model, "rerank_model")
+            self.models.require(rerank_model, ("lm",), "rerank_model", param="rerank_model")
         if model_id:
-            self._require_lm(model_id, "model_id")
+            self.models.require(model_id, ("lm",), "model_id")
         hits = await self.retriever.retrieve(
             collection,
             query,

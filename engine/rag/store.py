@@ -36,12 +36,12 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import apsw
 import numpy as np
 
+from engine.clock import utc_iso
 from engine.errors import InvalidRequest, NotFound
 from engine.rag.types import CollectionInfo, DocumentInfo, Hit, NewDocument
 from engine.store import Store, register_migration
@@ -203,7 +203,7 @@ class RagStore:
     ) -> _Collection:
         coll = _find_collection(conn, name)
         if coll is None:
-            now = _now()
+            now = utc_iso()
             conn.execute(
                 "INSERT INTO collections (name, embedding_model, dimension, chunk_size, overlap,"
                 " metadata, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -542,7 +542,7 @@ def _insert_document(
             doc.title,
             _json(doc.metadata),
             len(doc.chunks),
-            _now(),
+            utc_iso(),
         ),
     )
     document_rowid = conn.last_insert_rowid()
@@ -581,7 +581,7 @@ def _chunk_rowids(conn: apsw.Connection, document_rowid: int, indexes: list[int]
 
 
 def _touch(conn: apsw.Connection, collection_id: int) -> None:
-    conn.execute("UPDATE collections SET updated_at = ? WHERE id = ?", (_now(), collection_id))
+    conn.execute("UPDATE collections SET updated_at = ? WHERE id = ?", (utc_iso(), collection_id))
 
 
 # -- vector tables -------------------------------------------------------------------------
@@ -697,10 +697,6 @@ def _scalar(conn: apsw.Connection, sql: str, *bindings: Any) -> int:
 
 def _json(value: dict[str, Any]) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @contextmanager

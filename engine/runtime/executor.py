@@ -14,6 +14,7 @@ import structlog
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
+from engine.clock import utc_iso
 from engine.dsl.compiler import CompiledStep, CompiledWorkflow, RoleSpec
 from engine.dsl.issues import dotted
 from engine.dsl.templating import TemplateRenderError
@@ -29,7 +30,6 @@ from engine.runtime.trace import (
     STEP_SKIPPED,
     RunResult,
     StepRecord,
-    utc_iso,
 )
 from engine.steps.base import StepContext
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 COMPLETED, FAILED, PARTIAL = "completed", "failed", "partial"
@@ -13,11 +12,6 @@ STEP_PENDING, STEP_RUNNING, STEP_SKIPPED, STEP_CANCELLED = (
     "skipped",
     "cancelled",
 )
-
-
-def utc_iso(ts: float | None = None) -> str:
-    moment = datetime.fromtimestamp(ts, UTC) if ts is not None else datetime.now(UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass

@@ -6,12 +6,12 @@ so those keys are absent rather than faked (docs/decisions.md).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 from litestar import Request, get
 
+from engine.clock import utc_iso
 from engine.logging import get_logger
 from engine.models import views
 from engine.store import Store
@@ -41,10 +41,6 @@ class HealthResponse(msgspec.Struct):
     services: dict[str, bool]
 
 
-def utc_timestamp() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def _store_connected(store: Store | None) -> bool:
     if store is None:
         return False
@@ -66,7 +62,7 @@ async def health(request: Request[Any, Any, Any]) -> HealthResponse:
     loaded = [views.health(e) for e in engine.models.entries()] if engine is not None else []
     return HealthResponse(
         status="ok" if connected else "degraded",
-        timestamp=utc_timestamp(),
+        timestamp=utc_iso(timespec="seconds"),
         # Every listed model is loaded and serving; one being unloaded is no longer listed.
         models=ModelsHealth(
             loaded_count=len(loaded), models_healthy=engine is not None, models=loaded
