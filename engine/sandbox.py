@@ -1,0 +1,249 @@
+"""Budgeted worker processes for computations a request controls.
+
+Template rendering beyond the provably linear subset, JSON Schema validation of
+non-trivial schemas and document extraction run here: in a separate process whose
+address space is capped for each call (RLIMIT_AS), under a wall-clock deadline after
+which the process is killed and replaced. A bomb then costs one worker and one error
+answer; the server process and its event loop never run the computation.
+
+Calls name a module-level function as ``"engine.module:function"``; the worker imports it
+(it must not import MLX) and calls it with one payload. Payloads and results cross the
+pipe as msgpack (never pickle: a compromised worker must not be able to run code in the
+server), so both are plain data: dicts, lists, str, bytes, numbers, bools and None.
+
+The pool is process-wide and loop-agnostic: blocking calls run on a thread of the pool's
+own executor, so any event loop (the server's, a CLI's, a test's) can await them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import select
+import struct
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import structlog
+
+log = structlog.get_logger(__name__)
+
+_HEADER = struct.Struct("!I")
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder()
+# A worker needs this long to import jinja2/jsonschema before its first answer; its first
+# call's deadline is extended by it so a cold start is not reported as a timeout.
+_START_GRACE_S = 10.0
+
+
+class SandboxError(Exception):
+    """The sandboxed function failed: ``type_name`` is its exception's class name."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+
+
+class SandboxTimeout(SandboxError):
+    def __init__(self, seconds: float) -> None:
+        super().__init__("SandboxTimeout", f"exceeded its time budget of {seconds:g} s")
+
+
+class SandboxMemoryError(SandboxError):
+    def __init__(self, memory_mb: int) -> None:
+        super().__init__("SandboxMemoryError", f"exceeded its memory budget of {memory_mb} MB")
+
+
+class SandboxCrashed(SandboxError):
+    def __init__(self, detail: str) -> None:
+        super().__init__("SandboxCrashed", f"the worker process died ({detail})")
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    workers: int = 2
+    timeout_s: float = 5.0
+    memory_mb: int = 512
+
+
+class _Worker:
+    """One worker process and its pipes; used by one thread at a time."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "engine.sandbox_worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,  # the worker's stderr is the server's: its tracebacks are logged
+            close_fds=True,
+            # The worker's resource limits must not follow a user's Ctrl-C to it first.
+            start_new_session=True,
+        )
+        self.fresh = True
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+    def call(self, target: str, payload: Any, timeout_s: float, memory_mb: int) -> Any:
+        assert self.proc.stdin is not None
+        frame = _ENCODER.encode((target, payload, memory_mb))
+        grace = _START_GRACE_S if self.fresh else 0.0
+        deadline = time.monotonic() + timeout_s + grace
+        try:
+            self.proc.stdin.write(_HEADER.pack(len(frame)) + frame)
+            self.proc.stdin.flush()
+            header = self._read(_HEADER.size, deadline, timeout_s)
+            body = self._read(_HEADER.unpack(header)[0], deadline, timeout_s)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise SandboxCrashed(self._exit_detail()) from exc
+        self.fresh = False
+        ok, value = _DECODER.decode(body)
+        if ok:
+            return value
+        type_name, message = value
+        if type_name == "MemoryError":
+            raise SandboxMemoryError(memory_mb)
+        raise SandboxError(type_name, message)
+
+    def _read(self, size: int, deadline: float, timeout_s: float) -> bytes:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        chunks: list[bytes] = []
+        while size:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise SandboxTimeout(timeout_s)
+            chunk = os.read(fd, min(size, 1 << 20))
+            if not chunk:
+                raise SandboxCrashed(self._exit_detail())
+            chunks.append(chunk)
+            size -= len(chunk)
+        return b"".join(chunks)
+
+    def _exit_detail(self) -> str:
+        try:
+            code = self.proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            return "stopped answering"
+        return f"signal {-code}" if code < 0 else f"exit status {code}"
+
+
+class Sandbox:
+    def __init__(self, limits: SandboxLimits | None = None) -> None:
+        self.limits = limits or SandboxLimits()
+        self._idle: queue.LifoQueue[_Worker] = queue.LifoQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._threads = ThreadPoolExecutor(
+            max_workers=self.limits.workers, thread_name_prefix="sandbox"
+        )
+
+    async def call(
+        self,
+        target: str,
+        payload: Any,
+        *,
+        timeout_s: float | None = None,
+        memory_mb: int | None = None,
+    ) -> Any:
+        """Run ``target(payload)`` in a worker; SandboxTimeout, SandboxMemoryError,
+        SandboxCrashed or SandboxError (the function's own exception) on failure."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._threads, self.call_sync, target, payload, timeout_s, memory_mb
+        )
+
+    def call_sync(
+        self,
+        target: str,
+        payload: Any,
+        timeout_s: float | None = None,
+        memory_mb: int | None = None,
+    ) -> Any:
+        timeout = self.limits.timeout_s if timeout_s is None else min(timeout_s, 3600.0)
+        memory = memory_mb or self.limits.memory_mb
+        worker = self._acquire()
+        keep = False
+        try:
+            result = worker.call(target, payload, max(timeout, 0.001), memory)
+            keep = True
+            return result
+        except SandboxError as exc:
+            # The function's own exceptions leave the worker sound; a budget overrun or a
+            # crash does not (a MemoryError may leave the interpreter in any state).
+            keep = type(exc) is SandboxError
+            if not keep:
+                log.warning("sandbox_worker_replaced", target=target, reason=exc.message)
+            raise
+        finally:
+            self._release(worker, keep)
+
+    def _acquire(self) -> _Worker:
+        with self._lock:
+            if self._closed:
+                raise SandboxCrashed("the sandbox is closed")
+            try:
+                return self._idle.get_nowait()
+            except queue.Empty:
+                pass
+        return _Worker()
+
+    def warm(self) -> None:
+        """Start the workers now, so the first requests do not wait for their imports."""
+        for _ in range(self.limits.workers - self._idle.qsize()):
+            self._idle.put(_Worker())
+
+    def _release(self, worker: _Worker, keep: bool) -> None:
+        if keep and worker.alive() and not self._closed:
+            self._idle.put(worker)
+        else:
+            worker.kill()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        while True:
+            try:
+                self._idle.get_nowait().kill()
+            except queue.Empty:
+                break
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+_shared: Sandbox | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_sandbox() -> Sandbox:
+    """The process-wide pool (created on first use with the default limits)."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = Sandbox()
+        return _shared
+
+
+def configure_shared_sandbox(limits: SandboxLimits) -> Sandbox:
+    """Replace the process-wide pool's limits (the server does this from its Settings)."""
+    global _shared
+    with _shared_lock:
+        old, _shared = _shared, Sandbox(limits)
+    if old is not None:
+        old.close()
+    return _shared
