@@ -41,6 +41,11 @@ class Settings:
     rag_max_files: int = 100
     # /v1/audio/transcriptions: the size limit of the uploaded file (OpenAI's is 25 MB).
     audio_max_file_mb: float = 25
+    # Workflow documents (files, compose bodies, custom definitions): the most bytes of
+    # text, nesting levels, and values (YAML aliases counted as expanded) one may hold.
+    workflow_max_bytes: int = 1_048_576
+    workflow_max_depth: int = 64
+    workflow_max_nodes: int = 100_000
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

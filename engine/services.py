@@ -11,6 +11,7 @@ import structlog
 
 from engine.config import Settings
 from engine.dsl.catalog import WorkflowCatalog
+from engine.dsl.source import configure as configure_documents
 from engine.fusion.service import FusionService
 from engine.models.backends import default_backends
 from engine.models.memory import GIB, default_budget_bytes
@@ -40,6 +41,7 @@ class Engine:
         """Open the store, load the workflows (unless `load_workflows` is false: a command
         that runs none, such as `fusion ingest`, must not fail on a broken one) and the
         start-up models."""
+        configure_documents(settings)  # workflow document limits, for every loader
         store = Store(settings.db_path)
         steps = default_registry()
         catalog = WorkflowCatalog(steps)

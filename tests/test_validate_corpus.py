@@ -28,6 +28,9 @@ CASES: dict[str, list[Expected]] = {
     "yaml_unclosed_bracket.yaml": [(5, 12, "", "YAML syntax error")],
     "yaml_tab_indent.yaml": [(3, 1, "", "YAML syntax error")],
     "duplicate_key.yaml": [(6, 5, "", 'duplicate key "value" (first at line 5)')],
+    # Refused at the alias that crosses the value budget, before anything is expanded.
+    "yaml_alias_bomb.yaml": [(8, 10, "", "alias *a4 takes the document past 100000 values")],
+    "yaml_too_deep.yaml": [(5, 73, "", "nests deeper than 64 levels (setting workflow_max_depth)")],
     "empty_file.yaml": [(1, 1, "", "a workflow must be a mapping with a 'steps' list")],
     "not_a_mapping.yaml": [(1, 1, "", "a workflow must be a mapping with a 'steps' list")],
     # -- the workflow schema ---------------------------------------------------------------
