@@ -1,7 +1,10 @@
 """Engine overhead per step: a 200-step chain and a 200-wide fan-out of `template` steps
 run by the engine, against a hand-written asyncio program doing the same Jinja renders
-(same compiled expressions, one task per step) in the same process. Also times static
-validation of a 100-step workflow.
+(same compiled expressions, one task per step) in the same process. A third case chains
+templates outside the provably linear subset, which the engine renders in the sandbox's
+worker processes (engine.sandbox) while the baseline still renders in-process: its
+overhead is the price of the time and memory budgets. Also times static validation of a
+100-step workflow.
 
     .venv/bin/python bench/engine_overhead.py [--repeats 30]
 """
@@ -25,10 +28,10 @@ from engine.steps.registry import default_registry
 N = 200
 
 
-def chain_yaml(n: int) -> str:
+def chain_yaml(n: int, expression: str = "steps.s{prev}.output + 1") -> str:
     steps = ["  - {step_id: s0, type: template, value: 0}"]
     steps += [
-        f'  - {{step_id: s{i}, type: template, value: "{{{{ steps.s{i - 1}.output + 1 }}}}"}}'
+        f'  - {{step_id: s{i}, type: template, value: "{{{{ {expression.format(prev=i - 1)} }}}}"}}'
         for i in range(1, n)
     ]
     return "id: chain\nsteps:\n" + "\n".join(steps) + "\n"
@@ -47,8 +50,8 @@ def compile_yaml(text: str) -> CompiledWorkflow:
     return compile_document(load_text(text), default_registry())
 
 
-async def baseline_chain(n: int) -> int:
-    exprs = BASELINE_CHAIN
+async def baseline_chain(n: int, exprs: list | None = None) -> int:
+    exprs = exprs or BASELINE_CHAIN
     steps: dict[str, dict] = {"s0": {"output": 0}}
     scope = {"steps": steps}
 
@@ -72,6 +75,12 @@ async def baseline_fanout(n: int) -> list[int]:
 
 BASELINE_CHAIN = [None] + [
     ENV.compile_expression(f"steps.s{i - 1}.output + 1", undefined_to_none=False)
+    for i in range(1, N)
+]
+# `*` is outside the provably linear subset: these render in the sandbox's worker processes.
+SANDBOXED = "steps.s{prev}.output * 1 + 1"
+BASELINE_SANDBOXED = [None] + [
+    ENV.compile_expression(SANDBOXED.format(prev=i - 1), undefined_to_none=False)
     for i in range(1, N)
 ]
 BASELINE_FANOUT = [
@@ -102,6 +111,11 @@ def main() -> None:
     cases = {
         "chain": (compile_yaml(chain_yaml(N)), lambda: baseline_chain(N), N),
         "fan-out": (compile_yaml(fanout_yaml(N)), lambda: baseline_fanout(N), N + 1),
+        "chain, sandboxed templates": (
+            compile_yaml(chain_yaml(N, SANDBOXED)),
+            lambda: baseline_chain(N, BASELINE_SANDBOXED),
+            N,
+        ),
     }
     for name, (workflow, baseline, steps) in cases.items():
         engine = timed(lambda wf=workflow: runner.run(wf), args.repeats)
@@ -109,7 +123,7 @@ def main() -> None:
         e_med, b_med = statistics.median(engine), statistics.median(base)
         per_step_ms = (e_med - b_med) / steps * 1000
         print(
-            f"{name:8s} {steps} steps: engine {e_med * 1000:.2f} ms, hand-written asyncio "
+            f"{name} {steps} steps: engine {e_med * 1000:.2f} ms, hand-written asyncio "
             f"{b_med * 1000:.2f} ms -> overhead {per_step_ms:.3f} ms/step "
             f"(goal <= 1 ms), engine/baseline ratio {e_med / b_med:.1f}x"
         )

@@ -170,7 +170,9 @@ def test_undefined_raises_with_a_clear_message(
         ("{{ input.s[input.s[:0] ~ '__class__'] }}", "access to attribute '__class__'"),
         ("{{ input.docs | map(attribute='__class__') | list }}", "attribute '__class__'"),
         ("{{ '{0.__class__}'.format(input.s) }}", "access to attribute '__class__'"),
-        ("{{ dict.mro() }}", "access to attribute 'mro'"),
+        ("{{ dict.mro() }}", "has no attribute 'mro'"),
+        # `dict` is a function, not the type: dict.update(input, ...) cannot mutate the run
+        ("{{ dict.update(input, {'x': 1}) }}", "has no attribute 'update'"),
         # values are immutable: templates cannot change the run's data
         ("{{ input.xs.append(4) }}", "attribute 'append' of 'list' object is unsafe"),
         ("{{ input.d.update({'k': 1}) }}", "attribute 'update' of 'dict' object is unsafe"),

@@ -13,6 +13,7 @@ from jinja2 import nodes
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
+from engine.dsl.input_schema import schema_issues
 from engine.dsl.issues import Issue, Path, WorkflowInvalid
 from engine.dsl.schema import (
     IDENTIFIER,
@@ -218,6 +219,8 @@ class _Compiler:
                     f"input_schema is not a valid JSON Schema: {_describe(error)}",
                     ("input_schema", *error.absolute_path),
                 )
+            for message, where in schema_issues(input_schema):
+                self.report(message, ("input_schema", *where))
         steps_data = data.get("steps") if isinstance(data.get("steps"), list) else []
         ids = self.collect_ids(steps_data)
         steps: dict[str, CompiledStep] = {}

@@ -218,10 +218,16 @@ class _Environment(ImmutableSandboxedEnvironment):
         return operator.mul(left, right)
 
 
+def _new_dict(*args: Any, **kwargs: Any) -> dict[Any, Any]:
+    """``dict(...)`` for templates: the type itself would expose ``dict.update(input, ...)``,
+    which the sandbox cannot see as a mutation (it checks bound methods only)."""
+    return dict(*args, **kwargs)
+
+
 def _make_environment() -> _Environment:
     env = _Environment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
     # cycler/joiner/namespace/lipsum are stateful or useless in a value: only these remain.
-    env.globals = {"range": _safe_range, "dict": dict}
+    env.globals = {"range": _safe_range, "dict": _new_dict}
     env.filters = _guarded_filters(env.filters)
     return env
 
@@ -238,6 +244,78 @@ _SCOPED_NAMES = {
 }
 
 
+# Templates built only of these nodes render in time and memory linear in the size of the
+# data they read: no loops, calls, repetition, powers or %-formatting, each node evaluated
+# once and yielding at most the size of its operands (filters: those that preserve size up
+# to a constant factor). They render in-process; every other template renders in the
+# sandbox (engine.sandbox) under a time and memory budget.
+_LINEAR_NODES = frozenset(
+    {
+        nodes.Template,
+        nodes.Output,
+        nodes.TemplateData,
+        nodes.If,
+        nodes.Name,
+        nodes.Getattr,
+        nodes.Getitem,
+        nodes.Slice,
+        nodes.Const,
+        nodes.Compare,
+        nodes.Operand,
+        nodes.And,
+        nodes.Or,
+        nodes.Not,
+        nodes.Neg,
+        nodes.Pos,
+        nodes.CondExpr,
+        nodes.Add,
+        nodes.Sub,
+        nodes.Div,
+        nodes.FloorDiv,
+        nodes.Concat,
+        nodes.List,
+        nodes.Tuple,
+        nodes.Dict,
+        nodes.Pair,
+        nodes.Keyword,
+        nodes.Filter,
+        nodes.Test,
+    }
+)
+_LINEAR_FILTERS = frozenset(
+    {
+        "default",
+        "d",
+        "length",
+        "count",
+        "lower",
+        "upper",
+        "trim",
+        "string",
+        "int",
+        "float",
+        "abs",
+        "round",
+        "first",
+        "last",
+        "tojson",
+        "capitalize",
+        "title",
+        "list",
+    }
+)
+MAX_LINEAR_NODES = 64
+
+
+def _is_linear(ast: nodes.Template) -> bool:
+    for count, node in enumerate(ast.find_all(nodes.Node), 1):
+        if count > MAX_LINEAR_NODES or type(node) not in _LINEAR_NODES:
+            return False
+        if isinstance(node, nodes.Filter) and node.name not in _LINEAR_FILTERS:
+            return False
+    return True
+
+
 def is_template(value: Any) -> bool:
     return isinstance(value, str) and any(m in value for m in _MARKERS)
 
@@ -251,12 +329,15 @@ class Template:
         "_expression",
         "_render",
         "expression_node",
+        "linear",
         "native",
         "references",
         "source",
     )
 
-    def __init__(self, source: str, allowed_names: frozenset[str]) -> None:
+    def __init__(self, source: str, allowed_names: frozenset[str] | None) -> None:
+        """``allowed_names``: the root names the template may read; None when the template
+        was checked already (the sandbox's copy of one)."""
         self.source = source
         try:
             ast = ENV.parse(source)
@@ -266,6 +347,8 @@ class Template:
             ) from None
         self.references = tuple(_references(ast, _scan(ast)))
         for ref in self.references:
+            if allowed_names is None:
+                break
             if ref.root not in allowed_names and ref.root not in GLOBAL_NAMES:
                 raise TemplateCompileError(_unknown_name(ref.root, allowed_names), ref.lineno)
         match = _NATIVE.match(source.strip())
@@ -276,6 +359,7 @@ class Template:
         # anything computed (a literal, a filter, a call) may hold lazy or undefined parts.
         self._computed = self.native and not _is_reference(self.expression_node)
         self._expression = match.group("expr") if self.native and match else None
+        self.linear = _is_linear(ast)
         self._ast = ast
         self._render: Callable[[Mapping[str, Any]], Any] | None = None
 

@@ -10,11 +10,16 @@ from typing import Any
 from engine.dsl.issues import Path
 from engine.dsl.templating import Template, TemplateCompileError, is_template
 
+# Results of the value's sandboxed templates, rendered beforehand (engine.dsl.rendering).
+Rendered = Mapping[Template, Any]
+
 
 class Value:
-    __slots__ = ()
+    __slots__ = ("sandboxed",)
+    # The templates that must render in the sandbox (not provably linear), in tree order.
+    sandboxed: tuple[Template, ...]
 
-    def render(self, ctx: Mapping[str, Any]) -> Any:
+    def render(self, ctx: Mapping[str, Any], done: Rendered | None = None) -> Any:
         raise NotImplementedError
 
 
@@ -24,8 +29,9 @@ class Literal(Value):
     def __init__(self, value: Any) -> None:
         self.value = value
         self.mutable = isinstance(value, dict | list)
+        self.sandboxed = ()
 
-    def render(self, ctx: Mapping[str, Any]) -> Any:
+    def render(self, ctx: Mapping[str, Any], done: Rendered | None = None) -> Any:
         # A fresh copy per render: a step that mutates its parameters must not change
         # the workflow for the next run.
         return copy.deepcopy(self.value) if self.mutable else self.value
@@ -36,8 +42,11 @@ class TemplateValue(Value):
 
     def __init__(self, template: Template) -> None:
         self.template = template
+        self.sandboxed = () if template.linear else (template,)
 
-    def render(self, ctx: Mapping[str, Any]) -> Any:
+    def render(self, ctx: Mapping[str, Any], done: Rendered | None = None) -> Any:
+        if done is not None and self.template in done:
+            return done[self.template]
         return self.template.render(ctx)
 
 
@@ -46,9 +55,10 @@ class ListValue(Value):
 
     def __init__(self, items: list[Value]) -> None:
         self.items = items
+        self.sandboxed = tuple(t for item in items for t in item.sandboxed)
 
-    def render(self, ctx: Mapping[str, Any]) -> Any:
-        return [item.render(ctx) for item in self.items]
+    def render(self, ctx: Mapping[str, Any], done: Rendered | None = None) -> Any:
+        return [item.render(ctx, done) for item in self.items]
 
 
 class DictValue(Value):
@@ -56,9 +66,10 @@ class DictValue(Value):
 
     def __init__(self, items: dict[str, Value]) -> None:
         self.items = items
+        self.sandboxed = tuple(t for item in items.values() for t in item.sandboxed)
 
-    def render(self, ctx: Mapping[str, Any]) -> Any:
-        return {key: value.render(ctx) for key, value in self.items.items()}
+    def render(self, ctx: Mapping[str, Any], done: Rendered | None = None) -> Any:
+        return {key: value.render(ctx, done) for key, value in self.items.items()}
 
 
 OnTemplate = Callable[[Path, Template], None]

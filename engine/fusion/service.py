@@ -14,7 +14,7 @@ import structlog
 from engine.dsl.compiler import CompiledWorkflow, compile_document
 from engine.dsl.issues import Issue, WorkflowInvalid
 from engine.dsl.source import from_object
-from engine.errors import InvalidRequest, ServiceUnavailable
+from engine.errors import InvalidRequest, ServiceUnavailable, StorageError
 from engine.fusion import capabilities as caps
 from engine.fusion.composed import ComposedWorkflows
 from engine.fusion.runs import RunStore, run_body
@@ -36,7 +36,8 @@ _SERVES = {"lm": frozenset({"lm", "multimodal"})}
 
 @dataclass
 class PreparedRun:
-    """A request that passed every check: it will run, and end with a stored run."""
+    """A request that passed every check: it will run, and end with a stored run (or a
+    body saying why it could not be stored)."""
 
     run_id: str
     workflow: CompiledWorkflow
@@ -56,7 +57,7 @@ class FusionService:
         self.composed.load()
 
     # -- orchestrate ----------------------------------------------------------------------
-    def prepare(
+    async def prepare(
         self,
         workflow: str,
         input: Any = None,
@@ -68,7 +69,9 @@ class FusionService:
         inline definition or input (400, `param` naming where), a model that is not
         loaded (503 `model_not_loaded`)."""
         wf, source = self.resolve(workflow, definition)
-        prepared_input = prepare_input(wf.input_schema, input)
+        prepared_input = await prepare_input(
+            wf.input_schema, input, self.engine.runner.limits.schemas
+        )
         if config is not None and not isinstance(config, Mapping):
             raise InvalidRequest("config must be an object", param="config")
         self.check_models(wf, models or {})
@@ -155,13 +158,26 @@ class FusionService:
             input_checked=True,
         )
         body = run_body(result, workflow_source=run.source, models=run.models)
-        request = {"input": run.given_input, "config": run.config, "definition": run.definition}
-        # On the loop when the database is free (a thread hop costs more than the insert);
-        # when another writer (a RAG ingest) holds the lock, wait for it in a worker thread
-        # rather than stall every request.
-        if not self.runs.try_save(body, **request):
-            await asyncio.to_thread(self.runs.save, body, **request)
+        await self.store_run(body, run)
         return body
+
+    async def store_run(self, body: dict[str, Any], run: PreparedRun) -> None:
+        """Store the run and set `stored` in its body. A full or read-only database must
+        not lose the result the caller waited for: the body then says `stored: false`
+        with a `warning` (the §7 error object that a write would have raised)."""
+        request = {"input": run.given_input, "config": run.config, "definition": run.definition}
+        try:
+            # On the loop when the database is free (a thread hop costs more than the
+            # insert); when another writer (a RAG ingest) holds the lock, wait for it in a
+            # worker thread rather than stall every request.
+            if not self.runs.try_save(body, **request):
+                await asyncio.to_thread(self.runs.save, body, **request)
+        except StorageError as exc:
+            log.error("run_not_stored", run_id=run.run_id, code=exc.code, error=exc.message)
+            body["stored"] = False
+            body["warning"] = exc.envelope()["error"]
+        else:
+            body["stored"] = True
 
     async def orchestrate(
         self,
@@ -173,7 +189,7 @@ class FusionService:
         on_event: EventSink | None = None,
     ) -> dict[str, Any]:
         return await self.execute(
-            self.prepare(workflow, input, models, config, definition), on_event
+            await self.prepare(workflow, input, models, config, definition), on_event
         )
 
     async def stream(self, run: PreparedRun) -> AsyncIterator[tuple[str, dict[str, Any]]]:

@@ -8,8 +8,10 @@ import copy
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import msgspec
 import structlog
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
@@ -17,8 +19,9 @@ from jsonschema.exceptions import best_match
 from engine.clock import utc_iso
 from engine.dsl.compiler import CompiledStep, CompiledWorkflow, RoleSpec
 from engine.dsl.issues import dotted
+from engine.dsl.rendering import render
 from engine.dsl.templating import TemplateRenderError
-from engine.dsl.values import Literal
+from engine.dsl.values import Literal, Value
 from engine.errors import FusionError, InvalidRequest, ServiceUnavailable
 from engine.runtime.inputs import prepare_input
 from engine.runtime.trace import (
@@ -31,6 +34,7 @@ from engine.runtime.trace import (
     RunResult,
     StepRecord,
 )
+from engine.sandbox import Budget
 from engine.steps.base import StepContext
 
 log = structlog.get_logger(__name__)
@@ -47,6 +51,48 @@ class StepFailed(Exception):
     """A step's final failure, after its retries."""
 
 
+@dataclass(frozen=True)
+class RunLimits:
+    """Per-run budgets (Settings: run_max_steps, run_max_for_each_items,
+    run_max_step_output_bytes, run_max_output_bytes; sandboxed work: template_timeout_s,
+    template_memory_mb, schema_timeout_s, schema_memory_mb)."""
+
+    max_steps: int = 10_000
+    max_for_each_items: int = 10_000
+    max_step_output_bytes: int = 16 * 1024 * 1024
+    max_output_bytes: int = 16 * 1024 * 1024
+    render: Budget = field(default_factory=Budget)
+    schemas: Budget = field(default_factory=Budget)
+
+
+class _StepBudget:
+    """Step executions left to one run and the child runs it starts, so a workflow that
+    calls itself under ``for_each`` cannot fan out exponentially within the depth limit.
+    Each step, each ``for_each`` item and each ``repeat`` pass costs one."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.left = limit
+
+    def charge(self, count: int = 1) -> None:
+        self.left -= count
+        if self.left < 0:
+            raise StepFailed(
+                f"the run exceeded its budget of {self.limit} step executions "
+                "(child workflows included; setting run_max_steps)"
+            )
+
+
+def _json_size(value: Any) -> int:
+    try:
+        return len(_JSON.encode(value))
+    except (TypeError, OverflowError):
+        return 0  # not JSON data: the store's own encoding reports it
+
+
+_JSON = msgspec.json.Encoder()
+
+
 def new_run_id() -> str:
     return f"wf-{uuid.uuid4().hex[:12]}"
 
@@ -60,12 +106,14 @@ class Runner:
         select_model: ModelSelector | None = None,
         max_parallel: int = 16,
         max_depth: int = 8,
+        limits: RunLimits | None = None,
     ) -> None:
         self.catalog = catalog
         self.services = services or {}
         self.select_model = select_model
         self.max_parallel = max_parallel
         self.max_depth = max_depth
+        self.limits = limits or RunLimits()
         self._validators: dict[str, Draft202012Validator] = {}
 
     def bind_models(self, wf: CompiledWorkflow, given: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -108,18 +156,24 @@ class Runner:
         run_id: str | None = None,
         depth: int = 0,
         input_checked: bool = False,
+        budget: _StepBudget | None = None,
     ) -> RunResult:
         """Validate input, bind models and execute. Request errors (bad input, unknown role,
         missing model) raise before anything runs; step failures end in the result.
         ``input_checked``: the caller already ran prepare_input against wf.input_schema
         (the server checks every request error before it answers)."""
-        prepared_input = input if input_checked else prepare_input(wf.input_schema, input)
+        prepared_input = (
+            input
+            if input_checked
+            else await prepare_input(wf.input_schema, input, self.limits.schemas)
+        )
         bound = self.bind_models(wf, models)
         if config is not None and not isinstance(config, Mapping):
             raise InvalidRequest("config must be an object", param="config")
         # A copy: a step mutating a rendered `{{ config.x }}` must not change the workflow.
         merged_config = copy.deepcopy({**wf.config, **(config or {})})
-        run = _Run(self, wf, run_id or new_run_id(), depth, on_event)
+        budget = budget or _StepBudget(self.limits.max_steps)
+        run = _Run(self, wf, run_id or new_run_id(), depth, on_event, budget)
         return await run.execute(prepared_input, bound, merged_config)
 
     async def run_child(
@@ -132,6 +186,7 @@ class Runner:
         parent_models: Mapping[str, Any],
         depth: int,
         on_event: EventSink | None,
+        budget: _StepBudget | None = None,
     ) -> RunResult:
         if depth > self.max_depth:
             raise InvalidRequest(f"workflow calls nest deeper than {self.max_depth} levels")
@@ -142,7 +197,13 @@ class Runner:
         if models is None:  # inherit the parent's bindings for the roles the child declares
             models = {r: m for r, m in parent_models.items() if r in target.models and m}
         return await self.run(
-            target, input, models=models, config=config, depth=depth, on_event=on_event
+            target,
+            input,
+            models=models,
+            config=config,
+            depth=depth,
+            on_event=on_event,
+            budget=budget,
         )
 
     def validator(self, step: CompiledStep) -> Draft202012Validator:
@@ -160,8 +221,11 @@ class _Run:
         run_id: str,
         depth: int,
         on_event: EventSink | None,
+        budget: _StepBudget,
     ) -> None:
         self.runner = runner
+        self.limits = runner.limits
+        self.budget = budget
         self.wf = wf
         self.run_id = run_id
         self.depth = depth
@@ -194,9 +258,17 @@ class _Run:
         output = None
         if error is None:
             try:
-                output = self.render_output()
+                output = await self.render_output()
             except TemplateRenderError as exc:
                 error = f"output: {exc}"
+            else:
+                size = _json_size(output)
+                if size > self.limits.max_output_bytes:
+                    output = None
+                    error = (
+                        f"output: {size} bytes exceed the run's limit of "
+                        f"{self.limits.max_output_bytes} (setting run_max_output_bytes)"
+                    )
         failed_steps = any(r.status == FAILED for r in self.records.values())
         status = FAILED if error else (PARTIAL if failed_steps else COMPLETED)
         result = RunResult(
@@ -214,9 +286,9 @@ class _Run:
         self.emit("run_finished", {"status": status, "error": error})
         return result
 
-    def render_output(self) -> Any:
+    async def render_output(self) -> Any:
         if self.wf.output is not None:
-            return self.wf.output.render(self.scope)
+            return await render(self.wf.output, self.scope, self.limits.render)
         return {sid: self.states[sid]["output"] for sid in self.wf.sinks()}
 
     async def schedule(self) -> str | None:
@@ -288,15 +360,22 @@ class _Run:
         record.status = state["status"] = STEP_RUNNING
         self.emit("step_started", {"step_id": step.id, "type": step.type})
         try:
-            if step.when is not None and not self.render_control(step, "when", step.when, {}):
+            if step.when is not None and not await self.control(step, "when", step.when, {}):
                 self.finish_skipped(step.id, "'when' was false")
                 return
+            self.budget.charge()
             if step.for_each is not None:
                 output = await self.run_items(step, record)
             elif step.repeat is not None:
                 output = await self.run_repeat(step, record)
             else:
                 output = await self.attempts(step, record, self.scope)
+            size = _json_size(output)
+            if size > self.limits.max_step_output_bytes:
+                raise StepFailed(
+                    f"output of {size} bytes exceeds the limit of "
+                    f"{self.limits.max_step_output_bytes} (setting run_max_step_output_bytes)"
+                )
             state.update(status=COMPLETED, ran=True, output=output)
             record.status = COMPLETED
         except StepFailed as exc:
@@ -324,17 +403,24 @@ class _Run:
                     },
                 )
 
-    def render_control(self, step: CompiledStep, key: str, value: Any, extra: dict) -> Any:
+    async def control(self, step: CompiledStep, key: str, value: Value, extra: dict) -> Any:
+        scope = {**self.scope, **extra} if extra else self.scope
         try:
-            return value.render({**self.scope, **extra} if extra else self.scope)
+            return await render(value, scope, self.limits.render, step.timeout_s)
         except TemplateRenderError as exc:
             raise StepFailed(f"{key}: {exc}") from None
 
     async def run_items(self, step: CompiledStep, record: StepRecord) -> list[Any]:
         assert step.for_each is not None
-        items = self.render_control(step, "for_each", step.for_each, {})
+        items = await self.control(step, "for_each", step.for_each, {})
         if not isinstance(items, list | tuple):
             raise StepFailed(f"for_each gave {type(items).__name__}, not a list")
+        if len(items) > self.limits.max_for_each_items:
+            raise StepFailed(
+                f"for_each gave {len(items)} items, more than the limit of "
+                f"{self.limits.max_for_each_items} (setting run_max_for_each_items)"
+            )
+        self.budget.charge(len(items))
         record.items = len(items)
         limit = asyncio.Semaphore(step.concurrency)
 
@@ -356,10 +442,12 @@ class _Run:
         assert step.repeat is not None
         previous: Any = None
         for iteration in range(step.repeat.max):
+            if iteration:
+                self.budget.charge()
             scope = {**self.scope, "iteration": iteration, "previous": previous}
             output = await self.attempts(step, record, scope)
             record.iterations = iteration + 1
-            if self.render_control(
+            if await self.control(
                 step, "repeat.until", step.repeat.until, {**scope, "output": output}
             ):
                 return output
@@ -375,7 +463,7 @@ class _Run:
         index: int | None = None,
     ) -> Any:
         try:
-            params = step.params.render(scope)
+            params = await render(step.params, scope, self.limits.render, step.timeout_s)
         except TemplateRenderError as exc:
             raise StepFailed(f"parameters: {exc}") from None
         if not isinstance(step.params, Literal):
@@ -432,6 +520,7 @@ class _Run:
                 parent_models=self.scope["models"],
                 depth=self.depth + 1,
                 on_event=None,
+                budget=self.budget,
             )
 
         return run_workflow

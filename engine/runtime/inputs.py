@@ -1,4 +1,7 @@
-"""Check a run's input against the workflow's input_schema, filling in defaults."""
+"""Check a run's input against the workflow's input_schema, filling in defaults.
+
+Schemas whose validation is provably linear in the input validate in-process; any other
+validates in the sandbox under the schema budget (engine.dsl.input_schema says why)."""
 
 from __future__ import annotations
 
@@ -9,8 +12,10 @@ from typing import Any
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import best_match
 
+from engine.dsl.input_schema import NO_RETRIEVAL, SafeValidator, is_linear, short_message
 from engine.dsl.issues import json_pointer
 from engine.errors import InvalidRequest
+from engine.sandbox import Budget, SandboxError, SandboxTimeout, shared_sandbox
 
 
 def _apply_defaults(properties: Any, instance: Any) -> None:
@@ -39,33 +44,37 @@ def _required_after_defaults(
 
 
 _Filling = validators.extend(
-    Draft202012Validator, {"properties": _fill_defaults, "required": _required_after_defaults}
+    SafeValidator, {"properties": _fill_defaults, "required": _required_after_defaults}
 )
 
 
 # Validators by schema identity: building one costs more than validating a small input,
 # and a workflow's input_schema is the same object on every run. Bounded, because inline
 # workflows bring a new schema with each request.
-_VALIDATORS: dict[int, tuple[dict[str, Any], Any]] = {}
+_VALIDATORS: dict[int, tuple[dict[str, Any], Any, bool]] = {}
 _MAX_VALIDATORS = 256
 
 
-def _validator(schema: dict[str, Any]) -> Any:
+def _validator(schema: dict[str, Any]) -> tuple[Any, bool]:
+    """The schema's validator and whether it validates in linear time."""
     found = _VALIDATORS.get(id(schema))
     if found is not None and found[0] is schema:
-        return found[1]
+        return found[1], found[2]
     if len(_VALIDATORS) >= _MAX_VALIDATORS:
         _VALIDATORS.clear()
-    validator = _Filling(schema)
-    _VALIDATORS[id(schema)] = (schema, validator)  # the schema kept alive: its id stays its own
-    return validator
+    validator = _Filling(schema, registry=NO_RETRIEVAL)
+    linear = is_linear(schema)
+    # the schema kept alive: its id stays its own
+    _VALIDATORS[id(schema)] = (schema, validator, linear)
+    return validator, linear
 
 
-def prepare_input(schema: dict[str, Any], data: Any) -> dict[str, Any]:
-    """A validated copy of ``data`` with schema defaults applied; InvalidRequest naming the
-    JSON pointer of the first problem otherwise."""
+def check_input(payload: dict[str, Any]) -> dict[str, Any]:
+    """``{"instance": <copy with defaults>}`` or ``{"error": {"message", "param"}}`` for
+    ``payload["instance"]`` against ``payload["schema"]``; runs in-process or in the sandbox."""
+    schema, data = payload["schema"], payload["instance"]
     instance = copy.deepcopy(data) if data is not None else {}
-    errors = list(_validator(schema).iter_errors(instance))
+    errors = list(_validator(schema)[0].iter_errors(instance))
     if errors:
         error = best_match(errors)
         path = tuple(error.absolute_path)
@@ -73,11 +82,50 @@ def prepare_input(schema: dict[str, Any], data: Any) -> dict[str, Any]:
             missing = next((m for m in error.validator_value if m not in error.instance), None)
             path = (*path, missing) if missing is not None else path
         pointer = json_pointer(path)
-        raise InvalidRequest(
-            f"input{pointer or ''}: {error.message}",
-            param=f"input{pointer}" if pointer else "input",
-            code="invalid_input",
-        )
+        return {
+            "error": {
+                "message": f"input{pointer or ''}: {short_message(error)}",
+                "param": f"input{pointer}" if pointer else "input",
+            }
+        }
     if not isinstance(instance, dict):
-        raise InvalidRequest("input must be a JSON object", param="input", code="invalid_input")
+        return {"error": {"message": "input must be a JSON object", "param": "input"}}
+    return {"instance": instance}
+
+
+async def prepare_input(schema: dict[str, Any], data: Any, budget: Budget) -> dict[str, Any]:
+    """A validated copy of ``data`` with schema defaults applied; InvalidRequest naming the
+    JSON pointer of the first problem otherwise."""
+    payload = {"schema": schema, "instance": data}
+    if _validator(schema)[1]:
+        outcome = check_input(payload)
+    else:
+        try:
+            outcome = await shared_sandbox().call(
+                "engine.runtime.inputs:check_input",
+                payload,
+                timeout_s=budget.timeout_s,
+                memory_mb=budget.memory_mb,
+            )
+        except SandboxTimeout:
+            raise InvalidRequest(
+                f"input could not be validated within the schema budget of {budget.timeout_s:g} s "
+                "(setting schema_timeout_s): the workflow's input_schema is too costly for "
+                "this input",
+                param="input",
+                code="invalid_input",
+            ) from None
+        except SandboxError as exc:
+            raise InvalidRequest(
+                f"input could not be validated: {exc.message}", param="input", code="invalid_input"
+            ) from None
+        except (TypeError, OverflowError) as exc:
+            raise InvalidRequest(
+                f"input is not plain JSON data: {exc}", param="input", code="invalid_input"
+            ) from None
+    if "error" in outcome:
+        raise InvalidRequest(
+            outcome["error"]["message"], param=outcome["error"]["param"], code="invalid_input"
+        )
+    instance: dict[str, Any] = outcome["instance"]
     return instance

@@ -175,7 +175,9 @@ async def orchestrate(
     request: Request[Any, Any, Any], state: State, data: JSONBody[OrchestrateRequest]
 ) -> Response[RunResponse]:
     service = fusion_service(state)
-    run = service.prepare(data.workflow, data.input, data.models, data.config, data.definition)
+    run = await service.prepare(
+        data.workflow, data.input, data.models, data.config, data.definition
+    )
     if _wants_stream(request, data):
         return Stream(  # type: ignore[return-value]
             _events(service, run), media_type="text/event-stream", headers=SSE_HEADERS

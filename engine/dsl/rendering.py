@@ -1,0 +1,100 @@
+"""Render a workflow value under budgets.
+
+Provably linear templates (engine.dsl.templating: no loops, calls, repetition, powers or
+%-formatting) render in-process. The others render in the sandbox (engine.sandbox), all of
+one value's in one call, with a time and memory budget; the context sent there is pruned
+to what those templates read, so a step reading one field does not ship every output.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from engine.dsl.templating import Template, TemplateRenderError
+from engine.dsl.values import Value
+from engine.sandbox import (
+    Budget,
+    SandboxError,
+    SandboxMemoryError,
+    SandboxTimeout,
+    shared_sandbox,
+)
+
+_TARGET = "engine.dsl.rendering:render_batch"
+
+
+async def render(
+    value: Value, scope: Mapping[str, Any], budget: Budget, timeout_s: float | None = None
+) -> Any:
+    """``value`` rendered against ``scope``; ``timeout_s`` (a step's) tightens the budget."""
+    if not value.sandboxed:
+        return value.render(scope)
+    templates = value.sandboxed
+    payload = {"templates": [t.source for t in templates], "context": _pruned(templates, scope)}
+    limit = budget.timeout_s if timeout_s is None else min(budget.timeout_s, timeout_s)
+    try:
+        results = await shared_sandbox().call(
+            _TARGET, payload, timeout_s=limit, memory_mb=budget.memory_mb
+        )
+    except SandboxTimeout:
+        raise TemplateRenderError(
+            f"refused: rendering took longer than its budget of {limit:g} s "
+            f"in {templates[0].source!r}"
+        ) from None
+    except SandboxMemoryError:
+        raise TemplateRenderError(
+            f"refused: rendering needed more than its memory budget of {budget.memory_mb} MB "
+            f"in {templates[0].source!r}"
+        ) from None
+    except SandboxError as exc:
+        known = exc.type_name == "TemplateRenderError"
+        raise TemplateRenderError(exc.message if known else str(exc)) from None
+    except (TypeError, OverflowError) as exc:  # the context is not plain data (msgpack)
+        raise TemplateRenderError(f"the data read cannot be rendered: {exc}") from None
+    return value.render(scope, dict(zip(templates, results, strict=True)))
+
+
+def _pruned(templates: tuple[Template, ...], scope: Mapping[str, Any]) -> dict[str, Any]:
+    """The scope's roots the templates read; of a mapping root read only through constant
+    keys (``steps.retrieve``, ``input.query``), only those keys."""
+    wanted: dict[str, set[str | int] | None] = {}
+    for template in templates:
+        for ref in template.references:
+            if ref.root not in scope:
+                continue
+            keys = wanted.setdefault(ref.root, set())
+            if keys is None:
+                continue
+            if ref.path:
+                keys.add(ref.path[0])
+            else:
+                wanted[ref.root] = None
+    context: dict[str, Any] = {}
+    for root, keys in wanted.items():
+        data = scope[root]
+        if keys is None or not isinstance(data, Mapping):
+            context[root] = data
+        else:
+            context[root] = {k: data[k] for k in keys if k in data}
+    return context
+
+
+# -- in the sandbox worker -------------------------------------------------------------------
+_CACHE_SIZE = 512
+_compiled: OrderedDict[str, Template] = OrderedDict()
+
+
+def render_batch(payload: dict[str, Any]) -> list[Any]:
+    """The worker's side: render each template source against the context."""
+    context = payload["context"]
+    results = []
+    for source in payload["templates"]:
+        template = _compiled.get(source)
+        if template is None:
+            template = _compiled[source] = Template(source, None)
+            if len(_compiled) > _CACHE_SIZE:
+                _compiled.popitem(last=False)
+        results.append(template.render(context))
+    return results
