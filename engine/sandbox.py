@@ -68,6 +68,14 @@ class SandboxCrashed(SandboxError):
 
 
 @dataclass(frozen=True)
+class Budget:
+    """What one kind of sandboxed call may spend: wall-clock seconds and memory."""
+
+    timeout_s: float = 5.0
+    memory_mb: int = 256
+
+
+@dataclass(frozen=True)
 class SandboxLimits:
     workers: int = 2
     timeout_s: float = 5.0
