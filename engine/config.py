@@ -19,6 +19,9 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     data_dir: Path = Path("data")
+    # /health says "degraded" when the database has less room to grow than this (its file
+    # system's free space); with no room at all, or a failed write, it answers 503.
+    store_min_free_mb: float = 64
     workflows_dir: Path = Path("workflows")
     log_format: str = "console"  # console | json
     log_level: str = "info"

@@ -83,6 +83,26 @@ class InsufficientMemory(ServiceUnavailable):
     default_code = "insufficient_vram"
 
 
+class StorageError(FusionError):
+    """The database could not be written (or read) because of the storage under it, not
+    because of the request: engine.store raises the subclasses below."""
+
+
+class InsufficientStorage(StorageError):
+    # §7 has no row for 507; unlisted 5xx are internal_error (docs/decisions.md).
+    status = 507
+    type = "internal_error"
+    default_code = "insufficient_storage"
+
+
+class StorageReadOnly(ServiceUnavailable, StorageError):
+    default_code = "storage_read_only"
+
+
+class StorageUnavailable(ServiceUnavailable, StorageError):
+    default_code = "storage_unavailable"
+
+
 class OperationTimeout(FusionError):
     status = 504
     type = "timeout_error"

@@ -8,6 +8,14 @@ Connections
     loop thread share that thread's connection, so another coroutine would write into the
     open transaction. Do database work synchronously, or in a worker thread.
 
+Storage errors
+    A full file system, a read-only database and an unreachable file are not bugs of the
+    caller: `query()`, `transaction()` and `storage_errors()` raise them as the domain
+    errors of engine.errors (507 `insufficient_storage`, 503 `storage_read_only`, 503
+    `storage_unavailable`), so every writer (runs, composed workflows, RAG, jobs) answers
+    the same way, and the next write simply works again once space returns.
+    `write_check()` is /health's probe.
+
 Migrations
     Any module adds its tables by registering migrations at import time::
 
@@ -18,8 +26,8 @@ Migrations
     Rules:
     - `version` is a positive integer unique across the whole program. Each module owns a
       range, so nobody edits this file to add a table:
-          1-99      core: engine/store.py (runs), engine/fusion (runs rebuilt, composed
-                    workflows)
+          1-99      core: engine/store.py (runs, /health's heartbeat), engine/fusion (runs
+                    rebuilt, composed workflows)
           100-199   engine/rag
           200-299   engine/jobs (queue, webhooks, deliveries)
           300-399   engine/models
@@ -41,6 +49,8 @@ Migrations
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 import uuid
 import weakref
@@ -54,6 +64,12 @@ import apsw
 import sqlite_vec
 
 from engine.clock import utc_iso
+from engine.errors import (
+    InsufficientStorage,
+    StorageError,
+    StorageReadOnly,
+    StorageUnavailable,
+)
 
 MigrationFn = Callable[[apsw.Connection], None]
 Bindings = Sequence[Any] | Mapping[str, Any] | None
@@ -64,6 +80,49 @@ MMAP_BYTES = 1 << 30
 
 class StoreError(RuntimeError):
     """The database cannot be opened, migrated or used as configured."""
+
+
+# What the operating system says when a write finds no room, or no permission to write.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+_NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def storage_error(
+    exc: BaseException, path: Path | None = None, system_errno: int | None = None
+) -> StorageError | None:
+    """The domain error for an apsw error caused by the storage under the database (full,
+    read-only, gone), found in `exc` or the exceptions it was raised from; None for any
+    other error (a constraint, a busy lock, a bug), which keeps its own meaning.
+
+    `system_errno` is the connection's last OS error, when known: SQLite reports some
+    failed writes (extending a file) as a generic I/O error that only errno explains."""
+    where = f"the database {path}" if path is not None else "the database"
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, apsw.Error):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        return None
+    if isinstance(cause, apsw.FullError) or (
+        isinstance(cause, apsw.IOError) and system_errno in _NO_SPACE
+    ):
+        return _no_room(where)
+    if isinstance(cause, apsw.ReadOnlyError) or (
+        isinstance(cause, apsw.IOError) and system_errno in _NOT_WRITABLE
+    ):
+        return StorageReadOnly(
+            f"{where} is read-only (its file, directory or file system cannot be written), "
+            "so nothing can be stored"
+        )
+    if isinstance(cause, apsw.CantOpenError | apsw.IOError):
+        return StorageUnavailable(f"{where} cannot be read or written: {cause}")
+    return None
+
+
+def _no_room(where: str) -> InsufficientStorage:
+    return InsufficientStorage(
+        f"{where} cannot grow: its file system is full (or the database reached its size "
+        "limit). Nothing was written; free some space and retry, no restart is needed"
+    )
 
 
 @dataclass(frozen=True)
@@ -115,6 +174,24 @@ def _validated(migration: Migration) -> Migration:
     return migration
 
 
+@dataclass(frozen=True)
+class WriteCheck:
+    """`Store.write_check()`'s answer. `error` says why the store cannot be written (the
+    same error a write would raise); None means the probe write went through."""
+
+    free_bytes: int
+    error: StorageError | None = None
+
+    @property
+    def writable(self) -> bool:
+        return self.error is None
+
+
+_HEARTBEAT_SQL = (
+    "INSERT INTO store_heartbeat (id, written_at) VALUES (1, ?) "
+    "ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at"
+)
+
 _LEDGER_SQL = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version INTEGER PRIMARY KEY,
@@ -147,7 +224,13 @@ class Store:
         # connections of threads that have ended can be closed instead of leaking.
         self._connections: list[tuple[weakref.ref[threading.Thread], apsw.Connection]] = []
         self._closed = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create the data directory {self.path.parent} for the database: "
+                f"{exc.strerror}. Make it writable or set data_dir to a writable directory"
+            ) from exc
         try:
             self.migrate()
         except BaseException:
@@ -179,10 +262,13 @@ class Store:
         try:
             conn = apsw.Connection(str(self.path))
         except apsw.Error as exc:
-            raise StoreError(f"cannot open database {self.path}: {exc}") from exc
+            raise self._unwritable(f"cannot open database {self.path}: {exc}") from exc
         try:
             # Set first so that the pragmas below wait for another process's lock too.
             conn.set_busy_timeout(self._busy_timeout_ms)
+            # SQLite opens the file (and WAL's -shm) only on first use: use it now, so an
+            # unwritable path is reported as such, not as whatever statement came first.
+            self._check_writable_file(conn)
             _load_sqlite_vec(conn)
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchall()
             if not mode or str(mode[0][0]).lower() != "wal":
@@ -197,6 +283,37 @@ class Store:
             conn.close()
             raise
         return conn
+
+    def _check_writable_file(self, conn: apsw.Connection) -> None:
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_schema").fetchall()
+            read_only = conn.readonly("main")
+        except apsw.Error as exc:
+            raise self._unwritable(f"cannot open database {self.path}: {exc}") from exc
+        if read_only:
+            raise self._unwritable(f"the database {self.path} opened read-only")
+
+    def _unwritable(self, what: str) -> StoreError:
+        return StoreError(
+            f"{what} ({self._why_unwritable()}). Fusion writes runs, workflows and "
+            "collections there: make it writable or set data_dir to a writable directory"
+        )
+
+    def _why_unwritable(self) -> str:
+        """The likeliest reason the database file cannot be written, in words."""
+        directory = self.path.parent
+        try:
+            if os.statvfs(directory).f_flag & os.ST_RDONLY:
+                return f"the file system holding {directory} is mounted read-only"
+        except OSError as exc:
+            return f"{directory}: {exc.strerror}"
+        if self.path.is_dir():
+            return f"{self.path} is a directory"
+        if not os.access(directory, os.W_OK | os.X_OK):
+            return f"the directory {directory} is not writable by this user"
+        if self.path.exists() and not os.access(self.path, os.W_OK):
+            return f"the file {self.path} is not writable by this user"
+        return "no permission problem is visible; check the file's owner and locks"
 
     def _prune_dead_threads(self) -> None:
         alive: list[tuple[weakref.ref[threading.Thread], apsw.Connection]] = []
@@ -227,7 +344,23 @@ class Store:
 
     def query(self, sql: str, bindings: Bindings = None) -> list[tuple[Any, ...]]:
         """Run one statement on this thread's connection and return all rows."""
-        return self.connection().execute(sql, bindings).fetchall()
+        with self.storage_errors():
+            return self.connection().execute(sql, bindings).fetchall()
+
+    @contextmanager
+    def storage_errors(self) -> Iterator[None]:
+        """Raise a full, read-only or unreachable database as the domain error that says
+        so (507 `insufficient_storage`, 503 `storage_read_only`, 503
+        `storage_unavailable`) instead of apsw's. `query()` and `transaction()` do this
+        already; wrap direct use of `connection()` that writes."""
+        try:
+            yield
+        except apsw.Error as exc:
+            conn = getattr(self._local, "conn", None)
+            error = storage_error(exc, self.path, conn.system_errno if conn else None)
+            if error is None:
+                raise
+            raise error from exc
 
     @contextmanager
     def transaction(self) -> Iterator[apsw.Connection]:
@@ -238,23 +371,25 @@ class Store:
         failure undoes only the inner block.
         """
         conn = self.connection()
-        if conn.in_transaction:
-            with _savepoint(conn):
+        with self.storage_errors():
+            if conn.in_transaction:
+                with _savepoint(conn):
+                    yield conn
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            try:
                 yield conn
-            return
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        try:
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+            except BaseException:
+                # SQLite may already have rolled back (a full disk can do that).
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            try:
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
 
     # -- health --------------------------------------------------------------------------
 
@@ -264,6 +399,46 @@ class Store:
         if not rows or rows[0][0] != 1:
             raise StoreError(f"unexpected ping result from {self.path}: {rows!r}")
         return str(rows[0][1])
+
+    def write_check(self) -> WriteCheck:
+        """Whether the database can be written now: a real write (the heartbeat row,
+        committed, so the file system is really asked) and the room left to grow into (the
+        file system's free space, capped by SQLite's max_page_count). Never waits for a
+        lock: while another connection writes, the store is evidently writable."""
+        conn = self.connection()
+        page_size, room = self._room_to_grow()
+        if conn.in_transaction:
+            return WriteCheck(room)  # a caller's open transaction: not ours to commit
+        conn.set_busy_timeout(0)
+        try:
+            with self.storage_errors():
+                conn.execute(_HEARTBEAT_SQL, (utc_iso(),))
+        except apsw.BusyError:
+            pass
+        except StorageError as exc:
+            return WriteCheck(room, exc)
+        finally:
+            conn.set_busy_timeout(self._busy_timeout_ms)
+        if room < page_size:
+            # The heartbeat can succeed on a full file system (WAL rewrites its own file
+            # after a checkpoint), but no table can take one more page.
+            return WriteCheck(room, _no_room(f"the database {self.path}"))
+        return WriteCheck(room)
+
+    def _room_to_grow(self) -> tuple[int, int]:
+        """(page size, bytes the database can still grow by): the smaller of the file
+        system's free space for an unprivileged writer and the room under max_page_count."""
+        with self.storage_errors():
+            try:
+                stats = os.statvfs(self.path.parent)
+            except OSError as exc:
+                raise StorageUnavailable(f"{self.path.parent}: {exc.strerror}") from exc
+            conn = self.connection()
+            page_size, pages, max_pages = (
+                int(conn.execute(f"PRAGMA {name}").fetchall()[0][0])
+                for name in ("page_size", "page_count", "max_page_count")
+            )
+        return page_size, min(stats.f_bavail * stats.f_frsize, (max_pages - pages) * page_size)
 
     # -- migrations ----------------------------------------------------------------------
 
@@ -377,5 +552,17 @@ register_migration(
     ) STRICT;
     CREATE INDEX runs_by_workflow ON runs (workflow_id, created_at);
     CREATE INDEX runs_by_status ON runs (status, created_at);
+    """,
+)
+
+# One row, rewritten by each write_check(): /health's proof that the file can be written.
+register_migration(
+    4,
+    "store_heartbeat",
+    """
+    CREATE TABLE store_heartbeat (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        written_at TEXT NOT NULL
+    ) STRICT;
     """,
 )

@@ -20,6 +20,7 @@ from litestar.types import ExceptionHandlersMap
 
 from engine.errors import FusionError
 from engine.logging import get_logger
+from engine.store import storage_error
 
 log = get_logger("server.errors")
 
@@ -195,6 +196,12 @@ def _plain(value: Any) -> Any:
 
 
 def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    # A full or read-only database reached outside the store's own translation (a direct
+    # read on a connection) still says so: 507/503, not a generic 500.
+    storage = storage_error(exc)
+    if storage is not None:
+        storage.__cause__ = exc  # the log keeps apsw's traceback
+        return handle_fusion_error(request, storage)
     _log_server_error(request, exc)
     return error_response(500, GENERIC_500_MESSAGE)
 

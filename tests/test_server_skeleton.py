@@ -116,7 +116,11 @@ def test_health_reports_real_readings(client: httpx.Client, server: RunningServe
     stamp = datetime.strptime(body["timestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     assert abs(datetime.now(UTC) - stamp) < timedelta(minutes=5)
     assert body["models"] == {"loaded_count": 0, "models_healthy": True, "models": []}
-    assert body["persistence"] == {"vector_db_connected": True}
+    persistence = body["persistence"]
+    assert persistence["vector_db_connected"] is True
+    assert persistence["store_writable"] is True
+    assert persistence["store_free_bytes"] > 0
+    assert "error" not in body
     assert body["services"] == {"fusion_enabled": True, "rag_enabled": True, "mcp_enabled": False}
     assert server.app.state.store.path.is_file()
 
@@ -126,9 +130,17 @@ def test_health_reports_a_broken_store(tmp_path: Path) -> None:
     with serve_app(app) as running:
         running.app.state.store.close()
         response = httpx.get(f"{running.base_url}/health", timeout=10.0)
-    assert response.status_code == 200
-    assert response.json()["status"] == "degraded"
-    assert response.json()["persistence"] == {"vector_db_connected": False}
+    # Unhealthy, naming the part (docs/decisions.md), with every reading kept.
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "unhealthy"
+    assert body["persistence"] == {
+        "vector_db_connected": False,
+        "store_writable": False,
+        "store_free_bytes": None,
+    }
+    assert body["error"]["type"] == "service_unavailable_error"
+    assert body["error"]["code"] == "storage_unavailable"
 
 
 def test_unknown_route_is_404_envelope(client: httpx.Client) -> None:

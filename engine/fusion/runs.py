@@ -144,14 +144,16 @@ class RunStore:
     def try_save(self, body: dict[str, Any], **request: Any) -> bool:
         """Save now, on this thread, if the database is free: False, having written
         nothing, when another connection holds the write lock. Lets the event loop write
-        without ever waiting for a lock (it would stall every request)."""
+        without ever waiting for a lock (it would stall every request). A full or
+        read-only database raises engine.errors.StorageError, like `save`."""
         conn = self.store.connection()
         if conn.in_transaction:
             return False  # a caller's open transaction: do not write into it
         conn.set_busy_timeout(0)
         try:
             # One statement in autocommit mode is its own transaction.
-            conn.execute(_INSERT, _row(body, **request))
+            with self.store.storage_errors():
+                conn.execute(_INSERT, _row(body, **request))
         except apsw.BusyError:
             return False
         finally:
