@@ -21,7 +21,7 @@ from engine.dsl.issues import Issue, WorkflowInvalid, format_issues
 from engine.dsl.schema import generate
 from engine.errors import FusionError, InvalidRequest
 from engine.logging import configure_logging
-from engine.runtime.executor import Runner
+from engine.runtime.executor import RunLimits, Runner
 from engine.runtime.trace import COMPLETED, FAILED
 from engine.steps.registry import default_registry
 
@@ -120,7 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     data.update(_parse_pairs(args.input or [], "input"))
     config = _json_object(args.config_json, "config-json")
     models = _parse_pairs(args.model or [], "model", as_json=False)  # model ids are strings
-    runner = Runner(catalog=catalog)
+    runner = Runner(catalog=catalog, limits=RunLimits.from_settings(Settings.load()))
     result = asyncio.run(runner.run(workflow, data, models=models, config=config))
     _out(sys.stdout, json.dumps(result.to_dict(), indent=2, default=str))
     if result.status == COMPLETED:
@@ -160,6 +160,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=settings.port,
         log_config=None,
         access_log=False,
+        # Without a bound, shutdown waits for every in-flight request, however long; past
+        # it uvicorn cancels them, which cancels their runs.
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
     return EXIT_OK
 

@@ -18,6 +18,16 @@ _ENV_PREFIX = "FUSION_"
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
+    # Host header names (optionally name:port) the server answers; None: the bind address
+    # and the localhost names. ["*"] turns the check off (DNS rebinding, server/guards.py).
+    allowed_hosts: list[str] | None = None
+    # Origins whose browser requests are let in, with CORS headers; [] refuses every
+    # cross-origin request (403). Entries may use "*" as Litestar's CORSConfig allows.
+    cors_allow_origins: list[str] = field(default_factory=list)
+    # Deepest nesting of arrays and objects a JSON request body may have (400 beyond).
+    max_json_depth: int = 64
+    # Seconds `fusion serve` waits for in-flight requests on shutdown before cancelling them.
+    shutdown_timeout_s: int = 5
     data_dir: Path = Path("data")
     # /health says "degraded" when the database has less room to grow than this (its file
     # system's free space); with no room at all, or a failed write, it answers 503.
@@ -27,10 +37,33 @@ class Settings:
     log_level: str = "info"
     max_parallel_steps: int = 16
     max_workflow_depth: int = 8
+    # Per-run budgets (engine/runtime/executor.py RunLimits): step executions in a run and
+    # the child runs it starts (each step, for_each item and repeat pass counts one), items
+    # one for_each may map, JSON bytes of one step's output and of the run's output.
+    run_max_steps: int = 10_000
+    run_max_for_each_items: int = 10_000
+    run_max_step_output_bytes: int = 16_777_216
+    run_max_output_bytes: int = 16_777_216
+    # The sandbox (engine/sandbox.py): worker processes for templates outside the linear
+    # subset, non-linear input schemas and document extraction, and the wall-clock seconds
+    # and memory one template render / one input validation may use there.
+    sandbox_workers: int = 2
+    template_timeout_s: float = 5.0
+    template_memory_mb: int = 256
+    schema_timeout_s: float = 2.0
+    schema_memory_mb: int = 256
     # Models. None budget: a share of device or system memory (engine.models.memory).
     model_memory_budget_gb: float | None = None
     model_max_concurrency: int = 1
     model_max_queue: int = 100
+    # Longest model id a load may set or a request may name (engine/models/ids.py).
+    model_id_max_chars: int = 256
+    # Characters of text in one chat or warmup prompt, refused (400) before tokenizing.
+    model_max_prompt_chars: int = 1_000_000
+    # Largest warmup max_length; the prompt is also cut to the model's context length.
+    model_warmup_max_tokens: int = 4096
+    # Prompt tokens per prefill forward pass (mlx-lm's prefill_step_size).
+    model_prefill_step_tokens: int = 2048
     # Models loaded at start-up, each a /v1/models/load body. None: the demo setup (the
     # MiniLM embedder when installed and a tiny random-weight chat model); [] loads none.
     startup_models: list[dict[str, Any]] | None = None
@@ -38,6 +71,10 @@ class Settings:
     image_root: Path | None = None
     # Outbound fetches (image URLs, webhooks) to private and loopback addresses.
     allow_private_urls: bool = False
+    # Largest image a multimodal request may send (data: URI, file or URL).
+    image_max_mb: float = 20
+    # Total deadline for fetching one image URL, redirects and a slow body included.
+    image_fetch_timeout_s: float = 10
     # RAG ingest uploads: the size limit of each file (spec §4.1: 10 MB), enforced while the
     # upload is read, and the most files one request may carry.
     rag_max_file_mb: float = 10

@@ -38,8 +38,7 @@ log = structlog.get_logger(__name__)
 _HEADER = struct.Struct("!I")
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder()
-# A worker needs this long to import jinja2/jsonschema before its first answer; its first
-# call's deadline is extended by it so a cold start is not reported as a timeout.
+# How long a new worker may take to import what it runs and say it is ready.
 _START_GRACE_S = 10.0
 
 
@@ -111,16 +110,17 @@ class _Worker:
     def call(self, target: str, payload: Any, timeout_s: float, memory_mb: int) -> Any:
         assert self.proc.stdin is not None
         frame = _ENCODER.encode((target, payload, memory_mb))
-        grace = _START_GRACE_S if self.fresh else 0.0
-        deadline = time.monotonic() + timeout_s + grace
         try:
+            if self.fresh:  # its imports are not the call's time: wait for "ready" first
+                self._read(_HEADER.size, time.monotonic() + _START_GRACE_S, _START_GRACE_S)
+                self.fresh = False
+            deadline = time.monotonic() + timeout_s
             self.proc.stdin.write(_HEADER.pack(len(frame)) + frame)
             self.proc.stdin.flush()
             header = self._read(_HEADER.size, deadline, timeout_s)
             body = self._read(_HEADER.unpack(header)[0], deadline, timeout_s)
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise SandboxCrashed(self._exit_detail()) from exc
-        self.fresh = False
         ok, value = _DECODER.decode(body)
         if ok:
             return value
@@ -251,7 +251,10 @@ def configure_shared_sandbox(limits: SandboxLimits) -> Sandbox:
     """Replace the process-wide pool's limits (the server does this from its Settings)."""
     global _shared
     with _shared_lock:
-        old, _shared = _shared, Sandbox(limits)
+        old = _shared
+        if old is not None and old.limits == limits:
+            return old
+        _shared = Sandbox(limits)
     if old is not None:
         old.close()
     return _shared

@@ -1,7 +1,8 @@
 """The sandbox's worker process (``python -m engine.sandbox_worker``): reads framed
 msgpack requests on stdin, runs each under its memory budget, answers on stdout.
 
-Protocol: each frame is a 4-byte big-endian length and a msgpack body. Request:
+Protocol: each frame is a 4-byte big-endian length and a msgpack body; the worker first
+sends an empty frame once it is ready. Request:
 ``[target, payload, memory_mb]``; answer: ``[true, result]`` or
 ``[false, [exception type name, message]]``.
 """
@@ -57,8 +58,16 @@ def _read_exact(stream: BinaryIO, size: int) -> bytes | None:
     return data if data is not None and len(data) == size else None
 
 
+# Imported before the worker says it is ready, so a call's budget is not spent on them.
+_PRELOAD = ("engine.dsl.rendering", "engine.runtime.inputs")
+
+
 def serve(requests: BinaryIO, answers: BinaryIO) -> None:
     encoder, decoder = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder()
+    for module in _PRELOAD:
+        importlib.import_module(module)
+    answers.write(_HEADER.pack(0))  # ready
+    answers.flush()
     while True:
         header = _read_exact(requests, _HEADER.size)
         if header is None:

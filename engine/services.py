@@ -14,11 +14,13 @@ from engine.dsl.catalog import WorkflowCatalog
 from engine.dsl.source import configure as configure_documents
 from engine.fusion.service import FusionService
 from engine.models.backends import default_backends
+from engine.models.images import ImagePolicy
 from engine.models.memory import GIB, default_budget_bytes
 from engine.models.registry import ModelRegistry
-from engine.models.types import LoadSpec
+from engine.models.types import LoadSpec, ModelLimits
 from engine.rag.service import RagService
-from engine.runtime.executor import Runner
+from engine.runtime.executor import RunLimits, Runner
+from engine.sandbox import SandboxLimits, configure_shared_sandbox
 from engine.steps.registry import StepRegistry, default_registry
 from engine.store import Store
 
@@ -42,6 +44,7 @@ class Engine:
         that runs none, such as `fusion ingest`, must not fail on a broken one) and the
         start-up models."""
         configure_documents(settings)  # workflow document limits, for every loader
+        configure_shared_sandbox(SandboxLimits(workers=settings.sandbox_workers)).warm()
         store = Store(settings.db_path)
         steps = default_registry()
         catalog = WorkflowCatalog(steps)
@@ -57,8 +60,8 @@ class Engine:
             budget_bytes=budget,
             default_concurrency=settings.model_max_concurrency,
             default_queue=settings.model_max_queue,
-            image_root=settings.image_root,
-            allow_private_urls=settings.allow_private_urls,
+            images=ImagePolicy.from_settings(settings),
+            limits=ModelLimits.from_settings(settings),
         )
         rag = RagService(store, models)
         services: dict[str, Any] = {"models": models, "store": store, "rag": rag}
@@ -68,6 +71,7 @@ class Engine:
             select_model=lambda role, spec: models.select(spec.type),
             max_parallel=settings.max_parallel_steps,
             max_depth=settings.max_workflow_depth,
+            limits=RunLimits.from_settings(settings),
         )
         engine = cls(settings, store, steps, catalog, models, runner, rag)
         services["engine"] = engine

@@ -16,6 +16,7 @@ from engine.dsl.templating import Template, TemplateRenderError
 from engine.dsl.values import Value
 from engine.sandbox import (
     Budget,
+    SandboxCrashed,
     SandboxError,
     SandboxMemoryError,
     SandboxTimeout,
@@ -40,13 +41,18 @@ async def render(
         )
     except SandboxTimeout:
         raise TemplateRenderError(
-            f"refused: rendering took longer than its budget of {limit:g} s "
-            f"in {templates[0].source!r}"
+            f"refused: rendering exceeded its time budget of {limit:g} s "
+            f"(setting template_timeout_s, or the step's timeout_s) in {_short(templates)}"
         ) from None
     except SandboxMemoryError:
         raise TemplateRenderError(
-            f"refused: rendering needed more than its memory budget of {budget.memory_mb} MB "
-            f"in {templates[0].source!r}"
+            f"refused: rendering exceeded its memory budget of {budget.memory_mb} MB "
+            f"(setting template_memory_mb) in {_short(templates)}"
+        ) from None
+    except SandboxCrashed as exc:
+        raise TemplateRenderError(
+            f"refused: {exc.message}, most likely at its memory budget of {budget.memory_mb} MB "
+            f"(setting template_memory_mb) in {_short(templates)}"
         ) from None
     except SandboxError as exc:
         known = exc.type_name == "TemplateRenderError"
@@ -54,6 +60,11 @@ async def render(
     except (TypeError, OverflowError) as exc:  # the context is not plain data (msgpack)
         raise TemplateRenderError(f"the data read cannot be rendered: {exc}") from None
     return value.render(scope, dict(zip(templates, results, strict=True)))
+
+
+def _short(templates: tuple[Template, ...]) -> str:
+    source = templates[0].source if len(templates) == 1 else "one of the value's templates"
+    return repr(source) if len(source) <= 200 else repr(source[:200]) + "..."
 
 
 def _pruned(templates: tuple[Template, ...], scope: Mapping[str, Any]) -> dict[str, Any]:

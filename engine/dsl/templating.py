@@ -382,6 +382,8 @@ class Template:
             raise TemplateRenderError(f"{exc.message} in {self.source!r}") from None
         except SecurityError as exc:
             raise TemplateRenderError(f"refused: {exc} in {self.source!r}") from None
+        except MemoryError:
+            raise  # the sandbox's budget, reported as such by its worker
         except Exception as exc:
             raise TemplateRenderError(f"{type(exc).__name__}: {exc} in {self.source!r}") from None
         finally:

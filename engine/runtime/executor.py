@@ -17,6 +17,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
 from engine.clock import utc_iso
+from engine.config import Settings
 from engine.dsl.compiler import CompiledStep, CompiledWorkflow, RoleSpec
 from engine.dsl.issues import dotted
 from engine.dsl.rendering import render
@@ -63,6 +64,17 @@ class RunLimits:
     max_output_bytes: int = 16 * 1024 * 1024
     render: Budget = field(default_factory=Budget)
     schemas: Budget = field(default_factory=Budget)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RunLimits:
+        return cls(
+            max_steps=settings.run_max_steps,
+            max_for_each_items=settings.run_max_for_each_items,
+            max_step_output_bytes=settings.run_max_step_output_bytes,
+            max_output_bytes=settings.run_max_output_bytes,
+            render=Budget(settings.template_timeout_s, settings.template_memory_mb),
+            schemas=Budget(settings.schema_timeout_s, settings.schema_memory_mb),
+        )
 
 
 class _StepBudget:
