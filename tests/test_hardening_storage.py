@@ -33,7 +33,7 @@ from engine.config import Settings
 from engine.errors import InsufficientStorage, StorageReadOnly
 from engine.fusion.runs import RunStore
 from engine.services import Engine
-from engine.store import Store, StoreError
+from engine.store import Store, StoreError, storage_error
 from server.app import create_app
 
 HEALTH_S = 2.0  # "answers promptly": a generous bound that only proves nothing hangs
@@ -128,6 +128,23 @@ def test_read_only_database_raises_503_storage_read_only(tmp_path: Path) -> None
         assert check.error.code == "storage_read_only"
         store.query("PRAGMA query_only = 0")
         assert store.write_check().writable
+
+
+def test_raw_apsw_error_found_through_a_chain_of_causes(tmp_path: Path) -> None:
+    """The server's fallback (server/errors.py) reads an apsw error that escaped the store's
+    own translation, even wrapped in another exception; other apsw errors stay 500s."""
+    with Store(tmp_path / "db.sqlite3") as store:
+        _fill(store)
+        conn = store.connection()  # direct use, as a reader might: no translation
+        with pytest.raises(apsw.FullError) as full:
+            conn.execute("CREATE TABLE filler AS SELECT ? AS text", ("x" * BIG,))
+    try:
+        raise RuntimeError("wrapped by someone") from full.value
+    except RuntimeError as wrapped:
+        found = storage_error(wrapped)
+    assert isinstance(found, InsufficientStorage)
+    assert storage_error(apsw.ConstraintError("CHECK constraint failed")) is None
+    assert storage_error(ValueError("not storage")) is None
 
 
 async def test_orchestrate_keeps_the_result_when_the_run_cannot_be_stored(
