@@ -7,12 +7,14 @@ per request) is merged into every line, including lines emitted through stdlib l
 
 from __future__ import annotations
 
+import io
 import logging
+import re
 import sys
 from typing import Any, TextIO
 
 import structlog
-from structlog.typing import Processor
+from structlog.typing import EventDict, ExcInfo, Processor, WrappedLogger
 
 _LEVELS = {
     "critical": logging.CRITICAL,
@@ -40,6 +42,31 @@ def _shared_processors() -> list[Processor]:
     ]
 
 
+# C0 controls, DEL and C1 controls: in a value written raw to a terminal they move the
+# cursor, recolour or rewrite earlier lines, or forge whole log lines (a newline).
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROLS_BUT_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _escape(text: str, pattern: re.Pattern[str] = _CONTROLS) -> str:
+    return pattern.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _escape_controls(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
+    """Console lines: control characters in string values (a model id, a path from a
+    request) are written as ``\\xNN``. Other values are rendered with repr, which
+    escapes them already; the JSON renderer escapes them too."""
+    return {k: _escape(v) if isinstance(v, str) else v for k, v in event_dict.items()}
+
+
+def _plain_traceback_escaped(sio: TextIO, exc_info: ExcInfo) -> None:
+    """A plain traceback whose lines stay lines but whose other control characters (in
+    exception messages built from request data) are escaped."""
+    buffer = io.StringIO()
+    structlog.dev.plain_traceback(buffer, exc_info)
+    sio.write(_escape(buffer.getvalue(), _CONTROLS_BUT_LINES))
+
+
 def _renderer(fmt: str, stream: TextIO) -> list[Processor]:
     if fmt == "json":
         return [
@@ -49,9 +76,8 @@ def _renderer(fmt: str, stream: TextIO) -> list[Processor]:
     colors = bool(getattr(stream, "isatty", lambda: False)())
     # Plain tracebacks: rich's default also prints local variables, which can hold secrets.
     return [
-        structlog.dev.ConsoleRenderer(
-            colors=colors, exception_formatter=structlog.dev.plain_traceback
-        )
+        _escape_controls,
+        structlog.dev.ConsoleRenderer(colors=colors, exception_formatter=_plain_traceback_escaped),
     ]
 
 

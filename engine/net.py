@@ -2,7 +2,12 @@
 against private, loopback, link-local and reserved ranges, and the connection is made to
 the checked address (TLS still verifies the host name), so a DNS answer that changes
 between check and connect cannot redirect the request. Redirects are followed by hand,
-each hop checked the same way."""
+each hop checked the same way.
+
+An IPv6 address that carries an IPv4 address (IPv4-mapped and -compatible, 6to4, Teredo,
+NAT64) reaches that IPv4 host through a translator or tunnel, so the IPv4 address inside
+is checked too. The whole fetch runs under one deadline: a per-read timeout would let a
+server that drips a byte at a time hold the request open for ever."""
 
 from __future__ import annotations
 
@@ -23,17 +28,41 @@ class BlockedAddress(InvalidRequest):
     default_code = "url_not_allowed"
 
 
+# NAT64: the well-known prefix carries the IPv4 address in its last 32 bits (RFC 6052);
+# the local-use prefix (RFC 8215) is site-specific, never a public destination.
+NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
 @dataclass(frozen=True)
 class FetchPolicy:
-    allow_private: bool = False
-    timeout_s: float = 10.0
-    max_bytes: int = 20 * 1024 * 1024
+    allow_private: bool
+    timeout_s: float  # total deadline of one fetch, redirects included
+    max_bytes: int
 
 
-def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
-    return address.is_global and not address.is_multicast
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address routes to through a translation mechanism."""
+    found = [a for a in (address.ipv4_mapped, address.sixtofour) if a is not None]
+    if address.teredo is not None:
+        found.extend(address.teredo)  # (server, client)
+    if address in NAT64_WELL_KNOWN or address in IPV4_COMPATIBLE:
+        found.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return found
+
+
+def is_public(address: Address) -> bool:
+    if not address.is_global or address.is_multicast:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        if address in NAT64_LOCAL_USE:
+            return False
+        return all(is_public(inner) for inner in _embedded_ipv4(address))
+    return True
 
 
 async def resolve_checked(host: str, port: int, policy: FetchPolicy) -> str:
@@ -46,7 +75,7 @@ async def resolve_checked(host: str, port: int, policy: FetchPolicy) -> str:
         ) from None
     addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
     if not policy.allow_private:
-        blocked = [str(a) for a in addresses if not _is_public(a)]
+        blocked = [str(a) for a in addresses if not is_public(a)]
         if blocked:
             raise BlockedAddress(
                 f"host '{host}' resolves to a private, loopback or reserved address "
@@ -82,7 +111,29 @@ async def fetch(
     headers: dict[str, str] | None = None,
     content: bytes | None = None,
 ) -> Fetched:
-    """A checked request; the body is read up to policy.max_bytes."""
+    """A checked request; the body is read up to policy.max_bytes, all within
+    policy.timeout_s. Unreachable, failing or too slow: InvalidRequest."""
+    try:
+        async with asyncio.timeout(policy.timeout_s):
+            return await _fetch(url, policy, method, headers, content)
+    except TimeoutError:
+        raise InvalidRequest(
+            f"fetching '{url}' took longer than {policy.timeout_s:g} s", code="url_timeout"
+        ) from None
+    except httpx.HTTPError as exc:
+        raise InvalidRequest(
+            f"fetching '{url}' failed: {type(exc).__name__}: {exc}", code="url_unreachable"
+        ) from None
+
+
+async def _fetch(
+    url: str,
+    policy: FetchPolicy,
+    method: str,
+    headers: dict[str, str] | None,
+    content: bytes | None,
+) -> Fetched:
+    # httpx's own timeout is per operation; it stays as a bound on a single connect/read.
     async with httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False) as client:
         for _ in range(MAX_REDIRECTS + 1):
             parts = urlsplit(url)

@@ -8,15 +8,26 @@ import base64
 import io
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
+from engine.config import Settings
 from engine.errors import InvalidRequest, PayloadTooLarge
-from engine.models.images import load_image
+from engine.models.images import ImagePolicy, load_image
 from engine.net import BlockedAddress, FetchPolicy, fetch
+
+
+def images(root: Path | None = None, allow_private: bool = False) -> ImagePolicy:
+    return ImagePolicy.from_settings(Settings(image_root=root, allow_private_urls=allow_private))
+
+
+def fetch_policy(allow_private: bool = False, **changes: Any) -> FetchPolicy:
+    return replace(images(allow_private=allow_private).fetch, **changes)
 
 
 def png_bytes(colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -64,7 +75,7 @@ def loopback_server() -> Iterator[str]:
 
 async def test_data_uri() -> None:
     uri = "data:image/png;base64," + base64.b64encode(png_bytes()).decode()
-    image = await load_image(uri, root=None, allow_private=False)
+    image = await load_image(uri, images())
     assert image.size == (8, 6)
     assert image.getpixel((0, 0)) == (200, 30, 30)
 
@@ -79,7 +90,7 @@ async def test_data_uri() -> None:
 )
 async def test_bad_data_uris(uri: str, message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
-        await load_image(uri, root=None, allow_private=False)
+        await load_image(uri, images())
 
 
 async def test_files_only_under_the_image_root(tmp_path: Path) -> None:
@@ -87,32 +98,32 @@ async def test_files_only_under_the_image_root(tmp_path: Path) -> None:
     root.mkdir()
     (root / "ok.png").write_bytes(png_bytes((1, 2, 3)))
     (tmp_path / "secret.png").write_bytes(png_bytes())
-    image = await load_image("ok.png", root=root, allow_private=False)
+    image = await load_image("ok.png", images(root))
     assert image.getpixel((0, 0)) == (1, 2, 3)
     with pytest.raises(InvalidRequest, match="outside the image root"):
-        await load_image("../secret.png", root=root, allow_private=False)
+        await load_image("../secret.png", images(root))
     with pytest.raises(InvalidRequest, match="not found"):
-        await load_image("missing.png", root=root, allow_private=False)
+        await load_image("missing.png", images(root))
     with pytest.raises(InvalidRequest, match="local image paths are disabled"):
-        await load_image("ok.png", root=None, allow_private=False)
+        await load_image("ok.png", images())
 
 
 async def test_loopback_urls_are_refused_by_default(loopback_server: str) -> None:
     with pytest.raises(BlockedAddress, match="loopback"):
-        await load_image(f"{loopback_server}/cat.png", root=None, allow_private=False)
+        await load_image(f"{loopback_server}/cat.png", images())
 
 
 async def test_loopback_urls_when_private_addresses_are_allowed(loopback_server: str) -> None:
-    image = await load_image(f"{loopback_server}/cat.png", root=None, allow_private=True)
+    image = await load_image(f"{loopback_server}/cat.png", images(allow_private=True))
     assert image.size == (8, 6)
-    moved = await load_image(f"{loopback_server}/moved", root=None, allow_private=True)
+    moved = await load_image(f"{loopback_server}/moved", images(allow_private=True))
     assert moved.size == (8, 6)  # the redirect was followed, and checked again
     with pytest.raises(InvalidRequest, match="HTTP 404"):
-        await load_image(f"{loopback_server}/nothing", root=None, allow_private=True)
+        await load_image(f"{loopback_server}/nothing", images(allow_private=True))
 
 
 async def test_fetch_bounds_the_body(loopback_server: str) -> None:
-    policy = FetchPolicy(allow_private=True, max_bytes=10_000)
+    policy = fetch_policy(allow_private=True, max_bytes=10_000)
     with pytest.raises(PayloadTooLarge, match="exceeds 10000 bytes"):
         await fetch(f"{loopback_server}/big", policy)
 
@@ -124,9 +135,9 @@ async def test_fetch_bounds_the_body(loopback_server: str) -> None:
 async def test_private_link_local_and_unspecified_addresses_are_refused(url: str) -> None:
     # refused before any connection is attempted
     with pytest.raises(BlockedAddress):
-        await fetch(url, FetchPolicy())
+        await fetch(url, fetch_policy())
 
 
 async def test_only_http_urls() -> None:
     with pytest.raises(InvalidRequest, match="only http"):
-        await fetch("file:///etc/passwd", FetchPolicy(allow_private=True))
+        await fetch("file:///etc/passwd", fetch_policy(allow_private=True))

@@ -6,12 +6,37 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
-from engine.errors import InvalidRequest
+from engine.config import Settings
+from engine.errors import InvalidRequest, PayloadTooLarge
 from engine.net import FetchPolicy, fetch
 
-MAX_IMAGE_BYTES = 20 * 1024 * 1024
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """Where images may come from: files under ``root`` (None: no files), and URLs under
+    the fetch policy, whose ``max_bytes`` bounds every image whatever its source."""
+
+    root: Path | None
+    fetch: FetchPolicy
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ImagePolicy:
+        return cls(
+            root=settings.image_root,
+            fetch=FetchPolicy(
+                allow_private=settings.allow_private_urls,
+                timeout_s=settings.image_fetch_timeout_s,
+                max_bytes=int(settings.image_max_mb * 1_000_000),
+            ),
+        )
+
+
+def _check_size(size: int, source: str, limit: int) -> None:
+    if size > limit:
+        raise PayloadTooLarge(f"{source} exceeds {limit} bytes")
 
 
 def _decode(data: bytes, source: str):  # -> PIL.Image.Image
@@ -27,7 +52,7 @@ def _decode(data: bytes, source: str):  # -> PIL.Image.Image
     return image.convert("RGB")
 
 
-def _from_data_uri(uri: str):
+def _from_data_uri(uri: str, limit: int):
     header, sep, payload = uri.partition(",")
     if not sep or ";base64" not in header:
         raise InvalidRequest("a data: image URI must be base64 encoded", code="invalid_image")
@@ -37,10 +62,11 @@ def _from_data_uri(uri: str):
         raise InvalidRequest(
             "the data: image URI is not valid base64", code="invalid_image"
         ) from None
+    _check_size(len(raw), "the data: image URI", limit)
     return _decode(raw, "the data: URI")
 
 
-def _from_file(ref: str, root: Path | None):
+def _from_file(ref: str, root: Path | None, limit: int):
     if root is None:
         raise InvalidRequest(
             "local image paths are disabled: set image_root to allow reading files under it",
@@ -51,22 +77,19 @@ def _from_file(ref: str, root: Path | None):
         raise InvalidRequest(f"image path '{ref}' is outside the image root", code="invalid_image")
     if not path.is_file():
         raise InvalidRequest(f"image file '{ref}' not found", code="invalid_image")
-    if path.stat().st_size > MAX_IMAGE_BYTES:
-        raise InvalidRequest(
-            f"image file '{ref}' exceeds {MAX_IMAGE_BYTES} bytes", code="invalid_image"
-        )
+    _check_size(path.stat().st_size, f"image file '{ref}'", limit)
     return _decode(path.read_bytes(), f"image file '{ref}'")
 
 
-async def load_image(ref: str, *, root: Path | None, allow_private: bool):
+async def load_image(ref: str, policy: ImagePolicy):
+    limit = policy.fetch.max_bytes
     if ref.startswith("data:"):
-        return _from_data_uri(ref)
+        return _from_data_uri(ref, limit)
     if ref.startswith(("http://", "https://")):
-        policy = FetchPolicy(allow_private=allow_private, max_bytes=MAX_IMAGE_BYTES)
-        response = await fetch(ref, policy)
+        response = await fetch(ref, policy.fetch)
         if response.status_code != 200:
             raise InvalidRequest(
                 f"fetching image '{ref}' returned HTTP {response.status_code}", code="invalid_image"
             )
         return _decode(response.content, f"image URL '{ref}'")
-    return _from_file(ref, root)
+    return _from_file(ref, policy.root, limit)

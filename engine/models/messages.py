@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from engine.errors import InvalidRequest
-from engine.models.images import load_image
+from engine.models.images import ImagePolicy, load_image
 
 IMAGE_PART_TYPES = ("image_url", "input_image", "image")
 
@@ -30,6 +29,16 @@ def _image_url(part: dict[str, Any]) -> str:
     if not isinstance(url, str) or not url:
         raise InvalidRequest("an image part needs image_url.url", param="messages")
     return url
+
+
+def prompt_chars(messages: Sequence[dict[str, Any]]) -> int:
+    """Characters of text the messages carry: what tokenizing them will cost."""
+    return sum(
+        len(str(p.get("text", "")))
+        for m in messages
+        for p in _parts(m.get("content"))
+        if p.get("type") not in IMAGE_PART_TYPES
+    )
 
 
 def text_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -54,19 +63,15 @@ class VisionPrompt:
     images: list[Any]  # PIL images, in order of appearance
 
 
-async def vision_prompt(
-    messages: Sequence[dict[str, Any]], *, root: Path | None, allow_private: bool
-) -> VisionPrompt:
-    """Fetch every image (data: URI, file under ``root``, http(s) under the SSRF policy)
+async def vision_prompt(messages: Sequence[dict[str, Any]], policy: ImagePolicy) -> VisionPrompt:
+    """Fetch every image (data: URI, file under the root, http(s) under the SSRF policy)
     before generation, so the model's worker thread never does network I/O."""
     texts, images = [], []
     for message in messages:
         text = []
         for part in _parts(message.get("content")):
             if part.get("type") in IMAGE_PART_TYPES:
-                images.append(
-                    await load_image(_image_url(part), root=root, allow_private=allow_private)
-                )
+                images.append(await load_image(_image_url(part), policy))
             else:
                 text.append(str(part.get("text", "")))
         texts.append({**message, "content": "".join(text)})

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from engine.config import Settings
 from engine.errors import (
     Conflict,
     InsufficientMemory,
@@ -32,12 +33,14 @@ from engine.models.backends.base import (
     read_config,
     weight_file_bytes,
 )
+from engine.models.ids import check_model_id
+from engine.models.images import ImagePolicy
 from engine.models.memory import active_bytes, gb, release_cached
-from engine.models.messages import text_messages, vision_prompt
+from engine.models.messages import prompt_chars, text_messages, vision_prompt
 from engine.models.params import check_logit_bias
 from engine.models.paths import resolve_model_path
 from engine.models.stats import ModelStats
-from engine.models.types import MODEL_TYPES, PRIORITY_RANK, LoadSpec
+from engine.models.types import MODEL_TYPES, PRIORITY_RANK, LoadSpec, ModelLimits
 from engine.models.worker import MLXWorker
 
 log = structlog.get_logger(__name__)
@@ -121,12 +124,12 @@ class ModelRegistry:
         worker: MLXWorker | None = None,
         default_concurrency: int = 1,
         default_queue: int = 100,
-        image_root: Path | None = None,
-        allow_private_urls: bool = False,
+        images: ImagePolicy | None = None,
+        limits: ModelLimits | None = None,
     ) -> None:
         self.backends = dict(backends)
-        self.image_root = image_root
-        self.allow_private_urls = allow_private_urls
+        self.images = images or ImagePolicy.from_settings(Settings())
+        self.limits = limits or ModelLimits.from_settings(Settings())
         self.budget_bytes = budget_bytes
         self.worker = worker or MLXWorker()
         self.default_concurrency = default_concurrency
@@ -137,7 +140,9 @@ class ModelRegistry:
 
     # -- queries ----------------------------------------------------------------------
     def get(self, model_id: str, param: str = "model_id") -> ModelEntry:
-        """The loaded model; NotFound naming ``param`` (the request field) otherwise."""
+        """The loaded model; NotFound naming ``param`` (the request field) otherwise, or
+        InvalidRequest when ``model_id`` is not a well-formed id."""
+        check_model_id(model_id, self.limits.id_max_chars, param)
         entry = self.find(model_id)
         if entry is None:
             raise NotFound(f"model '{model_id}' not found", param=param, code="model_not_found")
@@ -178,6 +183,7 @@ class ModelRegistry:
     async def load(self, spec: LoadSpec) -> ModelEntry:
         backend = self._backend(spec.model_type)
         model_id = spec.model_id or _id_from_path(spec.model_path)
+        check_model_id(model_id, self.limits.id_max_chars)
         spec = spec.with_id(model_id)
         if model_id in self._entries:
             raise Conflict(
@@ -350,6 +356,9 @@ class ModelRegistry:
                 raise _unloaded(model_id)
             yield entry, stop
         finally:
+            # Whatever ends the request (an answer, an error, its task cancelled), work it
+            # left on the worker stops at its next check rather than run on unowned.
+            stop.set()
             entry.stops.discard(stop)
             entry.last_used = time.time()
             entry.slots.release()
@@ -358,8 +367,10 @@ class ModelRegistry:
         self, model_id: str, messages: Sequence[dict[str, Any]], params: ChatParams
     ) -> AsyncIterator[ChatChunk]:
         started = time.perf_counter()
-        check_logit_bias(self.get(model_id).path, params)
-        prompt = await self._prepare(self.get(model_id), messages)
+        entry = self.get(model_id)
+        self._check_prompt_chars(prompt_chars(messages), "messages")
+        check_logit_bias(entry.path, params)
+        prompt = await self._prepare(entry, messages)
         async with self.use(model_id) as (entry, stop):
             total = 0
             finished = False
@@ -387,13 +398,23 @@ class ModelRegistry:
                 raise
             entry.stats.record((time.perf_counter() - started) * 1000, total)
 
+    def _check_prompt_chars(self, chars: int, param: str) -> None:
+        """Refuse a prompt too long to tokenize before any work on it: tokenizing is linear
+        but holds the worker, and the context-length check can only follow it."""
+        limit = self.limits.max_prompt_chars
+        if chars > limit:
+            raise InvalidRequest(
+                f"the prompt has {chars} characters; the limit is {limit} "
+                "(setting model_max_prompt_chars)",
+                param=param,
+                code="prompt_too_long",
+            )
+
     async def _prepare(self, entry: ModelEntry, messages: Sequence[dict[str, Any]]) -> Any:
         """Text-only messages for a language model; for a multimodal one, the images are
         fetched here, before the request takes a model slot."""
         if entry.type == "multimodal":
-            return await vision_prompt(
-                messages, root=self.image_root, allow_private=self.allow_private_urls
-            )
+            return await vision_prompt(messages, self.images)
         return text_messages(messages)
 
     async def chat(
@@ -463,6 +484,13 @@ class ModelRegistry:
         )
 
     async def warmup(self, model_id: str, prompt: str, max_length: int) -> tuple[float, int]:
+        """Prefill the first tokens of ``prompt``: at most ``max_length``, the model's
+        context length and the warmup setting, whichever is least (the answer's token
+        count says how many)."""
+        entry = self.get(model_id)
+        self._check_prompt_chars(len(prompt), "prompt")
+        bounds = (max_length, self.limits.warmup_max_tokens, entry.model.context_length)
+        max_length = min(b for b in bounds if b)
         async with self.use(model_id) as (entry, _):
             started = time.perf_counter()
             tokens = await self.worker.call(entry.model.warmup, prompt, max_length)

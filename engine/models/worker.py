@@ -33,9 +33,17 @@ class MLXWorker:
         ``stop``, which the generator watches, so the worker stops at its next item."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
+        # Whether the generator began: one closed while still queued behind other work
+        # must not wait for that work, and must not start when its turn comes.
+        begun = [False]
+        turn = threading.Lock()
 
         def produce() -> None:
             try:
+                with turn:
+                    if stop.is_set():
+                        return
+                    begun[0] = True
                 for item in make():
                     loop.call_soon_threadsafe(queue.put_nowait, item)
                     if stop.is_set():
@@ -56,8 +64,11 @@ class MLXWorker:
                 yield item
         finally:
             stop.set()
-            # The worker must be free before the caller releases the model's slot.
-            await asyncio.shield(future)
+            with turn:
+                running = begun[0]
+            # A generation that began must end before the caller releases the model's slot.
+            if running:
+                await asyncio.shield(future)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -129,11 +129,12 @@ def _chat_params(body: ChatCompletionRequest) -> ChatParams:
 
 @contextmanager
 def _model_param() -> Iterator[None]:
-    """The registry names the missing model `model_id`; in OpenAI's bodies it is `model`."""
+    """The registry names a missing or malformed model `model_id`; in OpenAI's bodies it
+    is `model`."""
     try:
         yield
-    except NotFound as exc:
-        if exc.code == "model_not_found":
+    except (NotFound, InvalidRequest) as exc:
+        if exc.code in ("model_not_found", "invalid_model_id"):
             exc.param = "model"
         raise
 

@@ -33,8 +33,8 @@ class MissingBackend(Backend):
 
 def default_backends(settings: Settings) -> dict[str, Backend]:
     backends: list[Backend] = [
-        MlxLmBackend(),
-        MlxVlmBackend(),
+        MlxLmBackend(settings.model_prefill_step_tokens),
+        MlxVlmBackend(settings.model_prefill_step_tokens),
         EmbeddingsBackend(),
         WhisperBackend(),
         MissingBackend("image-generation", "mflux"),

@@ -8,11 +8,29 @@ import json
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import structlog
+
 from engine.errors import InvalidRequest
+
+log = structlog.get_logger(__name__)
+
+# Files one of which holds a Hugging Face tokenizer's vocabulary. Without any of them
+# transformers builds an empty tokenizer that loads but fails on first use.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "*.tiktoken",
+    "tiktoken.model",
+)
 
 
 @dataclass
@@ -163,7 +181,54 @@ def read_config(path: Path) -> dict[str, Any]:
             param="model_path",
             code="invalid_model_path",
         ) from None
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        raise InvalidRequest(
+            f"model_path '{path}': config.json is not a JSON object",
+            param="model_path",
+            code="invalid_model_path",
+        )
+    return data
+
+
+def _missing(path: Path, what: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"model_path '{path}' has no {what}", param="model_path", code="invalid_model_path"
+    )
+
+
+def check_model_files(path: Path, model_type: str) -> dict[str, Any]:
+    """The config of a Hugging Face-layout model directory (safetensors weights and a
+    tokenizer), after checking those files are there: a clear 400 naming what is
+    missing, before a loader fails on it somewhere deep."""
+    config = read_config(path)
+    if not any(path.glob("*.safetensors")):
+        raise _missing(path, f"*.safetensors weight files (a '{model_type}' model needs them)")
+    if not any(any(path.glob(pattern)) for pattern in TOKENIZER_FILES):
+        raise _missing(path, f"tokenizer (one of {', '.join(TOKENIZER_FILES)})")
+    return config
+
+
+@contextmanager
+def loader_errors(path: Path, model_type: str) -> Iterator[None]:
+    """A library loader's failure on the files of a model directory, as a 400: what it
+    raises there (missing keys, wrong types, malformed files) comes from the directory,
+    which the request chose. Logged with its type, so a real bug stays visible."""
+    try:
+        yield
+    except InvalidRequest:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        log.warning(
+            "model_load_failed", path=str(path), model_type=model_type, error=repr(exc)[:500]
+        )
+        # Library messages can run to a page (mlx-vlm appends a conversion recipe).
+        first_line = next(iter(str(exc).strip().splitlines()), "")
+        raise InvalidRequest(
+            f"model_path '{path}' cannot be loaded as a '{model_type}' model: "
+            f"{type(exc).__name__}: {first_line}",
+            param="model_path",
+            code="invalid_model_path",
+        ) from None
 
 
 def weight_file_bytes(path: Path) -> int:

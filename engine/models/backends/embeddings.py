@@ -10,13 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from engine.errors import InvalidRequest
 from engine.models.backends.base import (
     Backend,
     EmbedResult,
     LoadedModel,
+    check_model_files,
     hf_token_offsets,
-    read_config,
+    loader_errors,
 )
 from engine.models.backends.textgen import parameter_bytes
 
@@ -39,16 +39,10 @@ class EmbeddingsBackend(Backend):
         from mlx_vlm.embedding_loader import load_embedding_model
         from transformers import AutoTokenizer
 
-        config = read_config(path)
-        try:
+        config = check_model_files(path, self.model_type)
+        with loader_errors(path, self.model_type):
             model = load_embedding_model(path)
-        except (ValueError, KeyError, FileNotFoundError) as exc:
-            raise InvalidRequest(
-                f"'{path}' is not an embedding model mlx-vlm can load: {exc}",
-                param="model_path",
-                code="invalid_model_path",
-            ) from None
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
         return EmbeddingModel(model, tokenizer, config, path, context_length)
 
 

@@ -9,15 +9,15 @@ from typing import Any
 
 from engine.errors import InvalidRequest
 from engine.models.backends.base import (
-    Backend,
     ChatChunk,
     ChatParams,
     LoadedModel,
+    check_model_files,
     context_length_of,
     hf_token_offsets,
-    read_config,
+    loader_errors,
 )
-from engine.models.backends.textgen import parameter_bytes, stream_chunks
+from engine.models.backends.textgen import GenerativeBackend, parameter_bytes, stream_chunks
 
 LONG_CONTEXT = 32_768
 RERANK_SYSTEM = (
@@ -26,7 +26,7 @@ RERANK_SYSTEM = (
 )
 
 
-class MlxLmBackend(Backend):
+class MlxLmBackend(GenerativeBackend):
     model_type = "lm"
     package = "mlx-lm"
     module = "mlx_lm"
@@ -34,19 +34,26 @@ class MlxLmBackend(Backend):
     def load(self, path: Path, context_length: int | None) -> LoadedModel:
         import mlx_lm
 
-        config = read_config(path)
-        model, tokenizer = mlx_lm.load(str(path))
-        return LmModel(model, tokenizer, config, context_length)
+        config = check_model_files(path, self.model_type)
+        with loader_errors(path, self.model_type):
+            model, tokenizer = mlx_lm.load(str(path))
+        return LmModel(model, tokenizer, config, context_length, self.prefill_step_tokens)
 
 
 class LmModel(LoadedModel):
     model_type = "lm"
 
     def __init__(
-        self, model: Any, tokenizer: Any, config: dict[str, Any], context_length: int | None
+        self,
+        model: Any,
+        tokenizer: Any,
+        config: dict[str, Any],
+        context_length: int | None,
+        prefill_step_tokens: int,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.prefill_step_tokens = prefill_step_tokens
         self.family = config.get("model_type")
         self.context_length = context_length or context_length_of(config)
         self.weight_bytes = parameter_bytes(model)
@@ -100,6 +107,7 @@ class LmModel(LoadedModel):
             max_tokens=max_tokens,
             sampler=sampler,
             logits_processors=processors,
+            prefill_step_size=self.prefill_step_tokens,
         )
         yield from stream_chunks(responses, params.stop, stop, prompt_tokens=len(prompt))
 
@@ -109,8 +117,11 @@ class LmModel(LoadedModel):
 
         tokens = list(self.tokenizer.encode(prompt))[: max(1, max_length)]
         cache = make_prompt_cache(self.model)
-        logits = self.model(mx.array(tokens)[None], cache=cache)
-        mx.eval(logits, [c.state for c in cache])
+        # In steps, as mlx-lm's own prefill does (see GenerativeBackend).
+        step = self.prefill_step_tokens
+        for start in range(0, len(tokens), step):
+            logits = self.model(mx.array(tokens[start : start + step])[None], cache=cache)
+            mx.eval(logits, [c.state for c in cache])
         return len(tokens)
 
     def relevance(self, query: str, documents: Sequence[str], instruction: str) -> list[float]:

@@ -8,20 +8,21 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from engine.errors import InvalidRequest
 from engine.models.backends.base import (
-    Backend,
     ChatChunk,
     ChatParams,
     LoadedModel,
+    check_model_files,
     context_length_of,
     hf_token_offsets,
-    read_config,
+    loader_errors,
 )
-from engine.models.backends.textgen import parameter_bytes, stream_chunks
+from engine.models.backends.textgen import GenerativeBackend, parameter_bytes, stream_chunks
 from engine.models.messages import VisionPrompt
 
 
-class MlxVlmBackend(Backend):
+class MlxVlmBackend(GenerativeBackend):
     model_type = "multimodal"
     package = "mlx-vlm"
     module = "mlx_vlm"
@@ -29,9 +30,10 @@ class MlxVlmBackend(Backend):
     def load(self, path: Path, context_length: int | None) -> LoadedModel:
         import mlx_vlm
 
-        config = read_config(path)
-        model, processor = mlx_vlm.load(str(path))
-        return VlmModel(model, processor, config, context_length)
+        config = check_model_files(path, self.model_type)
+        with loader_errors(path, self.model_type):
+            model, processor = mlx_vlm.load(str(path))
+        return VlmModel(model, processor, config, context_length, self.prefill_step_tokens)
 
 
 class VlmModel(LoadedModel):
@@ -39,10 +41,16 @@ class VlmModel(LoadedModel):
     capabilities = frozenset({"chat", "vision"})
 
     def __init__(
-        self, model: Any, processor: Any, config: dict[str, Any], context_length: int | None
+        self,
+        model: Any,
+        processor: Any,
+        config: dict[str, Any],
+        context_length: int | None,
+        prefill_step_tokens: int,
     ) -> None:
         self.model = model
         self.processor = processor
+        self.prefill_step_tokens = prefill_step_tokens
         self.config = model.config
         self.family = config.get("model_type")
         self.context_length = context_length or context_length_of(config)
@@ -63,6 +71,14 @@ class VlmModel(LoadedModel):
         prompt = apply_chat_template(
             self.processor, self.config, vision.messages, num_images=len(vision.images)
         )
+        # Text tokens only: image tokens join when mlx-vlm expands the image placeholders.
+        tokens = self.count_tokens(prompt)
+        if self.context_length and tokens >= self.context_length:
+            raise InvalidRequest(
+                f"the prompt has {tokens} tokens; the model's context is {self.context_length}",
+                param="messages",
+                code="context_length_exceeded",
+            )
         responses = stream_generate(
             self.model,
             self.processor,
@@ -73,6 +89,7 @@ class VlmModel(LoadedModel):
             top_p=params.top_p,
             logit_bias=params.logit_bias,
             seed=params.seed,
+            prefill_step_size=self.prefill_step_tokens,
         )
         yield from stream_chunks(responses, params.stop, stop)
 

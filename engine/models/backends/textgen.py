@@ -6,7 +6,20 @@ import threading
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from engine.models.backends.base import ChatChunk
+from engine.config import Settings
+from engine.models.backends.base import Backend, ChatChunk
+
+
+class GenerativeBackend(Backend):
+    """A backend whose models generate text, prefilling the prompt in steps of
+    ``prefill_step_tokens`` (one pass over a long prompt would allocate attention for all
+    of it at once)."""
+
+    prefill_step_tokens = Settings.model_prefill_step_tokens
+
+    def __init__(self, prefill_step_tokens: int | None = None) -> None:
+        if prefill_step_tokens is not None:
+            self.prefill_step_tokens = prefill_step_tokens
 
 
 def parameter_bytes(model: Any) -> int:

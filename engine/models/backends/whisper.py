@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import InvalidRequest
-from engine.models.backends.base import Backend, LoadedModel, read_config
+from engine.models.backends.base import Backend, LoadedModel, loader_errors, read_config
 from engine.models.backends.textgen import parameter_bytes
 
 SAMPLE_RATE = 16_000
@@ -64,7 +64,9 @@ class WhisperBackend(Backend):
                 code="invalid_model_path",
             )
         # A directory that exists: load_model reads it and never goes to the hub.
-        return WhisperModel(load_model(str(path)), config)
+        with loader_errors(path, self.model_type):
+            model = load_model(str(path))
+        return WhisperModel(model, config)
 
 
 class WhisperModel(LoadedModel):
