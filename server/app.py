@@ -25,7 +25,9 @@ from litestar.types import ControllerRouterHandler
 from engine.config import Settings
 from engine.logging import configure_logging, get_logger
 from engine.services import Engine
+from server.disconnect import CancelOnDisconnectMiddleware
 from server.errors import exception_handlers
+from server.guards import EdgeGuardMiddleware, cors_config
 from server.request_id import RequestIdMiddleware, set_request_id_header
 from server.routes import fusion as fusion_routes
 from server.routes import models as model_routes
@@ -85,7 +87,14 @@ def create_app(
         ],
         lifespan=[lifespan],
         exception_handlers=exception_handlers(),
-        middleware=[RequestIdMiddleware()],
+        # In this order: the request id is bound for the guards' log lines, and a refused
+        # request never starts a handler task.
+        middleware=[
+            RequestIdMiddleware(),
+            EdgeGuardMiddleware(settings),
+            CancelOnDisconnectMiddleware(),
+        ],
+        cors_config=cors_config(settings),
         before_send=[set_request_id_header],
         state=State({"settings": settings, "engine": None, "store": None, "services": {}}),
         # Logging is configured above through structlog; Litestar's own config would add a

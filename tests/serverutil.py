@@ -119,21 +119,29 @@ def serve_factory_process(
 ) -> Iterator[ServerProcess]:
     """`uvicorn --factory server.app:create_app` in a subprocess, stderr+stdout to log_path."""
     port = free_port()
+    command = ["-m", "uvicorn", "--factory", "server.app:create_app"]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
+    with _serve_process(command, port, env, log_path, cwd) as server:
+        yield server
+
+
+@contextmanager
+def serve_cli_process(env: Mapping[str, str], log_path: Path, cwd: Path) -> Iterator[ServerProcess]:
+    """`fusion serve` in a subprocess (its settings from `env`), output to log_path."""
+    port = free_port()
+    command = ["-m", "engine.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    with _serve_process(command, port, env, log_path, cwd) as server:
+        yield server
+
+
+@contextmanager
+def _serve_process(
+    args: list[str], port: int, env: Mapping[str, str], log_path: Path, cwd: Path
+) -> Iterator[ServerProcess]:
     base_url = f"http://127.0.0.1:{port}"
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--factory",
-        "server.app:create_app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            command,
+            [sys.executable, *args],
             cwd=cwd,
             env={**os.environ, **env},
             stdout=log_file,
