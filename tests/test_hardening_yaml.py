@@ -116,7 +116,8 @@ def test_document_size_is_checked_before_parsing(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("a: !!int abc", "cannot read 'abc' as int: invalid literal"),
-        ("a: !!bool maybe", "cannot read 'maybe' as bool: no such value"),
+        ("a: !!bool maybe", "cannot read 'maybe' as bool: not a valid value"),
+        ("a: !!int ", "cannot read '' as int: not a valid value"),
         ("a: 2020-02-30", "cannot read '2020-02-30' as timestamp: day is out of range"),
         ("a: " + "9" * 5000, "as int: Exceeds the limit (4300 digits)"),
     ],
@@ -125,6 +126,13 @@ def test_a_value_its_tag_refuses_is_an_issue(text: str, message: str) -> None:
     issue = refused(text)
     assert (issue.line, issue.col) == (1, 4)
     assert message in issue.message
+
+
+def test_a_lone_surrogate_is_an_issue() -> None:
+    """A str from a JSON "\\ud800" escape is not UTF-8: refused, not a UnicodeEncodeError."""
+    issue = refused("a: 1\nb: x\ud800")
+    assert (issue.line, issue.col) == (2, 5)
+    assert issue.message == "text is not valid Unicode: surrogates not allowed"
 
 
 def test_parsed_documents_have_the_same_limits() -> None:

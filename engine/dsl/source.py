@@ -93,7 +93,15 @@ def load_text(text: str, file: str | None = None, limits: DocumentLimits | None 
     """Parse YAML (JSON is accepted as the YAML subset it is) into plain Python values."""
     limits = limits or _limits
     # Characters never outnumber UTF-8 bytes, so only a text that might fit is encoded.
-    size = len(text) if len(text) > limits.max_bytes else len(text.encode())
+    try:
+        size = len(text) if len(text) > limits.max_bytes else len(text.encode())
+    except UnicodeEncodeError as exc:
+        # A lone surrogate, as a JSON "\ud800" escape decodes: the C parser would raise
+        # this same error from inside, unlocated.
+        line = text.count("\n", 0, exc.start) + 1
+        col = exc.start - text.rfind("\n", 0, exc.start)
+        message = f"text is not valid Unicode: {exc.reason}"
+        raise WorkflowInvalid([Issue(message, (), file, line, col)]) from None
     _check_size(size, file, limits)
     doc = Document(data=None, file=file, values={(): (1, 1)})
     try:
@@ -213,11 +221,12 @@ class _Builder:
     def scalar(self, node: Node) -> Any:
         try:
             return self.scalars.construct_object(node, deep=True)
-        except (ValueError, KeyError, TypeError, OverflowError) as exc:
-            # An explicit tag the text does not fit (`!!int abc`, `!!bool maybe`), a date
-            # that does not exist, an integer past Python's digit limit.
+        except (ValueError, LookupError, TypeError, ArithmeticError) as exc:
+            # An explicit tag the text does not fit (`!!int abc`, `!!bool maybe`, an empty
+            # `!!int`), a date that does not exist, an integer past Python's digit limit:
+            # ruamel's constructors fail with whatever their parsing code raised.
             tag = node.tag.removeprefix("tag:yaml.org,2002:")
-            why = "no such value" if isinstance(exc, KeyError) else str(exc)
+            why = "not a valid value" if isinstance(exc, LookupError) else str(exc)
             raise _Refused(
                 problem=f"cannot read {node.value[:40]!r} as {tag}: {why}",
                 problem_mark=node.start_mark,

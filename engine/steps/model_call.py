@@ -91,7 +91,8 @@ class ModelCallStep(StepPlugin):
 
     def check(self, params: Mapping[str, Any], ctx: CheckContext) -> None:
         operation, value = params.get("operation"), params.get("input")
-        if operation not in MODEL_TYPES or _is_template(value):
+        # Checked even when the schema already refused the parameters: any JSON may be here.
+        if not isinstance(operation, str) or operation not in MODEL_TYPES or _is_template(value):
             return
         problem = _input_problem(operation, value)
         if problem:
