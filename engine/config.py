@@ -44,6 +44,10 @@ class Settings:
     run_max_for_each_items: int = 10_000
     run_max_step_output_bytes: int = 16_777_216
     run_max_output_bytes: int = 16_777_216
+    # Stored runs (GET /api/fusion/runs/{id}): how many are kept (oldest deleted first) and
+    # the largest record one may have; a run over it is answered with stored: false.
+    runs_max_stored: int = 10_000
+    runs_max_stored_bytes: int = 33_554_432
     # The sandbox (engine/sandbox.py): worker processes for templates outside the linear
     # subset, non-linear input schemas and document extraction, and the wall-clock seconds
     # and memory one template render / one input validation may use there.
@@ -79,6 +83,20 @@ class Settings:
     # upload is read, and the most files one request may carry.
     rag_max_file_mb: float = 10
     rag_max_files: int = 100
+    # RAG ingest budgets per document (docs/security.md); exceeding one answers 413.
+    rag_max_document_chars: int = 5_000_000  # extracted characters
+    rag_max_document_chunks: int = 10_000  # chunks after splitting
+    rag_max_pdf_pages: int = 2_000
+    rag_max_pdf_page_chars: int = 100_000  # extracted characters of one PDF page
+    rag_max_html_depth: int = 512  # element nesting (parsing is quadratic in it)
+    # Extraction runs in a sandbox worker under these budgets (timeout or memory: 413).
+    rag_extract_timeout_s: float = 30.0
+    rag_extract_memory_mb: int = 1024
+    # Chunks embedded per model call: a query waits for at most one such call of an ingest.
+    rag_embed_batch: int = 32
+    # Ingest `metadata` (copied onto every document): its JSON nesting depth and size.
+    rag_metadata_max_depth: int = 16
+    rag_metadata_max_bytes: int = 16_384
     # /v1/audio/transcriptions: the size limit of the uploaded file (OpenAI's is 25 MB).
     audio_max_file_mb: float = 25
     # Workflow documents (files, compose bodies, custom definitions): the most bytes of

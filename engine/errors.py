@@ -95,6 +95,12 @@ class InsufficientStorage(StorageError):
     default_code = "insufficient_storage"
 
 
+class RecordTooLarge(PayloadTooLarge, StorageError):
+    """A record over the store's size limit for its kind: the work is answered, not kept."""
+
+    default_code = "record_too_large"
+
+
 class StorageReadOnly(ServiceUnavailable, StorageError):
     default_code = "storage_read_only"
 

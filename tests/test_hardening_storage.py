@@ -30,7 +30,7 @@ import pytest
 from serverutil import serve_app
 
 from engine.config import Settings
-from engine.errors import InsufficientStorage, StorageReadOnly
+from engine.errors import InsufficientStorage, RecordTooLarge, StorageReadOnly
 from engine.fusion.runs import RunStore
 from engine.services import Engine
 from engine.store import Store, StoreError, storage_error
@@ -356,3 +356,24 @@ def test_full_file_system_end_to_end(tmp_path: Path, tiny_embedder_dir: Path) ->
             assert stored.status_code == 200
             assert stored.json()["result"] == OUTPUT
             assert _stream_result(client, _big_run())["stored"] is True
+
+
+# -- retention and record size (issue #8, finding 4: "a 50 MB output is stored forever") ---------
+def test_stored_runs_are_bounded_in_number_and_size(tmp_path: Path) -> None:
+    with Store(tmp_path / "db.sqlite3") as store:
+        runs = RunStore(store, max_runs=3, max_run_bytes=2 * BIG)
+        for i in range(5):
+            if i % 2:
+                runs.save(_big_body(f"r{i}"), input={}, config=None)
+            else:
+                assert runs.try_save(_big_body(f"r{i}"), input={}, config=None)
+        kept = [row[0] for row in store.query("SELECT id FROM runs ORDER BY rowid")]
+        assert kept == ["r2", "r3", "r4"]  # the oldest went first
+        huge = {**_big_body("r5"), "result": "x" * 3 * BIG}
+        with pytest.raises(RecordTooLarge) as caught:
+            runs.try_save(huge, input={}, config=None)
+        assert caught.value.status == 413
+        assert "runs_max_stored_bytes" in caught.value.message
+        with pytest.raises(RecordTooLarge):
+            runs.save(huge, input={}, config=None)
+        assert store.query("SELECT count(*) FROM runs") == [(3,)]

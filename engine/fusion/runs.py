@@ -13,7 +13,7 @@ from typing import Any
 import apsw
 import msgspec
 
-from engine.errors import NotFound
+from engine.errors import NotFound, RecordTooLarge
 from engine.runtime.trace import RunResult, StepRecord
 from engine.store import Store, register_migration
 
@@ -110,12 +110,17 @@ def run_body(result: RunResult, *, workflow_source: str, models: dict[str, Any])
 
 
 def _row(
-    body: dict[str, Any], input: Any, config: Any, definition: dict[str, Any] | None = None
+    body: dict[str, Any],
+    input: Any,
+    config: Any,
+    definition: dict[str, Any] | None = None,
+    *,
+    max_bytes: int,
 ) -> tuple[Any, ...]:
     version = body["workflow_version"]
     if version is not None and not isinstance(version, int | str):
         version = str(version)
-    return (
+    row = (
         body["workflow_id"],
         body["workflow"],
         version,
@@ -132,28 +137,49 @@ def _row(
         _json(config),
         _json(definition),
     )
+    size = sum(len(v) for v in row if isinstance(v, str))
+    if size > max_bytes:
+        raise RecordTooLarge(
+            f"the run's record ({size} bytes of input, result, trace and definition) exceeds "
+            f"the limit of {max_bytes} bytes a stored run may have (setting runs_max_stored_bytes)",
+            param="run",
+        )
+    return row
+
+
+# The oldest runs beyond the retention limit; rowids grow with each insert.
+_PRUNE = "DELETE FROM runs WHERE rowid <= (SELECT max(rowid) FROM runs) - ?"
 
 
 class RunStore:
     """Runs in the engine's database: one small INSERT per run, after it has ended (WAL,
     synchronous=NORMAL: no fsync per commit)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self, store: Store, *, max_runs: int = 10_000, max_run_bytes: int = 33_554_432
+    ) -> None:
+        """max_runs: runs kept, oldest deleted first (setting runs_max_stored);
+        max_run_bytes: largest record stored (setting runs_max_stored_bytes)."""
         self.store = store
+        self.max_runs = max_runs
+        self.max_run_bytes = max_run_bytes
 
     def try_save(self, body: dict[str, Any], **request: Any) -> bool:
         """Save now, on this thread, if the database is free: False, having written
         nothing, when another connection holds the write lock. Lets the event loop write
         without ever waiting for a lock (it would stall every request). A full or
         read-only database raises engine.errors.StorageError, like `save`."""
+        row = _row(body, **request, max_bytes=self.max_run_bytes)
         conn = self.store.connection()
         if conn.in_transaction:
             return False  # a caller's open transaction: do not write into it
         conn.set_busy_timeout(0)
         try:
-            # One statement in autocommit mode is its own transaction.
-            with self.store.storage_errors():
-                conn.execute(_INSERT, _row(body, **request))
+            # The insert and the pruning commit together or not at all (a busy database
+            # then has nothing of this run, and `save` writes it whole).
+            with self.store.transaction():
+                conn.execute(_INSERT, row)
+                conn.execute(_PRUNE, (self.max_runs,))
         except apsw.BusyError:
             return False
         finally:
@@ -168,8 +194,10 @@ class RunStore:
         config: Any,
         definition: dict[str, Any] | None = None,
     ) -> None:
+        row = _row(body, input, config, definition, max_bytes=self.max_run_bytes)
         with self.store.transaction() as conn:
-            conn.execute(_INSERT, _row(body, input, config, definition))
+            conn.execute(_INSERT, row)
+            conn.execute(_PRUNE, (self.max_runs,))
 
     def get(self, run_id: str) -> dict[str, Any]:
         """A stored run: the orchestrate response, plus the request's input and config

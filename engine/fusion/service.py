@@ -52,7 +52,11 @@ class PreparedRun:
 class FusionService:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.runs = RunStore(engine.store)
+        self.runs = RunStore(
+            engine.store,
+            max_runs=engine.settings.runs_max_stored,
+            max_run_bytes=engine.settings.runs_max_stored_bytes,
+        )
         self.composed = ComposedWorkflows(engine.store, engine.steps, engine.catalog)
         self.composed.load()
 
