@@ -26,6 +26,7 @@ from server.app import create_app
 from server.guards import JsonDepthCounter
 
 LM = "tiny-lm"
+EMBED = "tiny-embedder"
 EVIL = "http://evil.example"
 HEALTH_TIMEOUT_S = 2.0  # generous: proves /health is not stuck behind the bad request
 
@@ -323,15 +324,17 @@ def long_run(items: int) -> dict[str, Any]:
     }
 
 
-def send_raw(base_url: str, path: str, body: dict[str, Any]) -> socket.socket:
-    """POST `body` on a raw connection and return it unread, so the test decides when the
-    client goes away."""
-    payload = json.dumps(body).encode()
+def send_raw(base_url: str, path: str, **content: Any) -> socket.socket:
+    """POST on a raw connection and return it unread, so the test decides when the client
+    goes away. `content`: httpx's `json=`, or `data=` and `files=` for a multipart form."""
+    request = httpx.Request("POST", base_url + path, **content)
+    payload = request.read()
     port = port_of(base_url)
     sock = socket.create_connection(("127.0.0.1", port))
     head = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        f"Content-Type: {request.headers['content-type']}\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n"
     )
     sock.sendall(head.encode() + payload)
     return sock
@@ -348,7 +351,7 @@ def test_a_run_stops_when_its_client_disconnects(
     items = 400
     registry = server.app.state.engine.models
     before = lm_requests(client)
-    with closing(send_raw(server.base_url, "/api/fusion/orchestrate", long_run(items))):
+    with closing(send_raw(server.base_url, "/api/fusion/orchestrate", json=long_run(items))):
         wait_for(lambda: lm_requests(client) >= before + 2, what="the run calling the model")
         assert_health(server.base_url)
     # The connection is closed: the run is cancelled within one item.
@@ -378,12 +381,39 @@ def test_a_non_streaming_chat_stops_when_its_client_disconnects(
         "max_tokens": 2000,  # seconds of generation for the tiny model
         "logit_bias": no_eos_bias(tiny_lm_dir),
     }
-    with closing(send_raw(server.base_url, "/v1/chat/completions", body)):
+    with closing(send_raw(server.base_url, "/v1/chat/completions", json=body)):
         wait_for(lambda: registry.get(LM).busy, what="the generation starting")
         assert_health(server.base_url)
     wait_for(lambda: not registry.get(LM).busy, what="the generation stopping")
     # A generation that ran to its end would have been counted.
     assert lm_requests(client) == before
+
+
+def test_an_ingest_stops_when_its_client_disconnects(
+    client: httpx.Client, server: RunningServer, tiny_embedder_dir: Path
+) -> None:
+    loaded = client.post(
+        "/v1/models/load",
+        json={"model_path": str(tiny_embedder_dir), "model_type": "embeddings", "model_id": EMBED},
+    )
+    assert loaded.status_code == 200, loaded.text
+    embedder = server.app.state.engine.models.get(EMBED)
+    # Many distinct sentences: many chunks, embedded batch after batch.
+    text = " ".join(f"Sentence {i} tells of river {i * 7919 % 10007}." for i in range(20_000))
+    upload = {
+        "data": {"collection": "left", "embedding_model": EMBED},
+        "files": [("files", ("long.txt", text.encode(), "text/plain"))],
+    }
+    with closing(send_raw(server.base_url, "/api/rag/ingest", **upload)):
+        wait_for(lambda: embedder.stats.request_count >= 2, what="the ingest embedding")
+        assert_health(server.base_url)
+    wait_for(lambda: not embedder.busy, what="the embedding stopping")
+    stopped_at = embedder.stats.request_count
+    probe = client.post("/v1/embeddings", json={"model": EMBED, "input": "probe"})
+    assert probe.status_code == 200, probe.text
+    assert embedder.stats.request_count == stopped_at + 1
+    # Nothing was stored: the ingest is all or nothing.
+    assert client.get("/api/rag/collections/left").status_code == 404
 
 
 def test_a_finished_request_is_not_cancelled_by_its_own_end(client: httpx.Client) -> None:
@@ -411,7 +441,7 @@ def test_sigterm_stops_fusion_serve_mid_run(tmp_path: Path, tiny_lm_dir: Path) -
         httpx.Client(base_url=proc.base_url, timeout=60.0) as c,
     ):
         before = lm_requests(c)
-        sock = send_raw(proc.base_url, "/api/fusion/orchestrate", long_run(5000))
+        sock = send_raw(proc.base_url, "/api/fusion/orchestrate", json=long_run(5000))
         with closing(sock):
             wait_for(lambda: lm_requests(c) >= before + 2, what="the run calling the model")
             assert_health(proc.base_url)
