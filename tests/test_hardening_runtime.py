@@ -309,3 +309,13 @@ async def test_exponential_schema_validation_is_stopped_by_its_budget() -> None:
         await prepare_input({**wf.input_schema, "type": "array"}, nested, Budget(timeout_s=1.0))
     assert "schema budget of 1 s" in info.value.message
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize(
+    "expression", ["(" * 200 + "1" + ")" * 200, "[" * 200 + "]" * 200, "1" + " + 1" * 2000]
+)
+def test_deeply_nested_templates_are_compile_errors(expression: str) -> None:
+    """Jinja's parser recurses per level: RecursionError was a 500 at compile time."""
+    with pytest.raises(WorkflowInvalid) as info:
+        compile_yaml(one_step("{{ " + expression + " }}"))
+    assert "nests too deeply" in info.value.issues[0].message

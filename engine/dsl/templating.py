@@ -341,11 +341,18 @@ class Template:
         self.source = source
         try:
             ast = ENV.parse(source)
+            bound = _scan(ast)
         except TemplateSyntaxError as exc:
             raise TemplateCompileError(
                 f"template syntax error: {exc.message}", exc.lineno
             ) from None
-        self.references = tuple(_references(ast, _scan(ast)))
+        except RecursionError:
+            # Jinja's parser and tree walks recurse per level of nesting (about ten frames
+            # for each parenthesis): a deep expression is refused, not a crash.
+            raise TemplateCompileError(
+                "the template nests too deeply (parentheses, brackets or a long operator chain)"
+            ) from None
+        self.references = tuple(_references(ast, bound))
         for ref in self.references:
             if allowed_names is None:
                 break
