@@ -80,9 +80,11 @@ class CancelOnDisconnectMiddleware(ASGIMiddleware):
             if current is not None and current.cancelling():
                 # Only the server cancels a request's task: at shutdown, once its grace
                 # period is over. The client gets a clear 503 rather than a traceback and a
-                # bare 500.
+                # bare 500; the cancellation is handled here, so it stops here.
+                current.uncancel()
                 log.info("server shutting down: request cancelled", path=scope["path"])
-                await _end_response(send, started=started)
+                if not responded:
+                    await _end_response(send, started=started)
             elif not client_left:
                 raise
         finally:
