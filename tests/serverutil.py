@@ -57,7 +57,10 @@ def wait_until_ready(
 
 
 def _bound_loopback_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # Naming the protocol matters: asyncio sets TCP_NODELAY only on accepted sockets whose
+    # proto is IPPROTO_TCP, and without it every keep-alive response stalled ~40 ms (Nagle
+    # holding the body behind the headers until the client's delayed ACK).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     return sock

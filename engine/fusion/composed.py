@@ -66,8 +66,9 @@ def composed_id(body: dict[str, Any]) -> tuple[str | None, list[Issue]]:
     """The id a compose body names (`id`, else `name`), and what is wrong with it."""
     wf_id, name = body.get("id"), body.get("name")
     if wf_id is not None:
-        # The DSL schema checks `id` itself; only the reserved word is ours to refuse.
-        if wf_id in RESERVED_IDS:
+        # The DSL schema checks `id` itself (any JSON may be here); only the reserved
+        # word is ours to refuse.
+        if isinstance(wf_id, str) and wf_id in RESERVED_IDS:
             return None, [_reserved(wf_id, ("id",))]
         return (wf_id if isinstance(wf_id, str) else None), []
     if name is None:
