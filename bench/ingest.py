@@ -38,7 +38,7 @@ from engine.logging import configure_logging
 from engine.models.backends.embeddings import EmbeddingsBackend
 from engine.models.blas import loaded as blas_loaded
 from engine.models.minilm import minilm_path
-from engine.rag.service import EMBED_BATCH, Upload
+from engine.rag.service import Upload
 from engine.services import Engine
 
 _VOCABULARY = """
@@ -58,6 +58,8 @@ build carry measure observe record describe explain compare improve reduce incre
 travel return follow discover protect produce divide combine replace support reach
 """
 WORDS = _VOCABULARY.split()
+# The bare encoder is fed batches of the size ingest uses.
+EMBED_BATCH = Settings().rag_embed_batch
 
 
 def document(rng: random.Random, words: int) -> str:

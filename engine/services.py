@@ -18,7 +18,7 @@ from engine.models.images import ImagePolicy
 from engine.models.memory import GIB, default_budget_bytes
 from engine.models.registry import ModelRegistry
 from engine.models.types import LoadSpec, ModelLimits
-from engine.rag.service import RagService
+from engine.rag.service import IngestLimits, RagService
 from engine.runtime.executor import RunLimits, Runner
 from engine.sandbox import SandboxLimits, configure_shared_sandbox
 from engine.steps.registry import StepRegistry, default_registry
@@ -63,7 +63,7 @@ class Engine:
             images=ImagePolicy.from_settings(settings),
             limits=ModelLimits.from_settings(settings),
         )
-        rag = RagService(store, models)
+        rag = RagService(store, models, IngestLimits.from_settings(settings))
         services: dict[str, Any] = {"models": models, "store": store, "rag": rag}
         runner = Runner(
             catalog=catalog,

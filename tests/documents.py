@@ -33,3 +33,35 @@ def pdfium_pdf(pages: list[list[str]], line_gap: float = 16.0) -> bytes:
     pdf.save(out)
     pdf.close()
     return out.getvalue()
+
+
+def shared_stream_pdf(pages: int, line: str, repeat: int) -> bytes:
+    """A hand-written PDF whose `pages` pages all draw one content stream that shows
+    `line` `repeat` times: a few KB of file, pages x repeat x len(line) characters of
+    text (the amplification of issue #8)."""
+    text = line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+    stream = "BT /F1 1 Tf 0 0 Td " + f"({text}) Tj " * repeat + "ET"
+    objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>",
+        "<< /Type /Pages /Kids [{kids}] /Count {count} >>",
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+        f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream",
+    ]
+    kids = []
+    for _ in range(pages):
+        objects.append(
+            "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] "
+            "/Resources << /Font << /F1 3 0 R >> >> /Contents 4 0 R >>"
+        )
+        kids.append(f"{len(objects)} 0 R")
+    objects[1] = objects[1].format(kids=" ".join(kids), count=pages)
+    body = b"%PDF-1.4\n"
+    offsets = []
+    for number, obj in enumerate(objects, start=1):
+        offsets.append(len(body))
+        body += f"{number} 0 obj\n{obj}\nendobj\n".encode("latin-1")
+    xref = len(body)
+    body += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    body += "".join(f"{offset:010d} 00000 n \n" for offset in offsets).encode()
+    trailer = f"trailer\n<< /Root 1 0 R /Size {len(objects) + 1} >>\nstartxref\n{xref}\n%%EOF\n"
+    return body + trailer.encode()

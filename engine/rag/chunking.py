@@ -5,7 +5,8 @@ tokens of whole sentences carried into the next chunk."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from engine.rag.types import Chunk, Section
@@ -37,23 +38,44 @@ def word_offsets(text: str) -> list[tuple[int, int]]:
     return [match.span() for match in _WORD.finditer(text)]
 
 
+class TooManyChunks(Exception):
+    """More chunks than `max_chunks`: raised as soon as the next one is made."""
+
+
+class ChunkingStopped(Exception):
+    """The caller's `stop` event was set (its request went away)."""
+
+
 def chunk_sections(
-    sections: Sequence[Section], tokenize: Tokenize, chunk_size: int, overlap: int
+    sections: Sequence[Section],
+    tokenize: Tokenize,
+    chunk_size: int,
+    overlap: int,
+    *,
+    max_chunks: int | None = None,
+    stop: threading.Event | None = None,
 ) -> list[Chunk]:
+    """The sections' chunks. More than `max_chunks` raises TooManyChunks and a set
+    `stop` raises ChunkingStopped, both without chunking the rest."""
     if chunk_size < 1 or not 0 <= overlap < chunk_size:
         raise ValueError("need chunk_size >= 1 and 0 <= overlap < chunk_size")
-    units = list(_units(sections, tokenize, chunk_size))
-    return [
-        Chunk(
-            index=i,
-            text=text,
-            token_count=len(tokenize(text)),
-            page=group[0].page,
-            heading=group[0].heading,
+    chunks: list[Chunk] = []
+    for group in _pack(_units(sections, tokenize, chunk_size), chunk_size, overlap):
+        if stop is not None and stop.is_set():
+            raise ChunkingStopped
+        if max_chunks is not None and len(chunks) == max_chunks:
+            raise TooManyChunks
+        text = _join(group)
+        chunks.append(
+            Chunk(
+                index=len(chunks),
+                text=text,
+                token_count=len(tokenize(text)),
+                page=group[0].page,
+                heading=group[0].heading,
+            )
         )
-        for i, group in enumerate(_pack(units, chunk_size, overlap))
-        for text in [_join(group)]
-    ]
+    return chunks
 
 
 def _units(sections: Sequence[Section], tokenize: Tokenize, limit: int) -> Iterator[_Unit]:
@@ -89,7 +111,7 @@ def _pieces(text: str, tokenize: Tokenize, limit: int) -> Iterator[tuple[str, in
         yield text[span[0][0] : end].strip(), len(span)
 
 
-def _pack(units: list[_Unit], limit: int, overlap: int) -> Iterator[list[_Unit]]:
+def _pack(units: Iterable[_Unit], limit: int, overlap: int) -> Iterator[list[_Unit]]:
     current: list[_Unit] = []
     size = 0
     for unit in units:

@@ -1,17 +1,24 @@
 """Document text extraction for RAG ingest: pick the format from the file name and the
-content, extract it into sections, and turn every failure into a 400 naming the file."""
+content, extract it into sections, and turn every failure into a 400 (413 for a budget)
+naming the file.
+
+`extract_payload` is the same work as plain data in and out: the server runs it in the
+sandbox's worker processes (engine.sandbox) under time and memory budgets, so this module
+and the format modules must never import MLX."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
 from pathlib import PurePosixPath
+from typing import Any
 
 import structlog
 
-from engine.errors import InvalidRequest
-from engine.rag.formats.common import FormatError
-from engine.rag.types import Extracted
+from engine.config import Settings
+from engine.errors import FusionError, InvalidRequest, PayloadTooLarge
+from engine.rag.formats.common import ExtractLimits, FormatError, LimitExceeded
+from engine.rag.types import Extracted, Section
 
 log = structlog.get_logger(__name__)
 
@@ -70,31 +77,84 @@ _PDF_HEADER = b"%PDF-"
 # Readers accept the PDF header after up to 1 KiB of junk; we do so only for .pdf names, so
 # a text that merely mentions "%PDF-" is not taken for a PDF.
 _PDF_HEADER_WINDOW = 1024
-_HTML_START = re.compile(
-    rb"^(?:\xef\xbb\xbf)?\s*(?:<!--.*?-->\s*)*<(?:!doctype\s+html|html[\s>]|head[\s>]|body[\s>])",
-    re.IGNORECASE | re.DOTALL,
-)
+# What an HTML document starts with once leading comments are skipped (in code: a pattern
+# repeating lazy `<!--.*?-->` backtracks exponentially, 125 s for 241 bytes).
+_HTML_TAG_START = re.compile(rb"<(?:!doctype\s+html|html[\s>]|head[\s>]|body[\s>])", re.IGNORECASE)
+_SNIFF_BYTES = 4096
 
 
-def extract(filename: str, data: bytes, content_type: str | None = None) -> Extracted:
+def extract_limits(settings: Settings) -> ExtractLimits:
+    return ExtractLimits(
+        max_chars=settings.rag_max_document_chars,
+        max_pages=settings.rag_max_pdf_pages,
+        max_page_chars=settings.rag_max_pdf_page_chars,
+        max_html_depth=settings.rag_max_html_depth,
+    )
+
+
+def extract_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """`extract` for the sandbox: payload {filename, data, content_type, limits} (limits as
+    ExtractLimits' fields); the answer is {format, title, sections: [[text, page,
+    heading]...]} or {error: {status, message, code}}, errors as data so the status and
+    code survive the trip between processes."""
+    try:
+        extracted = extract(
+            payload["filename"],
+            payload["data"],
+            payload.get("content_type"),
+            ExtractLimits(**payload["limits"]),
+        )
+    except FusionError as exc:
+        return {"error": {"status": exc.status, "message": exc.message, "code": exc.code}}
+    return {
+        "format": extracted.format,
+        "title": extracted.title,
+        "sections": [[s.text, s.page, s.heading] for s in extracted.sections],
+    }
+
+
+def extracted_from_payload(filename: str, answer: dict[str, Any]) -> Extracted:
+    """The inverse of `extract_payload`'s answer: the Extracted, or the error it reports."""
+    error = answer.get("error")
+    if error is not None:
+        kind = PayloadTooLarge if error["status"] == PayloadTooLarge.status else InvalidRequest
+        raise kind(error["message"], param="files", code=error["code"], details={"file": filename})
+    sections = [Section(text=t, page=p, heading=h) for t, p, h in answer["sections"]]
+    return Extracted(format=answer["format"], title=answer["title"], sections=sections)
+
+
+def extract(
+    filename: str,
+    data: bytes,
+    content_type: str | None = None,
+    limits: ExtractLimits | None = None,
+) -> Extracted:
     """Extract a document's text as sections.
 
     The extension chooses the format unless the content says otherwise (a PDF signature
     or an HTML document start); without a known extension the content (then the declared
     content type) decides, and anything that decodes as text is read as plain text.
     Raises InvalidRequest (param `files`, code `unsupported_format` or
-    `invalid_document`) naming the file and the problem."""
+    `invalid_document`) naming the file and the problem, or PayloadTooLarge (code
+    `document_too_large`) naming the budget's setting; `limits` default to Settings'."""
     name = filename or "(unnamed file)"
+    limits = limits or extract_limits(Settings())
     try:
         if not data.strip():
             raise FormatError("empty document")
         kind = detect_format(name, data, content_type)
-        extracted = _extract_as(kind, data, _charset(content_type))
+        extracted = _extract_as(kind, data, limits, _charset(content_type))
         if not extracted.sections:
             raise FormatError("empty document (no extractable text)")
         return extracted
+    except LimitExceeded as exc:
+        raise PayloadTooLarge(
+            f"{name}: {exc.problem}", param="files", code=exc.code, details={"file": name}
+        ) from exc
     except FormatError as exc:
         raise _invalid(name, exc.problem, exc.code) from exc
+    except MemoryError:
+        raise  # over the sandbox's memory budget: its caller answers 413 naming the setting
     except Exception as exc:  # a parser's own failure on hostile input: still a 400
         log.warning("rag.extract.failed", file=name, error=repr(exc))
         raise _invalid(name, f"the document could not be read ({type(exc).__name__})") from exc
@@ -108,7 +168,7 @@ def detect_format(filename: str, data: bytes, content_type: str | None = None) -
         by_name == "pdf" and _PDF_HEADER in data[:_PDF_HEADER_WINDOW]
     ):
         return "pdf"  # a signature is more reliable than a name
-    if by_name != "html" and _HTML_START.match(data[:4096]):
+    if by_name != "html" and _looks_like_html(data[:_SNIFF_BYTES]):
         return "html"  # e.g. a page saved under a .txt or .pdf name
     if by_name == "pdf":
         raise FormatError("not a PDF (no %PDF- header)")
@@ -128,20 +188,36 @@ def detect_format(filename: str, data: bytes, content_type: str | None = None) -
     return by_type if by_type in ("html", "markdown") else "text"
 
 
-def _extract_as(kind: str, data: bytes, charset: str | None) -> Extracted:
+def _looks_like_html(head: bytes) -> bool:
+    at = _skip_blanks(head, 3 if head.startswith(b"\xef\xbb\xbf") else 0)
+    while head.startswith(b"<!--", at):
+        end = head.find(b"-->", at + 4)
+        if end < 0:
+            return False
+        at = _skip_blanks(head, end + 3)
+    return _HTML_TAG_START.match(head, at) is not None
+
+
+def _skip_blanks(data: bytes, at: int) -> int:
+    while at < len(data) and data[at] in b" \t\r\n\f\v":
+        at += 1
+    return at
+
+
+def _extract_as(kind: str, data: bytes, limits: ExtractLimits, charset: str | None) -> Extracted:
     # Imported on use: a text upload need not load pdfium or the HTML parser.
     extractor: Callable[..., Extracted]
     if kind == "pdf":
         from engine.rag.formats.pdf import extract_pdf
 
-        return extract_pdf(data)
+        return extract_pdf(data, limits)
     if kind == "html":
         from engine.rag.formats.html import extract_html as extractor
     elif kind == "markdown":
         from engine.rag.formats.markdown import extract_markdown as extractor
     else:
         from engine.rag.formats.text import extract_text as extractor
-    return extractor(data, charset)
+    return extractor(data, limits, charset)
 
 
 def _media_type(content_type: str | None) -> str:

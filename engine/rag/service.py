@@ -5,37 +5,68 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import numpy as np
 import structlog
 
-from engine.errors import InvalidRequest, ServiceUnavailable
+from engine.config import Settings
+from engine.errors import InvalidRequest, PayloadTooLarge, ServiceUnavailable
 from engine.models.backends.base import ChatParams
 from engine.models.registry import ModelRegistry
-from engine.rag.chunking import chunk_sections
-from engine.rag.extract import extract
+from engine.rag.chunking import Tokenize, TooManyChunks, chunk_sections
+from engine.rag.extract import extract_limits, extracted_from_payload
+from engine.rag.formats.common import ExtractLimits
 from engine.rag.prompt import answer_messages
 from engine.rag.retrieval import Retriever
 from engine.rag.store import RagStore
-from engine.rag.types import Hit, NewDocument
+from engine.rag.types import Chunk, Extracted, Hit, NewDocument
+from engine.sandbox import SandboxError, SandboxMemoryError, SandboxTimeout, shared_sandbox
 from engine.store import Store
 
 log = structlog.get_logger(__name__)
 
 COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-EMBED_BATCH = 128
 MIN_CHUNK = 16
+EXTRACT_TARGET = "engine.rag.extract:extract_payload"
 # Ingest progress: (stage, done, total). Stages in order: "extract" (files), "embed"
 # (chunks), "store" (documents). Called from the event loop or a worker thread.
 ProgressFn = Callable[[str, int, int], None]
 PROGRESS_UNITS = {"extract": "files", "embed": "chunks", "store": "documents"}
 # A progress log line at most this often per ingest (and always at a stage's end).
 PROGRESS_LOG_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """Ingest's budgets, from Settings (docs/security.md lists them)."""
+
+    extract: ExtractLimits
+    max_chunks: int
+    extract_timeout_s: float
+    extract_memory_mb: int
+    embed_batch: int
+    metadata_max_depth: int
+    metadata_max_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> IngestLimits:
+        return cls(
+            extract=extract_limits(settings),
+            max_chunks=settings.rag_max_document_chunks,
+            extract_timeout_s=settings.rag_extract_timeout_s,
+            extract_memory_mb=settings.rag_extract_memory_mb,
+            embed_batch=max(1, settings.rag_embed_batch),
+            metadata_max_depth=settings.rag_metadata_max_depth,
+            metadata_max_bytes=settings.rag_metadata_max_bytes,
+        )
 
 
 @dataclass(frozen=True)
@@ -91,11 +122,58 @@ def check_collection_name(name: str, param: str = "collection") -> str:
     return name
 
 
+def check_metadata(metadata: dict[str, Any], limits: IngestLimits) -> dict[str, Any]:
+    """Ingest metadata within its depth and size budgets (400 otherwise). The depth is
+    measured without recursion: a body nested 10,000 deep must not overflow the stack."""
+    if not isinstance(metadata, dict):
+        raise InvalidRequest("metadata must be a JSON object", param="metadata")
+    levels: list[tuple[Any, int]] = [(metadata, 1)]
+    while levels:
+        value, depth = levels.pop()
+        if depth > limits.metadata_max_depth:
+            raise metadata_too_deep(limits.metadata_max_depth)
+        children = value.values() if isinstance(value, dict) else value
+        levels.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    size = len(json.dumps(metadata, ensure_ascii=False).encode())
+    if size > limits.metadata_max_bytes:
+        raise InvalidRequest(
+            f"metadata is {size:,} bytes as JSON; the limit is {limits.metadata_max_bytes:,} "
+            "(setting rag_metadata_max_bytes)",
+            param="metadata",
+            code="metadata_too_large",
+        )
+    return metadata
+
+
+def metadata_too_deep(limit: int) -> InvalidRequest:
+    return InvalidRequest(
+        f"metadata nests deeper than {limit} levels (setting rag_metadata_max_depth)",
+        param="metadata",
+        code="metadata_too_deep",
+    )
+
+
+def _too_large(name: str, problem: str, setting: str) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"{name}: {problem} (setting {setting})",
+        param="files",
+        code="document_too_large",
+        details={"file": name},
+    )
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 class RagService:
-    def __init__(self, store: Store, models: ModelRegistry) -> None:
+    def __init__(
+        self, store: Store, models: ModelRegistry, limits: IngestLimits | None = None
+    ) -> None:
         self.db = RagStore(store)
         self.models = models
         self.retriever = Retriever(self.db, models)
+        self.limits = limits or IngestLimits.from_settings(Settings())
 
     # -- models ---------------------------------------------------------------------------
     def embedding_model(self, collection: str | None, requested: str | None) -> str:
@@ -151,9 +229,13 @@ class RagService:
         metadata: dict[str, Any] | None = None,
         on_progress: ProgressFn | None = None,
     ) -> dict[str, Any]:
-        """Extract, chunk, embed and store every file in one transaction: a bad file or
-        a crash leaves the collection as it was.
+        """Extract and chunk every file, embed the chunks in bounded batches, then store
+        everything in one short transaction: a bad file, a budget overrun, a crash or the
+        caller's cancellation leaves the collection as it was.
 
+        Extraction runs in the sandbox's worker processes, chunking in a thread, and the
+        embedding model is asked for `limits.embed_batch` chunks at a time, so a query's
+        own embedding waits for one batch at most, not for the whole ingest.
         `on_progress(stage, done, total)` follows the work (see ProgressFn); the same
         steps are logged as `rag_ingest_progress` events."""
         progress = _Progress(collection, on_progress)
@@ -164,36 +246,35 @@ class RagService:
             raise InvalidRequest(f"chunk_size must be at least {MIN_CHUNK}", param="chunk_size")
         if not 0 <= overlap < chunk_size:
             raise InvalidRequest("overlap must be >= 0 and below chunk_size", param="overlap")
+        metadata = check_metadata(metadata or {}, self.limits)
         model_id = await asyncio.to_thread(self.embedding_model, collection, embedding_model)
         model = self.models.get(model_id).model
         usable = model.max_seq_length - model.special_tokens  # type: ignore[attr-defined]
         size = min(chunk_size, usable)
         step_overlap = min(overlap, size // 2)
-        prepared = await asyncio.to_thread(
-            self._prepare,
-            collection,
-            files,
-            size,
-            step_overlap,
-            model,
-            metadata or {},
-            progress.stage("extract"),
-        )
-        new = [p.document for p in prepared if p.document is not None]
-        started = time.perf_counter()
-        vectors = await self._embed_chunks(model_id, new, progress.stage("embed"))
-        embedding_ms = round((time.perf_counter() - started) * 1000, 3)
-        documents = [
-            NewDocument(**{**d.__dict__, "vectors": v}) for d, v in zip(new, vectors, strict=True)
-        ]
+        # Tells the chunking thread to stop when this coroutine is cancelled (the client
+        # left): a thread cannot be cancelled, it can only be asked.
+        stop = threading.Event()
+        try:
+            prepared = await self._prepare(
+                collection, files, size, step_overlap, model, metadata, stop, progress
+            )
+            new = [p.document for p in prepared if p.document is not None]
+            started = time.perf_counter()
+            matrices = await self._embed_chunks(model_id, new, progress.stage("embed"))
+            embedding_ms = round((time.perf_counter() - started) * 1000, 3)
+        except asyncio.CancelledError:
+            stop.set()
+            raise
+        documents = [replace(d, vectors=m) for d, m in zip(new, matrices, strict=True)]
         ids = await asyncio.to_thread(
             self.db.ingest,
             collection,
             embedding_model=model_id,
-            dimension=len(vectors[0][0]) if vectors and vectors[0] else model.dimension,  # type: ignore[attr-defined]
+            dimension=matrices[0].shape[1] if matrices else model.dimension,  # type: ignore[attr-defined]
             chunk_size=size,
             overlap=step_overlap,
-            collection_metadata=metadata or {},
+            collection_metadata=metadata,
             documents=documents,
             on_progress=progress.stage("store"),
         )
@@ -225,7 +306,7 @@ class RagService:
             ]
         return result
 
-    def _prepare(
+    async def _prepare(
         self,
         collection: str,
         files: Sequence[Upload],
@@ -233,21 +314,29 @@ class RagService:
         overlap: int,
         model: Any,
         metadata: dict[str, Any],
-        on_progress: Callable[[int, int], None] = lambda done, total: None,
+        stop: threading.Event,
+        progress: _Progress,
     ) -> list[_Prepared]:
         """Extract and chunk every file before anything is embedded or stored, so one
-        bad file fails the request with nothing written."""
+        bad file fails the request with nothing written. A file already in the
+        collection (or earlier in this request) is neither extracted nor chunked again."""
         out: list[_Prepared] = []
         seen: set[str] = set()
+        on_progress = progress.stage("extract")
         for done, upload in enumerate(files, 1):
-            digest = hashlib.sha256(upload.data).hexdigest()
-            extracted = extract(upload.filename, upload.data, upload.content_type)
-            if digest in seen or self.db.document_by_hash(collection, digest):
+            digest = await asyncio.to_thread(_digest, upload.data)
+            duplicate = digest in seen or await asyncio.to_thread(
+                self.db.document_by_hash, collection, digest
+            )
+            if duplicate:
                 out.append(_Prepared(upload, digest, None))
                 on_progress(done, len(files))
                 continue
             seen.add(digest)
-            chunks = chunk_sections(extracted.sections, model.token_offsets, size, overlap)
+            extracted = await self._extract(upload)
+            chunks = await asyncio.to_thread(
+                self._chunk, upload.filename, extracted, model.token_offsets, size, overlap, stop
+            )
             document = NewDocument(
                 document_id=f"doc-{uuid.uuid4().hex[:12]}",
                 filename=upload.filename,
@@ -262,23 +351,88 @@ class RagService:
             on_progress(done, len(files))
         return out
 
+    async def _extract(self, upload: Upload) -> Extracted:
+        """`extract` in a sandbox worker, under the time and memory budgets."""
+        name = upload.filename or "(unnamed file)"
+        limits = self.limits
+        payload = {
+            "filename": upload.filename,
+            "data": upload.data,
+            "content_type": upload.content_type,
+            "limits": asdict(limits.extract),
+        }
+        try:
+            answer = await shared_sandbox().call(
+                EXTRACT_TARGET,
+                payload,
+                timeout_s=limits.extract_timeout_s,
+                memory_mb=limits.extract_memory_mb,
+            )
+        except SandboxTimeout:
+            raise _too_large(
+                name,
+                f"extraction took longer than {limits.extract_timeout_s:g} s",
+                "rag_extract_timeout_s",
+            ) from None
+        except SandboxMemoryError:
+            raise _too_large(
+                name,
+                f"extraction needed more than {limits.extract_memory_mb} MB",
+                "rag_extract_memory_mb",
+            ) from None
+        except SandboxError as exc:  # the extractor crashed on hostile input: still a 400
+            log.warning("rag.extract.failed", file=name, error=exc.message)
+            raise InvalidRequest(
+                f"{name}: the document could not be read ({exc.message})",
+                param="files",
+                code="invalid_document",
+                details={"file": name},
+            ) from None
+        return extracted_from_payload(name, answer)
+
+    def _chunk(
+        self,
+        filename: str,
+        extracted: Extracted,
+        tokenize: Tokenize,
+        size: int,
+        overlap: int,
+        stop: threading.Event,
+    ) -> list[Chunk]:
+        limit = self.limits.max_chunks
+        try:
+            return chunk_sections(
+                extracted.sections, tokenize, size, overlap, max_chunks=limit, stop=stop
+            )
+        except TooManyChunks:
+            raise _too_large(
+                filename or "(unnamed file)",
+                f"it makes more than {limit:,} chunks",
+                "rag_max_document_chunks",
+            ) from None
+
     async def _embed_chunks(
         self,
         model_id: str,
         documents: list[NewDocument],
         on_progress: Callable[[int, int], None],
-    ) -> list[list[list[float]]]:
-        texts = [c.text for d in documents for c in d.chunks]
-        flat: list[list[float]] = []
-        on_progress(0, len(texts))
-        for start in range(0, len(texts), EMBED_BATCH):
-            result = await self.models.embed(model_id, texts[start : start + EMBED_BATCH])
-            flat.extend(result.vectors)
-            on_progress(len(flat), len(texts))
-        out, at = [], 0
+    ) -> list[np.ndarray]:
+        """One float32 matrix per document (4 bytes a dimension, not a list of Python
+        floats), from model calls of at most `limits.embed_batch` chunks."""
+        batch = self.limits.embed_batch
+        total = sum(len(d.chunks) for d in documents)
+        done = 0
+        on_progress(0, total)
+        out: list[np.ndarray] = []
         for document in documents:
-            out.append(flat[at : at + len(document.chunks)])
-            at += len(document.chunks)
+            rows: list[np.ndarray] = []
+            for start in range(0, len(document.chunks), batch):
+                texts = [c.text for c in document.chunks[start : start + batch]]
+                result = await self.models.embed(model_id, texts)
+                rows.append(np.asarray(result.vectors, dtype=np.float32))
+                done += len(texts)
+                on_progress(done, total)
+            out.append(np.concatenate(rows))
         return out
 
     # -- search and query -----------------------------------------------------------------

@@ -462,7 +462,7 @@ def _document_matrix(doc: NewDocument, dimension: int) -> np.ndarray:
             f"{doc.filename}: {len(doc.chunks)} chunks but {len(doc.vectors)} vectors",
             param="documents",
         )
-    if not doc.vectors:
+    if len(doc.vectors) == 0:  # a list, or the service's float32 matrix
         return np.zeros((0, dimension), dtype="<f4")
     try:
         matrix = np.asarray(doc.vectors, dtype=np.float64)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Section:
@@ -66,7 +68,7 @@ class NewDocument:
     title: str | None
     metadata: dict[str, Any]
     chunks: list[Chunk]
-    vectors: list[list[float]]
+    vectors: list[list[float]] | np.ndarray  # one row per chunk (the service: float32)
 
 
 @dataclass(frozen=True)

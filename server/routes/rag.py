@@ -31,7 +31,7 @@ from msgspec import Meta
 
 from engine.config import Settings
 from engine.errors import InvalidRequest
-from engine.rag.service import Upload
+from engine.rag.service import Upload, metadata_too_deep
 from server.deps import rag_service
 from server.uploads import UploadLimits, read_multipart
 
@@ -202,13 +202,15 @@ def _int_field(fields: dict[str, str], name: str, default: int) -> int:
         raise InvalidRequest(f"{name} must be an integer, not {raw!r}", param=name) from None
 
 
-def _metadata_field(raw: str | None) -> dict[str, Any] | None:
+def _metadata_field(raw: str | None, max_depth: int) -> dict[str, Any] | None:
     if raw is None or not raw.strip():
         return None
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"metadata is not valid JSON: {exc}", param="metadata") from None
+    except RecursionError:  # deeper than the parser's stack; the service checks the rest
+        raise metadata_too_deep(max_depth) from None
     if not isinstance(value, dict):
         raise InvalidRequest(
             f"metadata must be a JSON object, not {type(value).__name__}", param="metadata"
@@ -245,7 +247,7 @@ async def ingest(request: Request[Any, Any, Any], state: State) -> IngestRespons
         chunk_size=_int_field(fields, "chunk_size", 512),
         overlap=_int_field(fields, "overlap", 64),
         embedding_model=fields.get("embedding_model", "").strip() or None,
-        metadata=_metadata_field(fields.get("metadata")),
+        metadata=_metadata_field(fields.get("metadata"), rag.limits.metadata_max_depth),
     )
     return msgspec.convert(result, IngestResponse)
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from engine.rag.types import Section
 
 # C0/C1 control characters other than tab and newline: never useful in indexed text and
 # they confuse tokenizers.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_TRAILING_SPACE = re.compile(r"[ \t]+\n")
 _BLANK_RUN = re.compile(r"\n{3,}")
 
 
@@ -28,8 +28,29 @@ def tidy(text: str) -> str:
     one blank line between paragraphs."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _CONTROL.sub("", text.replace("\f", "\n\n"))
-    text = _TRAILING_SPACE.sub("\n", text)
+    # Per line, not a `[ \t]+\n` pattern: that one backtracks over every run of blanks.
+    text = "\n".join(line.rstrip(" \t") for line in text.split("\n"))
     return _BLANK_RUN.sub("\n\n", text).strip()
+
+
+@dataclass(frozen=True)
+class ExtractLimits:
+    """Budgets on what one document may extract to (Settings `rag_max_*`; see
+    `engine.rag.extract.extract_limits`). Plain ints: they cross to the sandbox worker."""
+
+    max_chars: int  # rag_max_document_chars
+    max_pages: int  # rag_max_pdf_pages
+    max_page_chars: int  # rag_max_pdf_page_chars
+    max_html_depth: int  # rag_max_html_depth
+
+
+class LimitExceeded(FormatError):
+    """A document over one of the extraction budgets: 413, naming the limit's setting."""
+
+    def __init__(self, what: str, limit: int, setting: str) -> None:
+        super().__init__(
+            f"{what} exceeds the limit of {limit:,} (setting {setting})", code="document_too_large"
+        )
 
 
 class HeadingPath:
@@ -50,12 +71,18 @@ class HeadingPath:
 
 class SectionList:
     """Collects sections, skipping those with no text (a heading directly followed by a
-    sub-heading adds nothing to retrieve; its title lives on in the sub-heading's path)."""
+    sub-heading adds nothing to retrieve; its title lives on in the sub-heading's path),
+    and stops the extraction once the document's text passes `max_chars`."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_chars: int) -> None:
         self.sections: list[Section] = []
+        self.max_chars = max_chars
+        self.chars = 0
 
     def add(self, text: str, heading: str | None = None, page: int | None = None) -> None:
         text = tidy(text)
         if text:
+            self.chars += len(text)
+            if self.chars > self.max_chars:
+                raise LimitExceeded("the extracted text", self.max_chars, "rag_max_document_chars")
             self.sections.append(Section(text=text, page=page, heading=heading))

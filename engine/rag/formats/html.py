@@ -7,7 +7,7 @@ import re
 
 from selectolax.lexbor import LexborHTMLParser, LexborNode
 
-from engine.rag.formats.common import HeadingPath, SectionList
+from engine.rag.formats.common import ExtractLimits, HeadingPath, LimitExceeded, SectionList
 from engine.rag.formats.text import decode
 from engine.rag.types import Extracted, Section
 
@@ -29,20 +29,36 @@ _BLOCKS = frozenset({
     "summary", "table", "tbody", "thead", "tfoot", "tr", "ul",
 })
 # fmt: on
+# For `check_depth`: elements that never hold others (void), whose end tag may be omitted
+# (the next sibling closes them), and whose content is text, not markup.
+# fmt: off
+_NO_NESTING = frozenset({
+    "area", "base", "basefont", "bgsound", "br", "col", "embed", "frame", "hr", "img",
+    "input", "keygen", "link", "meta", "param", "source", "track", "wbr",
+    "p", "li", "dt", "dd", "rb", "rp", "rt", "rtc", "optgroup", "option", "colgroup",
+    "caption", "thead", "tbody", "tfoot", "tr", "td", "th", "html", "head", "body",
+})
+_RAW_TEXT = frozenset({
+    "script", "style", "textarea", "title", "xmp", "iframe", "noembed", "noframes",
+    "noscript", "plaintext",
+})
+# fmt: on
+_TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9:-]*)")
 _SPACE = re.compile(r"\s+")  # \s covers &nbsp; (U+00A0) in str patterns
-_META_CHARSET = re.compile(rb"""<meta[^>]+charset\s*=\s*["']?\s*([\w.:-]+)""", re.IGNORECASE)
+_META_CHARSET = re.compile(rb"""<meta[^<>]+charset\s*=\s*["']?\s*([\w.:-]+)""", re.IGNORECASE)
 
 
-def extract_html(data: bytes, charset: str | None = None) -> Extracted:
+def extract_html(data: bytes, limits: ExtractLimits, charset: str | None = None) -> Extracted:
     declared = _META_CHARSET.search(data[:4096])
     html = decode(data, charset or (declared.group(1).decode("ascii") if declared else None))
+    check_depth(html, limits.max_html_depth)
     tree = LexborHTMLParser(html)
     title = _text_of(tree.css_first("head > title"))
     _strip_chrome(tree)
     # Fallbacks only after the chrome is gone: an <svg> has <title>s, a site banner an <h1>.
     title = title or _text_of(tree.css_first("title")) or _text_of(tree.css_first("h1"))
     root = tree.body or tree.root
-    sections = _Walker().walk(root) if root is not None else []
+    sections = _Walker(limits.max_chars).walk(root) if root is not None else []
     return Extracted(format="html", title=title or None, sections=sections)
 
 
@@ -71,8 +87,9 @@ class _Walker:
     """Depth-first walk with an explicit stack (deep markup must not hit the recursion
     limit) that emits paragraphs into the current heading's section."""
 
-    def __init__(self) -> None:
-        self.sections = SectionList()
+    def __init__(self, max_chars: int) -> None:
+        self.sections = SectionList(max_chars)
+        self.ol_counts: list[int] = []  # items seen so far in each open <ol>
         self.path = HeadingPath()
         self.blocks: list[str] = []  # finished paragraphs/lines of the current section
         self.inline: list[str] = []  # text of the paragraph being read
@@ -122,14 +139,23 @@ class _Walker:
             self._flush()
         if tag == "pre":
             self.pre_depth += 1
+        elif tag == "ol":
+            self.ol_counts.append(0)
         elif tag == "li":
             parent = node.parent
-            marker = f"{_position(node)}." if parent is not None and parent.tag == "ol" else "-"
+            marker = "-"
+            if parent is not None and parent.tag == "ol" and self.ol_counts:
+                # Counted as the walk meets them: asking each item for its position
+                # among its siblings is quadratic in a long list.
+                self.ol_counts[-1] += 1
+                marker = f"{self.ol_counts[-1]}."
             self.prefix = "  " * self.item_depth + marker + " "
             self.item_depth += 1
 
     def _leave(self, node: LexborNode) -> None:
         tag = node.tag
+        if tag == "ol" and self.ol_counts:
+            self.ol_counts.pop()
         if tag == "pre":
             self._flush(keep_lines=True)
             self.pre_depth -= 1
@@ -185,12 +211,58 @@ class _Walker:
         self.in_lines = line
 
 
-def _position(item: LexborNode) -> int:
-    """1-based position of an <li> among its siblings (for ordered-list numbering)."""
-    n = 1
-    sibling = item.prev
-    while sibling is not None:
-        if sibling.tag == "li":
-            n += 1
-        sibling = sibling.prev
-    return n
+def check_depth(html: str, limit: int) -> None:
+    """Refuse markup nested deeper than `limit` before parsing it.
+
+    The HTML parsing algorithm walks the stack of open elements for each start tag, so
+    parse time grows with the square of the nesting (200,000 nested <div> took 98 s).
+    This one linear pass estimates the stack as the parser builds it: void elements and
+    those whose end tag may be omitted (p, li, td...) do not nest, an end tag closes
+    everything opened after its element, a heading closes an open heading, and `/>`
+    closes only inside SVG and MathML."""
+    lower = html.lower()
+    stack: list[str] = []
+    open_count: dict[str, int] = {}
+    pos = 0
+    while True:
+        lt = html.find("<", pos)
+        if lt < 0:
+            return
+        if html.startswith("<!--", lt):
+            end = html.find("-->", lt + 4)
+            if end < 0:
+                return
+            pos = end + 3
+            continue
+        tag = _TAG.match(html, lt)
+        if tag is None:
+            pos = lt + 1
+            continue
+        gt = html.find(">", tag.end())
+        if gt < 0:
+            return  # an unterminated tag runs to the end of the document
+        pos = gt + 1
+        name = tag.group(2).lower()
+        if tag.group(1):
+            if open_count.get(name):
+                while stack:
+                    top = stack.pop()
+                    open_count[top] -= 1
+                    if top == name:
+                        break
+            continue
+        if name in _RAW_TEXT:
+            end = lower.find("</" + name, pos)
+            if end < 0:
+                return
+            pos = end
+            continue
+        foreign = open_count.get("svg") or open_count.get("math")
+        if name in _NO_NESTING or (foreign and html[gt - 1] == "/"):
+            continue
+        if name in _HEADINGS and stack and stack[-1] in _HEADINGS:
+            open_count[stack.pop()] -= 1  # a heading start tag closes an open heading
+        stack.append(name)
+        open_count[name] = open_count.get(name, 0) + 1
+        if len(stack) > limit:
+            raise LimitExceeded("the element nesting depth", limit, "rag_max_html_depth")

@@ -11,7 +11,7 @@ import threading
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
 
-from engine.rag.formats.common import FormatError, SectionList
+from engine.rag.formats.common import ExtractLimits, FormatError, LimitExceeded, SectionList
 from engine.rag.types import Extracted
 
 # PDFium is not thread-safe (concurrent use segfaults), and ingest may extract in worker
@@ -42,7 +42,7 @@ _PARAGRAPH_GAP = 1.3
 _LONE_LINE_GAP = 1.5
 
 
-def extract_pdf(data: bytes) -> Extracted:
+def extract_pdf(data: bytes, limits: ExtractLimits) -> Extracted:
     # A truncated file lacks the %%EOF after its last cross-reference offset. pdfium
     # refuses most truncated files but opens one cut anywhere after its trailer (and
     # rebuilds damaged cross-reference tables): checking the marker makes "truncated"
@@ -57,12 +57,22 @@ def extract_pdf(data: bytes) -> Extracted:
             raise FormatError(_open_problem(exc)) from exc
         try:
             title = (document.get_metadata_value("Title") or "").strip() or None
-            sections = SectionList()
+            sections = SectionList(limits.max_chars)
+            if len(document) > limits.max_pages:
+                raise LimitExceeded("the page count", limits.max_pages, "rag_max_pdf_pages")
             for index in range(len(document)):
                 page = document[index]
                 try:
                     textpage = page.get_textpage()
                     try:
+                        # Counted before the text is read: pages can share one content
+                        # stream, so a few KB of PDF can hold millions of characters.
+                        if textpage.count_chars() > limits.max_page_chars:
+                            raise LimitExceeded(
+                                f"page {index + 1}'s text",
+                                limits.max_page_chars,
+                                "rag_max_pdf_page_chars",
+                            )
                         sections.add(_page_text(textpage), page=index + 1)
                     finally:
                         textpage.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 import re
 
-from engine.rag.formats.common import FormatError, SectionList
+from engine.rag.formats.common import ExtractLimits, FormatError, SectionList
 from engine.rag.types import Extracted
 
 # Longest BOMs first: the UTF-32-LE BOM begins with the UTF-16-LE one.
@@ -89,7 +89,7 @@ def _checked(text: str) -> str:
     return text
 
 
-def extract_text(data: bytes, charset: str | None = None) -> Extracted:
-    sections = SectionList()
+def extract_text(data: bytes, limits: ExtractLimits, charset: str | None = None) -> Extracted:
+    sections = SectionList(limits.max_chars)
     sections.add(decode(data, charset))
     return Extracted(format="text", title=None, sections=sections.sections)
