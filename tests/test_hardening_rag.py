@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -379,3 +380,27 @@ def test_http_adversarial_documents_answer_clearly_while_health_stays_prompt(
     assert links.status_code == 200, links.text
     assert client.get("/health", timeout=2.0).status_code == 200
     assert json.loads(links.text)["documents_ingested"] == 1
+
+
+def test_http_health_answers_promptly_during_a_long_ingest(client: httpx.Client) -> None:
+    done = threading.Event()
+    answer: list[httpx.Response] = []
+
+    def ingest() -> None:
+        try:
+            answer.append(
+                _ingest(client, "long.txt", _sentences(3_000), chunk_size="16", overlap="0")
+            )
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=ingest)
+    worker.start()
+    during = 0
+    while not done.is_set():
+        # httpx's timeout is the bound: each /health must answer within 2 s.
+        assert client.get("/health", timeout=2.0).status_code == 200
+        during += 0 if done.is_set() else 1
+    worker.join()
+    assert answer[0].status_code == 200, answer[0].text
+    assert during >= 1
