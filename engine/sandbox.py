@@ -28,6 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -38,6 +39,9 @@ log = structlog.get_logger(__name__)
 _HEADER = struct.Struct("!I")
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder()
+# The directory holding the `engine` package: the worker runs from it, so it imports this
+# very code whatever the server's working directory.
+_ROOT = Path(__file__).resolve().parent.parent
 # How long a new worker may take to import what it runs and say it is ready.
 _START_GRACE_S = 10.0
 
@@ -91,6 +95,7 @@ class _Worker:
             stdout=subprocess.PIPE,
             stderr=None,  # the worker's stderr is the server's: its tracebacks are logged
             close_fds=True,
+            cwd=_ROOT,
             # The worker's resource limits must not follow a user's Ctrl-C to it first.
             start_new_session=True,
         )
@@ -152,6 +157,22 @@ class _Worker:
         return f"signal {-code}" if code < 0 else f"exit status {code}"
 
 
+class _Ticket:
+    """One async call's hold on its worker, so cancelling the call can kill the worker:
+    a caller that has gone (a client disconnect) must not leave its computation running."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.worker: _Worker | None = None
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        with self.lock:
+            self.cancelled = True
+            if self.worker is not None and self.worker.alive():
+                self.worker.proc.kill()  # the calling thread then reads EOF and moves on
+
+
 class Sandbox:
     def __init__(self, limits: SandboxLimits | None = None) -> None:
         self.limits = limits or SandboxLimits()
@@ -173,9 +194,14 @@ class Sandbox:
         """Run ``target(payload)`` in a worker; SandboxTimeout, SandboxMemoryError,
         SandboxCrashed or SandboxError (the function's own exception) on failure."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._threads, self.call_sync, target, payload, timeout_s, memory_mb
-        )
+        ticket = _Ticket()
+        try:
+            return await loop.run_in_executor(
+                self._threads, self.call_sync, target, payload, timeout_s, memory_mb, ticket
+            )
+        except asyncio.CancelledError:
+            ticket.cancel()
+            raise
 
     def call_sync(
         self,
@@ -183,10 +209,17 @@ class Sandbox:
         payload: Any,
         timeout_s: float | None = None,
         memory_mb: int | None = None,
+        ticket: _Ticket | None = None,
     ) -> Any:
         timeout = self.limits.timeout_s if timeout_s is None else min(timeout_s, 3600.0)
         memory = memory_mb or self.limits.memory_mb
         worker = self._acquire()
+        if ticket is not None:
+            with ticket.lock:
+                if ticket.cancelled:
+                    self._release(worker, keep=True)
+                    raise SandboxCrashed("the call was cancelled before it started")
+                ticket.worker = worker
         keep = False
         try:
             result = worker.call(target, payload, max(timeout, 0.001), memory)
@@ -196,10 +229,13 @@ class Sandbox:
             # The function's own exceptions leave the worker sound; a budget overrun or a
             # crash does not (a MemoryError may leave the interpreter in any state).
             keep = type(exc) is SandboxError
-            if not keep:
+            if not keep and not (ticket is not None and ticket.cancelled):
                 log.warning("sandbox_worker_replaced", target=target, reason=exc.message)
             raise
         finally:
+            if ticket is not None:
+                with ticket.lock:
+                    ticket.worker = None
             self._release(worker, keep)
 
     def _acquire(self) -> _Worker:
@@ -234,27 +270,30 @@ class Sandbox:
         self._threads.shutdown(wait=False, cancel_futures=True)
 
 
-_shared: Sandbox | None = None
+# Process-wide pools by purpose: long document extractions ("documents") must not hold
+# the workers that every workflow step's templates wait for ("default").
+_shared: dict[str, Sandbox] = {}
+_shared_limits = SandboxLimits()
 _shared_lock = threading.Lock()
 
 
-def shared_sandbox() -> Sandbox:
-    """The process-wide pool (created on first use with the default limits)."""
-    global _shared
+def shared_sandbox(pool: str = "default") -> Sandbox:
+    """The process-wide pool for ``pool`` (created on first use)."""
     with _shared_lock:
-        if _shared is None:
-            _shared = Sandbox()
-        return _shared
+        found = _shared.get(pool)
+        if found is None:
+            found = _shared[pool] = Sandbox(_shared_limits)
+        return found
 
 
 def configure_shared_sandbox(limits: SandboxLimits) -> Sandbox:
-    """Replace the process-wide pool's limits (the server does this from its Settings)."""
-    global _shared
+    """Set the process-wide pools' limits (the server does this from its Settings); the
+    default pool is returned."""
+    global _shared_limits
     with _shared_lock:
-        old = _shared
-        if old is not None and old.limits == limits:
-            return old
-        _shared = Sandbox(limits)
-    if old is not None:
-        old.close()
-    return _shared
+        _shared_limits = limits
+        stale = [name for name, pool in _shared.items() if pool.limits != limits]
+        old = [_shared.pop(name) for name in stale]
+    for pool in old:
+        pool.close()
+    return shared_sandbox()

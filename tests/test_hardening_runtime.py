@@ -19,8 +19,9 @@ from engine.dsl.templating import Template
 from engine.errors import InvalidRequest
 from engine.runtime.executor import RunLimits
 from engine.runtime.inputs import prepare_input
-from engine.sandbox import Budget
+from engine.sandbox import Budget, Sandbox, SandboxLimits
 
+RENDER = "engine.dsl.rendering:render_batch"
 SMALL = RunLimits(render=Budget(timeout_s=1.5, memory_mb=64), schemas=Budget(1.5, 64))
 
 
@@ -319,3 +320,19 @@ def test_deeply_nested_templates_are_compile_errors(expression: str) -> None:
     with pytest.raises(WorkflowInvalid) as info:
         compile_yaml(one_step("{{ " + expression + " }}"))
     assert "nests too deeply" in info.value.issues[0].message
+
+
+async def test_cancelling_a_sandboxed_call_kills_its_computation() -> None:
+    """A caller that leaves (a client disconnect cancels its task) frees the worker at once:
+    with one worker, the next call does not wait for the abandoned bomb's 60 s budget."""
+    sandbox = Sandbox(SandboxLimits(workers=1))
+    bomb = {"templates": ["{{ (10**256**256**256) > 1 }}"], "context": {}}
+    try:
+        with pytest.raises(TimeoutError):  # wait_for cancels the call at its deadline
+            await asyncio.wait_for(sandbox.call(RENDER, bomb, timeout_s=60), 1.0)
+        started = time.monotonic()
+        quick = {"templates": ["{{ [1, 2] | sum }}"], "context": {}}
+        assert await sandbox.call(RENDER, quick, timeout_s=60) == [3]
+        assert time.monotonic() - started < 8  # a fresh worker, not the rest of the bomb (~14 s)
+    finally:
+        sandbox.close()

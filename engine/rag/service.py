@@ -362,7 +362,7 @@ class RagService:
             "limits": asdict(limits.extract),
         }
         try:
-            answer = await shared_sandbox().call(
+            answer = await shared_sandbox("documents").call(
                 EXTRACT_TARGET,
                 payload,
                 timeout_s=limits.extract_timeout_s,
