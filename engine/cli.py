@@ -105,7 +105,10 @@ def _parse_pairs(pairs: Sequence[str], what: str, *, as_json: bool = True) -> di
 def _json_object(text: str | None, flag: str) -> dict[str, Any] | None:
     if text is None:
         return None
-    value = json.loads(text)
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise InvalidRequest(f"--{flag} nests too deeply", param=flag) from None
     if not isinstance(value, dict):
         raise InvalidRequest(f"--{flag} must be a JSON object", param=flag)
     return value
