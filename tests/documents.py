@@ -55,6 +55,12 @@ def shared_stream_pdf(pages: int, line: str, repeat: int) -> bytes:
         )
         kids.append(f"{len(objects)} 0 R")
     objects[1] = objects[1].format(kids=" ".join(kids), count=pages)
+    return pdf_file(objects, f"/Root 1 0 R /Size {len(objects) + 1}")
+
+
+def pdf_file(objects: list[str], trailer: str) -> bytes:
+    """A PDF file of the given objects (numbered from 1) with its cross-reference table
+    and `trailer` (the dictionary's entries)."""
     body = b"%PDF-1.4\n"
     offsets = []
     for number, obj in enumerate(objects, start=1):
@@ -63,5 +69,5 @@ def shared_stream_pdf(pages: int, line: str, repeat: int) -> bytes:
     xref = len(body)
     body += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
     body += "".join(f"{offset:010d} 00000 n \n" for offset in offsets).encode()
-    trailer = f"trailer\n<< /Root 1 0 R /Size {len(objects) + 1} >>\nstartxref\n{xref}\n%%EOF\n"
-    return body + trailer.encode()
+    body += f"trailer\n<< {trailer} >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return body

@@ -15,7 +15,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -246,9 +246,9 @@ async def test_extraction_time_budget_in_the_sandbox(engine: Engine) -> None:
     assert "rag_extract_timeout_s" in error.message
 
 
-@pytest.mark.asyncio(loop_scope="module")
-async def test_query_answers_during_a_long_ingest_and_batches_are_bounded(engine: Engine) -> None:
-    service = _service(engine, embed_batch=2)
+def _embedding_progress() -> tuple[list[int], asyncio.Event, Callable[[str, int, int], None]]:
+    """An ingest progress callback recording how many chunks were embedded after each
+    model call, and an event set at the first."""
     steps: list[int] = []
     embedding = asyncio.Event()
 
@@ -256,6 +256,14 @@ async def test_query_answers_during_a_long_ingest_and_batches_are_bounded(engine
         if stage == "embed" and done:
             steps.append(done)
             embedding.set()
+
+    return steps, embedding, progress
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_query_answers_during_a_long_ingest_and_batches_are_bounded(engine: Engine) -> None:
+    service = _service(engine, embed_batch=2)
+    steps, embedding, progress = _embedding_progress()
 
     ingest = asyncio.create_task(
         service.ingest(
@@ -279,13 +287,7 @@ async def test_query_answers_during_a_long_ingest_and_batches_are_bounded(engine
 @pytest.mark.asyncio(loop_scope="module")
 async def test_cancelled_ingest_stops_within_a_batch_and_writes_nothing(engine: Engine) -> None:
     service = _service(engine, embed_batch=2)
-    steps: list[int] = []
-    embedding = asyncio.Event()
-
-    def progress(stage: str, done: int, total: int) -> None:
-        if stage == "embed" and done:
-            steps.append(done)
-            embedding.set()
+    steps, embedding, progress = _embedding_progress()
 
     before = service.db.counts("base")
     ingest = asyncio.create_task(

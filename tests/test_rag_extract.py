@@ -7,7 +7,7 @@ import random
 import threading
 
 import pytest
-from documents import pdfium_pdf
+from documents import pdf_file, pdfium_pdf
 
 from engine.errors import InvalidRequest
 from engine.rag.extract import extract
@@ -57,16 +57,7 @@ def handmade_pdf(
         objects.append(f"<< /Filter /Standard /V 1 /R 2 /O <{o}> /U <{u}> /P -4 >>")
         trailer += f" /Encrypt {len(objects)} 0 R /ID [<{'ab' * 16}> <{'ab' * 16}>]"
         objects[len(objects) - 1] = objects[-1]
-    body = b"%PDF-1.4\n"
-    offsets = []
-    for number, obj in enumerate(objects, start=1):
-        offsets.append(len(body))
-        body += f"{number} 0 obj\n{obj}\nendobj\n".encode("latin-1")
-    xref = len(body)
-    body += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
-    body += "".join(f"{offset:010d} 00000 n \n" for offset in offsets).encode()
-    body += f"trailer\n<< {trailer} >>\nstartxref\n{xref}\n%%EOF\n".encode()
-    return body
+    return pdf_file(objects, trailer)
 
 
 def _error(filename: str, data: bytes, content_type: str | None = None) -> InvalidRequest:
