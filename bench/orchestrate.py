@@ -76,6 +76,7 @@ def bare_body() -> dict[str, Any]:
         "workflow_source": "predefined",
         "models": {},
         "error": None,
+        "stored": True,
     }
 
 
