@@ -17,7 +17,7 @@ import asyncio
 import time
 from typing import Any
 
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from engine.dsl.rendering import render
@@ -187,6 +187,7 @@ async def render_bounded(template: Template) -> None:
 
 
 @FUZZ
+@example(source="{{ (not (input.a if 'x'['x'] else input.a)) }}")  # folded at code generation
 @given(source=templates())
 def test_any_template_compiles_or_is_refused_and_renders_within_budget(source: str) -> None:
     try:
@@ -202,6 +203,7 @@ TARGET = "engine.dsl.rendering:render_batch"
 
 
 @FUZZ
+@example(source="{{ (input.a | tojson) }}")  # Markup, a str subclass msgpack refused
 @given(source=templates())
 def test_linear_templates_render_alike_in_process_and_in_the_sandbox(source: str) -> None:
     try:

@@ -378,10 +378,12 @@ class Template:
         return ENV.from_string(self._ast).render
 
     def render(self, context: Mapping[str, Any]) -> Any:
-        if self._render is None:
-            self._render = self._compile()
         budget = _range_budget.set([MAX_RANGE_ITEMS])
         try:
+            if self._render is None:
+                # Jinja folds constants while generating code, so a constant expression
+                # that fails ('x'['x']) fails here: a render error like any other.
+                self._render = self._compile()
             result = self._render(context)
             if self.native:
                 result = _as_data(result, deep=self._computed)
@@ -420,6 +422,8 @@ def _as_data(value: Any, *, deep: bool) -> Any:
     generator it can consume once and never serialise. StrictUndefined only raises when
     used, so one left inside a list (``[input.missing]``) is raised here; a bound method
     (``input.s.upper`` without ``()``) is no value at all."""
+    if isinstance(value, str) and type(value) is not str:
+        return str(value)  # Markup (from tojson, escape): a plain string is the data
     if isinstance(value, str | int | float | bool | None):
         return value
     if isinstance(value, Undefined):
