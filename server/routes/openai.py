@@ -32,7 +32,7 @@ from msgspec import Meta
 from engine.errors import FusionError, InvalidRequest, NotFound
 from engine.logging import get_logger
 from engine.models.audio import decode_wav
-from engine.models.backends.base import ChatChunk, ChatParams
+from engine.models.backends.base import OPENAI_CHAT_DEFAULTS, ChatChunk, ChatParams
 from engine.models.registry import ModelRegistry
 from server.deps import model_registry
 from server.errors import GENERIC_500_MESSAGE, type_and_code
@@ -42,8 +42,6 @@ log = get_logger("server.openai")
 
 TAGS = ["openai"]
 FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter")
-DEFAULT_TEMPERATURE = 1.0  # OpenAI's defaults when the field is absent
-DEFAULT_TOP_P = 1.0
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -113,18 +111,16 @@ def _chat_params(body: ChatCompletionRequest) -> ChatParams:
                 param="logit_bias",
             ) from None
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    params = ChatParams(
-        temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
-        top_p=DEFAULT_TOP_P if body.top_p is None else body.top_p,
+    defaults = OPENAI_CHAT_DEFAULTS
+    return ChatParams(
+        max_tokens=body.max_completion_tokens or body.max_tokens or defaults.max_tokens,
+        temperature=defaults.temperature if body.temperature is None else body.temperature,
+        top_p=defaults.top_p if body.top_p is None else body.top_p,
         stop=stop,
         seed=body.seed,
         logit_bias=bias,
         tools=None if body.tool_choice == "none" else body.tools,
     )
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    if max_tokens is not None:
-        params.max_tokens = max_tokens
-    return params
 
 
 @contextmanager

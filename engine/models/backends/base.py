@@ -33,11 +33,28 @@ TOKENIZER_FILES = (
 )
 
 
+@dataclass(frozen=True)
+class ChatDefaults:
+    """The generation defaults of one API, for the options a request leaves out."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float = 1.0
+
+
+# Fusion's own APIs: a model_call step's input, the RAG API's generation_config.
+FUSION_CHAT_DEFAULTS = ChatDefaults(max_tokens=512, temperature=0.7)
+# /v1/chat/completions: OpenAI's documented temperature, so clients written for OpenAI
+# sample as they expect; a bounded length, since OpenAI's "up to the context" would let an
+# omitted field hold a model slot for the whole context.
+OPENAI_CHAT_DEFAULTS = ChatDefaults(max_tokens=256, temperature=1.0)
+
+
 @dataclass
 class ChatParams:
-    max_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 1.0
+    max_tokens: int = FUSION_CHAT_DEFAULTS.max_tokens
+    temperature: float = FUSION_CHAT_DEFAULTS.temperature
+    top_p: float = FUSION_CHAT_DEFAULTS.top_p
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     logit_bias: dict[int, float] | None = None
@@ -48,9 +65,9 @@ class ChatParams:
     @classmethod
     def from_options(cls, options: Mapping[str, Any], *, param: str) -> ChatParams:
         """Generation options as callers write them (the RAG API's ``generation_config``,
-        a ``model_call`` step's input): ``max_tokens`` (default 512), ``temperature``
-        (0.7), ``top_p`` (1.0), ``stop`` (a string or a list) and ``seed``. Anything else
-        is refused, naming ``param``."""
+        a ``model_call`` step's input): ``max_tokens``, ``temperature``, ``top_p`` (their
+        defaults FUSION_CHAT_DEFAULTS), ``stop`` (a string or a list) and ``seed``. Anything
+        else is refused, naming ``param``."""
         unknown = sorted(set(options) - set(cls.OPTIONS))
         if unknown:
             raise InvalidRequest(
@@ -62,9 +79,9 @@ class ChatParams:
         seed = options.get("seed")
         try:
             return cls(
-                max_tokens=int(options.get("max_tokens", 512)),
-                temperature=float(options.get("temperature", 0.7)),
-                top_p=float(options.get("top_p", 1.0)),
+                max_tokens=int(options.get("max_tokens", FUSION_CHAT_DEFAULTS.max_tokens)),
+                temperature=float(options.get("temperature", FUSION_CHAT_DEFAULTS.temperature)),
+                top_p=float(options.get("top_p", FUSION_CHAT_DEFAULTS.top_p)),
                 stop=[stop] if isinstance(stop, str) else [str(s) for s in stop],
                 seed=None if seed is None else int(seed),
             )
