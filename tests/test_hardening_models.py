@@ -460,7 +460,7 @@ async def test_cancelling_a_request_task_stops_its_generation_and_frees_its_slot
 
     result = await asyncio.wait_for(survivor, BOUND_S)
     assert (result.completion_tokens, result.finish_reason) == (8, "length")
-    assert result.content
+    assert isinstance(result.content, str)  # random weights: its tokens may decode to nothing
     assert slots.active == slots.waiting == 0
 
 

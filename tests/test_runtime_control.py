@@ -7,6 +7,7 @@ import asyncio
 import pytest
 from engine_helpers import WAIT_S, Lab, compile_yaml, make_runner, run_yaml, statuses, trace
 
+from engine.dsl.issues import WorkflowInvalid
 from engine.runtime.trace import COMPLETED, FAILED
 
 # -- when / skip ------------------------------------------------------------------------
@@ -381,3 +382,75 @@ async def test_repeat_sees_iteration_and_previous_and_dependents_see_the_final_o
     # 100 -> 50 -> 25 -> 12 -> 6 -> 3 -> 1
     assert result.output == {"report": "1 after 6 passes"}
     assert trace(result)["halve"].iterations == 6
+
+
+async def test_iterations_counts_passes_and_attempts_counts_retries_too() -> None:
+    lab = Lab()
+    result = await run_yaml(
+        """
+        id: counted
+        steps:
+          - step_id: passes
+            type: flaky
+            key: passes
+            failures: 1  # the first pass needs a second attempt
+            retry: {attempts: 2, backoff_s: 0}
+            repeat: {max: 3}
+          - step_id: plain
+            type: record
+            value: 1
+          - step_id: report
+            type: record
+            value:
+              iterations: "{{ steps.passes.iterations }}"
+              attempts: "{{ steps.passes.attempts }}"
+              plain: "{{ steps.plain.iterations }}"
+        """,
+        lab=lab,
+    )
+    assert result.status == COMPLETED
+    assert result.output == {"report": {"iterations": 3, "attempts": 4, "plain": None}}
+    assert (trace(result)["passes"].iterations, trace(result)["passes"].attempts) == (3, 4)
+    assert trace(result)["plain"].iterations is None
+
+
+async def test_a_skipped_or_failed_repeat_step_reports_the_passes_it_made() -> None:
+    result = await run_yaml(
+        """
+        id: unfinished
+        steps:
+          - step_id: off
+            type: template
+            when: false
+            value: x
+            repeat: {max: 3}
+          - step_id: breaks
+            type: template
+            value: "{{ 1 // (1 - iteration) }}"  # the second pass divides by zero
+            repeat: {max: 3}
+            on_error: continue
+          - step_id: report
+            type: record
+            # reading `status` guards the skip of `off`
+            value:
+              - "{{ steps.off.status }}"
+              - "{{ steps.off.iterations }}"
+              - "{{ steps.breaks.iterations }}"
+        """
+    )
+    assert statuses(result) == {"off": "skipped", "breaks": FAILED, "report": COMPLETED}
+    assert result.output == {"report": ["skipped", 0, 1]}
+    assert trace(result)["off"].iterations == 0
+    assert trace(result)["breaks"].iterations == 1
+
+
+def test_a_misspelt_iterations_is_reported_with_a_suggestion() -> None:
+    with pytest.raises(WorkflowInvalid) as info:
+        compile_yaml(
+            """
+            steps:
+              - {step_id: a, type: template, value: 1, repeat: {max: 2}}
+              - {step_id: b, type: template, value: "{{ steps.a.iteratons }}"}
+            """
+        )
+    assert "has no attribute 'iteratons' (did you mean 'iterations'?)" in str(info.value)

@@ -53,16 +53,18 @@ async def test_chat_output_and_token_events_in_order(engine: Engine) -> None:
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     assert run.step("answer").model == "tiny-lm"
 
+    # What a random-weight model says is noise, and its tokens may decode to nothing
+    # (special tokens, half a UTF-8 character): only the relation between the events and
+    # the output is asserted, never that there is text.
     tokens = run.of("token", "answer")
-    assert len(tokens) >= 2, "greedy decoding of 12 tokens streams more than one piece"
+    assert len(tokens) <= usage["completion_tokens"]
     assert "".join(e["delta"] for e in tokens) == out["content"]
     assert all(e["delta"] and "index" not in e for e in tokens)
     # Streamed while the step runs: after its start, before its end.
     names = [(e["event"], e.get("step_id")) for e in run.events]
-    first = names.index(("token", "answer"))
-    last = len(names) - 1 - names[::-1].index(("token", "answer"))
-    assert names.index(("step_started", "answer")) < first
-    assert last < names.index(("step_finished", "answer"))
+    started = names.index(("step_started", "answer"))
+    finished = names.index(("step_finished", "answer"))
+    assert all(started < i < finished for i, name in enumerate(names) if name[0] == "token")
 
 
 async def test_chat_is_the_registrys_answer(engine: Engine) -> None:
@@ -146,12 +148,16 @@ async def test_vision_with_a_data_uri_image(engine: Engine) -> None:
             type: model_call
             model_id: tiny-vlm
             operation: vision
-            input: {prompt: "{{ input.prompt }}", image_url: "{{ input.image }}", max_tokens: 4}
+            input:
+              prompt: "{{ input.prompt }}"
+              image_url: "{{ input.image }}"
+              max_tokens: 4
+              temperature: 0
           - step_id: text_only
             type: model_call
             model_id: tiny-vlm
             operation: chat
-            input: {prompt: "{{ input.prompt }}", max_tokens: 4}
+            input: {prompt: "{{ input.prompt }}", max_tokens: 4, temperature: 0}
     """
     run = await run_workflow(
         engine, workflow, {"prompt": "What colour is this?", "image": png_data_uri()}
@@ -162,7 +168,11 @@ async def test_vision_with_a_data_uri_image(engine: Engine) -> None:
     assert 1 <= look["usage"]["completion_tokens"] <= 4
     # The image reached the model: its tokens are part of the prompt.
     assert look["usage"]["prompt_tokens"] > text_only["usage"]["prompt_tokens"]
-    assert run.of("token", "look")
+    # Greedy, so the answer does not depend on the random state earlier tests left; and
+    # the tokens streamed are the content, however little of it decodes to text.
+    deltas = [e["delta"] for e in run.of("token", "look")]
+    assert len(deltas) <= look["usage"]["completion_tokens"]
+    assert "".join(deltas) == look["content"]
 
 
 async def test_vision_with_an_unreadable_image_fails(engine: Engine) -> None:

@@ -30,7 +30,7 @@ from engine.steps.base import CheckContext, StepPlugin
 from engine.steps.registry import StepRegistry
 
 BASE_NAMES = frozenset({"input", "config", "models", "steps"})
-STEP_ATTRIBUTES = ("output", "status", "ran", "error", "attempts")
+STEP_ATTRIBUTES = ("output", "status", "ran", "error", "attempts", "iterations")
 # What a step's state reveals about a skipped dependency: reading it means the step
 # handles the skip itself, so the skip does not propagate to it.
 GUARD_ATTRIBUTES = frozenset({"ran", "status"})
@@ -110,7 +110,7 @@ class CompiledStep:
     retry: RetrySpec = field(default_factory=RetrySpec)
     timeout_s: float | None = None
     on_error: str = "fail"
-    default: Any = None
+    default: Value | None = None  # None: no default, the output is null
     deps: frozenset[str] = frozenset()
     guarded: frozenset[str] = frozenset()
 
@@ -387,6 +387,17 @@ class _Compiler:
                 deps.add(dep)
         deps.update(ref for ref, _ in refs if ref in ids and ref != sid)
         guarded = frozenset(ref for ref, attr in refs if attr in GUARD_ATTRIBUTES)
+        default: Value | None = None
+        if "default" in raw:
+            # Rendered when used (a skip, or a failure with on_error: continue), so the steps
+            # it reads must have finished: they are dependencies. Those read only here never
+            # skip the step: a skip of what the default reads is the default's to handle.
+            default, default_refs = self.compile_with_refs(
+                raw["default"], (*path, "default"), BASE_NAMES, ids, models, sid
+            )
+            read_by_default = {ref for ref, _ in default_refs} - deps
+            deps |= read_by_default
+            guarded |= read_by_default
         checks = CheckContext(
             report=lambda message, sub: self.report(message, (*path, *sub)),
             workflow_ids=self.workflow_ids,
@@ -411,7 +422,7 @@ class _Compiler:
             retry=RetrySpec(**retry),
             timeout_s=raw.get("timeout_s"),
             on_error=raw.get("on_error", "fail"),
-            default=raw.get("default"),
+            default=default,
             deps=frozenset(deps),
             guarded=guarded & deps,
         )

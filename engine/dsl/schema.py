@@ -78,7 +78,10 @@ STEP_KEYS: dict[str, Any] = {
         "description": "`fail` (default) fails the run; `continue` records the error, sets the "
         "output to `default` and goes on: the run ends `partial`.",
     },
-    "default": {"description": "Output when the step is skipped or fails with on_error: continue."},
+    "default": {
+        "description": "Output when the step is skipped or fails with on_error: continue; "
+        "templates in it are rendered then (input, config, models, steps)."
+    },
 }
 
 MODEL_ROLE: dict[str, Any] = {

@@ -242,9 +242,20 @@ class _Run:
         self.run_id = run_id
         self.depth = depth
         self.on_event = on_event
-        self.records = {sid: StepRecord(sid, step.type) for sid, step in wf.steps.items()}
+        # A repeat step counts its passes from 0 (also when skipped); other steps have none.
+        self.records = {
+            sid: StepRecord(sid, step.type, iterations=0 if step.repeat is not None else None)
+            for sid, step in wf.steps.items()
+        }
         self.states: dict[str, dict[str, Any]] = {
-            sid: {"output": None, "status": "pending", "ran": False, "error": None, "attempts": 0}
+            sid: {
+                "output": None,
+                "status": "pending",
+                "ran": False,
+                "error": None,
+                "attempts": 0,
+                "iterations": self.records[sid].iterations,
+            }
             for sid in wf.steps
         }
         self.scope: dict[str, Any] = {}
@@ -314,7 +325,11 @@ class _Run:
                 while ready and len(running) < self.runner.max_parallel:
                     sid = ready.pop(0)
                     if self.should_skip(sid):
-                        self.finish_skipped(sid, "a dependency was skipped")
+                        await self.finish_skipped(self.wf.steps[sid], "a dependency was skipped")
+                        error = self.run_error(sid)
+                        if error is not None:
+                            await self.cancel(running)
+                            return error
                         ready.extend(self.release(sid, waiting))
                         continue
                     task = asyncio.create_task(self.run_step(self.wf.steps[sid]))
@@ -325,14 +340,20 @@ class _Run:
                 for task in done:
                     sid = running.pop(task)
                     task.result()
-                    step = self.wf.steps[sid]
-                    if self.states[sid]["status"] == FAILED and step.on_error == "fail":
+                    error = self.run_error(sid)
+                    if error is not None:
                         await self.cancel(running)
-                        return f"step '{sid}' failed: {self.records[sid].error}"
+                        return error
                     ready.extend(self.release(sid, waiting))
         except asyncio.CancelledError:
             await self.cancel(running)
             raise
+        return None
+
+    def run_error(self, sid: str) -> str | None:
+        """The run's error if step ``sid`` failed and fails the run."""
+        if self.states[sid]["status"] == FAILED and self.wf.steps[sid].on_error == "fail":
+            return f"step '{sid}' failed: {self.records[sid].error}"
         return None
 
     def release(self, sid: str, waiting: dict[str, int]) -> list[str]:
@@ -350,11 +371,42 @@ class _Run:
             for dep in step.deps
         )
 
-    def finish_skipped(self, sid: str, reason: str) -> None:
-        step, record = self.wf.steps[sid], self.records[sid]
+    async def finish_skipped(self, step: CompiledStep, reason: str) -> None:
+        """Record a skip, whose output is the step's default; a default that cannot be
+        rendered fails the step instead (it did not run: `ran` stays false)."""
+        record, state = self.records[step.id], self.states[step.id]
+        try:
+            output = await self.fallback(step)
+        except StepFailed as exc:
+            record.status = FAILED
+            record.error = str(exc)
+            state.update(status=FAILED, ran=False, output=None, error=str(exc))
+            log.info("step_failed", run_id=self.run_id, step_id=step.id, error=str(exc))
+            self.emit("step_finished", {"step_id": step.id, "status": FAILED, "error": str(exc)})
+            return
         record.status = STEP_SKIPPED
-        self.states[sid].update(status=STEP_SKIPPED, ran=False, output=copy.deepcopy(step.default))
-        self.emit("step_finished", {"step_id": sid, "status": STEP_SKIPPED, "reason": reason})
+        state.update(status=STEP_SKIPPED, ran=False, output=output)
+        self.emit("step_finished", {"step_id": step.id, "status": STEP_SKIPPED, "reason": reason})
+
+    async def fallback(self, step: CompiledStep) -> Any:
+        """The step's default, rendered now against the run's scope: its step references
+        are dependencies, so what it reads has finished."""
+        if step.default is None:
+            return None
+        try:
+            output = await render(step.default, self.scope, self.limits.render, step.timeout_s)
+        except TemplateRenderError as exc:
+            raise StepFailed(f"default: {exc}") from None
+        self.check_size(output, "default")
+        return output
+
+    def check_size(self, output: Any, what: str) -> None:
+        size = _json_size(output)
+        if size > self.limits.max_step_output_bytes:
+            raise StepFailed(
+                f"{what} of {size} bytes exceeds the limit of "
+                f"{self.limits.max_step_output_bytes} (setting run_max_step_output_bytes)"
+            )
 
     async def cancel(self, running: dict[asyncio.Task[None], str]) -> None:
         for task in running:
@@ -371,9 +423,11 @@ class _Run:
         record.started_at = utc_iso()
         record.status = state["status"] = STEP_RUNNING
         self.emit("step_started", {"step_id": step.id, "type": step.type})
+        skipped = False  # finish_skipped sends the step's step_finished itself
         try:
             if step.when is not None and not await self.control(step, "when", step.when, {}):
-                self.finish_skipped(step.id, "'when' was false")
+                await self.finish_skipped(step, "'when' was false")
+                skipped = True
                 return
             self.budget.charge()
             if step.for_each is not None:
@@ -382,29 +436,27 @@ class _Run:
                 output = await self.run_repeat(step, record)
             else:
                 output = await self.attempts(step, record, self.scope)
-            size = _json_size(output)
-            if size > self.limits.max_step_output_bytes:
-                raise StepFailed(
-                    f"output of {size} bytes exceeds the limit of "
-                    f"{self.limits.max_step_output_bytes} (setting run_max_step_output_bytes)"
-                )
+            self.check_size(output, "output")
             state.update(status=COMPLETED, ran=True, output=output)
             record.status = COMPLETED
         except StepFailed as exc:
             record.status = FAILED
-            record.error = str(exc)
-            # A copy of the default, as for a skip: dependents may mutate what they read.
-            state.update(
-                status=FAILED, ran=True, output=copy.deepcopy(step.default), error=str(exc)
-            )
-            log.info("step_failed", run_id=self.run_id, step_id=step.id, error=str(exc))
+            error = str(exc)
+            try:
+                output = await self.fallback(step)
+            except StepFailed as unusable:
+                output, error = None, f"{error}; {unusable}"
+            record.error = error
+            state.update(status=FAILED, ran=True, output=output, error=error)
+            log.info("step_failed", run_id=self.run_id, step_id=step.id, error=error)
         except asyncio.CancelledError:
             record.status = state["status"] = STEP_CANCELLED
             raise
         finally:
             record.duration_ms = round((time.perf_counter() - started) * 1000, 3)
             state["attempts"] = record.attempts
-            if record.status != STEP_SKIPPED:
+            state["iterations"] = record.iterations
+            if not skipped:
                 self.emit(
                     "step_finished",
                     {
