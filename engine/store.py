@@ -435,8 +435,7 @@ class Store:
                 raise StorageUnavailable(f"{self.path.parent}: {exc.strerror}") from exc
             conn = self.connection()
             page_size, pages, max_pages = (
-                int(conn.execute(f"PRAGMA {name}").fetchall()[0][0])
-                for name in ("page_size", "page_count", "max_page_count")
+                _pragma(conn, name) for name in ("page_size", "page_count", "max_page_count")
             )
         return page_size, min(stats.f_bavail * stats.f_frsize, (max_pages - pages) * page_size)
 
@@ -487,7 +486,7 @@ class Store:
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
                 (migration.version, migration.name, utc_iso()),
             )
-            current = int(conn.execute("PRAGMA user_version").fetchall()[0][0])
+            current = _pragma(conn, "user_version")
             # PRAGMA takes no bound parameters; the version is a validated int.
             conn.execute(f"PRAGMA user_version = {max(current, migration.version)}")
         return True
@@ -566,3 +565,9 @@ register_migration(
     ) STRICT;
     """,
 )
+
+
+def _pragma(conn: apsw.Connection, name: str) -> int:
+    """An integer PRAGMA's value (apsw types rows as any SQLite value)."""
+    rows: list[tuple[Any, ...]] = conn.execute(f"PRAGMA {name}").fetchall()
+    return int(rows[0][0])

@@ -25,7 +25,7 @@ import asyncio
 import msgspec
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
 
 from engine.errors import ServiceUnavailable
 from engine.logging import get_logger
@@ -40,7 +40,7 @@ class CancelOnDisconnectMiddleware(ASGIMiddleware):
         body_read = asyncio.Event()
         started = responded = False
 
-        async def tracking_receive() -> Message:
+        async def tracking_receive() -> ReceiveMessage:
             message = await receive()
             if message["type"] == "http.disconnect" or not message.get("more_body", False):
                 body_read.set()
@@ -56,7 +56,7 @@ class CancelOnDisconnectMiddleware(ASGIMiddleware):
                 responded = True
             await send(message)
 
-        handler = asyncio.create_task(next_app(scope, tracking_receive, tracking_send))
+        handler = asyncio.ensure_future(next_app(scope, tracking_receive, tracking_send))
         client_left = False
 
         async def watch() -> None:

@@ -26,7 +26,7 @@ from litestar.config.cors import CORSConfig
 from litestar.datastructures import Headers
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, Receive, ReceiveMessage, Scope, Send
 
 from engine.config import Settings
 from engine.errors import FusionError, InvalidRequest
@@ -153,7 +153,7 @@ def _depth_limited(receive: Receive, max_depth: int, scope: Scope) -> Receive:
     the moment it passes `max_depth`, before the body reaches the decoder."""
     counter = JsonDepthCounter(max_depth)
 
-    async def checked() -> Message:
+    async def checked() -> ReceiveMessage:
         message = await receive()
         if message["type"] == "http.request" and not counter.feed(message.get("body", b"")):
             log.warning("json body too deep", path=scope.get("path"), max_depth=max_depth)

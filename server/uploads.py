@@ -19,13 +19,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from litestar import Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from engine.errors import InvalidRequest, PayloadTooLarge
+
+if TYPE_CHECKING:  # a TypedDict the library declares for type checkers only
+    from python_multipart.multipart import MultipartCallbacks
 
 MULTIPART = b"multipart/form-data"
 # RFC 2046 §5.1.1: a boundary is 1 to 70 characters.
@@ -127,7 +130,7 @@ class _Collector:
         self._limit = 0
         self._fields_seen = 0
 
-    def callbacks(self) -> dict[str, Any]:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._part_begin,
             "on_header_field": self._header_field_data,

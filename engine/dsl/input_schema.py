@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -106,19 +107,27 @@ def pattern_error(pattern: str) -> str | None:
     return None
 
 
+@dataclass
+class _Seen:
+    """What the walk met that matters only in combination."""
+
+    pattern_properties: bool = False
+    unevaluated: Path | None = None
+
+
 def schema_issues(schema: Any) -> Iterator[tuple[str, Path]]:
     """(message, path) for every construct of ``schema`` that is refused."""
-    state = {"pattern_properties": False, "unevaluated": None}
+    state = _Seen()
     yield from _walk(schema, (), state)
-    if state["pattern_properties"] and state["unevaluated"] is not None:
+    if state.pattern_properties and state.unevaluated is not None:
         yield (
             "unevaluatedProperties cannot be combined with patternProperties (its patterns "
             "would run under a backtracking engine)",
-            state["unevaluated"],
+            state.unevaluated,
         )
 
 
-def _walk(node: Any, path: Path, state: dict[str, Any]) -> Iterator[tuple[str, Path]]:
+def _walk(node: Any, path: Path, state: _Seen) -> Iterator[tuple[str, Path]]:
     if isinstance(node, list):
         for index, item in enumerate(node):
             yield from _walk(item, (*path, index), state)
@@ -138,13 +147,13 @@ def _walk(node: Any, path: Path, state: dict[str, Any]) -> Iterator[tuple[str, P
             if error:
                 yield error, where
         elif key == "patternProperties" and isinstance(value, dict):
-            state["pattern_properties"] = True
+            state.pattern_properties = True
             for pattern in value:
                 error = pattern_error(pattern)
                 if error:
                     yield error, (*where, pattern)
         elif key == "unevaluatedProperties":
-            state["unevaluated"] = where
+            state.unevaluated = where
         if key not in _DATA_KEYWORDS:
             yield from _walk(value, where, state)
 
@@ -214,7 +223,7 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 def _refuse_retrieval(uri: str) -> Any:
-    raise NoSuchResource(ref=uri)
+    raise NoSuchResource(uri)
 
 
 # Every validator of workflow schemas: no retrieval, RE2 for every pattern.

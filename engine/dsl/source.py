@@ -115,11 +115,11 @@ def load_text(text: str, file: str | None = None, limits: DocumentLimits | None 
         # it was opened is the useful place.
         if exc.context_mark and mark and mark.index >= len(text.rstrip()):
             mark = exc.context_mark
-        line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
         # "while parsing a block mapping: did not find expected key" reads as two parts.
         problem = ": ".join(p for p in (exc.context, exc.problem) if p) or str(exc)
         prefix = "" if isinstance(exc, _Refused) else "YAML syntax error: "
-        raise WorkflowInvalid([Issue(prefix + problem, (), file, line, col)]) from None
+        where = (mark.line + 1, mark.column + 1) if mark else (None, None)
+        raise WorkflowInvalid([Issue(prefix + problem, (), file, *where)]) from None
     except YAMLError as exc:
         raise WorkflowInvalid([Issue(f"YAML error: {exc}", (), file)]) from None
     return doc
@@ -225,7 +225,7 @@ class _Builder:
             # An explicit tag the text does not fit (`!!int abc`, `!!bool maybe`, an empty
             # `!!int`), a date that does not exist, an integer past Python's digit limit:
             # ruamel's constructors fail with whatever their parsing code raised.
-            tag = node.tag.removeprefix("tag:yaml.org,2002:")
+            tag = (node.tag or "").removeprefix("tag:yaml.org,2002:")
             why = "not a valid value" if isinstance(exc, LookupError) else str(exc)
             raise _Refused(
                 problem=f"cannot read {node.value[:40]!r} as {tag}: {why}",

@@ -364,11 +364,18 @@ class Template:
         self.native = self.expression_node is not None
         # A plain reference (input.x, steps.a.output[0]) yields data that is already plain;
         # anything computed (a literal, a filter, a call) may hold lazy or undefined parts.
-        self._computed = self.native and not _is_reference(self.expression_node)
+        self._computed = self.expression_node is not None and not _is_reference(
+            self.expression_node
+        )
         self._expression = match.group("expr") if self.native and match else None
         self.linear = _is_linear(ast)
         self._ast = ast
         self._render: Callable[[Mapping[str, Any]], Any] | None = None
+
+    @property
+    def ast(self) -> nodes.Template:
+        """The parsed template (the type checker walks it)."""
+        return self._ast
 
     def _compile(self) -> Callable[[Mapping[str, Any]], Any]:
         """Python code generation, deferred to the first render: validating a workflow

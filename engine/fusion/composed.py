@@ -174,11 +174,11 @@ class ComposedWorkflows:
         created_at = utc_iso()
         stored = {**body, "version": 0}  # the version is set below, inside the transaction
         with self.store.transaction() as conn:
-            row = conn.execute(
+            rows: list[tuple[Any, ...]] = conn.execute(
                 "SELECT coalesce(max(version), 0) FROM composed_workflows WHERE workflow_id = ?",
                 (wf_id,),
-            ).fetchone()
-            version = int(row[0]) + 1
+            ).fetchall()
+            version = int(rows[0][0]) + 1
             stored["version"] = version
             conn.execute(
                 "INSERT INTO composed_workflows (workflow_id, version, name, description, "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+from typing import Any
 
 GIB = 1024**3
 # Share of memory models may use when no budget is configured. On unified-memory Macs
@@ -34,7 +35,7 @@ def default_budget_bytes() -> int:
     try:
         import mlx.core as mx
 
-        info = mx.device_info()
+        info: dict[str, Any] = dict(mx.device_info())
         working_set = info.get("max_recommended_working_set_size")
         if working_set:
             return int(working_set * METAL_SHARE)

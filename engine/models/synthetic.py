@@ -486,7 +486,8 @@ def _parameter_shapes(model: Any) -> dict[str, tuple[int, ...]]:
     # the values the model's own initialisers drew are discarded (see _random_weights).
     from mlx.utils import tree_flatten
 
-    return {name: tuple(value.shape) for name, value in tree_flatten(model.parameters())}
+    leaves = dict(tree_flatten(model.parameters()))
+    return {name: tuple(value.shape) for name, value in leaves.items()}
 
 
 def _random_weights(shapes: Mapping[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -27,7 +27,7 @@ class MLXWorker:
 
     async def stream(
         self, make: Callable[[], Iterator[T]], stop: threading.Event
-    ) -> AsyncIterator[T]:
+    ) -> AsyncGenerator[T, None]:
         """Iterate a blocking generator on the worker thread, yielding its items here as
         they come. Closing the async iterator early (client gone, task cancelled) sets
         ``stop``, which the generator watches, so the worker stops at its next item."""

@@ -325,8 +325,10 @@ class RagService:
         on_progress = progress.stage("extract")
         for done, upload in enumerate(files, 1):
             digest = await asyncio.to_thread(_digest, upload.data)
-            duplicate = digest in seen or await asyncio.to_thread(
-                self.db.document_by_hash, collection, digest
+            duplicate = (
+                digest in seen
+                or (await asyncio.to_thread(self.db.document_by_hash, collection, digest))
+                is not None
             )
             if duplicate:
                 out.append(_Prepared(upload, digest, None))

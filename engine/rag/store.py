@@ -223,7 +223,7 @@ class RagStore:
         k = min(k, MAX_K)
         if k <= 0 or not _vec_table_exists(conn, coll.dimension):
             return []
-        rows = conn.execute(
+        rows: list[tuple[Any, ...]] = conn.execute(
             f"SELECT chunk_rowid, distance FROM {_vec_table(coll.dimension)}"
             " WHERE embedding MATCH ? AND k = ? AND collection_id = ? ORDER BY distance",
             (query.tobytes(), k, coll.id),
@@ -240,7 +240,7 @@ class RagStore:
             return {}
         query = _unit_vector(vector, coll.dimension, "vector")
         marks = ",".join("?" * len(rowids))
-        rows = conn.execute(
+        rows: list[tuple[Any, ...]] = conn.execute(
             f"SELECT chunk_rowid, vec_distance_l2(embedding, ?) FROM {_vec_table(coll.dimension)}"
             f" WHERE collection_id = ? AND chunk_rowid IN ({marks})",
             (query.tobytes(), coll.id, *rowids),
@@ -258,7 +258,7 @@ class RagStore:
         expression = fts_expression(query)
         if expression is None or k <= 0:
             return []
-        rows = conn.execute(
+        rows: list[tuple[Any, ...]] = conn.execute(
             "SELECT chunks_fts.rowid, bm25(chunks_fts) AS rank FROM chunks_fts"
             " JOIN chunks ON chunks.id = chunks_fts.rowid"
             " WHERE chunks_fts MATCH ? AND chunks.collection_id = ?"
@@ -319,7 +319,7 @@ class RagStore:
     def documents(self, name: str) -> list[DocumentInfo]:
         conn = self._store.connection()
         coll = _require_collection(conn, name)
-        rows = conn.execute(
+        rows: list[tuple[Any, ...]] = conn.execute(
             "SELECT document_id, filename, content_hash, chunk_count, ingested_at, metadata"
             " FROM documents WHERE collection_id = ? ORDER BY id",
             (coll.id,),
@@ -572,8 +572,8 @@ def _insert_document(
 
 def _chunk_rowids(conn: apsw.Connection, document_rowid: int, indexes: list[int]) -> list[int]:
     """The rowids given to the document's chunks, in the order of `indexes`."""
-    by_index = dict(
-        conn.execute(
+    by_index: dict[int, int] = dict(
+        conn.execute(  # type: ignore[arg-type]  # apsw types rows loosely; these are ints
             "SELECT idx, id FROM chunks WHERE document_id = ?", (document_rowid,)
         ).fetchall()
     )
@@ -692,7 +692,8 @@ def _collection_not_found(name: str) -> NotFound:
 
 
 def _scalar(conn: apsw.Connection, sql: str, *bindings: Any) -> int:
-    return int(conn.execute(sql, bindings).fetchall()[0][0])
+    rows: list[tuple[Any, ...]] = conn.execute(sql, bindings).fetchall()
+    return int(rows[0][0])
 
 
 def _json(value: dict[str, Any]) -> str:

@@ -154,7 +154,9 @@ async def chat_completions(
     created = int(time.time())
     if data.stream:
         include_usage = bool(data.stream_options and data.stream_options.include_usage)
-        return await _start_stream(registry, data, params, completion_id, created, include_usage)
+        return await _start_stream(  # type: ignore[return-value]  # SSE, not the JSON body
+            registry, data, params, completion_id, created, include_usage
+        )
     with _model_param():
         result = await registry.chat(data.model, data.messages, params)
     return Response(

@@ -151,6 +151,10 @@ class LoadedModel:
         """Relevance of each document to the query in [0, 1] (reranking)."""
         raise InvalidRequest(f"a '{self.model_type}' model cannot rerank", code="unsupported")
 
+    def transcribe(self, audio: Any, language: str | None, stop: threading.Event) -> dict[str, Any]:
+        """Text of ``audio`` (float32, mono, 16 kHz samples)."""
+        raise InvalidRequest(f"a '{self.model_type}' model cannot transcribe", code="unsupported")
+
     def close(self) -> None:
         """Drop references to arrays so their memory can be reclaimed."""
 

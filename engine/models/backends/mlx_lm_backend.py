@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from engine.errors import InvalidRequest
 from engine.models.backends.base import (
@@ -36,7 +36,8 @@ class MlxLmBackend(GenerativeBackend):
 
         config = check_model_files(path, self.model_type)
         with loader_errors(path, self.model_type):
-            model, tokenizer = mlx_lm.load(str(path))
+            loaded = mlx_lm.load(str(path))  # (model, tokenizer)
+        model, tokenizer = loaded[0], loaded[1]
         return LmModel(model, tokenizer, config, context_length, self.prefill_step_tokens)
 
 
@@ -148,7 +149,7 @@ class LmModel(LoadedModel):
                 tokens = tokens[-self.context_length :]
             logits = self.model(mx.array(tokens)[None])[0, -1]
             pair = mx.softmax(mx.stack([logits[yes], logits[no]]).astype(mx.float32))
-            scores.append(float(pair[0].item()))
+            scores.append(float(cast(float, pair[0].item())))
         return scores
 
     def count_tokens(self, text: str) -> int:

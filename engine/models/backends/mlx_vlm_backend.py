@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from engine.errors import InvalidRequest
 from engine.models.backends.base import (
@@ -68,8 +68,12 @@ class VlmModel(LoadedModel):
         vision = (
             messages if isinstance(messages, VisionPrompt) else VisionPrompt(list(messages), [])
         )
-        prompt = apply_chat_template(
-            self.processor, self.config, vision.messages, num_images=len(vision.images)
+        # A string for chat messages (mlx-vlm types it loosely, for its other inputs).
+        prompt = cast(
+            str,
+            apply_chat_template(
+                self.processor, self.config, vision.messages, num_images=len(vision.images)
+            ),
         )
         # Text tokens only: image tokens join when mlx-vlm expands the image placeholders.
         tokens = self.count_tokens(prompt)

@@ -25,7 +25,7 @@ class GenerativeBackend(Backend):
 def parameter_bytes(model: Any) -> int:
     from mlx.utils import tree_flatten
 
-    return int(sum(v.nbytes for _, v in tree_flatten(model.parameters())))
+    return int(sum(v.nbytes for v in dict(tree_flatten(model.parameters())).values()))
 
 
 class StopScanner:
