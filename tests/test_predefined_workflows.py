@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -200,3 +202,104 @@ def test_inputs_are_checked_against_each_schema(client: httpx.Client) -> None:
             assert error["param"] == pointer
         else:
             assert error["param"].startswith("input/max_summary_length")
+
+
+# -- one role name: `generation` --------------------------------------------------------------
+
+
+def test_every_predefined_workflow_names_its_main_model_generation(client: httpx.Client) -> None:
+    for workflow in ("rag_with_rerank", "multimodal_analysis", "sequential_summarization"):
+        roles = client.get(f"/api/fusion/workflows/{workflow}").json()["models"]
+        assert "generation" in roles, workflow
+
+
+def test_the_new_role_name_runs_without_a_warning(client: httpx.Client) -> None:
+    response = client.post(
+        "/api/fusion/orchestrate",
+        json={
+            "workflow": "multimodal_analysis",
+            "input": {"image_url": png_data_uri(), "prompt": "What colour is this?"},
+            "models": {"generation": "tiny-vlm"},
+            "config": {"max_tokens": 2},
+        },
+    )
+    assert response.status_code == 200, response.text
+    assert "warnings" not in response.json()
+    assert "X-API-Deprecated" not in response.headers
+
+
+def test_an_old_role_name_is_mapped_with_a_deprecation_warning(client: httpx.Client) -> None:
+    response = client.post(
+        "/api/fusion/orchestrate",
+        json={
+            "workflow": "multimodal_analysis",
+            "input": {"image_url": png_data_uri(), "prompt": "What colour is this?"},
+            "models": {"vision": "tiny-vlm"},
+            "config": {"max_tokens": 2},
+        },
+    )
+    assert response.status_code == 200, response.text
+    run = response.json()
+    assert run["status"] == "completed"
+    assert run["models"] == {"generation": "tiny-vlm"}
+    [warning] = run["warnings"]
+    assert warning["code"] == "deprecated_role"
+    assert warning["param"] == "models.vision"
+    assert "now named 'generation'" in warning["message"]
+    # spec §9's deprecation headers
+    assert response.headers["X-API-Deprecated"] == "true"
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", response.headers["X-API-Sunset"])
+    # The warning is about the request: the stored run does not carry it.
+    stored = client.get(f"/api/fusion/runs/{run['workflow_id']}").json()
+    assert "warnings" not in stored
+    assert stored["models"] == {"generation": "tiny-vlm"}
+
+
+def test_an_old_role_name_in_a_stream_warns_in_the_result_and_the_headers(
+    client: httpx.Client,
+) -> None:
+    with client.stream(
+        "POST",
+        "/api/fusion/orchestrate",
+        json={
+            "workflow": "sequential_summarization",
+            "input": {"document": "The harbour handled ships.", "max_summary_length": 16},
+            "models": {"summarizer": "tiny-lm"},
+            "stream": True,
+        },
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["X-API-Deprecated"] == "true"
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    result = json.loads(lines[-1][len("data: ") :])
+    assert result["status"] == "completed", result
+    assert result["models"] == {"generation": "tiny-lm"}
+    assert [w["param"] for w in result["warnings"]] == ["models.summarizer"]
+
+
+def test_an_old_and_a_new_role_name_together_are_refused(client: httpx.Client) -> None:
+    response = client.post(
+        "/api/fusion/orchestrate",
+        json={
+            "workflow": "sequential_summarization",
+            "input": {"document": "x"},
+            "models": {"summarizer": "tiny-lm", "generation": "tiny-lm"},
+        },
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "models.summarizer"
+    assert "old name of role 'generation'" in error["message"]
+
+
+def test_an_old_role_name_is_only_mapped_for_predefined_workflows(client: httpx.Client) -> None:
+    definition = {
+        "models": {"generation": {"type": "lm"}},
+        "steps": [{"step_id": "s", "type": "template", "value": "{{ models.generation }}"}],
+    }
+    response = client.post(
+        "/api/fusion/orchestrate",
+        json={"workflow": "custom", "definition": definition, "models": {"summarizer": "x"}},
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "models.summarizer"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -32,6 +32,14 @@ PREDEFINED, COMPOSED, INLINE = "predefined", "custom", "inline"
 _RUN_EVENTS = frozenset({"run_started", "run_finished", "run_cancelled"})
 # A model type that can stand in for a role's type when the caller names it explicitly.
 _SERVES = {"lm": frozenset({"lm", "multimodal"})}
+# The predefined workflows name their main model's role `generation`, so one `models`
+# mapping serves them all; the names they used before are still accepted, with a
+# deprecation warning, until ROLE_RENAMES_SUNSET (six months, spec §9's policy).
+ROLE_RENAMES: dict[str, dict[str, str]] = {
+    "multimodal_analysis": {"vision": "generation"},
+    "sequential_summarization": {"summarizer": "generation"},
+}
+ROLE_RENAMES_SUNSET = "2027-05-27"
 
 
 @dataclass
@@ -47,6 +55,10 @@ class PreparedRun:
     models: dict[str, Any]  # every role bound (None for an unbound optional role)
     config: dict[str, Any] | None
     definition: dict[str, Any] | None  # an inline workflow's definition
+    # What the response's `warnings` lists: {code, message, param} for each deprecated name
+    # the request used; `sunset` is the date they stop being accepted (None: none used).
+    warnings: list[dict[str, str]] = field(default_factory=list)
+    sunset: str | None = None
 
 
 class FusionService:
@@ -78,7 +90,8 @@ class FusionService:
         )
         if config is not None and not isinstance(config, Mapping):
             raise InvalidRequest("config must be an object", param="config")
-        self.check_models(wf, models or {})
+        models, warnings = _renamed_roles(wf, source, models or {})
+        self.check_models(wf, models)
         bound = self.engine.runner.bind_models(wf, models)
         return PreparedRun(
             run_id=new_run_id(),
@@ -89,6 +102,8 @@ class FusionService:
             models=bound,
             config=dict(config) if config is not None else None,
             definition=definition if source == INLINE else None,
+            warnings=warnings,
+            sunset=ROLE_RENAMES_SUNSET if warnings else None,
         )
 
     def resolve(
@@ -163,6 +178,8 @@ class FusionService:
         )
         body = run_body(result, workflow_source=run.source, models=run.models)
         await self.store_run(body, run)
+        if run.warnings:  # about this request, not the run: not stored with it
+            body["warnings"] = run.warnings
         return body
 
     async def store_run(self, body: dict[str, Any], run: PreparedRun) -> None:
@@ -271,3 +288,33 @@ class FusionService:
     # -- capabilities ---------------------------------------------------------------------
     def capabilities(self, capability: str | None = None) -> dict[str, Any]:
         return caps.capabilities(self.engine.models.entries(), capability)
+
+
+def _renamed_roles(
+    wf: CompiledWorkflow, source: str, models: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """The caller's role -> model mapping with the predefined workflows' old role names
+    replaced by the new ones, and a `deprecated_role` warning for each."""
+    renames = ROLE_RENAMES.get(wf.id, {}) if source == PREDEFINED else {}
+    renamed: dict[str, Any] = {}
+    warnings: list[dict[str, str]] = []
+    for role, model in models.items():
+        new = renames.get(role)
+        # A workflows directory may hold its own file of that id, still using the old name.
+        if new is None or role in wf.models or new not in wf.models:
+            renamed[role] = model
+            continue
+        if new in models:
+            raise InvalidRequest(
+                f"models.{role} is the old name of role '{new}' of workflow '{wf.id}': "
+                f"give only models.{new}",
+                param=f"models.{role}",
+            )
+        renamed[new] = model
+        message = (
+            f"model role '{role}' of workflow '{wf.id}' is now named '{new}': pass "
+            f"models.{new}; the old name is accepted until {ROLE_RENAMES_SUNSET}"
+        )
+        warnings.append({"code": "deprecated_role", "message": message, "param": f"models.{role}"})
+        log.info("deprecated_role", workflow_id=wf.id, role=role, renamed_to=new)
+    return renamed, warnings

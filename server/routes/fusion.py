@@ -178,12 +178,19 @@ async def orchestrate(
     run = await service.prepare(
         data.workflow, data.input, data.models, data.config, data.definition
     )
+    # Spec §9's deprecation headers when the request used a deprecated name; the body's
+    # `warnings` says which.
+    deprecated = (
+        {"X-API-Deprecated": "true", "X-API-Sunset": run.sunset} if run.sunset is not None else {}
+    )
     if _wants_stream(request, data):
         return Stream(  # type: ignore[return-value]
-            _events(service, run), media_type="text/event-stream", headers=SSE_HEADERS
+            _events(service, run),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **deprecated},
         )
     # The service's dict is already the RunResponse shape (the annotation documents it).
-    return Response(await service.execute(run))  # type: ignore[arg-type]
+    return Response(await service.execute(run), headers=deprecated)  # type: ignore[arg-type]
 
 
 @get("/api/fusion/runs/{run_id:str}", tags=TAGS, summary="A stored run with its trace")
