@@ -243,7 +243,9 @@ async def test_an_output_that_fails_to_render_fails_the_run() -> None:
         """
         id: bad_output
         steps:
-          - {step_id: a, type: template, value: {x: 1}}
+          # dict() hides the output's fields from the type checker, which would
+          # refuse the workflow before it ran.
+          - {step_id: a, type: template, value: "{{ dict(x=1) }}"}
         output: "{{ steps.a.output.y.z }}"
         """
     )

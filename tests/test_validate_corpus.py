@@ -170,9 +170,9 @@ CASES: dict[str, list[Expected]] = {
         (5, 15, "/steps/0/for_each", "not 'input.xs' (did you mean '{{ input.xs }}'?)"),
     ],
     "for_each_join.yaml": [
-        (5, 15, "/steps/0/for_each", "the 'join' filter gives a string"),
-        (9, 15, "/steps/1/for_each", "'abc' is not a list"),
-        (13, 15, "/steps/2/for_each", "the 'length' filter gives a number"),
+        (5, 15, "/steps/0/for_each", "must give a list, but {{ input.xs | join(',') }} is string"),
+        (9, 15, "/steps/1/for_each", "must give a list, but {{ 'abc' }} is string"),
+        (13, 15, "/steps/2/for_each", "must give a list, but {{ input.xs | length }} is integer"),
     ],
     "for_each_number.yaml": [
         (5, 15, "/steps/0/for_each", "giving a list, not 3"),
@@ -207,6 +207,92 @@ CASES: dict[str, list[Expected]] = {
     "repeat_with_for_each.yaml": [
         (6, 5, "/steps/0/repeat", "'repeat' and 'for_each' cannot be combined"),
     ],
+    # -- types: templates checked against step output schemas and input_schema ----------------
+    "type_unknown_output_field.yaml": [
+        (
+            14,
+            12,
+            "/steps/1/input",
+            "steps.answer.output has no field 'contnet' (did you mean "
+            "'content'?); its type is object{content: string, finish_reason: string, usage:",
+        ),
+        (16, 10, "/output/usage", "steps.answer.output.usage has no field 'total'; its type is"),
+        (
+            17,
+            10,
+            "/output/count",
+            "no field 'token' (did you mean 'tokens'?); its type is object{tokens: integer}",
+        ),
+    ],
+    # Only names close to a declared key: input_schema lets a caller pass others.
+    "type_unknown_input_field.yaml": [
+        (10, 12, "/steps/0/value", "input has no field 'qeury' (did you mean 'query'?)"),
+        (10, 12, "/steps/0/value", "input has no field 'limt' (did you mean 'limit'?)"),
+    ],
+    "type_index_and_fields_of_scalars.yaml": [
+        (
+            13,
+            12,
+            "/steps/1/value",
+            "steps.hits.output is array<object{chunk_id: string, text: "
+            "string, score: number, rerank_score: number, metadata: object}>: it has no field "
+            "'text' (index an item first, e.g. [0], or iterate it)",
+        ),
+        (16, 12, "/steps/2/value", "input.limit is integer: it cannot be indexed"),
+        (23, 12, "/steps/4/value", "steps.pieces.attempts is integer: it has no field 'count'"),
+    ],
+    "type_for_each_not_a_list.yaml": [
+        (
+            16,
+            15,
+            "/steps/1/for_each",
+            "for_each must give a list, but {{ steps.answer.output }} is object{content: string",
+        ),
+        (20, 15, "/steps/2/for_each", "for_each must give a list, but {{ input.topic }} is string"),
+        # A for_each step's output is the list of its items' outputs; `item` their type.
+        (30, 12, "/steps/4/value", "item is array<string>: it has no field 'size'"),
+    ],
+    "type_compare_incompatible.yaml": [
+        (
+            17,
+            11,
+            "/steps/1/when",
+            "cannot compare steps.count.output.tokens (integer) with 'ten' (string) using '>'",
+        ),
+        (
+            18,
+            12,
+            "/steps/1/value",
+            "cannot compare input.query (string) with input.min_tokens (integer) using '>='",
+        ),
+    ],
+    "type_output_schema_mismatch.yaml": [
+        (
+            23,
+            3,
+            "/output",
+            "output_schema is not met: the output has no 'sources', which the schema requires",
+        ),
+        (
+            23,
+            11,
+            "/output/answer",
+            "answer is object{prompt_tokens: integer, completion_tokens: "
+            "integer, total_tokens: integer}, where the schema wants string",
+        ),
+        (25, 10, "/output/shape/text", "shape.text is string, where the schema wants integer"),
+    ],
+    "type_template_step_chain.yaml": [
+        (
+            8,
+            12,
+            "/steps/1/value",
+            "steps.pair.output has no field 'rigth' (did you mean "
+            "'right'?); its type is object{left: integer, right: array<string>}",
+        ),
+        (8, 12, "/steps/1/value", "steps.pair.output.left is integer: it has no field 'x'"),
+        (11, 12, "/steps/2/value", "r is string: it has no field 'name'"),
+    ],
     # -- JSON: the compose API's format, located the same way ------------------------------------
     "json_document.json": [
         (5, 40, "/steps/0/type", "unknown step type 'templat' (did you mean 'template'?)"),
@@ -238,7 +324,7 @@ CASES: dict[str, list[Expected]] = {
         (15, 15, "/steps/1/on_error", "'retry' is not one of 'fail', 'continue'"),
         (16, 14, "/steps/2/step_id", "duplicate step_id 'summarise' (first defined at line 11)"),
         (18, 12, "/steps/2/value", "undeclared model role 'writer'"),
-        (21, 15, "/steps/3/for_each", "the 'join' filter gives a string"),
+        (21, 15, "/steps/3/for_each", "for_each must give a list, but"),
         (22, 12, "/steps/3/value", "attribute '__class__' is not allowed"),
         (23, 18, "/steps/3/depends_on/0", "unknown step 'sumarise' (did you mean 'summarise'?)"),
         (24, 14, "/steps/4/step_id", "dependency cycle: ping -> pong -> ping"),

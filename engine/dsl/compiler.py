@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
-from jinja2 import nodes
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
@@ -25,6 +24,8 @@ from engine.dsl.schema import (
 )
 from engine.dsl.source import Document
 from engine.dsl.templating import Template, TemplateCompileError
+from engine.dsl.typecheck import WorkflowChecker, base_names
+from engine.dsl.types import ANY, Type
 from engine.dsl.values import DictValue, Literal, TemplateValue, Value, compile_value
 from engine.steps.base import CheckContext, StepPlugin
 from engine.steps.registry import StepRegistry
@@ -35,41 +36,9 @@ STEP_ATTRIBUTES = ("output", "status", "ran", "error", "attempts", "iterations")
 # handles the skip itself, so the skip does not propagate to it.
 GUARD_ATTRIBUTES = frozenset({"ran", "status"})
 DEFAULT_CONCURRENCY = 4
-# Filters and operators whose result is never a list: a for_each over them is a mistake.
-_SCALAR_FILTERS = frozenset(
-    [
-        "join",
-        "string",
-        "tojson",
-        "upper",
-        "lower",
-        "title",
-        "capitalize",
-        "trim",
-        "format",
-        "replace",
-        "length",
-        "count",
-        "center",
-        "indent",
-        "truncate",
-        "wordcount",
-        "urlencode",
-        "striptags",
-        "round",
-        "int",
-        "float",
-        "abs",
-    ]
-)
-
-
 _META_VALIDATOR = Draft202012Validator(
     Draft202012Validator.META_SCHEMA, format_checker=Draft202012Validator.FORMAT_CHECKER
 )
-
-
-_NUMBER_FILTERS = frozenset(["length", "count", "wordcount", "round", "int", "float", "abs"])
 
 
 @dataclass(frozen=True)
@@ -129,6 +98,9 @@ class CompiledWorkflow:
     output: Value | None
     definition: dict[str, Any]
     file: str | None = None
+    output_schema: dict[str, Any] | None = None
+    # What the output holds: output_schema's type, else inferred from `output`.
+    output_type: Type = ANY
 
     @property
     def required_models(self) -> list[str]:
@@ -212,15 +184,18 @@ class _Compiler:
             self.report_schema(error, ())
         models = self.compile_models(data.get("models"))
         input_schema = data.get("input_schema") or {"type": "object"}
-        if isinstance(input_schema, dict):
+        output_schema = data.get("output_schema")
+        for key, schema in (("input_schema", input_schema), ("output_schema", output_schema)):
+            if not isinstance(schema, dict):
+                continue
             # Every violation of the meta-schema, not just the best one check_schema raises.
-            for error in _META_VALIDATOR.iter_errors(input_schema):
+            for error in _META_VALIDATOR.iter_errors(schema):
                 self.report(
-                    f"input_schema is not a valid JSON Schema: {_describe(error)}",
-                    ("input_schema", *error.absolute_path),
+                    f"{key} is not a valid JSON Schema: {_describe(error)}",
+                    (key, *error.absolute_path),
                 )
-            for message, where in schema_issues(input_schema):
-                self.report(message, ("input_schema", *where))
+            for message, where in schema_issues(schema):
+                self.report(message, (key, *where))
         steps_data = data.get("steps") if isinstance(data.get("steps"), list) else []
         ids = self.collect_ids(steps_data)
         steps: dict[str, CompiledStep] = {}
@@ -234,6 +209,15 @@ class _Compiler:
                 data["output"], ("output",), BASE_NAMES, ids, models, None
             )[0]
         graph = self.build_graph(steps, ids)
+        output_type = self.check_types(
+            data,
+            steps,
+            ids,
+            models,
+            graph,
+            output,
+            output_schema if isinstance(output_schema, dict) else None,
+        )
         if self.issues:
             return None
         wf_id = data.get("id") or default_id or data.get("name") or "workflow"
@@ -250,7 +234,29 @@ class _Compiler:
             output=output,
             definition=data,
             file=self.doc.file,
+            output_schema=output_schema,
+            output_type=output_type,
         )
+
+    def check_types(
+        self,
+        data: dict[str, Any],
+        steps: dict[str, CompiledStep],
+        ids: dict[str, int],
+        models: dict[str, RoleSpec],
+        graph: nx.DiGraph,
+        output: Value | None,
+        output_schema: dict[str, Any] | None,
+    ) -> Type:
+        """Type every template in dependency order (engine.dsl.typecheck); the output's
+        type. In a cyclic graph, document order: a step read before it is typed is Any."""
+        acyclic = nx.is_directed_acyclic_graph(graph)
+        order = list(nx.topological_sort(graph)) if acyclic else list(steps)
+        roles = {role: spec.optional for role, spec in models.items()}
+        checker = WorkflowChecker(base_names(data.get("input_schema"), roles), self.report)
+        checker.check_steps((steps[sid], ("steps", ids[sid])) for sid in order)
+        sinks = [s for s in steps if graph.out_degree(s) == 0]
+        return checker.check_output(output, sinks, output_schema)
 
     def compile_models(self, models: Any) -> dict[str, RoleSpec]:
         if not isinstance(models, dict):
@@ -513,9 +519,7 @@ class _Compiler:
                 path,
             )
             return
-        gives = _never_a_list(template.expression_node)
-        if gives:
-            self.report(f"for_each must give a list, but {gives}", path)
+        # Whether the expression gives a list is the type checker's (engine.dsl.typecheck).
 
     def _reported_at(self, path: Path) -> bool:
         full = (*self.base, *path)
@@ -545,27 +549,6 @@ class _Compiler:
 def _dict_value(params: dict[str, Value]) -> Value:
     literals = {k: v.value for k, v in params.items() if isinstance(v, Literal)}
     return Literal(literals) if len(literals) == len(params) else DictValue(params)
-
-
-def _never_a_list(expr: nodes.Node | None) -> str | None:
-    """What the expression gives instead, when it can never be a list (said in the error)."""
-    if isinstance(expr, nodes.Const):
-        return None if isinstance(expr.value, list | tuple) else f"{expr.value!r} is not a list"
-    if isinstance(expr, nodes.Filter):
-        if expr.name in _SCALAR_FILTERS:
-            kind = "number" if expr.name in _NUMBER_FILTERS else "string"
-            return f"the '{expr.name}' filter gives a {kind}"
-        return None
-    kinds = {
-        nodes.Dict: "a {...} literal is a mapping",
-        nodes.Concat: "'~' joins strings",
-        nodes.Compare: "a comparison gives a boolean",
-        nodes.Not: "'not' gives a boolean",
-        nodes.And: "'and' gives a boolean",
-        nodes.Or: "'or' gives a boolean",
-        nodes.TemplateData: "text is a string",
-    }
-    return kinds.get(type(expr))
 
 
 # What the DSL's name patterns mean, in words: a bare regex tells the author little.

@@ -12,6 +12,7 @@ SCHEMA_ID = "https://fusion.local/schemas/workflow.schema.json"
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 MODEL_TYPES = ["lm", "multimodal", "embeddings", "whisper", "image-generation", "image-edit"]
 IDENTIFIER = "^[A-Za-z_][A-Za-z0-9_]*$"
+OUTPUT_KEYWORD = "x-output-schema"
 TEMPLATE: dict[str, Any] = {
     "type": "string",
     "pattern": r"\{\{|\{%",
@@ -115,6 +116,11 @@ WORKFLOW_KEYS: dict[str, Any] = {
     "config": {"type": "object", "description": "Defaults the caller's config overrides."},
     "steps": {"type": "array", "minItems": 1, "items": {"type": "object"}},
     "output": {"description": "The run's result, rendered after the steps (templates allowed)."},
+    "output_schema": {
+        "type": "object",
+        "description": "JSON Schema of the run's result: `fusion validate` checks the "
+        "types `output` gives against it.",
+    },
 }
 
 WORKFLOW_SCHEMA: dict[str, Any] = {
@@ -165,6 +171,9 @@ def generate(registry: StepRegistry) -> dict[str, Any]:
         defs[f"step.{name}"] = {
             **step_schema(plugin.params_schema, name),
             "description": plugin.description,
+            # An annotation (unknown keywords validate nothing): what steps.<id>.output
+            # holds, for editors and tools; {} is any JSON value.
+            OUTPUT_KEYWORD: plugin.output_schema,
         }
         branches.append(
             {

@@ -2,7 +2,8 @@
 
 A step type is a class with a name, a JSON Schema for its parameters and an async ``run``.
 The engine renders the step's templates, validates the rendered parameters against
-``params_schema`` and calls ``run``; whatever ``run`` returns is the step's ``output``.
+``params_schema`` and calls ``run``; whatever ``run`` returns is the step's ``output``,
+described by ``output_schema`` so the compiler can type templates that read it.
 """
 
 from __future__ import annotations
@@ -63,6 +64,16 @@ class StepPlugin:
     raw_params: ClassVar[frozenset[str]] = frozenset()
     # Parameter naming the model a step calls, recorded in the trace.
     model_param: ClassVar[str | None] = None
+    # JSON Schema of what run() returns, for every parameter value ({}: any JSON value).
+    output_schema: ClassVar[dict[str, Any]] = {}
+    # A parameter whose rendered value is the output (the template step): the compiler
+    # infers the output's type from what is written there instead.
+    output_param: ClassVar[str | None] = None
+
+    def output_schema_for(self, params: Mapping[str, Any], prepared: Any) -> dict[str, Any]:
+        """The output's schema for these raw (unrendered) parameters, narrower than
+        ``output_schema`` where a parameter decides the shape (e.g. an operation)."""
+        return self.output_schema
 
     def check(self, params: Mapping[str, Any], ctx: CheckContext) -> None:
         """Extra static validation beyond the JSON Schema; report problems via ctx.report."""

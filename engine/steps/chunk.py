@@ -46,6 +46,7 @@ class ChunkStep(StepPlugin):
         "required": ["text", "chunk_size"],
     }
     model_param = "model_id"
+    output_schema: ClassVar[dict[str, Any]] = {"type": "array", "items": {"type": "string"}}
 
     def check(self, params: Mapping[str, Any], ctx: CheckContext) -> None:
         size, overlap = params.get("chunk_size"), params.get("overlap", 0)

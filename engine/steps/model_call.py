@@ -70,6 +70,39 @@ INPUT_SCHEMA: dict[str, Any] = {
 }
 
 
+VECTOR: dict[str, Any] = {"type": "array", "items": {"type": "number"}}
+# What each operation outputs (embed: a vector for a text, a list of them for a list).
+OUTPUT_SCHEMAS: dict[str, dict[str, Any]] = {
+    "chat": {
+        "type": "object",
+        "properties": {
+            "content": {"type": "string"},
+            "finish_reason": {"type": "string"},
+            "usage": {
+                "type": "object",
+                "properties": {
+                    "prompt_tokens": {"type": "integer"},
+                    "completion_tokens": {"type": "integer"},
+                    "total_tokens": {"type": "integer"},
+                },
+                "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+                "additionalProperties": False,
+            },
+        },
+        "required": ["content", "finish_reason", "usage"],
+        "additionalProperties": False,
+    },
+    "embed": {"anyOf": [VECTOR, {"type": "array", "items": VECTOR}]},
+    "count_tokens": {
+        "type": "object",
+        "properties": {"tokens": {"type": "integer"}},
+        "required": ["tokens"],
+        "additionalProperties": False,
+    },
+}
+OUTPUT_SCHEMAS["vision"] = OUTPUT_SCHEMAS["chat"]
+
+
 class ModelCallStep(StepPlugin):
     type_name = "model_call"
     description = (
@@ -88,6 +121,17 @@ class ModelCallStep(StepPlugin):
         "required": ["model_id", "operation", "input"],
     }
     model_param = "model_id"
+    output_schema: ClassVar[dict[str, Any]] = {
+        "anyOf": [OUTPUT_SCHEMAS["chat"], OUTPUT_SCHEMAS["embed"], OUTPUT_SCHEMAS["count_tokens"]]
+    }
+
+    def output_schema_for(self, params: Mapping[str, Any], prepared: Any) -> dict[str, Any]:
+        operation, value = params.get("operation"), params.get("input")
+        if operation == "embed" and not _is_template(value):
+            return VECTOR if isinstance(value, str) else OUTPUT_SCHEMAS["embed"]["anyOf"][1]
+        if isinstance(operation, str) and operation in OUTPUT_SCHEMAS:
+            return OUTPUT_SCHEMAS[operation]
+        return self.output_schema
 
     def check(self, params: Mapping[str, Any], ctx: CheckContext) -> None:
         operation, value = params.get("operation"), params.get("input")

@@ -45,6 +45,15 @@ class RerankStep(StepPlugin):
         "required": ["query", "documents", "model_id"],
     }
     model_param = "model_id"
+    # The documents given (hit objects keep their own fields), best first.
+    output_schema: ClassVar[dict[str, Any]] = {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "properties": {"text": {"type": "string"}, "rerank_score": {"type": "number"}},
+            "required": ["text", "rerank_score"],
+        },
+    }
 
     async def run(self, params: dict[str, Any], ctx: StepContext, prepared: Any = None) -> Any:
         models: ModelRegistry = ctx.service("models")

@@ -16,5 +16,8 @@ class TemplateStep(StepPlugin):
         "required": ["value"],
     }
 
+    # Any JSON value; the compiler types it from the written `value`.
+    output_param = "value"
+
     async def run(self, params: dict[str, Any], ctx: StepContext, prepared: Any = None) -> Any:
         return params["value"]

@@ -15,6 +15,19 @@ from engine.steps.base import CheckContext, StepContext, StepPlugin
 # a reranker nothing to choose from.
 DEFAULT_THRESHOLD = 0.0
 DEFAULT_TOP_K = 5
+# One hit (engine.rag.service.hit_json); rerank_score only after a rerank.
+HIT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "chunk_id": {"type": "string"},
+        "text": {"type": "string"},
+        "score": {"type": "number"},
+        "rerank_score": {"type": "number"},
+        "metadata": {"type": "object"},
+    },
+    "required": ["chunk_id", "text", "score", "metadata"],
+    "additionalProperties": False,
+}
 
 
 class VectorSearchStep(StepPlugin):
@@ -61,6 +74,7 @@ class VectorSearchStep(StepPlugin):
         "required": ["collection"],
     }
     model_param = "model_id"
+    output_schema: ClassVar[dict[str, Any]] = {"type": "array", "items": HIT_SCHEMA}
 
     def check(self, params: Mapping[str, Any], ctx: CheckContext) -> None:
         given = [k for k in ("query", "query_embedding") if k in params]

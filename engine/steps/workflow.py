@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from engine.dsl.compiler import CompiledWorkflow
 from engine.runtime.trace import FAILED
 from engine.steps.base import CheckContext, StepContext, StepPlugin
 
@@ -33,6 +34,12 @@ class WorkflowStep(StepPlugin):
         "required": ["workflow"],
     }
     raw_params = frozenset({"workflow"})
+
+    def output_schema_for(self, params: Mapping[str, Any], prepared: Any) -> dict[str, Any]:
+        # An inline workflow's output is known; one called by id may be replaced at run time.
+        if isinstance(prepared, CompiledWorkflow):
+            return prepared.output_type.to_schema()
+        return self.output_schema
 
     def check(self, params: Mapping[str, Any], ctx: CheckContext) -> None:
         target = params.get("workflow")
