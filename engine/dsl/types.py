@@ -135,7 +135,9 @@ def from_schema(schema: Any) -> Type:
         return of_value(schema["const"])
     if isinstance(schema.get("enum"), list) and schema["enum"]:
         return join_all([of_value(v) for v in schema["enum"]])
-    kind = schema.get("type")
+    kind = schema.get("type", "object" if "properties" in schema else None)
+    if not isinstance(kind, str):
+        return ANY  # a list of types is a union
     if kind in _SCALARS:
         return _SCALARS[kind]
     if kind == "array":
@@ -215,11 +217,13 @@ def mismatches(
     if not isinstance(value, ObjectType) or not isinstance(expected, ObjectType):
         return []
     found: list[tuple[Path, str]] = []
-    declared = schema.get("properties") or {}
-    if value.strict:
+    declared = schema.get("properties")
+    declared = declared if isinstance(declared, dict) else {}
+    required = schema.get("required")
+    if value.strict and isinstance(required, list):
         found += [
             (path, f"{at} has no '{key}', which the schema requires")
-            for key in schema.get("required") or []
+            for key in required
             if key not in value.props
         ]
     for key, sub in value.props.items():
