@@ -25,6 +25,7 @@ from litestar.types import ControllerRouterHandler
 from engine.config import Settings
 from engine.logging import configure_logging, get_logger
 from engine.services import Engine
+from server.deps import DEPENDENCIES
 from server.disconnect import CancelOnDisconnectMiddleware
 from server.errors import exception_handlers
 from server.guards import EdgeGuardMiddleware, cors_config
@@ -86,6 +87,7 @@ def create_app(
             *extra_routes,
         ],
         lifespan=[lifespan],
+        dependencies=DEPENDENCIES,
         exception_handlers=exception_handlers(),
         # In this order: the request id is bound for the guards' log lines, and a refused
         # request never starts a handler task.

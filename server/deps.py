@@ -1,28 +1,51 @@
-"""What route handlers take from the running app."""
+"""What route handlers take from the running app, through Litestar's dependency injection:
+a handler names `registry`, `rag`, `fusion` or `settings` as a parameter and gets the
+running engine's service (503 `engine_not_running` outside the lifespan: before start-up
+or during shutdown)."""
 
 from __future__ import annotations
 
 from litestar.datastructures import State
+from litestar.di import Provide
 
+from engine.config import Settings
 from engine.errors import ServiceUnavailable
+from engine.fusion.service import FusionService
 from engine.models.registry import ModelRegistry
 from engine.rag.service import RagService
+from engine.services import Engine
 
 
-def model_registry(state: State) -> ModelRegistry:
-    """The running engine's model registry; 503 outside the lifespan (before start-up or
-    during shutdown)."""
-    engine = getattr(state, "engine", None)
+def _engine(state: State) -> Engine:
+    engine: Engine | None = getattr(state, "engine", None)
     if engine is None:
         raise ServiceUnavailable("the engine is not running", code="engine_not_running")
-    registry: ModelRegistry = engine.models
-    return registry
+    return engine
 
 
-def rag_service(state: State) -> RagService:
-    """The running engine's RAG service; 503 outside the lifespan."""
-    engine = getattr(state, "engine", None)
-    if engine is None:
+def _registry(state: State) -> ModelRegistry:
+    return _engine(state).models
+
+
+def _rag(state: State) -> RagService:
+    return _engine(state).rag
+
+
+def _fusion(state: State) -> FusionService:
+    service = _engine(state).fusion
+    if service is None:
         raise ServiceUnavailable("the engine is not running", code="engine_not_running")
-    service: RagService = engine.rag
     return service
+
+
+def _settings(state: State) -> Settings:
+    settings: Settings = state.settings
+    return settings
+
+
+DEPENDENCIES = {
+    "registry": Provide(_registry, sync_to_thread=False),
+    "rag": Provide(_rag, sync_to_thread=False),
+    "fusion": Provide(_fusion, sync_to_thread=False),
+    "settings": Provide(_settings, sync_to_thread=False),
+}

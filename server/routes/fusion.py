@@ -17,12 +17,12 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, delete, get, post
-from litestar.datastructures import State
+from litestar.di import NamedDependency
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import Stream
 from msgspec import Meta
 
-from engine.errors import FusionError, ServiceUnavailable
+from engine.errors import FusionError
 from engine.fusion.service import FusionService, PreparedRun
 from engine.logging import get_logger
 from server.errors import GENERIC_500_MESSAGE, type_and_code
@@ -31,15 +31,6 @@ log = get_logger("server.fusion")
 
 TAGS = ["fusion"]
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def fusion_service(state: State) -> FusionService:
-    """The running engine's FusionService; 503 outside the lifespan."""
-    engine = getattr(state, "engine", None)
-    if engine is None or engine.fusion is None:
-        raise ServiceUnavailable("the engine is not running", code="engine_not_running")
-    service: FusionService = engine.fusion
-    return service
 
 
 # -- bodies ---------------------------------------------------------------------------------
@@ -172,9 +163,11 @@ async def _events(service: FusionService, run: PreparedRun) -> AsyncIterator[byt
     summary="Run a workflow (§3.1); `stream: true` answers with server-sent events",
 )
 async def orchestrate(
-    request: Request[Any, Any, Any], state: State, data: JSONBody[OrchestrateRequest]
+    request: Request[Any, Any, Any],
+    fusion: NamedDependency[FusionService],
+    data: JSONBody[OrchestrateRequest],
 ) -> Response[RunResponse]:
-    service = fusion_service(state)
+    service = fusion
     run = await service.prepare(
         data.workflow, data.input, data.models, data.config, data.definition
     )
@@ -194,13 +187,15 @@ async def orchestrate(
 
 
 @get("/api/fusion/runs/{run_id:str}", tags=TAGS, summary="A stored run with its trace")
-async def get_run(state: State, run_id: FromPath[str]) -> StoredRunResponse:
-    return msgspec.convert(fusion_service(state).get_run(run_id), StoredRunResponse)
+async def get_run(
+    fusion: NamedDependency[FusionService], run_id: FromPath[str]
+) -> StoredRunResponse:
+    return msgspec.convert(fusion.get_run(run_id), StoredRunResponse)
 
 
 @get("/api/fusion/workflows", tags=TAGS, summary="Predefined and composed workflows (§3.2)")
-async def list_workflows(state: State) -> WorkflowList:
-    items = fusion_service(state).list_workflows()
+async def list_workflows(fusion: NamedDependency[FusionService]) -> WorkflowList:
+    items = fusion.list_workflows()
     return msgspec.convert({"workflows": items}, WorkflowList)
 
 
@@ -209,8 +204,10 @@ async def list_workflows(state: State) -> WorkflowList:
     tags=TAGS,
     summary="A workflow with its definition",
 )
-async def get_workflow(state: State, workflow_id: FromPath[str]) -> WorkflowDetail:
-    return msgspec.convert(fusion_service(state).get_workflow(workflow_id), WorkflowDetail)
+async def get_workflow(
+    fusion: NamedDependency[FusionService], workflow_id: FromPath[str]
+) -> WorkflowDetail:
+    return msgspec.convert(fusion.get_workflow(workflow_id), WorkflowDetail)
 
 
 @delete(
@@ -219,15 +216,17 @@ async def get_workflow(state: State, workflow_id: FromPath[str]) -> WorkflowDeta
     tags=TAGS,
     summary="Delete a composed workflow (every version)",
 )
-async def delete_workflow(state: State, workflow_id: FromPath[str]) -> DeleteResponse:
-    return msgspec.convert(fusion_service(state).delete_workflow(workflow_id), DeleteResponse)
+async def delete_workflow(
+    fusion: NamedDependency[FusionService], workflow_id: FromPath[str]
+) -> DeleteResponse:
+    return msgspec.convert(fusion.delete_workflow(workflow_id), DeleteResponse)
 
 
 @get("/api/fusion/capabilities", tags=TAGS, summary="What the loaded models can do (§3.3)")
 async def capabilities(
-    state: State, capability: FromQuery[str | None] = None
+    fusion: NamedDependency[FusionService], capability: FromQuery[str | None] = None
 ) -> CapabilitiesResponse:
-    body = fusion_service(state).capabilities(capability)
+    body = fusion.capabilities(capability)
     return msgspec.convert(body, CapabilitiesResponse)
 
 
@@ -237,8 +236,10 @@ async def capabilities(
     tags=TAGS,
     summary="Compose a custom workflow (§3.4); the same name again stores a new version",
 )
-async def compose(state: State, data: JSONBody[dict[str, Any]]) -> ComposeResponse:
-    return msgspec.convert(fusion_service(state).compose(data), ComposeResponse)
+async def compose(
+    fusion: NamedDependency[FusionService], data: JSONBody[dict[str, Any]]
+) -> ComposeResponse:
+    return msgspec.convert(fusion.compose(data), ComposeResponse)
 
 
 ROUTES = [

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar import delete, get, post
-from litestar.datastructures import State
+from litestar.di import NamedDependency
 from litestar.exceptions import MethodNotAllowedException
 from litestar.params import FromPath, FromQuery, JSONBody
 from msgspec import Meta
@@ -22,8 +22,8 @@ from msgspec import Meta
 from engine.errors import InvalidRequest
 from engine.models import views
 from engine.models.memory import gb
+from engine.models.registry import ModelRegistry
 from engine.models.types import LoadSpec
-from server.deps import model_registry
 
 TAGS = ["models"]
 # The action each trailing segment names, and the one method that serves it.
@@ -188,14 +188,16 @@ def _load_spec(data: LoadRequest) -> LoadSpec:
 
 # -- routes -------------------------------------------------------------------------------------
 @post("/v1/models/load", status_code=200, tags=TAGS, summary="Load a model (§2.1)")
-async def load_model(state: State, data: JSONBody[LoadRequest]) -> LoadResponse:
-    entry = await model_registry(state).load(_load_spec(data))
+async def load_model(
+    registry: NamedDependency[ModelRegistry], data: JSONBody[LoadRequest]
+) -> LoadResponse:
+    entry = await registry.load(_load_spec(data))
     return msgspec.convert(views.load_result(entry), LoadResponse)
 
 
 @get("/v1/models", tags=TAGS, summary="List loaded models (§2.5; OpenAI list models)")
-async def list_models(state: State) -> ModelList:
-    items = [views.model_object(e) for e in model_registry(state).entries()]
+async def list_models(registry: NamedDependency[ModelRegistry]) -> ModelList:
+    items = [views.model_object(e) for e in registry.entries()]
     return msgspec.convert({"data": items}, ModelList)
 
 
@@ -205,11 +207,11 @@ async def list_models(state: State) -> ModelList:
     summary="Model info (…/info, §2.3), stats (…/stats, §2.4), or the model (OpenAI retrieve)",
 )
 async def get_model(
-    state: State, rest: FromPath[str]
+    registry: NamedDependency[ModelRegistry], rest: FromPath[str]
 ) -> InfoResponse | StatsResponse | ModelObject:
     model_id, action = _split(rest)
     _require("GET", action)
-    entry = model_registry(state).get(model_id)
+    entry = registry.get(model_id)
     if action == "info":
         return msgspec.convert(views.info(entry), InfoResponse)
     if action == "stats":
@@ -219,11 +221,11 @@ async def get_model(
 
 @delete("/v1/models/{rest:path}", status_code=200, tags=TAGS, summary="Unload a model (§2.2)")
 async def unload_model(
-    state: State, rest: FromPath[str], force: FromQuery[bool] = False
+    registry: NamedDependency[ModelRegistry], rest: FromPath[str], force: FromQuery[bool] = False
 ) -> UnloadResponse:
     model_id, action = _split(rest)
     _require("DELETE", action)
-    freed, elapsed_ms = await model_registry(state).unload(model_id, force=force)
+    freed, elapsed_ms = await registry.unload(model_id, force=force)
     return UnloadResponse(
         model_id=model_id, status="unloaded", vram_freed_gb=gb(freed), unload_time_ms=elapsed_ms
     )
@@ -231,12 +233,14 @@ async def unload_model(
 
 @post("/v1/models/{rest:path}", status_code=200, tags=TAGS, summary="Warm a model up (§2.6)")
 async def warmup_model(
-    state: State, rest: FromPath[str], data: JSONBody[WarmupRequest | None] = None
+    registry: NamedDependency[ModelRegistry],
+    rest: FromPath[str],
+    data: JSONBody[WarmupRequest | None] = None,
 ) -> WarmupResponse:
     model_id, action = _split(rest)
     _require("POST", action)
     body = data or WarmupRequest()
-    elapsed_ms, tokens = await model_registry(state).warmup(model_id, body.prompt, body.max_length)
+    elapsed_ms, tokens = await registry.warmup(model_id, body.prompt, body.max_length)
     return WarmupResponse(
         model_id=model_id, status="warmed", warmup_time_ms=elapsed_ms, prompt_tokens=tokens
     )

@@ -22,19 +22,19 @@ from typing import Annotated, Any, Literal, cast
 import msgspec
 import numpy as np
 from litestar import Request, Response, post
-from litestar.datastructures import State
+from litestar.di import NamedDependency
 from litestar.openapi.spec import OpenAPIFormat, OpenAPIMediaType, Operation, RequestBody, Schema
 from litestar.openapi.spec.enums import OpenAPIType
 from litestar.params import JSONBody
 from litestar.response import Stream
 from msgspec import Meta
 
+from engine.config import Settings
 from engine.errors import FusionError, InvalidRequest, NotFound
 from engine.logging import get_logger
 from engine.models.audio import decode_wav
 from engine.models.backends.base import OPENAI_CHAT_DEFAULTS, ChatChunk, ChatParams
 from engine.models.registry import ModelRegistry
-from server.deps import model_registry
 from server.errors import GENERIC_500_MESSAGE, type_and_code
 from server.uploads import UploadLimits, read_multipart
 
@@ -146,9 +146,8 @@ def _finish_reason(reason: str | None) -> str:
     summary="Chat completion (OpenAI); `stream: true` answers with server-sent events",
 )
 async def chat_completions(
-    state: State, data: JSONBody[ChatCompletionRequest]
+    registry: NamedDependency[ModelRegistry], data: JSONBody[ChatCompletionRequest]
 ) -> Response[ChatCompletion]:
-    registry = model_registry(state)
     params = _chat_params(data)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -177,7 +176,7 @@ async def chat_completions(
 
 
 async def _start_stream(
-    registry: ModelRegistry,
+    registry: NamedDependency[ModelRegistry],
     body: ChatCompletionRequest,
     params: ChatParams,
     completion_id: str,
@@ -302,8 +301,9 @@ def _check_dimensions(requested: int | None, actual: int | None) -> None:
 
 
 @post("/v1/embeddings", status_code=200, tags=TAGS, summary="Embeddings (OpenAI)")
-async def embeddings(state: State, data: JSONBody[EmbeddingRequest]) -> EmbeddingList:
-    registry = model_registry(state)
+async def embeddings(
+    registry: NamedDependency[ModelRegistry], data: JSONBody[EmbeddingRequest]
+) -> EmbeddingList:
     texts = [data.input] if isinstance(data.input, str) else data.input
     if not texts:
         raise InvalidRequest("input must not be empty", param="input")
@@ -366,10 +366,12 @@ class Transcription(msgspec.Struct):
     request_max_body_size=None,  # bounded per file and per field in server/uploads.py
     operation_class=TranscriptionOperation,
 )
-async def transcriptions(request: Request[Any, Any, Any], state: State) -> Response[Any]:
-    limits = UploadLimits(
-        max_file_bytes=int(state.settings.audio_max_file_mb * 1_000_000), max_files=1
-    )
+async def transcriptions(
+    request: Request[Any, Any, Any],
+    registry: NamedDependency[ModelRegistry],
+    settings: NamedDependency[Settings],
+) -> Response[Any]:
+    limits = UploadLimits(max_file_bytes=int(settings.audio_max_file_mb * 1_000_000), max_files=1)
     form = await read_multipart(
         request, limits, file_fields=AUDIO_FILE_FIELDS, text_fields=AUDIO_TEXT_FIELDS
     )
@@ -385,7 +387,6 @@ async def transcriptions(request: Request[Any, Any, Any], state: State) -> Respo
             f"(one of: {', '.join(RESPONSE_FORMATS)})",
             param="response_format",
         )
-    registry = model_registry(state)
     with _model_param():
         registry.require(model, ["whisper"], "transcription", param="model")
     upload = form.files[0]

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, delete, get, post
-from litestar.datastructures import State
+from litestar.di import NamedDependency
 from litestar.openapi.spec import (
     OpenAPIFormat,
     OpenAPIMediaType,
@@ -31,8 +31,7 @@ from msgspec import Meta
 
 from engine.config import Settings
 from engine.errors import InvalidRequest
-from engine.rag.service import Upload, metadata_too_deep
-from server.deps import rag_service
+from engine.rag.service import RagService, Upload, metadata_too_deep
 from server.uploads import UploadLimits, read_multipart
 
 TAGS = ["rag"]
@@ -185,7 +184,7 @@ class IngestOperation(Operation):
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _limits(settings: Settings) -> UploadLimits:
+def _limits(settings: NamedDependency[Settings]) -> UploadLimits:
     return UploadLimits(
         max_file_bytes=int(settings.rag_max_file_mb * 1_000_000),
         max_files=settings.rag_max_files,
@@ -228,12 +227,15 @@ def _metadata_field(raw: str | None, max_depth: int) -> dict[str, Any] | None:
     request_max_body_size=None,  # bounded per file and per field in server/uploads.py
     operation_class=IngestOperation,
 )
-async def ingest(request: Request[Any, Any, Any], state: State) -> IngestResponse:
-    rag = rag_service(state)
+async def ingest(
+    request: Request[Any, Any, Any],
+    rag: NamedDependency[RagService],
+    settings: NamedDependency[Settings],
+) -> IngestResponse:
     # 503 before reading a large upload when there is nothing to embed it with.
     await asyncio.to_thread(rag.embedding_model, None, None)
     form = await read_multipart(
-        request, _limits(state.settings), file_fields=FILE_FIELDS, text_fields=TEXT_FIELDS
+        request, _limits(settings), file_fields=FILE_FIELDS, text_fields=TEXT_FIELDS
     )
     fields = form.fields
     collection = fields.get("collection", "").strip()
@@ -253,10 +255,10 @@ async def ingest(request: Request[Any, Any, Any], state: State) -> IngestRespons
 
 
 @post("/api/rag/query", status_code=200, tags=TAGS, summary="RAG query (§4.2)")
-async def query(state: State, data: JSONBody[QueryRequest]) -> QueryResponse:
+async def query(rag: NamedDependency[RagService], data: JSONBody[QueryRequest]) -> QueryResponse:
     if data.rerank_model is not None and not data.rerank:
         raise InvalidRequest("rerank_model needs rerank: true", param="rerank_model")
-    result = await rag_service(state).query(
+    result = await rag.query(
         data.query,
         collection=data.collection,
         top_k=data.top_k,
@@ -272,8 +274,8 @@ async def query(state: State, data: JSONBody[QueryRequest]) -> QueryResponse:
 
 
 @get("/api/rag/collections", tags=TAGS, summary="List collections (§4.3)")
-async def list_collections(state: State) -> CollectionList:
-    found = await asyncio.to_thread(rag_service(state).db.list_collections)
+async def list_collections(rag: NamedDependency[RagService]) -> CollectionList:
+    found = await asyncio.to_thread(rag.db.list_collections)
     return CollectionList(
         collections=[
             CollectionSummary(
@@ -290,8 +292,10 @@ async def list_collections(state: State) -> CollectionList:
 
 
 @get("/api/rag/collections/{collection_name:str}", tags=TAGS, summary="Collection info (§4.4)")
-async def collection_info(state: State, collection_name: FromPath[str]) -> CollectionDetail:
-    db = rag_service(state).db
+async def collection_info(
+    rag: NamedDependency[RagService], collection_name: FromPath[str]
+) -> CollectionDetail:
+    db = rag.db
 
     def read() -> CollectionDetail:
         # One thread, so info and documents come from the same connection.
@@ -329,9 +333,9 @@ async def collection_info(state: State, collection_name: FromPath[str]) -> Colle
     summary="Delete a document (§4.5)",
 )
 async def delete_document(
-    state: State, collection: FromPath[str], document_id: FromPath[str]
+    rag: NamedDependency[RagService], collection: FromPath[str], document_id: FromPath[str]
 ) -> DocumentDeleted:
-    db = rag_service(state).db
+    db = rag.db
     chunks = await asyncio.to_thread(db.delete_document, collection, document_id)
     return DocumentDeleted(collection=collection, document_id=document_id, chunks_deleted=chunks)
 
@@ -342,8 +346,10 @@ async def delete_document(
     tags=TAGS,
     summary="Delete a collection (§4.6)",
 )
-async def delete_collection(state: State, collection_name: FromPath[str]) -> CollectionDeleted:
-    db = rag_service(state).db
+async def delete_collection(
+    rag: NamedDependency[RagService], collection_name: FromPath[str]
+) -> CollectionDeleted:
+    db = rag.db
     documents, chunks = await asyncio.to_thread(db.delete_collection, collection_name)
     return CollectionDeleted(
         collection=collection_name, documents_deleted=documents, chunks_deleted=chunks
