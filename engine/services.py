@@ -12,6 +12,7 @@ import structlog
 from engine.config import Settings
 from engine.dsl.catalog import WorkflowCatalog
 from engine.dsl.source import configure as configure_documents
+from engine.fusion.runs import RunStore
 from engine.fusion.service import FusionService
 from engine.models.backends import default_backends
 from engine.models.images import ImagePolicy
@@ -76,7 +77,14 @@ class Engine:
         engine = cls(settings, store, steps, catalog, models, runner, rag)
         services["engine"] = engine
         # Composed workflows join the catalog here, after the predefined files.
-        engine.fusion = services["fusion"] = FusionService(engine)
+        runs = RunStore(
+            store,
+            max_runs=settings.runs_max_stored,
+            max_run_bytes=settings.runs_max_stored_bytes,
+        )
+        engine.fusion = services["fusion"] = FusionService(
+            store, steps, catalog, models, runner, runs
+        )
         await engine.load_startup_models()
         return engine
 

@@ -22,7 +22,11 @@ from engine.runtime.executor import EventSink, new_run_id
 from engine.runtime.inputs import prepare_input
 
 if TYPE_CHECKING:
-    from engine.services import Engine
+    from engine.dsl.catalog import WorkflowCatalog
+    from engine.models.registry import ModelRegistry
+    from engine.runtime.executor import Runner
+    from engine.steps.registry import StepRegistry
+    from engine.store import Store
 
 log = structlog.get_logger(__name__)
 
@@ -62,14 +66,24 @@ class PreparedRun:
 
 
 class FusionService:
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.runs = RunStore(
-            engine.store,
-            max_runs=engine.settings.runs_max_stored,
-            max_run_bytes=engine.settings.runs_max_stored_bytes,
-        )
-        self.composed = ComposedWorkflows(engine.store, engine.steps, engine.catalog)
+    """Orchestration (spec §3) over the engine's collaborators, given at construction."""
+
+    def __init__(
+        self,
+        store: Store,
+        steps: StepRegistry,
+        catalog: WorkflowCatalog,
+        models: ModelRegistry,
+        runner: Runner,
+        runs: RunStore,
+    ) -> None:
+        self.store = store
+        self.steps = steps
+        self.catalog = catalog
+        self.models = models
+        self.runner = runner
+        self.runs = runs
+        self.composed = ComposedWorkflows(store, steps, catalog)
         self.composed.load()
 
     # -- orchestrate ----------------------------------------------------------------------
@@ -85,14 +99,12 @@ class FusionService:
         inline definition or input (400, `param` naming where), a model that is not
         loaded (503 `model_not_loaded`)."""
         wf, source = self.resolve(workflow, definition)
-        prepared_input = await prepare_input(
-            wf.input_schema, input, self.engine.runner.limits.schemas
-        )
+        prepared_input = await prepare_input(wf.input_schema, input, self.runner.limits.schemas)
         if config is not None and not isinstance(config, Mapping):
             raise InvalidRequest("config must be an object", param="config")
         models, warnings = _renamed_roles(wf, source, models or {})
         self.check_models(wf, models)
-        bound = self.engine.runner.bind_models(wf, models)
+        bound = self.runner.bind_models(wf, models)
         return PreparedRun(
             run_id=new_run_id(),
             workflow=wf,
@@ -115,7 +127,7 @@ class FusionService:
                     f"'definition' is only read with workflow \"{CUSTOM}\" (got '{workflow}')",
                     param="definition",
                 )
-            wf = self.engine.catalog.get(workflow)  # 404 invalid_workflow
+            wf = self.catalog.get(workflow)  # 404 invalid_workflow
             return wf, COMPOSED if workflow in self.composed.active else PREDEFINED
         if definition is None:
             raise InvalidRequest(
@@ -128,8 +140,8 @@ class FusionService:
         try:
             wf = compile_document(
                 from_object(definition),
-                self.engine.steps,
-                workflow_ids=self.engine.catalog.ids(),
+                self.steps,
+                workflow_ids=self.catalog.ids(),
                 default_id=CUSTOM,
             )
         except WorkflowInvalid as exc:
@@ -141,7 +153,7 @@ class FusionService:
 
     def check_models(self, wf: CompiledWorkflow, given: Mapping[str, Any]) -> None:
         """A model the caller names for a role must be loaded and of the role's type."""
-        registry = self.engine.models
+        registry = self.models
         for role, model_id in given.items():
             spec = wf.models.get(role)
             if model_id is None or spec is None:
@@ -167,7 +179,7 @@ class FusionService:
     async def execute(self, run: PreparedRun, on_event: EventSink | None = None) -> dict[str, Any]:
         """Run, store the run, and return §3.1's body. A run that ends failed or partial
         is a result like any other, not an error."""
-        result = await self.engine.runner.run(
+        result = await self.runner.run(
             run.workflow,
             run.input,
             models=run.models,
@@ -255,13 +267,11 @@ class FusionService:
 
     def list_workflows(self) -> list[dict[str, Any]]:
         """Predefined workflows, then composed ones, each by id."""
-        found = sorted(
-            self.engine.catalog, key=lambda wf: (self.source_of(wf.id) != PREDEFINED, wf.id)
-        )
+        found = sorted(self.catalog, key=lambda wf: (self.source_of(wf.id) != PREDEFINED, wf.id))
         return [self.summary(wf) for wf in found]
 
     def get_workflow(self, wf_id: str) -> dict[str, Any]:
-        wf = self.engine.catalog.get(wf_id)
+        wf = self.catalog.get(wf_id)
         body = self.summary(wf)
         body["models"] = {
             role: {"type": spec.type, "optional": spec.optional} for role, spec in wf.models.items()
@@ -287,7 +297,7 @@ class FusionService:
 
     # -- capabilities ---------------------------------------------------------------------
     def capabilities(self, capability: str | None = None) -> dict[str, Any]:
-        return caps.capabilities(self.engine.models.entries(), capability)
+        return caps.capabilities(self.models.entries(), capability)
 
 
 def _renamed_roles(
