@@ -348,3 +348,38 @@ async def test_real_outputs_match_the_declared_and_inferred_types() -> None:
     _assert_valid(wf.output_type.to_schema(), result.output)
     # The chunk step's declared schema, not only the type read from it.
     _assert_valid(wf.steps["pieces"].plugin.output_schema, result.output["pieces"])
+
+
+OUTPUT_CHECKED = """
+    id: checked
+    steps:
+      - {step_id: echo, type: template, value: "{{ input.answer }}"}
+    output_schema:
+      type: object
+      properties:
+        answer: {type: integer, minimum: 0}
+      required: [answer]
+      %s
+    output: {answer: "{{ steps.echo.output }}"}
+"""
+
+
+@pytest.mark.parametrize(
+    "extra",
+    # uniqueItems is outside the linear subset: that schema validates in the sandbox.
+    ["", "uniqueItems: true"],
+    ids=["in-process", "sandboxed"],
+)
+async def test_a_run_whose_output_breaks_output_schema_fails(extra: str) -> None:
+    """What the checker cannot know (an input of any type) the run checks."""
+    text = OUTPUT_CHECKED % extra
+    ok = await run_yaml(text, {"answer": 3})
+    assert ok.status == COMPLETED
+    assert ok.output == {"answer": 3}
+    bad = await run_yaml(text, {"answer": "three"})
+    assert bad.status == "failed"
+    assert bad.output is None
+    assert bad.error == (
+        "output: does not match output_schema at /answer: 'three' is not of type 'integer'"
+    )
+    assert {r.step_id: r.status for r in bad.trace} == {"echo": COMPLETED}

@@ -119,7 +119,7 @@ WORKFLOW_KEYS: dict[str, Any] = {
     "output_schema": {
         "type": "object",
         "description": "JSON Schema of the run's result: `fusion validate` checks the "
-        "types `output` gives against it.",
+        "types `output` gives against it, and a run whose result does not match fails.",
     },
 }
 

@@ -24,7 +24,7 @@ from engine.dsl.rendering import render
 from engine.dsl.templating import TemplateRenderError
 from engine.dsl.values import Literal, Value
 from engine.errors import FusionError, InvalidRequest, ServiceUnavailable
-from engine.runtime.inputs import prepare_input
+from engine.runtime.inputs import output_problem, prepare_input
 from engine.runtime.trace import (
     COMPLETED,
     FAILED,
@@ -292,6 +292,10 @@ class _Run:
                         f"output: {size} bytes exceed the run's limit of "
                         f"{self.limits.max_output_bytes} (setting run_max_output_bytes)"
                     )
+                elif wf.output_schema is not None:
+                    problem = await output_problem(wf.output_schema, output, self.limits.schemas)
+                    if problem:
+                        output, error = None, f"output: {problem}"
         failed_steps = any(r.status == FAILED for r in self.records.values())
         status = FAILED if error else (PARTIAL if failed_steps else COMPLETED)
         result = RunResult(

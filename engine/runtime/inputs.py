@@ -1,4 +1,5 @@
-"""Check a run's input against the workflow's input_schema, filling in defaults.
+"""Check a run's input against the workflow's input_schema, filling in defaults, and its
+output against output_schema.
 
 Schemas whose validation is provably linear in the input validate in-process; any other
 validates in the sandbox under the schema budget (engine.dsl.input_schema says why)."""
@@ -51,21 +52,22 @@ _Filling = validators.extend(
 # Validators by schema identity: building one costs more than validating a small input,
 # and a workflow's input_schema is the same object on every run. Bounded, because inline
 # workflows bring a new schema with each request.
-_VALIDATORS: dict[int, tuple[dict[str, Any], Any, bool]] = {}
+_VALIDATORS: dict[tuple[int, bool], tuple[dict[str, Any], Any, bool]] = {}
 _MAX_VALIDATORS = 256
 
 
-def _validator(schema: dict[str, Any]) -> tuple[Any, bool]:
-    """The schema's validator and whether it validates in linear time."""
-    found = _VALIDATORS.get(id(schema))
+def _validator(schema: dict[str, Any], *, fill: bool = True) -> tuple[Any, bool]:
+    """The schema's validator (``fill``: one that fills in defaults) and whether it
+    validates in linear time."""
+    found = _VALIDATORS.get((id(schema), fill))
     if found is not None and found[0] is schema:
         return found[1], found[2]
     if len(_VALIDATORS) >= _MAX_VALIDATORS:
         _VALIDATORS.clear()
-    validator = _Filling(schema, registry=NO_RETRIEVAL)
+    validator = (_Filling if fill else SafeValidator)(schema, registry=NO_RETRIEVAL)
     linear = is_linear(schema)
     # the schema kept alive: its id stays its own
-    _VALIDATORS[id(schema)] = (schema, validator, linear)
+    _VALIDATORS[(id(schema), fill)] = (schema, validator, linear)
     return validator, linear
 
 
@@ -93,39 +95,71 @@ def check_input(payload: dict[str, Any]) -> dict[str, Any]:
     return {"instance": instance}
 
 
+class SchemaUnchecked(Exception):
+    """A value that could not be validated at all (over budget, not plain JSON)."""
+
+
+async def _check(
+    function: str, what: str, schema: dict[str, Any], data: Any, budget: Budget
+) -> Any:
+    """``function`` (check_input or check_output) on the value: in-process when the schema
+    validates in linear time, else in the sandbox under ``budget``."""
+    payload = {"schema": schema, "instance": data}
+    if _validator(schema, fill=function == "check_input")[1]:
+        return _CHECKS[function](payload)
+    try:
+        return await shared_sandbox().call(
+            f"engine.runtime.inputs:{function}",
+            payload,
+            timeout_s=budget.timeout_s,
+            memory_mb=budget.memory_mb,
+        )
+    except SandboxTimeout:
+        raise SchemaUnchecked(
+            f"{what} could not be validated within the schema budget of {budget.timeout_s:g} s "
+            f"(setting schema_timeout_s): the workflow's {what}_schema is too costly for "
+            f"this {what}"
+        ) from None
+    except SandboxError as exc:
+        raise SchemaUnchecked(f"{what} could not be validated: {exc.message}") from None
+    except (TypeError, OverflowError) as exc:
+        raise SchemaUnchecked(f"{what} is not plain JSON data: {exc}") from None
+
+
 async def prepare_input(schema: dict[str, Any], data: Any, budget: Budget) -> dict[str, Any]:
     """A validated copy of ``data`` with schema defaults applied; InvalidRequest naming the
     JSON pointer of the first problem otherwise."""
-    payload = {"schema": schema, "instance": data}
-    if _validator(schema)[1]:
-        outcome = check_input(payload)
-    else:
-        try:
-            outcome = await shared_sandbox().call(
-                "engine.runtime.inputs:check_input",
-                payload,
-                timeout_s=budget.timeout_s,
-                memory_mb=budget.memory_mb,
-            )
-        except SandboxTimeout:
-            raise InvalidRequest(
-                f"input could not be validated within the schema budget of {budget.timeout_s:g} s "
-                "(setting schema_timeout_s): the workflow's input_schema is too costly for "
-                "this input",
-                param="input",
-                code="invalid_input",
-            ) from None
-        except SandboxError as exc:
-            raise InvalidRequest(
-                f"input could not be validated: {exc.message}", param="input", code="invalid_input"
-            ) from None
-        except (TypeError, OverflowError) as exc:
-            raise InvalidRequest(
-                f"input is not plain JSON data: {exc}", param="input", code="invalid_input"
-            ) from None
+    try:
+        outcome = await _check("check_input", "input", schema, data, budget)
+    except SchemaUnchecked as exc:
+        raise InvalidRequest(str(exc), param="input", code="invalid_input") from None
     if "error" in outcome:
         raise InvalidRequest(
             outcome["error"]["message"], param=outcome["error"]["param"], code="invalid_input"
         )
     instance: dict[str, Any] = outcome["instance"]
     return instance
+
+
+def check_output(payload: dict[str, Any]) -> dict[str, Any]:
+    """``{}``, or ``{"error": message}`` for ``payload["instance"]`` (a run's output) against
+    ``payload["schema"]``; runs in-process or in the sandbox."""
+    errors = list(_validator(payload["schema"], fill=False)[0].iter_errors(payload["instance"]))
+    if not errors:
+        return {}
+    error = best_match(errors)
+    where = json_pointer(tuple(error.absolute_path)) or "/"
+    return {"error": f"does not match output_schema at {where}: {short_message(error)}"}
+
+
+_CHECKS = {"check_input": check_input, "check_output": check_output}
+
+
+async def output_problem(schema: dict[str, Any], output: Any, budget: Budget) -> str | None:
+    """What makes a run's output fail the workflow's output_schema (None: it matches)."""
+    try:
+        outcome = await _check("check_output", "output", schema, output, budget)
+    except SchemaUnchecked as exc:
+        return str(exc)
+    problem: str | None = outcome.get("error")
+    return problem
