@@ -12,7 +12,7 @@ from jsonschema import Draft202012Validator
 
 from engine.dsl.issues import WorkflowInvalid
 from engine.dsl.schema import OUTPUT_KEYWORD, generate
-from engine.dsl.templating import ENV
+from engine.dsl.templating import ENV, Template, TemplateCompileError
 from engine.dsl.typecheck import Checker
 from engine.dsl.types import (
     ANY,
@@ -383,3 +383,25 @@ async def test_a_run_whose_output_breaks_output_schema_fails(extra: str) -> None
         "output: does not match output_schema at /answer: 'three' is not of type 'integer'"
     )
     assert {r.step_id: r.status for r in bad.trace} == {"echo": COMPLETED}
+
+
+def test_a_template_nested_as_deep_as_jinja_allows_is_left_untyped() -> None:
+    """The checker recurses per node: a chain Jinja still parses must not crash it."""
+    longest = max(n for n in range(900, 1001, 10) if _parses("{{ x" + " | upper" * n + " }}"))
+    compile_yaml(
+        f"""
+        id: deep
+        steps:
+          - step_id: a
+            type: template
+            value: "{{{{ input.x{" | upper" * longest} }}}}"
+        """
+    )
+
+
+def _parses(source: str) -> bool:
+    try:
+        Template(source, frozenset({"x"}))
+    except TemplateCompileError:
+        return False
+    return True
