@@ -289,11 +289,11 @@ class Checker:
 
     def arithmetic(self, node: nodes.BinExpr) -> Type:
         left, right = self.infer(node.left), self.infer(node.right)
-        numeric = isinstance(left, NumberType) and isinstance(right, NumberType)
+        if isinstance(left, NumberType) and isinstance(right, NumberType):
+            whole = left.integer and right.integer and not isinstance(node, nodes.Div)
+            return INTEGER if whole else NUMBER
         if isinstance(node, nodes.Div):
-            return NUMBER if numeric else ANY
-        if numeric:
-            return INTEGER if left.integer and right.integer else NUMBER  # type: ignore[union-attr]
+            return ANY
         if (
             isinstance(node, nodes.Add)
             and left == right
@@ -459,8 +459,11 @@ class WorkflowChecker:
             items = self.value(step.for_each, (*path, "for_each"), outer)
             # A literal, or text around a template, the compiler has judged already.
             each = step.for_each
-            native = isinstance(each, TemplateValue) and each.template.native
-            if native and not isinstance(items, AnyType | ArrayType):
+            if (
+                isinstance(each, TemplateValue)
+                and each.template.native
+                and not isinstance(items, AnyType | ArrayType)
+            ):
                 self.report(
                     f"for_each must give a list, but {each.template.source.strip()} is {items}",
                     (*path, "for_each"),
