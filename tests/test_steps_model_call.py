@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from jsonschema import Draft202012Validator
 from step_helpers import (
     compile_workflow,
     png_data_uri,
@@ -18,6 +19,7 @@ from engine.errors import InvalidRequest
 from engine.models.backends.base import ChatParams
 from engine.runtime.executor import Runner
 from engine.services import Engine
+from engine.steps.model_call import OUTPUT_SCHEMAS
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -45,6 +47,7 @@ async def test_chat_output_and_token_events_in_order(engine: Engine) -> None:
     assert run.status == "completed", run.result.error
     out = run.output
     assert set(out) == {"content", "finish_reason", "usage"}
+    Draft202012Validator(OUTPUT_SCHEMAS["chat"]).validate(out)  # what the compiler types
     assert isinstance(out["content"], str)
     assert out["finish_reason"] in {"stop", "length"}
     usage = out["usage"]
@@ -217,6 +220,8 @@ async def test_embed_a_text_and_a_list(engine: Engine) -> None:
     )
     assert run.status == "completed", run.result.error
     one, many = run.output["one"], run.output["many"]
+    Draft202012Validator(OUTPUT_SCHEMAS["embed"]).validate(one)
+    Draft202012Validator(OUTPUT_SCHEMAS["embed"]).validate(many)
     assert len(one) == 32
     assert all(isinstance(x, float) for x in one)
     assert math.isclose(math.sqrt(sum(x * x for x in one)), 1.0, rel_tol=1e-4)
@@ -251,6 +256,7 @@ async def test_count_tokens(engine: Engine) -> None:
     embedder = engine.models.get("tiny-embedder").model
     assert run.output["embedder"] == {"tokens": embedder.count_tokens(text)}
     assert run.output["lm"]["tokens"] > 6  # more than one token per word: a real tokenizer
+    Draft202012Validator(OUTPUT_SCHEMAS["count_tokens"]).validate(run.output["embedder"])
 
 
 @pytest.mark.parametrize(

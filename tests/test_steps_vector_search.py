@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from jsonschema import Draft202012Validator
 from spec_examples import COMPOSE_EXAMPLE
 from step_helpers import compile_workflow, run_workflow, start_engine
 
@@ -18,6 +19,8 @@ from engine.dsl.issues import WorkflowInvalid
 from engine.rag.retrieval import RERANK_INSTRUCTION, RRF_K
 from engine.rag.service import Upload
 from engine.services import Engine
+from engine.steps.rerank import RerankStep
+from engine.steps.vector_search import VectorSearchStep
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -84,6 +87,7 @@ async def test_search_by_query_text(engine: Engine) -> None:
     assert len(hits) == 2
     assert files(hits)[0] == "router"
     assert all(set(hit) == {"chunk_id", "text", "score", "metadata"} for hit in hits)
+    Draft202012Validator(VectorSearchStep.output_schema).validate(hits)  # what the compiler types
     scores = [hit["score"] for hit in hits]
     assert scores == sorted(scores, reverse=True)
     assert hits[0]["text"] == DOCS["router"]
@@ -261,10 +265,12 @@ async def test_rerank_orders_by_the_models_relevance_and_cuts(engine: Engine) ->
         original = next(h for h in retrieved if h["chunk_id"] == hit["chunk_id"])
         assert {k: v for k, v in hit.items() if k != "rerank_score"} == original
     assert run.step("rerank").model == "qwen-7b"
+    Draft202012Validator(RerankStep.output_schema).validate(reranked)
 
     strings = run.output["strings"]
     assert len(strings) == len(texts)  # no top_k: all of them
     assert all(set(s) == {"text", "rerank_score"} for s in strings)
+    Draft202012Validator(RerankStep.output_schema).validate(strings)
     own = await engine.models.relevance(
         "qwen-7b", question, texts, "Judge whether the passage is about drinks"
     )
