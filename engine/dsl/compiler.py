@@ -196,7 +196,8 @@ class _Compiler:
                 )
             for message, where in schema_issues(schema):
                 self.report(message, (key, *where))
-        steps_data = data.get("steps") if isinstance(data.get("steps"), list) else []
+        raw_steps = data.get("steps")
+        steps_data: list[Any] = raw_steps if isinstance(raw_steps, list) else []
         ids = self.collect_ids(steps_data)
         steps: dict[str, CompiledStep] = {}
         for index, raw in enumerate(steps_data):
@@ -413,7 +414,8 @@ class _Compiler:
         prepared = plugin.prepare(raw_params, checks)
         if not schema_ok:
             return None
-        retry = raw.get("retry") if isinstance(raw.get("retry"), dict) else {}
+        raw_retry = raw.get("retry")
+        retry: dict[str, Any] = raw_retry if isinstance(raw_retry, dict) else {}
         return CompiledStep(
             id=sid,
             type=type_name,
