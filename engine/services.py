@@ -22,6 +22,7 @@ from engine.models.types import LoadSpec, ModelLimits
 from engine.rag.service import IngestLimits, RagService
 from engine.runtime.executor import RunLimits, Runner
 from engine.sandbox import SandboxLimits, configure_shared_sandbox
+from engine.steps.base import StepServices
 from engine.steps.registry import StepRegistry, default_registry
 from engine.store import Store
 
@@ -65,26 +66,22 @@ class Engine:
             limits=ModelLimits.from_settings(settings),
         )
         rag = RagService(store, models, IngestLimits.from_settings(settings))
-        services: dict[str, Any] = {"models": models, "store": store, "rag": rag}
         runner = Runner(
             catalog=catalog,
-            services=services,
+            services=StepServices(models=models, rag=rag),
             select_model=lambda role, spec: models.select(spec.type),
             max_parallel=settings.max_parallel_steps,
             max_depth=settings.max_workflow_depth,
             limits=RunLimits.from_settings(settings),
         )
         engine = cls(settings, store, steps, catalog, models, runner, rag)
-        services["engine"] = engine
         # Composed workflows join the catalog here, after the predefined files.
         runs = RunStore(
             store,
             max_runs=settings.runs_max_stored,
             max_run_bytes=settings.runs_max_stored_bytes,
         )
-        engine.fusion = services["fusion"] = FusionService(
-            store, steps, catalog, models, runner, runs
-        )
+        engine.fusion = FusionService(store, steps, catalog, models, runner, runs)
         await engine.load_startup_models()
         return engine
 

@@ -1,9 +1,9 @@
 """Compile workflows from YAML strings and run them with test-only step types.
 
 The test step types are real plugins registered programmatically on a copy of the default
-registry. They coordinate with the test through a `Lab` passed to the runner as the
-`lab` service: named asyncio events, counters and logs, so a test can prove that steps
-overlap (or don't) without sleeping. Every wait is bounded, so a scheduling bug fails a
+registry. They coordinate with the test through a `Lab` passed to the runner in its
+services' `extra` as "lab": named asyncio events, counters and logs, so a test can prove
+that steps overlap (or don't) without sleeping. Every wait is bounded, so a scheduling bug fails a
 test instead of hanging it.
 """
 
@@ -21,7 +21,7 @@ from engine.dsl.source import load_text
 from engine.errors import InvalidRequest
 from engine.runtime.executor import Runner
 from engine.runtime.trace import RunResult, StepRecord
-from engine.steps.base import StepContext, StepPlugin
+from engine.steps.base import StepContext, StepPlugin, StepServices
 from engine.steps.registry import StepRegistry, default_registry
 
 WAIT_S = 5.0  # upper bound of any wait in these tests; only reached when something is wrong
@@ -69,7 +69,7 @@ class Lab:
 
 
 def _lab(ctx: StepContext) -> Lab:
-    return ctx.services["lab"]
+    return ctx.services.extra["lab"]
 
 
 def _name(params: Mapping[str, Any], ctx: StepContext) -> str:
@@ -283,10 +283,15 @@ def compile_yaml(
     return compile_document(doc, registry or make_registry(), workflow_ids=workflow_ids)
 
 
+def lab_services(lab: Lab) -> StepServices:
+    """No engine services, and the lab for the test step types."""
+    return StepServices(extra={"lab": lab})
+
+
 def make_runner(
     lab: Lab | None = None, *, catalog: WorkflowCatalog | None = None, **kwargs: Any
 ) -> Runner:
-    return Runner(catalog=catalog, services={"lab": lab or Lab()}, **kwargs)
+    return Runner(catalog=catalog, services=lab_services(lab or Lab()), **kwargs)
 
 
 async def run_yaml(

@@ -11,7 +11,6 @@ from engine_helpers import WAIT_S, Lab, compile_yaml, make_runner, run_yaml, sta
 
 from engine.dsl.compiler import RoleSpec
 from engine.errors import InvalidRequest, ServiceUnavailable
-from engine.runtime.executor import Runner
 from engine.runtime.trace import COMPLETED
 
 SEARCH = """
@@ -171,7 +170,7 @@ async def test_the_model_selector_fills_required_roles_the_caller_left_out() -> 
         return "auto-lm"
 
     wf = compile_yaml(MODELS)
-    runner = Runner(services={"lab": Lab()}, select_model=select)
+    runner = make_runner(select_model=select)
     result = await asyncio.wait_for(runner.run(wf, models={}), WAIT_S)
     assert result.output["gen"] == "auto-lm"
     # an optional role stays off unless the caller names a model, even if one is loaded

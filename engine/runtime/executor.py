@@ -36,7 +36,7 @@ from engine.runtime.trace import (
     StepRecord,
 )
 from engine.sandbox import Budget
-from engine.steps.base import StepContext
+from engine.steps.base import StepContext, StepServices
 
 log = structlog.get_logger(__name__)
 
@@ -114,14 +114,14 @@ class Runner:
         self,
         *,
         catalog: WorkflowSource | None = None,
-        services: Mapping[str, Any] | None = None,
+        services: StepServices | None = None,
         select_model: ModelSelector | None = None,
         max_parallel: int = 16,
         max_depth: int = 8,
         limits: RunLimits | None = None,
     ) -> None:
         self.catalog = catalog
-        self.services = services or {}
+        self.services = services or StepServices()
         self.select_model = select_model
         self.max_parallel = max_parallel
         self.max_depth = max_depth

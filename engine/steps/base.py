@@ -16,9 +16,22 @@ from engine.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from engine.dsl.issues import Path
+    from engine.models.registry import ModelRegistry
+    from engine.rag.service import RagService
 
 Emit = Callable[[str, Mapping[str, Any]], None]
 RunWorkflow = Callable[..., Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class StepServices:
+    """The engine services a running step may use. A runner is given those it has: `fusion
+    run` loads no models, so it has neither. `extra` carries plugins' own services by name
+    (the tests' step types coordinate through one)."""
+
+    models: ModelRegistry | None = None
+    rag: RagService | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -27,22 +40,31 @@ class StepContext:
 
     step_id: str
     attempt: int
-    services: Mapping[str, Any]
+    services: StepServices
     emit: Emit
     run_workflow: RunWorkflow
     item: Any = None
     index: int | None = None
 
-    def service(self, name: str) -> Any:
-        """An engine service by name ("models", "rag", ...). Where the runner provides
-        none by that name (e.g. `fusion run`, which loads no models), a request error."""
-        found = self.services.get(name)
-        if found is None:
-            raise InvalidRequest(
-                f"step '{self.step_id}' needs the engine's '{name}' service, which this runner "
-                "does not provide: run the workflow on the server (`fusion serve`)"
-            )
-        return found
+    @property
+    def models(self) -> ModelRegistry:
+        """The model registry; a request error where the runner has none."""
+        if self.services.models is None:
+            raise self._missing("models")
+        return self.services.models
+
+    @property
+    def rag(self) -> RagService:
+        """The RAG service; a request error where the runner has none."""
+        if self.services.rag is None:
+            raise self._missing("rag")
+        return self.services.rag
+
+    def _missing(self, name: str) -> InvalidRequest:
+        return InvalidRequest(
+            f"step '{self.step_id}' needs the engine's '{name}' service, which this runner "
+            "does not provide: run the workflow on the server (`fusion serve`)"
+        )
 
 
 @dataclass

@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from engine.errors import InvalidRequest
-from engine.models.registry import ModelRegistry
 from engine.rag.chunking import Tokenize, chunk_sections, word_offsets
 from engine.rag.types import Section
 from engine.steps.base import CheckContext, StepContext, StepPlugin
@@ -61,7 +60,7 @@ class ChunkStep(StepPlugin):
             )
         tokenize: Tokenize = word_offsets
         if params.get("model_id"):
-            models: ModelRegistry = ctx.service("models")
+            models = ctx.models
             entry = models.require(params["model_id"], TOKENIZER_TYPES, "chunk")
             tokenize = entry.model.token_offsets
         # Tokenizers are not MLX work: a thread, not the model worker.

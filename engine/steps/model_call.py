@@ -143,7 +143,7 @@ class ModelCallStep(StepPlugin):
             ctx.report(problem, ("input",))
 
     async def run(self, params: dict[str, Any], ctx: StepContext, prepared: Any = None) -> Any:
-        models: ModelRegistry = ctx.service("models")
+        models = ctx.models
         model_id, operation, value = params["model_id"], params["operation"], params["input"]
         problem = _input_problem(operation, value)
         if problem:

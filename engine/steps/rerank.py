@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from engine.models.registry import ModelRegistry
 from engine.rag.retrieval import RERANK_INSTRUCTION, rank_by_relevance
 from engine.steps.base import StepContext, StepPlugin
 
@@ -56,7 +55,7 @@ class RerankStep(StepPlugin):
     }
 
     async def run(self, params: dict[str, Any], ctx: StepContext, prepared: Any = None) -> Any:
-        models: ModelRegistry = ctx.service("models")
+        models = ctx.models
         model_id = params["model_id"]
         models.require(model_id, ("lm",), "rerank")
         # The schema made every document a string or an object with a `text` string.
