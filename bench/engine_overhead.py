@@ -19,7 +19,8 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 
-from engine.dsl.compiler import CompiledWorkflow, compile_document
+from engine.dsl.compiled import CompiledWorkflow
+from engine.dsl.compiler import compile_document
 from engine.dsl.source import load_text
 from engine.dsl.templating import ENV
 from engine.runtime.executor import Runner

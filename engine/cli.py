@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 from engine.config import Settings
 from engine.dsl.catalog import WorkflowCatalog, compile_files, workflow_files
-from engine.dsl.compiler import CompiledWorkflow
+from engine.dsl.compiled import CompiledWorkflow
 from engine.dsl.graph import mermaid
 from engine.dsl.issues import Issue, WorkflowInvalid, format_issues
 from engine.dsl.schema import generate

@@ -16,7 +16,8 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from engine.dsl.catalog import WorkflowCatalog
-from engine.dsl.compiler import CompiledWorkflow, compile_document
+from engine.dsl.compiled import CompiledWorkflow
+from engine.dsl.compiler import compile_document
 from engine.dsl.source import load_text
 from engine.errors import InvalidRequest
 from engine.runtime.executor import Runner

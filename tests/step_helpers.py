@@ -15,7 +15,8 @@ import pytest_asyncio
 from engine_helpers import compile_yaml
 
 from engine.config import Settings
-from engine.dsl.compiler import CompiledWorkflow, compile_document
+from engine.dsl.compiled import CompiledWorkflow
+from engine.dsl.compiler import compile_document
 from engine.dsl.source import from_object
 from engine.runtime.executor import Runner
 from engine.runtime.trace import RunResult, StepRecord

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from engine_helpers import WAIT_S, Lab, compile_yaml, make_runner, run_yaml, statuses
 
-from engine.dsl.compiler import RoleSpec
+from engine.dsl.compiled import RoleSpec
 from engine.errors import InvalidRequest, ServiceUnavailable
 from engine.runtime.trace import COMPLETED
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from engine.dsl.compiler import CompiledWorkflow, compile_document
+from engine.dsl.compiled import CompiledWorkflow
+from engine.dsl.compiler import compile_document
 from engine.dsl.issues import Issue, WorkflowInvalid
 from engine.dsl.source import Document, load_file
 from engine.errors import NotFound

@@ -1,17 +1,26 @@
-"""Static validation and compilation: a loaded document becomes a CompiledWorkflow (steps
-with compiled templates and a networkx DAG), or WorkflowInvalid listing every issue found."""
+"""Static validation and compilation: a loaded document becomes a CompiledWorkflow
+(engine.dsl.compiled: steps with compiled templates and a networkx DAG), or WorkflowInvalid
+listing every issue found. Each check is a method of one concern (check_*), run in an order
+that reports every issue; types are checked by engine.dsl.typecheck."""
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
+from engine.dsl.compiled import (
+    DEFAULT_CONCURRENCY,
+    CompiledStep,
+    CompiledWorkflow,
+    RepeatSpec,
+    RetrySpec,
+    RoleSpec,
+)
 from engine.dsl.input_schema import schema_issues
 from engine.dsl.issues import Issue, Path, WorkflowInvalid
 from engine.dsl.schema import (
@@ -25,7 +34,7 @@ from engine.dsl.schema import (
 from engine.dsl.source import Document
 from engine.dsl.templating import Template, TemplateCompileError
 from engine.dsl.typecheck import WorkflowChecker, base_names
-from engine.dsl.types import ANY, Type
+from engine.dsl.types import Type
 from engine.dsl.values import DictValue, Literal, TemplateValue, Value, compile_value
 from engine.steps.base import CheckContext, StepPlugin
 from engine.steps.registry import StepRegistry
@@ -35,83 +44,10 @@ STEP_ATTRIBUTES = ("output", "status", "ran", "error", "attempts", "iterations")
 # What a step's state reveals about a skipped dependency: reading it means the step
 # handles the skip itself, so the skip does not propagate to it.
 GUARD_ATTRIBUTES = frozenset({"ran", "status"})
-DEFAULT_CONCURRENCY = 4
 _META_VALIDATOR = Draft202012Validator(
     Draft202012Validator.META_SCHEMA, format_checker=Draft202012Validator.FORMAT_CHECKER
 )
-
-
-@dataclass(frozen=True)
-class RoleSpec:
-    type: str
-    optional: bool = False
-
-
-@dataclass(frozen=True)
-class RetrySpec:
-    attempts: int = 1
-    backoff_s: float = 0.5
-    max_backoff_s: float = 30.0
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
-        return float(min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s))
-
-
-@dataclass(frozen=True)
-class RepeatSpec:
-    max: int
-    until: Value
-
-
-@dataclass
-class CompiledStep:
-    id: str
-    type: str
-    plugin: StepPlugin
-    params: Value
-    raw_params: dict[str, Any]
-    prepared: Any = None
-    when: Value | None = None
-    for_each: Value | None = None
-    concurrency: int = DEFAULT_CONCURRENCY
-    repeat: RepeatSpec | None = None
-    retry: RetrySpec = field(default_factory=RetrySpec)
-    timeout_s: float | None = None
-    on_error: str = "fail"
-    default: Value | None = None  # None: no default, the output is null
-    deps: frozenset[str] = frozenset()
-    guarded: frozenset[str] = frozenset()
-
-
-@dataclass
-class CompiledWorkflow:
-    id: str
-    name: str
-    description: str
-    version: int | str | None
-    models: dict[str, RoleSpec]
-    input_schema: dict[str, Any]
-    config: dict[str, Any]
-    steps: dict[str, CompiledStep]
-    graph: nx.DiGraph
-    output: Value | None
-    definition: dict[str, Any]
-    file: str | None = None
-    output_schema: dict[str, Any] | None = None
-    # What the output holds: output_schema's type, else inferred from `output`.
-    output_type: Type = ANY
-
-    @property
-    def required_models(self) -> list[str]:
-        return sorted({r.type for r in self.models.values() if not r.optional})
-
-    @property
-    def optional_models(self) -> list[str]:
-        return sorted(role for role, r in self.models.items() if r.optional)
-
-    def sinks(self) -> list[str]:
-        return [s for s in self.steps if self.graph.out_degree(s) == 0]
+Refs = set[tuple[str, str | None]]  # (step id, attribute read or None) of templates
 
 
 def suggest(word: str, options: Iterable[str]) -> str:
@@ -176,29 +112,15 @@ class _Compiler:
         if not isinstance(data, dict):
             self.report("a workflow must be a mapping with a 'steps' list", ())
             return None
-        self.unknown_keys(data, WORKFLOW_KEYS, (), "in a workflow")
-        for error in Draft202012Validator(WORKFLOW_SCHEMA).iter_errors(data):
-            where = tuple(error.absolute_path)
-            if len(where) == 2 and where[0] == "steps" and error.validator == "type":
-                continue  # a step that is no mapping: compile_step says what a step is
-            self.report_schema(error, ())
-        models = self.compile_models(data.get("models"))
+        self.check_workflow_keys(data)
+        models = _role_specs(data.get("models"))
         input_schema = data.get("input_schema") or {"type": "object"}
         output_schema = data.get("output_schema")
-        for key, schema in (("input_schema", input_schema), ("output_schema", output_schema)):
-            if not isinstance(schema, dict):
-                continue
-            # Every violation of the meta-schema, not just the best one check_schema raises.
-            for error in _META_VALIDATOR.iter_errors(schema):
-                self.report(
-                    f"{key} is not a valid JSON Schema: {_describe(error)}",
-                    (key, *error.absolute_path),
-                )
-            for message, where in schema_issues(schema):
-                self.report(message, (key, *where))
+        self.check_json_schema("input_schema", input_schema)
+        self.check_json_schema("output_schema", output_schema)
         raw_steps = data.get("steps")
         steps_data: list[Any] = raw_steps if isinstance(raw_steps, list) else []
-        ids = self.collect_ids(steps_data)
+        ids = self.check_unique_ids(steps_data)
         steps: dict[str, CompiledStep] = {}
         for index, raw in enumerate(steps_data):
             step = self.compile_step(raw, ("steps", index), ids, models)
@@ -209,7 +131,8 @@ class _Compiler:
             output = self.compile_with_refs(
                 data["output"], ("output",), BASE_NAMES, ids, models, None
             )[0]
-        graph = self.build_graph(steps, ids)
+        graph = _dependency_graph(steps)
+        self.check_cycles(graph, ids)
         output_type = self.check_types(
             data,
             steps,
@@ -239,6 +162,62 @@ class _Compiler:
             output_type=output_type,
         )
 
+    def check_workflow_keys(self, data: dict[str, Any]) -> None:
+        """Top-level keys: each known, each value of its schema."""
+        self.unknown_keys(data, WORKFLOW_KEYS, (), "in a workflow")
+        for error in Draft202012Validator(WORKFLOW_SCHEMA).iter_errors(data):
+            where = tuple(error.absolute_path)
+            if len(where) == 2 and where[0] == "steps" and error.validator == "type":
+                continue  # a step that is no mapping: check_step_head says what a step is
+            self.report_schema(error, ())
+
+    def check_json_schema(self, key: str, schema: Any) -> None:
+        """input_schema / output_schema: a valid JSON Schema the engine can apply."""
+        if not isinstance(schema, dict):
+            return
+        # Every violation of the meta-schema, not just the best one check_schema raises.
+        for error in _META_VALIDATOR.iter_errors(schema):
+            self.report(
+                f"{key} is not a valid JSON Schema: {_describe(error)}",
+                (key, *error.absolute_path),
+            )
+        for message, where in schema_issues(schema):
+            self.report(message, (key, *where))
+
+    def check_unique_ids(self, steps: list[Any]) -> dict[str, int]:
+        """Step id -> index of the step defining it first; a duplicate is reported."""
+        ids: dict[str, int] = {}
+        for index, raw in enumerate(steps):
+            if not isinstance(raw, dict):
+                continue
+            sid = raw.get("step_id")
+            if not isinstance(sid, str):
+                continue
+            if sid in ids:
+                first = self.doc.values.get((*self.base, "steps", ids[sid], "step_id"))
+                at = f" (first defined at line {first[0]})" if first else ""
+                self.report(
+                    f"duplicate step_id '{sid}'{at}: step ids must be unique",
+                    ("steps", index, "step_id"),
+                )
+            else:
+                ids[sid] = index
+        return ids
+
+    def check_cycles(self, graph: nx.DiGraph, ids: dict[str, int]) -> None:
+        """Each dependency cycle, once, from the step written first."""
+        for component in nx.strongly_connected_components(graph):
+            if len(component) > 1:
+                cycle = [u for u, _ in nx.find_cycle(graph.subgraph(component))]
+                first = min(cycle, key=lambda s: ids[s])
+                start = cycle.index(first)
+                ordered = cycle[start:] + cycle[:start]
+                self.report(
+                    f"dependency cycle: {' -> '.join([*ordered, first])} (each step "
+                    "feeds the next); break it by removing one of these references",
+                    ("steps", ids[first], "step_id"),
+                )
+
     def check_types(
         self,
         data: dict[str, Any],
@@ -259,100 +238,26 @@ class _Compiler:
         sinks = [s for s in steps if graph.out_degree(s) == 0]
         return checker.check_output(output, sinks, output_schema)
 
-    def compile_models(self, models: Any) -> dict[str, RoleSpec]:
-        if not isinstance(models, dict):
-            return {}
-        out = {}
-        for role, spec in models.items():
-            if isinstance(spec, dict) and isinstance(spec.get("type"), str):
-                out[role] = RoleSpec(spec["type"], bool(spec.get("optional", False)))
-        return out
-
-    def collect_ids(self, steps: list[Any]) -> dict[str, int]:
-        ids: dict[str, int] = {}
-        for index, raw in enumerate(steps):
-            if not isinstance(raw, dict):
-                continue
-            sid = raw.get("step_id")
-            if not isinstance(sid, str):
-                continue
-            if sid in ids:
-                first = self.doc.values.get((*self.base, "steps", ids[sid], "step_id"))
-                at = f" (first defined at line {first[0]})" if first else ""
-                self.report(
-                    f"duplicate step_id '{sid}'{at}: step ids must be unique",
-                    ("steps", index, "step_id"),
-                )
-            else:
-                ids[sid] = index
-        return ids
-
     # -- steps ---------------------------------------------------------------------------
     def compile_step(
         self, raw: Any, path: Path, ids: dict[str, int], models: dict[str, RoleSpec]
     ) -> CompiledStep | None:
-        if not isinstance(raw, dict):
-            self.report("a step must be a mapping with 'step_id' and 'type'", path)
-            return None
-        sid, type_name = raw.get("step_id"), raw.get("type")
-        if sid is None:
-            self.report("missing 'step_id': every step needs a unique id", path)
-        if type_name is None:
-            self.report("missing 'type': name the step type (e.g. 'template')", path)
-            return None
-        plugin = self.registry.get(type_name) if isinstance(type_name, str) else None
+        plugin = self.check_step_head(raw, path)
         if plugin is None:
-            known = self.registry.names()
-            self.report(
-                f"unknown step type '{type_name}'{suggest(str(type_name), known)}; "
-                f"known types: {', '.join(known)}",
-                (*path, "type"),
-            )
             return None
         issues_before = len(self.issues)
-        params_schema = plugin.params_schema
-        param_names = list(params_schema.get("properties", {}))
-        self.unknown_keys(raw, [*STEP_KEYS, *param_names], path, f"for step type '{type_name}'")
-        for name in params_schema.get("required", []):
-            if name not in raw:
-                self.report(f"missing required parameter '{name}' of step type '{type_name}'", path)
-        validator = Draft202012Validator(step_schema(params_schema, type_name))
-        for error in validator.iter_errors(raw):
-            # The step's own unknown keys and missing parameters were reported above, with
-            # suggestions; nested objects (retry, repeat) still need the schema's word.
-            where = tuple(error.absolute_path)
-            if not where and error.validator in ("additionalProperties", "required"):
-                continue
-            if where == ("for_each",):
-                continue  # check_for_each explains what a for_each must be
-            self.report_schema(error, path)
+        self.check_step_keys(raw, plugin, path)
+        sid = raw.get("step_id")
         if not isinstance(sid, str):
             return None
         # Templates are still checked below so that every issue is reported, but a step
         # whose keys broke the schema is not built: its control values may be of any type.
         schema_ok = len(self.issues) == issues_before
+        self.check_concurrency(raw, path)
+        self.check_repeat_with_for_each(raw, path)
 
-        in_map = "for_each" in raw
-        in_repeat = "repeat" in raw
-        if "concurrency" in raw and not in_map:
-            self.report(
-                "'concurrency' bounds for_each items and does nothing without 'for_each'",
-                (*path, "concurrency"),
-                at_key=True,
-            )
-        if in_map and in_repeat:
-            self.report(
-                "'repeat' and 'for_each' cannot be combined on one step: wrap the "
-                "repeated part in a 'workflow' step",
-                (*path, "repeat"),
-                at_key=True,
-            )
-        names = (
-            BASE_NAMES
-            | ({"item", "index"} if in_map else set())
-            | ({"iteration", "previous"} if in_repeat else set())
-        )
-        refs: set[tuple[str, str | None]] = set()
+        names = _step_names(raw)
+        refs: Refs = set()
 
         def templated(key: str | Path, value: Any, scope: frozenset[str]) -> Value:
             sub = key if isinstance(key, tuple) else (key,)
@@ -360,6 +265,7 @@ class _Compiler:
             refs.update(found)
             return compiled
 
+        param_names = _param_names(plugin)
         raw_params = {k: v for k, v in raw.items() if k in param_names}
         params = {
             k: templated(k, v, names) for k, v in raw_params.items() if k not in plugin.raw_params
@@ -367,31 +273,18 @@ class _Compiler:
         params.update({k: Literal(v) for k, v in raw_params.items() if k in plugin.raw_params})
         when = templated("when", raw["when"], BASE_NAMES) if "when" in raw else None
         for_each = None
-        if in_map:
+        if "for_each" in raw:
             for_each = templated("for_each", raw["for_each"], BASE_NAMES)
             self.check_for_each(raw["for_each"], for_each, (*path, "for_each"))
         repeat = None
-        if in_repeat and isinstance(raw["repeat"], dict):
+        if isinstance(raw.get("repeat"), dict):
             spec = raw["repeat"]
             until = spec.get("until", False)
             repeat = RepeatSpec(
                 max=spec.get("max", 1),
                 until=templated(("repeat", "until"), until, names | {"output"}),
             )
-        deps: set[str] = set()
-        depends_on = raw.get("depends_on")
-        for i, dep in enumerate(depends_on if isinstance(depends_on, list) else []):
-            if not isinstance(dep, str):
-                continue  # the schema reported it
-            if dep == sid:
-                self.report("a step cannot depend on itself", (*path, "depends_on", i))
-            elif dep not in ids:
-                self.report(
-                    f"depends_on names unknown step '{dep}'{suggest(dep, ids)}",
-                    (*path, "depends_on", i),
-                )
-            else:
-                deps.add(dep)
+        deps = self.check_depends_on(raw.get("depends_on"), path, ids, sid)
         deps.update(ref for ref, _ in refs if ref in ids and ref != sid)
         guarded = frozenset(ref for ref, attr in refs if attr in GUARD_ATTRIBUTES)
         default: Value | None = None
@@ -405,20 +298,14 @@ class _Compiler:
             read_by_default = {ref for ref, _ in default_refs} - deps
             deps |= read_by_default
             guarded |= read_by_default
-        checks = CheckContext(
-            report=lambda message, sub: self.report(message, (*path, *sub)),
-            workflow_ids=self.workflow_ids,
-            compile_inline=lambda obj, sub: self.compile_inline(obj, (*path, *sub)),
-        )
-        plugin.check(raw_params, checks)
-        prepared = plugin.prepare(raw_params, checks)
+        prepared = self.check_plugin_params(plugin, raw_params, path)
         if not schema_ok:
             return None
         raw_retry = raw.get("retry")
         retry: dict[str, Any] = raw_retry if isinstance(raw_retry, dict) else {}
         return CompiledStep(
             id=sid,
-            type=type_name,
+            type=plugin.type_name,
             plugin=plugin,
             params=_dict_value(params),
             raw_params=raw_params,
@@ -435,12 +322,104 @@ class _Compiler:
             guarded=guarded & deps,
         )
 
+    def check_step_head(self, raw: Any, path: Path) -> StepPlugin | None:
+        """A mapping with a step_id and a known type: the type's plugin, or None."""
+        if not isinstance(raw, dict):
+            self.report("a step must be a mapping with 'step_id' and 'type'", path)
+            return None
+        type_name = raw.get("type")
+        if raw.get("step_id") is None:
+            self.report("missing 'step_id': every step needs a unique id", path)
+        if type_name is None:
+            self.report("missing 'type': name the step type (e.g. 'template')", path)
+            return None
+        plugin = self.registry.get(type_name) if isinstance(type_name, str) else None
+        if plugin is None:
+            known = self.registry.names()
+            self.report(
+                f"unknown step type '{type_name}'{suggest(str(type_name), known)}; "
+                f"known types: {', '.join(known)}",
+                (*path, "type"),
+            )
+        return plugin
+
+    def check_step_keys(self, raw: dict[str, Any], plugin: StepPlugin, path: Path) -> None:
+        """The step's keys: each a step key or a parameter of its type, the type's required
+        parameters present, each value of its schema."""
+        type_name = plugin.type_name
+        params_schema = plugin.params_schema
+        self.unknown_keys(
+            raw, [*STEP_KEYS, *_param_names(plugin)], path, f"for step type '{type_name}'"
+        )
+        for name in params_schema.get("required", []):
+            if name not in raw:
+                self.report(f"missing required parameter '{name}' of step type '{type_name}'", path)
+        validator = Draft202012Validator(step_schema(params_schema, type_name))
+        for error in validator.iter_errors(raw):
+            # The step's own unknown keys and missing parameters were reported above, with
+            # suggestions; nested objects (retry, repeat) still need the schema's word.
+            where = tuple(error.absolute_path)
+            if not where and error.validator in ("additionalProperties", "required"):
+                continue
+            if where == ("for_each",):
+                continue  # check_for_each explains what a for_each must be
+            self.report_schema(error, path)
+
+    def check_concurrency(self, raw: dict[str, Any], path: Path) -> None:
+        if "concurrency" in raw and "for_each" not in raw:
+            self.report(
+                "'concurrency' bounds for_each items and does nothing without 'for_each'",
+                (*path, "concurrency"),
+                at_key=True,
+            )
+
+    def check_repeat_with_for_each(self, raw: dict[str, Any], path: Path) -> None:
+        if "for_each" in raw and "repeat" in raw:
+            self.report(
+                "'repeat' and 'for_each' cannot be combined on one step: wrap the "
+                "repeated part in a 'workflow' step",
+                (*path, "repeat"),
+                at_key=True,
+            )
+
+    def check_depends_on(
+        self, depends_on: Any, path: Path, ids: dict[str, int], sid: str
+    ) -> set[str]:
+        """The steps named in depends_on, each an existing other step."""
+        deps: set[str] = set()
+        for i, dep in enumerate(depends_on if isinstance(depends_on, list) else []):
+            if not isinstance(dep, str):
+                continue  # the schema reported it
+            if dep == sid:
+                self.report("a step cannot depend on itself", (*path, "depends_on", i))
+            elif dep not in ids:
+                self.report(
+                    f"depends_on names unknown step '{dep}'{suggest(dep, ids)}",
+                    (*path, "depends_on", i),
+                )
+            else:
+                deps.add(dep)
+        return deps
+
+    def check_plugin_params(
+        self, plugin: StepPlugin, raw_params: dict[str, Any], path: Path
+    ) -> Any:
+        """The step type's own checks of its raw parameters; what it prepares from them."""
+        checks = CheckContext(
+            report=lambda message, sub: self.report(message, (*path, *sub)),
+            workflow_ids=self.workflow_ids,
+            compile_inline=lambda obj, sub: self.compile_inline(obj, (*path, *sub)),
+        )
+        plugin.check(raw_params, checks)
+        return plugin.prepare(raw_params, checks)
+
     def compile_inline(self, obj: Any, path: Path) -> CompiledWorkflow | None:
         sub = _Compiler(self.doc, self.registry, self.workflow_ids, (*self.base, *path), obj)
         compiled = sub.compile(default_id=None)
         self.issues.extend(sub.issues)
         return compiled
 
+    # -- references ----------------------------------------------------------------------
     def compile_with_refs(
         self,
         value: Any,
@@ -449,26 +428,28 @@ class _Compiler:
         ids: dict[str, int],
         models: dict[str, RoleSpec],
         self_id: str | None,
-    ) -> tuple[Value, set[tuple[str, str | None]]]:
+    ) -> tuple[Value, Refs]:
         """Compile a value's templates and check every reference they make."""
-        found: set[tuple[str, str | None]] = set()
+        found: Refs = set()
 
         def on_template(tpath: Path, template: Template) -> None:
             for ref in template.references:
                 if ref.root == "steps":
                     found.update(self.check_step_ref(ref.path, tpath, ids, self_id))
                 elif ref.root == "models" and ref.path:
-                    role = ref.path[0]
-                    if role not in models:
-                        declared = ", ".join(models) or "none"
-                        self.report(
-                            f"undeclared model role '{role}'{suggest(str(role), models)}; "
-                            f"declare it under 'models:' (declared: {declared})",
-                            tpath,
-                        )
+                    self.check_model_role(ref.path[0], tpath, models)
 
         value_tree = compile_value(value, path, names, on_template, self.report_template)
         return value_tree, found
+
+    def check_model_role(self, role: str | int, path: Path, models: dict[str, RoleSpec]) -> None:
+        if role not in models:
+            declared = ", ".join(models) or "none"
+            self.report(
+                f"undeclared model role '{role}'{suggest(str(role), models)}; "
+                f"declare it under 'models:' (declared: {declared})",
+                path,
+            )
 
     def check_step_ref(
         self, ref: tuple[str | int, ...], path: Path, ids: dict[str, int], self_id: str | None
@@ -527,25 +508,38 @@ class _Compiler:
         full = (*self.base, *path)
         return any(i.path == full for i in self.issues)
 
-    # -- the graph -------------------------------------------------------------------------
-    def build_graph(self, steps: dict[str, CompiledStep], ids: dict[str, int]) -> nx.DiGraph:
-        graph = nx.DiGraph()
-        graph.add_nodes_from(steps)
-        for step in steps.values():
-            for dep in step.deps:
-                graph.add_edge(dep, step.id)
-        for component in nx.strongly_connected_components(graph):
-            if len(component) > 1:
-                cycle = [u for u, _ in nx.find_cycle(graph.subgraph(component))]
-                first = min(cycle, key=lambda s: ids[s])
-                start = cycle.index(first)
-                ordered = cycle[start:] + cycle[:start]
-                self.report(
-                    f"dependency cycle: {' -> '.join([*ordered, first])} (each step "
-                    "feeds the next); break it by removing one of these references",
-                    ("steps", ids[first], "step_id"),
-                )
-        return graph
+
+def _role_specs(models: Any) -> dict[str, RoleSpec]:
+    """The declared model roles; a malformed one is the schema's to report."""
+    if not isinstance(models, dict):
+        return {}
+    out = {}
+    for role, spec in models.items():
+        if isinstance(spec, dict) and isinstance(spec.get("type"), str):
+            out[role] = RoleSpec(spec["type"], bool(spec.get("optional", False)))
+    return out
+
+
+def _param_names(plugin: StepPlugin) -> list[str]:
+    return list(plugin.params_schema.get("properties", {}))
+
+
+def _step_names(raw: dict[str, Any]) -> frozenset[str]:
+    """The names a step's parameters may read: for_each and repeat add their own."""
+    return (
+        BASE_NAMES
+        | ({"item", "index"} if "for_each" in raw else set())
+        | ({"iteration", "previous"} if "repeat" in raw else set())
+    )
+
+
+def _dependency_graph(steps: dict[str, CompiledStep]) -> nx.DiGraph:
+    graph = nx.DiGraph()
+    graph.add_nodes_from(steps)
+    for step in steps.values():
+        for dep in step.deps:
+            graph.add_edge(dep, step.id)
+    return graph
 
 
 def _dict_value(params: dict[str, Value]) -> Value:

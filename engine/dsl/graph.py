@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from engine.dsl.compiler import CompiledWorkflow
+from engine.dsl.compiled import CompiledWorkflow
 
 
 def _label(text: str) -> str:

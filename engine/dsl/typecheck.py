@@ -42,7 +42,7 @@ from engine.dsl.types import (
 from engine.dsl.values import DictValue, ListValue, Literal, TemplateValue, Value
 
 if TYPE_CHECKING:
-    from engine.dsl.compiler import CompiledStep
+    from engine.dsl.compiled import CompiledStep
 
 Report = Callable[[str], None]
 ReportAt = Callable[[str, Path], None]  # message, path relative to the workflow

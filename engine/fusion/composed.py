@@ -22,7 +22,8 @@ import structlog
 
 from engine.clock import utc_iso
 from engine.dsl.catalog import WorkflowCatalog
-from engine.dsl.compiler import CompiledWorkflow, compile_document
+from engine.dsl.compiled import CompiledWorkflow
+from engine.dsl.compiler import compile_document
 from engine.dsl.issues import Issue, WorkflowInvalid
 from engine.dsl.schema import WORKFLOW_KEYS
 from engine.dsl.source import from_object

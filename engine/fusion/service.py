@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from engine.dsl.compiler import CompiledWorkflow, compile_document
+from engine.dsl.compiled import CompiledWorkflow
+from engine.dsl.compiler import compile_document
 from engine.dsl.issues import Issue, WorkflowInvalid
 from engine.dsl.source import from_object
 from engine.errors import InvalidRequest, ServiceUnavailable, StorageError

@@ -18,7 +18,7 @@ from jsonschema.exceptions import best_match
 
 from engine.clock import utc_iso
 from engine.config import Settings
-from engine.dsl.compiler import CompiledStep, CompiledWorkflow, RoleSpec
+from engine.dsl.compiled import CompiledStep, CompiledWorkflow, RoleSpec
 from engine.dsl.issues import dotted
 from engine.dsl.rendering import render
 from engine.dsl.templating import TemplateRenderError

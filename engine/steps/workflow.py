@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from engine.dsl.compiler import CompiledWorkflow
+from engine.dsl.compiled import CompiledWorkflow
 from engine.runtime.trace import FAILED
 from engine.steps.base import CheckContext, StepContext, StepPlugin
 
