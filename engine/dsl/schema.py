@@ -6,11 +6,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from engine.models.types import ModelType
 from engine.steps.registry import StepRegistry
 
 SCHEMA_ID = "https://fusion.local/schemas/workflow.schema.json"
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
-MODEL_TYPES = ["lm", "multimodal", "embeddings", "whisper", "image-generation", "image-edit"]
 IDENTIFIER = "^[A-Za-z_][A-Za-z0-9_]*$"
 OUTPUT_KEYWORD = "x-output-schema"
 TEMPLATE: dict[str, Any] = {
@@ -88,7 +88,7 @@ STEP_KEYS: dict[str, Any] = {
 MODEL_ROLE: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "type": {"enum": MODEL_TYPES},
+        "type": {"enum": [t.value for t in ModelType]},
         "optional": {"type": "boolean"},
         "description": {"type": "string"},
     },

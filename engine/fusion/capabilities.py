@@ -5,36 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from engine.errors import InvalidRequest
+from engine.models.backends import type_capabilities
 from engine.models.memory import gb
 from engine.models.registry import ModelEntry
+from engine.models.types import Capability
 
 LONG_CONTEXT_TOKENS = 32_768
-# The spec's six, then the two the remaining model types give.
-CAPABILITIES = (
-    "chat",
-    "vision",
-    "embeddings",
-    "image_generation",
-    "tool_calling",
-    "long_context",
-    "transcription",
-    "image_edit",
-)
-_BY_TYPE = {
-    "lm": ("chat",),
-    "multimodal": ("chat", "vision"),
-    "embeddings": ("embeddings",),
-    "image-generation": ("image_generation",),
-    "image-edit": ("image_edit",),
-    "whisper": ("transcription",),
-}
+CAPABILITIES = tuple(c.value for c in Capability)
 
 
 def model_capabilities(entry: ModelEntry) -> list[str]:
-    """What one loaded model can do: by its type (lm chats, multimodal also sees), what
+    """What one loaded model can do: by its type (what its backend declares), what
     its backend found (tool_calling when the chat template handles `tools`), and
     long_context when its context length is at least 32768 tokens; in CAPABILITIES order."""
-    found = set(_BY_TYPE.get(entry.type, ()))
+    found: set[str] = set(type_capabilities(entry.type))
     found |= {c.replace("-", "_") for c in entry.model.capabilities}
     if (entry.model.context_length or 0) >= LONG_CONTEXT_TOKENS:
         found.add("long_context")

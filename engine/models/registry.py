@@ -23,6 +23,7 @@ from engine.errors import (
     QueueFull,
     ServiceUnavailable,
 )
+from engine.models.backends import serving
 from engine.models.backends.base import (
     Backend,
     ChatChunk,
@@ -40,7 +41,7 @@ from engine.models.messages import prompt_chars, text_messages, vision_prompt
 from engine.models.params import check_logit_bias
 from engine.models.paths import resolve_model_path
 from engine.models.stats import ModelStats
-from engine.models.types import MODEL_TYPES, PRIORITY_RANK, LoadSpec, ModelLimits
+from engine.models.types import PRIORITY_RANK, LoadSpec, ModelLimits, ModelType, Operation
 from engine.models.worker import MLXWorker
 
 log = structlog.get_logger(__name__)
@@ -211,9 +212,9 @@ class ModelRegistry:
                 task.add_done_callback(lambda _: self._loading.pop(model_id, None))
 
     def _backend(self, model_type: str) -> Backend:
-        if model_type not in MODEL_TYPES:
+        if model_type not in tuple(ModelType):
             raise InvalidRequest(
-                f"model_type '{model_type}' is not one of {', '.join(MODEL_TYPES)}",
+                f"model_type '{model_type}' is not one of {', '.join(ModelType)}",
                 param="model_type",
                 code="invalid_model_type",
             )
@@ -413,7 +414,7 @@ class ModelRegistry:
     async def _prepare(self, entry: ModelEntry, messages: Sequence[dict[str, Any]]) -> Any:
         """Text-only messages for a language model; for a multimodal one, the images are
         fetched here, before the request takes a model slot."""
-        if entry.type == "multimodal":
+        if entry.type == ModelType.MULTIMODAL:
             return await vision_prompt(messages, self.images)
         return text_messages(messages)
 
@@ -476,7 +477,7 @@ class ModelRegistry:
 
     async def transcribe(self, model_id: str, audio: Any, language: str | None) -> dict[str, Any]:
         """Speech to text: ``audio`` is float32 mono 16 kHz samples (a numpy array)."""
-        self.require(model_id, ["whisper"], "transcription", param="model")
+        self.require(model_id, serving(Operation.TRANSCRIBE), "transcription", param="model")
         return await self._serve(
             model_id,
             lambda entry, stop: entry.model.transcribe(audio, language, stop),

@@ -1,13 +1,53 @@
-"""Model types, priorities and the load request."""
+"""Model types, what models can do, priorities and the load request."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any
 
 from engine.config import Settings
 
-MODEL_TYPES = ("lm", "multimodal", "embeddings", "whisper", "image-generation", "image-edit")
+
+class ModelType(StrEnum):
+    """What a model is loaded as. Each type has one backend, registered in
+    engine/models/backends/__init__.py, which declares what models of the type can do;
+    every table of types (the DSL schema, capabilities, model_call, views) is derived from
+    those declarations. A StrEnum, so the JSON, the API and stored runs keep the strings."""
+
+    LM = "lm"
+    MULTIMODAL = "multimodal"
+    EMBEDDINGS = "embeddings"
+    WHISPER = "whisper"
+    IMAGE_GENERATION = "image-generation"
+    IMAGE_EDIT = "image-edit"
+
+
+class Operation(StrEnum):
+    """A request a loaded model may serve; a backend declares the ones its models serve
+    and the registry and step plugins require a model of a type that serves theirs."""
+
+    CHAT = "chat"
+    VISION = "vision"
+    EMBED = "embed"
+    COUNT_TOKENS = "count_tokens"
+    TRANSCRIBE = "transcribe"
+
+
+class Capability(StrEnum):
+    """The capabilities of spec §3.3 in the order it lists them: its six, then the two
+    the remaining model types give."""
+
+    CHAT = "chat"
+    VISION = "vision"
+    EMBEDDINGS = "embeddings"
+    IMAGE_GENERATION = "image_generation"
+    TOOL_CALLING = "tool_calling"
+    LONG_CONTEXT = "long_context"
+    TRANSCRIPTION = "transcription"
+    IMAGE_EDIT = "image_edit"
+
+
 PRIORITY_RANK = {"low": 0, "normal": 1, "high": 2}
 
 

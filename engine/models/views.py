@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.clock import utc_iso
+from engine.models.backends import type_tag
 from engine.models.backends.base import read_config
 from engine.models.memory import gb
 from engine.models.registry import ModelEntry
@@ -15,15 +16,6 @@ from engine.models.registry import ModelEntry
 TIER = "3A"
 OWNED_BY = "local-mlx"
 
-# The capability tag each model type carries beside "local".
-TYPE_TAGS = {
-    "lm": "chat",
-    "multimodal": "vision",
-    "embeddings": "embeddings",
-    "whisper": "transcription",
-    "image-generation": "image-generation",
-    "image-edit": "image-edit",
-}
 # metadata keys the registry owns; a caller's metadata cannot override them.
 _OWN_KEYS = ("id", "family", "type", "context_length", "tags", "tier", "created_at")
 
@@ -54,7 +46,7 @@ def is_quantized(entry: ModelEntry) -> bool:
 def tags(entry: ModelEntry) -> list[str]:
     """ "local", the type's capability tag, "quantized" when the config says so, then the
     caller's own tags; each once, in that order."""
-    found = ["local", TYPE_TAGS.get(entry.type, entry.type)]
+    found = ["local", type_tag(entry.type)]
     if is_quantized(entry):
         found.append("quantized")
     found += request_tags(entry.spec.metadata) or []

@@ -7,18 +7,16 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from engine.errors import InvalidRequest
+from engine.models.backends import serving
 from engine.models.backends.base import ChatParams
 from engine.models.messages import has_image, prompt_messages
 from engine.models.registry import ModelRegistry
+from engine.models.types import Operation
 from engine.steps.base import CheckContext, StepContext, StepPlugin
 
-# The model types that serve each operation.
-MODEL_TYPES: dict[str, tuple[str, ...]] = {
-    "chat": ("lm", "multimodal"),
-    "vision": ("multimodal",),
-    "embed": ("embeddings",),
-    "count_tokens": ("lm", "multimodal", "embeddings"),
-}
+OPERATIONS = (Operation.CHAT, Operation.VISION, Operation.EMBED, Operation.COUNT_TOKENS)
+# The model types that serve each operation, as their backends declare.
+MODEL_TYPES: dict[str, tuple[str, ...]] = {op.value: serving(op) for op in OPERATIONS}
 PROMPT_KEYS = ("prompt", "image_url", "system")
 
 _GENERATION: dict[str, Any] = {

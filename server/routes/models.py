@@ -23,7 +23,7 @@ from engine.errors import InvalidRequest
 from engine.models import views
 from engine.models.memory import gb
 from engine.models.registry import ModelRegistry
-from engine.models.types import LoadSpec
+from engine.models.types import LoadSpec, ModelType
 
 TAGS = ["models"]
 # The action each trailing segment names, and the one method that serves it.
@@ -33,7 +33,9 @@ ACTIONS = {"info": "GET", "stats": "GET", "unload": "DELETE", "warmup": "POST"}
 # -- request and response bodies ------------------------------------------------------------
 class LoadRequest(msgspec.Struct, forbid_unknown_fields=True):
     model_path: Annotated[str, Meta(min_length=1)]
-    model_type: Annotated[str, Meta(min_length=1)]
+    # A string rather than ModelType: an unknown type is the registry's to refuse, as
+    # 'invalid_model_type' naming the known ones, like every load problem it finds.
+    model_type: Annotated[str, Meta(min_length=1, description=f"One of: {', '.join(ModelType)}.")]
     # Its shape and length are the registry's to check (engine/models/ids.py).
     model_id: Annotated[str, Meta(min_length=1)] | None = None
     context_length: Annotated[int, Meta(gt=0)] | None = None

@@ -1,43 +1,47 @@
-"""The backend for each model type."""
+"""The backend for each model type: the registration point. A new backend is a module
+declaring its class (its type, capabilities and operations) and a line in BACKENDS; the
+tables of types derive from these declarations."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from engine.config import Settings
-from engine.errors import InvalidRequest
-from engine.models.backends.base import Backend, LoadedModel
+from engine.models.backends.base import Backend
 from engine.models.backends.embeddings import EmbeddingsBackend
+from engine.models.backends.mflux import ImageEditBackend, ImageGenerationBackend
 from engine.models.backends.mlx_lm_backend import MlxLmBackend
 from engine.models.backends.mlx_vlm_backend import MlxVlmBackend
 from engine.models.backends.whisper import WhisperBackend
+from engine.models.types import Capability, ModelType, Operation
 
-
-class MissingBackend(Backend):
-    """A model type this server has no backend for: loads are refused with a 400 that
-    names the package that would provide it, never faked."""
-
-    def __init__(self, model_type: str, package: str) -> None:
-        self.model_type = model_type
-        self.package = package
-
-    def unavailable_reason(self) -> str:
-        return (
-            f"this server has no '{self.model_type}' backend yet (it would be built on the "
-            f"'{self.package}' package)"
-        )
-
-    def load(self, path: Path, context_length: int | None) -> LoadedModel:
-        raise InvalidRequest(f"no backend for '{self.model_type}'", code="backend_unavailable")
+# One per ModelType, in the order types are listed (tests/test_model_types.py checks both).
+BACKENDS: tuple[type[Backend], ...] = (
+    MlxLmBackend,
+    MlxVlmBackend,
+    EmbeddingsBackend,
+    WhisperBackend,
+    ImageGenerationBackend,
+    ImageEditBackend,
+)
+_BY_TYPE: dict[str, type[Backend]] = {backend.model_type: backend for backend in BACKENDS}
 
 
 def default_backends(settings: Settings) -> dict[str, Backend]:
-    backends: list[Backend] = [
-        MlxLmBackend(settings.model_prefill_step_tokens),
-        MlxVlmBackend(settings.model_prefill_step_tokens),
-        EmbeddingsBackend(),
-        WhisperBackend(),
-        MissingBackend("image-generation", "mflux"),
-        MissingBackend("image-edit", "mflux"),
-    ]
-    return {b.model_type: b for b in backends}
+    return {backend.model_type: backend.from_settings(settings) for backend in BACKENDS}
+
+
+def serving(operation: Operation) -> tuple[ModelType, ...]:
+    """The model types whose models serve ``operation``."""
+    return tuple(backend.model_type for backend in BACKENDS if operation in backend.operations)
+
+
+def type_capabilities(model_type: str) -> tuple[Capability, ...]:
+    """What every model of ``model_type`` can do; nothing for a type no backend declares."""
+    backend = _BY_TYPE.get(model_type)
+    return backend.capabilities if backend is not None else ()
+
+
+def type_tag(model_type: str) -> str:
+    """The type's tag in model listings: its defining capability, written with hyphens
+    like the other tags ("image-generation")."""
+    found = type_capabilities(model_type)
+    return found[0].replace("_", "-") if found else model_type

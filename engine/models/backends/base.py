@@ -11,11 +11,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import structlog
 
+from engine.config import Settings
 from engine.errors import InvalidRequest
+from engine.models.types import Capability, ModelType, Operation
 
 log = structlog.get_logger(__name__)
 
@@ -121,7 +123,7 @@ class EmbedResult:
 class LoadedModel:
     """A model in memory. ``weight_bytes`` is what its parameters occupy."""
 
-    model_type: str
+    model_type: ModelType
     family: str | None = None
     context_length: int | None = None
     weight_bytes: int = 0
@@ -160,9 +162,21 @@ class LoadedModel:
 
 
 class Backend(ABC):
-    model_type: str
-    package: str  # the pip package that provides it, named in 'backend_unavailable' errors
-    module: str = ""  # the module it imports; found without importing it
+    """The loader of one model type, and the declaration of what its models can do: the
+    single source the tables of types are derived from (engine/models/backends/__init__.py)."""
+
+    model_type: ClassVar[ModelType]
+    # What every model of the type can do (spec §3.3), the one that defines it first: that
+    # one is the type's tag in model listings. A model may find more (tool_calling).
+    capabilities: ClassVar[tuple[Capability, ...]]
+    operations: ClassVar[frozenset[Operation]] = frozenset()
+    package: ClassVar[str]  # the pip package that provides it, named in 'backend_unavailable'
+    module: ClassVar[str] = ""  # the module it imports; found without importing it
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Self:
+        """The backend as the server's settings configure it."""
+        return cls()
 
     def available(self) -> bool:
         return bool(self.module) and importlib.util.find_spec(self.module) is not None

@@ -19,6 +19,7 @@ from engine.models.backends.base import (
     loader_errors,
 )
 from engine.models.backends.textgen import parameter_bytes
+from engine.models.types import Capability, ModelType, Operation
 
 BATCH = 32
 
@@ -31,7 +32,9 @@ def _json(path: Path) -> Any:
 
 
 class EmbeddingsBackend(Backend):
-    model_type = "embeddings"
+    model_type = ModelType.EMBEDDINGS
+    capabilities = (Capability.EMBEDDINGS,)
+    operations = frozenset({Operation.EMBED, Operation.COUNT_TOKENS})
     package = "mlx-vlm"
     module = "mlx_vlm"
 
@@ -47,8 +50,8 @@ class EmbeddingsBackend(Backend):
 
 
 class EmbeddingModel(LoadedModel):
-    model_type = "embeddings"
-    capabilities = frozenset({"embeddings"})
+    model_type = ModelType.EMBEDDINGS
+    capabilities = frozenset(EmbeddingsBackend.capabilities)
 
     def __init__(
         self,

@@ -18,6 +18,7 @@ from engine.models.backends.base import (
     loader_errors,
 )
 from engine.models.backends.textgen import GenerativeBackend, parameter_bytes, stream_chunks
+from engine.models.types import Capability, ModelType, Operation
 
 LONG_CONTEXT = 32_768
 RERANK_SYSTEM = (
@@ -27,7 +28,9 @@ RERANK_SYSTEM = (
 
 
 class MlxLmBackend(GenerativeBackend):
-    model_type = "lm"
+    model_type = ModelType.LM
+    capabilities = (Capability.CHAT,)
+    operations = frozenset({Operation.CHAT, Operation.COUNT_TOKENS})
     package = "mlx-lm"
     module = "mlx_lm"
 
@@ -42,7 +45,7 @@ class MlxLmBackend(GenerativeBackend):
 
 
 class LmModel(LoadedModel):
-    model_type = "lm"
+    model_type = ModelType.LM
 
     def __init__(
         self,
@@ -59,11 +62,11 @@ class LmModel(LoadedModel):
         self.context_length = context_length or context_length_of(config)
         self.weight_bytes = parameter_bytes(model)
         template = getattr(tokenizer, "chat_template", None) or ""
-        caps = {"chat"}
+        caps: set[str] = set(MlxLmBackend.capabilities)
         if "tools" in template:
-            caps.add("tool_calling")
+            caps.add(Capability.TOOL_CALLING)
         if (self.context_length or 0) >= LONG_CONTEXT:
-            caps.add("long_context")
+            caps.add(Capability.LONG_CONTEXT)
         self.capabilities = frozenset(caps)
 
     def prompt_tokens(

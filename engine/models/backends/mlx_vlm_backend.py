@@ -20,10 +20,13 @@ from engine.models.backends.base import (
 )
 from engine.models.backends.textgen import GenerativeBackend, parameter_bytes, stream_chunks
 from engine.models.messages import VisionPrompt
+from engine.models.types import Capability, ModelType, Operation
 
 
 class MlxVlmBackend(GenerativeBackend):
-    model_type = "multimodal"
+    model_type = ModelType.MULTIMODAL
+    capabilities = (Capability.VISION, Capability.CHAT)
+    operations = frozenset({Operation.CHAT, Operation.VISION, Operation.COUNT_TOKENS})
     package = "mlx-vlm"
     module = "mlx_vlm"
 
@@ -37,8 +40,8 @@ class MlxVlmBackend(GenerativeBackend):
 
 
 class VlmModel(LoadedModel):
-    model_type = "multimodal"
-    capabilities = frozenset({"chat", "vision"})
+    model_type = ModelType.MULTIMODAL
+    capabilities = frozenset(MlxVlmBackend.capabilities)
 
     def __init__(
         self,

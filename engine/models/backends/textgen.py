@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Self
 
 from engine.config import Settings
 from engine.models.backends.base import Backend, ChatChunk
@@ -20,6 +20,10 @@ class GenerativeBackend(Backend):
     def __init__(self, prefill_step_tokens: int | None = None) -> None:
         if prefill_step_tokens is not None:
             self.prefill_step_tokens = prefill_step_tokens
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Self:
+        return cls(settings.model_prefill_step_tokens)
 
 
 def parameter_bytes(model: Any) -> int:

@@ -22,6 +22,7 @@ import numpy as np
 from engine.errors import InvalidRequest
 from engine.models.backends.base import Backend, LoadedModel, loader_errors, read_config
 from engine.models.backends.textgen import parameter_bytes
+from engine.models.types import Capability, ModelType, Operation
 
 SAMPLE_RATE = 16_000
 MAX_WINDOW_TOKENS = 224  # Whisper's own default: half the text context of 448
@@ -40,7 +41,9 @@ DIMENSIONS = (
 
 
 class WhisperBackend(Backend):
-    model_type = "whisper"
+    model_type = ModelType.WHISPER
+    capabilities = (Capability.TRANSCRIPTION,)
+    operations = frozenset({Operation.TRANSCRIBE})
     package = "mlx-whisper"
     module = "mlx_whisper"
 
@@ -70,8 +73,8 @@ class WhisperBackend(Backend):
 
 
 class WhisperModel(LoadedModel):
-    model_type = "whisper"
-    capabilities = frozenset({"transcription"})
+    model_type = ModelType.WHISPER
+    capabilities = frozenset(WhisperBackend.capabilities)
 
     def __init__(self, model: Any, config: dict[str, Any]) -> None:
         self.model = model
