@@ -57,6 +57,8 @@ def test_model_call_operations_are_served_by_the_declared_types() -> None:
     operation = ModelCallStep.params_schema["properties"]["operation"]
     assert operation == {"enum": ["chat", "vision", "embed", "count_tokens"]}
     assert serving(Operation.TRANSCRIBE) == ("whisper",)
+    assert serving(Operation.RELEVANCE) == ("lm",)  # reranking
+    assert serving(Operation.TOKENIZE) == ("lm", "multimodal", "embeddings")  # chunking
 
 
 def test_capabilities_and_tags_by_type() -> None:

@@ -31,6 +31,8 @@ class Operation(StrEnum):
     VISION = "vision"
     EMBED = "embed"
     COUNT_TOKENS = "count_tokens"
+    TOKENIZE = "tokenize"  # the token spans of a text, which chunking counts
+    RELEVANCE = "relevance"  # rerank scores
     TRANSCRIBE = "transcribe"
 
 

@@ -19,8 +19,10 @@ import structlog
 
 from engine.config import Settings
 from engine.errors import InvalidRequest, PayloadTooLarge, ServiceUnavailable
+from engine.models.backends import serving
 from engine.models.backends.base import ChatParams
 from engine.models.registry import ModelRegistry
+from engine.models.types import Operation
 from engine.rag.chunking import Tokenize, TooManyChunks, chunk_sections
 from engine.rag.extract import extract_limits, extracted_from_payload
 from engine.rag.formats.common import ExtractLimits
@@ -506,7 +508,9 @@ class RagService:
         started = time.perf_counter()
         embedder = await asyncio.to_thread(self.collection_embedder, collection, embedding_model)
         if rerank and rerank_model:
-            self.models.require(rerank_model, ("lm",), "rerank_model", param="rerank_model")
+            self.models.require(
+                rerank_model, serving(Operation.RELEVANCE), "rerank_model", param="rerank_model"
+            )
         if model_id:
             self.models.require(model_id, ("lm",), "model_id")
         hits = await self.retriever.retrieve(

@@ -8,11 +8,13 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from engine.errors import InvalidRequest
+from engine.models.backends import serving
+from engine.models.types import Operation
 from engine.rag.chunking import Tokenize, chunk_sections, word_offsets
 from engine.rag.types import Section
 from engine.steps.base import CheckContext, StepContext, StepPlugin
 
-TOKENIZER_TYPES = ("lm", "multimodal", "embeddings")
+TOKENIZER_TYPES = serving(Operation.TOKENIZE)
 
 
 class ChunkStep(StepPlugin):

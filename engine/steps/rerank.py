@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from engine.models.backends import serving
+from engine.models.types import Operation
 from engine.rag.retrieval import RERANK_INSTRUCTION, rank_by_relevance
 from engine.steps.base import StepContext, StepPlugin
 
@@ -57,7 +59,7 @@ class RerankStep(StepPlugin):
     async def run(self, params: dict[str, Any], ctx: StepContext, prepared: Any = None) -> Any:
         models = ctx.models
         model_id = params["model_id"]
-        models.require(model_id, ("lm",), "rerank")
+        models.require(model_id, serving(Operation.RELEVANCE), "rerank")
         # The schema made every document a string or an object with a `text` string.
         documents = [d if isinstance(d, dict) else {"text": d} for d in params["documents"]]
         ranked = await rank_by_relevance(

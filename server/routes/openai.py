@@ -33,8 +33,10 @@ from engine.config import Settings
 from engine.errors import FusionError, InvalidRequest, NotFound
 from engine.logging import get_logger
 from engine.models.audio import decode_wav
+from engine.models.backends import serving
 from engine.models.backends.base import OPENAI_CHAT_DEFAULTS, ChatChunk, ChatParams
 from engine.models.registry import ModelRegistry
+from engine.models.types import Operation as ModelOperation
 from server.errors import GENERIC_500_MESSAGE, type_and_code
 from server.uploads import UploadLimits, read_multipart
 
@@ -388,7 +390,7 @@ async def transcriptions(
             param="response_format",
         )
     with _model_param():
-        registry.require(model, ["whisper"], "transcription", param="model")
+        registry.require(model, serving(ModelOperation.TRANSCRIBE), "transcription", param="model")
     upload = form.files[0]
     audio = await asyncio.to_thread(decode_wav, upload.data, upload.filename)
     with _model_param():

@@ -34,7 +34,7 @@ def _json(path: Path) -> Any:
 class EmbeddingsBackend(Backend):
     model_type = ModelType.EMBEDDINGS
     capabilities = (Capability.EMBEDDINGS,)
-    operations = frozenset({Operation.EMBED, Operation.COUNT_TOKENS})
+    operations = frozenset({Operation.EMBED, Operation.COUNT_TOKENS, Operation.TOKENIZE})
     package = "mlx-vlm"
     module = "mlx_vlm"
 

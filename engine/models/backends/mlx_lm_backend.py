@@ -30,7 +30,9 @@ RERANK_SYSTEM = (
 class MlxLmBackend(GenerativeBackend):
     model_type = ModelType.LM
     capabilities = (Capability.CHAT,)
-    operations = frozenset({Operation.CHAT, Operation.COUNT_TOKENS})
+    operations = frozenset(
+        {Operation.CHAT, Operation.COUNT_TOKENS, Operation.TOKENIZE, Operation.RELEVANCE}
+    )
     package = "mlx-lm"
     module = "mlx_lm"
 

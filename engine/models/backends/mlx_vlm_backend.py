@@ -26,7 +26,9 @@ from engine.models.types import Capability, ModelType, Operation
 class MlxVlmBackend(GenerativeBackend):
     model_type = ModelType.MULTIMODAL
     capabilities = (Capability.VISION, Capability.CHAT)
-    operations = frozenset({Operation.CHAT, Operation.VISION, Operation.COUNT_TOKENS})
+    operations = frozenset(
+        {Operation.CHAT, Operation.VISION, Operation.COUNT_TOKENS, Operation.TOKENIZE}
+    )
     package = "mlx-vlm"
     module = "mlx_vlm"
 
