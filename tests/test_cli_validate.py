@@ -180,3 +180,18 @@ def test_schema_output_file(tmp_path: Path) -> None:
     written = json.loads(target.read_text(encoding="utf-8"))
     checked_in = json.loads((ROOT / "schemas" / "workflow.schema.json").read_text("utf-8"))
     assert written == checked_in
+
+
+def test_steps_lists_every_step_type_with_its_output_schema(tmp_path: Path) -> None:
+    result = fusion("steps", "--format", "json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    listing = {item["type"]: item for item in json.loads(result.stdout)}
+    schema = json.loads((ROOT / "schemas" / "workflow.schema.json").read_text("utf-8"))
+    for name, item in listing.items():
+        step = schema["$defs"][f"step.{name}"]
+        assert item["output_schema"] == step["x-output-schema"]
+        assert set(item["params_schema"]["properties"]) < set(step["properties"])
+    assert {"template", "workflow", "model_call", "chunk"} <= set(listing)
+    text = fusion("steps", cwd=tmp_path).stdout
+    assert "chunk: " in text
+    assert "output: array<string>" in text  # chunk's declared output, as the checker types it
