@@ -19,13 +19,13 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import httpx
 
-from engine.errors import InvalidRequest, PayloadTooLarge
+from engine.errors import ErrorCode, InvalidRequest, PayloadTooLarge
 
 MAX_REDIRECTS = 5
 
 
 class BlockedAddress(InvalidRequest):
-    default_code = "url_not_allowed"
+    default_code = ErrorCode.URL_NOT_ALLOWED
 
 
 # NAT64: the well-known prefix carries the IPv4 address in its last 32 bits (RFC 6052);
@@ -71,7 +71,7 @@ async def resolve_checked(host: str, port: int, policy: FetchPolicy) -> str:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise InvalidRequest(
-            f"cannot resolve host '{host}': {exc}", code="url_unreachable"
+            f"cannot resolve host '{host}': {exc}", code=ErrorCode.URL_UNREACHABLE
         ) from None
     addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
     if not policy.allow_private:
@@ -118,11 +118,11 @@ async def fetch(
             return await _fetch(url, policy, method, headers, content)
     except TimeoutError:
         raise InvalidRequest(
-            f"fetching '{url}' took longer than {policy.timeout_s:g} s", code="url_timeout"
+            f"fetching '{url}' took longer than {policy.timeout_s:g} s", code=ErrorCode.URL_TIMEOUT
         ) from None
     except httpx.HTTPError as exc:
         raise InvalidRequest(
-            f"fetching '{url}' failed: {type(exc).__name__}: {exc}", code="url_unreachable"
+            f"fetching '{url}' failed: {type(exc).__name__}: {exc}", code=ErrorCode.URL_UNREACHABLE
         ) from None
 
 

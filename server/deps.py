@@ -9,7 +9,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 
 from engine.config import Settings
-from engine.errors import ServiceUnavailable
+from engine.errors import ErrorCode, ServiceUnavailable
 from engine.fusion.service import FusionService
 from engine.models.registry import ModelRegistry
 from engine.rag.service import RagService
@@ -19,7 +19,7 @@ from engine.services import Engine
 def _engine(state: State) -> Engine:
     engine: Engine | None = getattr(state, "engine", None)
     if engine is None:
-        raise ServiceUnavailable("the engine is not running", code="engine_not_running")
+        raise ServiceUnavailable("the engine is not running", code=ErrorCode.ENGINE_NOT_RUNNING)
     return engine
 
 
@@ -34,7 +34,7 @@ def _rag(state: State) -> RagService:
 def _fusion(state: State) -> FusionService:
     service = _engine(state).fusion
     if service is None:
-        raise ServiceUnavailable("the engine is not running", code="engine_not_running")
+        raise ServiceUnavailable("the engine is not running", code=ErrorCode.ENGINE_NOT_RUNNING)
     return service
 
 

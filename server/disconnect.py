@@ -27,7 +27,7 @@ from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, ReceiveMessage, Scope, Send
 
-from engine.errors import ServiceUnavailable
+from engine.errors import ErrorCode, ServiceUnavailable
 from engine.logging import get_logger
 
 log = get_logger("server.disconnect")
@@ -96,7 +96,7 @@ async def _end_response(send: Send, *, started: bool) -> None:
         # A streamed response is cut where it is, but ends as a well-formed message.
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return
-    error = ServiceUnavailable("the server is shutting down", code="shutting_down")
+    error = ServiceUnavailable("the server is shutting down", code=ErrorCode.SHUTTING_DOWN)
     body = msgspec.json.encode(error.envelope())
     await send(
         {

@@ -18,7 +18,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ExceptionHandlersMap
 
-from engine.errors import FusionError
+from engine.errors import ERROR_TYPES, ErrorCode, FusionError
 from engine.logging import get_logger
 from engine.store import storage_error
 
@@ -26,27 +26,28 @@ log = get_logger("server.errors")
 
 GENERIC_500_MESSAGE = "Internal server error"
 
-# status -> (type, code) per spec §7. 405 has no row there: it is the caller's mistake,
-# so it is an invalid_request_error that keeps its own status and a precise code.
-_BY_STATUS: dict[int, tuple[str, str]] = {
-    400: ("invalid_request_error", "invalid_request"),
-    401: ("authentication_error", "authentication_failed"),
-    403: ("permission_error", "permission_denied"),
-    404: ("not_found_error", "not_found"),
-    405: ("invalid_request_error", "method_not_allowed"),
-    409: ("conflict_error", "conflict"),
-    413: ("payload_too_large_error", "payload_too_large"),
-    429: ("rate_limit_error", "rate_limit_exceeded"),
-    500: ("internal_error", "internal_error"),
-    503: ("service_unavailable_error", "service_unavailable"),
-    504: ("timeout_error", "timeout"),
+# The code for an error that brings none (Litestar's routing, validation and limits): one
+# per status; the type follows the status (engine.errors.ERROR_TYPES).
+_DEFAULT_CODES: dict[int, ErrorCode] = {
+    400: ErrorCode.INVALID_REQUEST,
+    401: ErrorCode.AUTHENTICATION_FAILED,
+    403: ErrorCode.PERMISSION_DENIED,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    409: ErrorCode.CONFLICT,
+    413: ErrorCode.PAYLOAD_TOO_LARGE,
+    429: ErrorCode.RATE_LIMIT_EXCEEDED,
+    500: ErrorCode.INTERNAL_ERROR,
+    503: ErrorCode.SERVICE_UNAVAILABLE,
+    504: ErrorCode.TIMEOUT,
 }
 
 
 def type_and_code(status: int) -> tuple[str, str]:
-    """The envelope's (type, code) for an HTTP status the spec does not list explicitly."""
-    if status in _BY_STATUS:
-        return _BY_STATUS[status]
+    """The envelope's (type, code) for an error that brings only its HTTP status."""
+    if status in _DEFAULT_CODES:
+        return ERROR_TYPES[status], _DEFAULT_CODES[status]
+    # A status no ErrorCode has (Litestar may raise any): a code from its reason phrase.
     phrase = _phrase(status) or "error"
     code = re.sub(r"[^a-z0-9]+", "_", phrase.lower()).strip("_")
     return ("internal_error" if status >= 500 else "invalid_request_error", code)
@@ -57,7 +58,7 @@ def error_response(
     message: str,
     *,
     type_: str | None = None,
-    code: str | None = None,
+    code: ErrorCode | None = None,
     param: str | None = None,
     details: Any = None,
     headers: dict[str, str] | None = None,

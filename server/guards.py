@@ -29,7 +29,7 @@ from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Receive, ReceiveMessage, Scope, Send
 
 from engine.config import Settings
-from engine.errors import FusionError, InvalidRequest
+from engine.errors import ErrorCode, FusionError, InvalidRequest
 from engine.logging import get_logger
 
 log = get_logger("server.guards")
@@ -40,20 +40,17 @@ ANY = "*"
 
 class HostNotAllowed(FusionError):
     status = 421
-    type = "invalid_request_error"
-    default_code = "host_not_allowed"
+    default_code = ErrorCode.HOST_NOT_ALLOWED
 
 
 class OriginNotAllowed(FusionError):
     status = 403
-    type = "permission_error"
-    default_code = "origin_not_allowed"
+    default_code = ErrorCode.ORIGIN_NOT_ALLOWED
 
 
 class UnsupportedMediaType(FusionError):
     status = 415
-    type = "invalid_request_error"
-    default_code = "unsupported_media_type"
+    default_code = ErrorCode.UNSUPPORTED_MEDIA_TYPE
 
 
 def cors_config(settings: Settings) -> CORSConfig | None:
@@ -160,7 +157,7 @@ def _depth_limited(receive: Receive, max_depth: int, scope: Scope) -> Receive:
             raise InvalidRequest(
                 f"the JSON body is nested deeper than {max_depth} levels "
                 "(the max_json_depth setting)",
-                code="json_too_deep",
+                code=ErrorCode.JSON_TOO_DEEP,
             )
         return message
 

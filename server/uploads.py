@@ -25,7 +25,7 @@ from litestar import Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from engine.errors import InvalidRequest, PayloadTooLarge
+from engine.errors import ErrorCode, InvalidRequest, PayloadTooLarge
 
 if TYPE_CHECKING:  # a TypedDict the library declares for type checkers only
     from python_multipart.multipart import MultipartCallbacks
@@ -72,13 +72,13 @@ def multipart_boundary(content_type: str | None) -> bytes:
         shown = kind.decode("latin-1") or "none"
         raise InvalidRequest(
             f"the request body must be multipart/form-data, not {shown}",
-            code="unsupported_content_type",
+            code=ErrorCode.UNSUPPORTED_CONTENT_TYPE,
         )
     boundary = options.get(b"boundary", b"")
     if not 0 < len(boundary) <= MAX_BOUNDARY:
         raise InvalidRequest(
             "multipart/form-data needs a boundary of 1 to 70 characters in its Content-Type",
-            code="unsupported_content_type",
+            code=ErrorCode.UNSUPPORTED_CONTENT_TYPE,
         )
     return boundary
 
@@ -199,7 +199,7 @@ class _Collector:
             raise InvalidRequest(
                 f"unknown form field '{name}' (expected: {expected})",
                 param=name,
-                code="unknown_field",
+                code=ErrorCode.UNKNOWN_FIELD,
             )
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:

@@ -339,9 +339,10 @@ def test_explicit_models_override_the_automatic_choice(client: httpx.Client) -> 
 def test_explicit_model_errors(client: httpx.Client) -> None:
     error = error_of(
         orchestrate(client, workflow="greet", input={"name": "A"}, models={"generation": "ghost"}),
-        503,
-        "model_not_loaded",
+        404,
+        "model_not_found",
     )
+    assert error["type"] == "not_found_error"
     assert "ghost" in error["message"]
     assert "'generation'" in error["message"]
     assert error["param"] == "models.generation"

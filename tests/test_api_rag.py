@@ -293,8 +293,8 @@ def test_many_files_past_litestars_body_cap(api: Api) -> None:
 
 def test_embedding_model_field(api: Api) -> None:
     files = {"a.txt": (b"Some text.", "text/plain")}
-    response = api.ingest("embedders", files, embedding_model="not-loaded")
-    assert _error(response, 503, "embedding_model")["type"] == "service_unavailable_error"
+    error = _error(api.ingest("embedders", files, embedding_model="not-loaded"), 404)
+    assert (error["param"], error["code"]) == ("embedding_model", "model_not_found")
     _error(api.ingest("embedders", files, embedding_model=LM_ID), 400, "embedding_model")
     response = api.ingest("embedders", files, embedding_model=EMBED_ID)
     assert response.status_code == 200, response.text

@@ -19,7 +19,7 @@ from litestar.params import FromQuery, JSONBody
 from serverutil import RunningServer, serve_app, serve_factory_process
 
 from engine.config import Settings
-from engine.errors import NotFound, QueueFull
+from engine.errors import ErrorCode, NotFound, QueueFull
 from server.app import create_app
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ async def boom() -> None:
 
 @get("/test/missing-model")
 async def missing_model() -> None:
-    raise NotFound("Model 'nope' not found", param="model_id", code="model_not_found")
+    raise NotFound("Model 'nope' not found", param="model_id", code=ErrorCode.MODEL_NOT_FOUND)
 
 
 @get("/test/queue-full")

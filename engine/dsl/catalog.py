@@ -9,7 +9,7 @@ from engine.dsl.compiled import CompiledWorkflow
 from engine.dsl.compiler import compile_document
 from engine.dsl.issues import Issue, WorkflowInvalid
 from engine.dsl.source import Document, load_file
-from engine.errors import NotFound
+from engine.errors import ErrorCode, NotFound
 from engine.steps.registry import StepRegistry
 
 WORKFLOW_SUFFIXES = (".yaml", ".yml", ".json")
@@ -98,7 +98,9 @@ class WorkflowCatalog:
             return self._workflows[workflow_id]
         except KeyError:
             raise NotFound(
-                f"workflow '{workflow_id}' not found", param="workflow", code="invalid_workflow"
+                f"workflow '{workflow_id}' not found",
+                param="workflow",
+                code=ErrorCode.INVALID_WORKFLOW,
             ) from None
 
     def __iter__(self):

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from engine.errors import InvalidRequest
+from engine.errors import ErrorCode, InvalidRequest
 
 Path = tuple[str | int, ...]
 
@@ -74,7 +74,7 @@ def format_issues(issues: Sequence[Issue], fmt: str) -> str:
 class WorkflowInvalid(InvalidRequest):
     """A workflow definition with one or more issues; all of them are reported at once."""
 
-    default_code = "invalid_workflow"
+    default_code = ErrorCode.INVALID_WORKFLOW
 
     def __init__(self, issues: Sequence[Issue]) -> None:
         self.issues = list(issues)

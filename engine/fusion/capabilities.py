@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.errors import InvalidRequest
+from engine.errors import ErrorCode, InvalidRequest
 from engine.models.backends import type_capabilities
 from engine.models.memory import gb
 from engine.models.registry import ModelEntry
@@ -31,7 +31,7 @@ def normalise(capability: str) -> str:
         raise InvalidRequest(
             f"unknown capability '{capability}'; known: {', '.join(CAPABILITIES)}",
             param="capability",
-            code="invalid_capability",
+            code=ErrorCode.INVALID_CAPABILITY,
         )
     return name
 

@@ -27,7 +27,7 @@ from engine.dsl.compiler import compile_document
 from engine.dsl.issues import Issue, WorkflowInvalid
 from engine.dsl.schema import WORKFLOW_KEYS
 from engine.dsl.source import from_object
-from engine.errors import Conflict, NotFound
+from engine.errors import Conflict, ErrorCode, NotFound
 from engine.steps.registry import StepRegistry
 from engine.store import Store, register_migration
 
@@ -170,7 +170,7 @@ class ComposedWorkflows:
             raise Conflict(
                 f"workflow '{wf_id}' is a predefined workflow; choose another name",
                 param="name" if "id" not in body else "id",
-                code="workflow_exists",
+                code=ErrorCode.WORKFLOW_EXISTS,
             )
         created_at = utc_iso()
         stored = {**body, "version": 0}  # the version is set below, inside the transaction
@@ -208,10 +208,12 @@ class ComposedWorkflows:
                     f"workflow '{wf_id}' is predefined (a file in the workflows directory) "
                     "and cannot be deleted through the API",
                     param="workflow_id",
-                    code="workflow_predefined",
+                    code=ErrorCode.WORKFLOW_PREDEFINED,
                 )
             raise NotFound(
-                f"workflow '{wf_id}' not found", param="workflow_id", code="invalid_workflow"
+                f"workflow '{wf_id}' not found",
+                param="workflow_id",
+                code=ErrorCode.INVALID_WORKFLOW,
             )
         callers = callers_of(wf_id, self.catalog)
         if callers:
@@ -219,7 +221,7 @@ class ComposedWorkflows:
                 f"workflow '{wf_id}' is called by {', '.join(callers)}; delete or change "
                 "those first",
                 param="workflow_id",
-                code="workflow_in_use",
+                code=ErrorCode.WORKFLOW_IN_USE,
             )
         with self.store.transaction() as conn:
             conn.execute(

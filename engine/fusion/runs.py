@@ -13,7 +13,7 @@ from typing import Any
 import apsw
 import msgspec
 
-from engine.errors import NotFound, RecordTooLarge
+from engine.errors import ErrorCode, NotFound, RecordTooLarge
 from engine.runtime.trace import RunResult, StepRecord
 from engine.store import Store, register_migration
 
@@ -204,7 +204,9 @@ class RunStore:
         (and `definition` for an inline workflow)."""
         rows = self.store.query(f"SELECT {_COLUMNS} FROM runs WHERE id = ?", (run_id,))
         if not rows:
-            raise NotFound(f"run '{run_id}' not found", param="run_id", code="run_not_found")
+            raise NotFound(
+                f"run '{run_id}' not found", param="run_id", code=ErrorCode.RUN_NOT_FOUND
+            )
         names = [c.strip() for c in _COLUMNS.split(",")]
         row = dict(zip(names, rows[0], strict=True))
         for key in _JSON_COLUMNS:

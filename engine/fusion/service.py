@@ -15,7 +15,7 @@ from engine.dsl.compiled import CompiledWorkflow
 from engine.dsl.compiler import compile_document
 from engine.dsl.issues import Issue, WorkflowInvalid
 from engine.dsl.source import from_object
-from engine.errors import InvalidRequest, ServiceUnavailable, StorageError
+from engine.errors import ErrorCode, InvalidRequest, NotFound, StorageError
 from engine.fusion import capabilities as caps
 from engine.fusion.composed import ComposedWorkflows
 from engine.fusion.runs import RunStore, run_body
@@ -97,8 +97,9 @@ class FusionService:
         definition: dict[str, Any] | None = None,
     ) -> PreparedRun:
         """Every request error, before anything runs: unknown workflow (404), invalid
-        inline definition or input (400, `param` naming where), a model that is not
-        loaded (503 `model_not_loaded`)."""
+        inline definition or input (400, `param` naming where), a named model that is
+        not loaded (404 `model_not_found`), a required role no loaded model can fill (503
+        `model_not_loaded`)."""
         wf, source = self.resolve(workflow, definition)
         prepared_input = await prepare_input(wf.input_schema, input, self.runner.limits.schemas)
         if config is not None and not isinstance(config, Mapping):
@@ -134,7 +135,7 @@ class FusionService:
             raise InvalidRequest(
                 f"workflow \"{CUSTOM}\" runs the workflow given in 'definition'; it is missing",
                 param="definition",
-                code="invalid_workflow",
+                code=ErrorCode.INVALID_WORKFLOW,
             )
         if not isinstance(definition, dict):
             raise InvalidRequest("definition must be an object", param="definition")
@@ -163,18 +164,18 @@ class FusionService:
                 raise InvalidRequest("a model id must be a string", param=f"models.{role}")
             entry = registry.find(model_id)
             if entry is None:
-                raise ServiceUnavailable(
+                raise NotFound(
                     f"model '{model_id}' given for role '{role}' (type '{spec.type}') is not "
                     "loaded: load it first (POST /v1/models/load)",
                     param=f"models.{role}",
-                    code="model_not_loaded",
+                    code=ErrorCode.MODEL_NOT_FOUND,
                 )
             if entry.type not in _SERVES.get(spec.type, {spec.type}):
                 raise InvalidRequest(
                     f"role '{role}' needs a '{spec.type}' model; '{model_id}' is a "
                     f"'{entry.type}' model",
                     param=f"models.{role}",
-                    code="model_type_mismatch",
+                    code=ErrorCode.MODEL_TYPE_MISMATCH,
                 )
 
     async def execute(self, run: PreparedRun, on_event: EventSink | None = None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import wave
 
 import numpy as np
 
-from engine.errors import InvalidRequest
+from engine.errors import ErrorCode, InvalidRequest
 
 TARGET_RATE = 16_000
 
@@ -34,7 +34,7 @@ def decode_wav(data: bytes, filename: str) -> np.ndarray:
     frames = len(raw) // (width * channels)
     if frames == 0:
         raise InvalidRequest(
-            f"'{filename}' holds no audio samples", param="file", code="empty_audio"
+            f"'{filename}' holds no audio samples", param="file", code=ErrorCode.EMPTY_AUDIO
         )
     samples = _pcm_to_float(raw[: frames * width * channels], width).reshape(frames, channels)
     mono = samples.mean(axis=1, dtype=np.float32) if channels > 1 else samples[:, 0]
@@ -68,5 +68,5 @@ def _unsupported(filename: str, why: str) -> InvalidRequest:
         f"cannot read audio file '{filename}': {why}; send a PCM WAV file "
         "(8, 16, 24 or 32-bit, any sample rate, mono or stereo)",
         param="file",
-        code="unsupported_audio",
+        code=ErrorCode.UNSUPPORTED_AUDIO,
     )

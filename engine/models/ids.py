@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from engine.errors import InvalidRequest
+from engine.errors import ErrorCode, InvalidRequest
 
 MODEL_ID_CHARACTERS = "ASCII letters, digits and . _ - : +, in segments joined by '/'"
 _SEGMENT = r"[A-Za-z0-9._:+-]+"
@@ -30,5 +30,5 @@ def check_model_id(model_id: str, max_chars: int, param: str = "model_id") -> No
         problem = "must not have a '.' or '..' segment"
     if problem is not None:
         raise InvalidRequest(
-            f"{param} {model_id[:64]!a} {problem}", param=param, code="invalid_model_id"
+            f"{param} {model_id[:64]!a} {problem}", param=param, code=ErrorCode.INVALID_MODEL_ID
         )

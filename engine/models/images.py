@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config import Settings
-from engine.errors import InvalidRequest, PayloadTooLarge
+from engine.errors import ErrorCode, InvalidRequest, PayloadTooLarge
 from engine.net import FetchPolicy, fetch
 
 
@@ -47,7 +47,7 @@ def _decode(data: bytes, source: str):  # -> PIL.Image.Image
         image.load()
     except (UnidentifiedImageError, OSError) as exc:
         raise InvalidRequest(
-            f"{source} is not a readable image: {exc}", code="invalid_image"
+            f"{source} is not a readable image: {exc}", code=ErrorCode.INVALID_IMAGE
         ) from None
     return image.convert("RGB")
 
@@ -55,12 +55,14 @@ def _decode(data: bytes, source: str):  # -> PIL.Image.Image
 def _from_data_uri(uri: str, limit: int):
     header, sep, payload = uri.partition(",")
     if not sep or ";base64" not in header:
-        raise InvalidRequest("a data: image URI must be base64 encoded", code="invalid_image")
+        raise InvalidRequest(
+            "a data: image URI must be base64 encoded", code=ErrorCode.INVALID_IMAGE
+        )
     try:
         raw = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest(
-            "the data: image URI is not valid base64", code="invalid_image"
+            "the data: image URI is not valid base64", code=ErrorCode.INVALID_IMAGE
         ) from None
     _check_size(len(raw), "the data: image URI", limit)
     return _decode(raw, "the data: URI")
@@ -70,13 +72,15 @@ def _from_file(ref: str, root: Path | None, limit: int):
     if root is None:
         raise InvalidRequest(
             "local image paths are disabled: set image_root to allow reading files under it",
-            code="invalid_image",
+            code=ErrorCode.INVALID_IMAGE,
         )
     path = (root / ref.removeprefix("file://")).resolve()
     if not path.is_relative_to(root.resolve()):
-        raise InvalidRequest(f"image path '{ref}' is outside the image root", code="invalid_image")
+        raise InvalidRequest(
+            f"image path '{ref}' is outside the image root", code=ErrorCode.INVALID_IMAGE
+        )
     if not path.is_file():
-        raise InvalidRequest(f"image file '{ref}' not found", code="invalid_image")
+        raise InvalidRequest(f"image file '{ref}' not found", code=ErrorCode.INVALID_IMAGE)
     _check_size(path.stat().st_size, f"image file '{ref}'", limit)
     return _decode(path.read_bytes(), f"image file '{ref}'")
 
@@ -89,7 +93,8 @@ async def load_image(ref: str, policy: ImagePolicy):
         response = await fetch(ref, policy.fetch)
         if response.status_code != 200:
             raise InvalidRequest(
-                f"fetching image '{ref}' returned HTTP {response.status_code}", code="invalid_image"
+                f"fetching image '{ref}' returned HTTP {response.status_code}",
+                code=ErrorCode.INVALID_IMAGE,
             )
         return _decode(response.content, f"image URL '{ref}'")
     return _from_file(ref, policy.root, limit)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import InvalidRequest
+from engine.errors import ErrorCode, InvalidRequest
 from engine.models.images import ImagePolicy, load_image
 
 IMAGE_PART_TYPES = ("image_url", "input_image", "image")
@@ -50,7 +50,7 @@ def text_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             raise InvalidRequest(
                 "this model takes text only; send images to a multimodal model",
                 param=f"messages[{i}].content",
-                code="images_not_supported",
+                code=ErrorCode.IMAGES_NOT_SUPPORTED,
             )
         text = "".join(str(p.get("text", "")) for p in parts)
         out.append({**message, "content": text})

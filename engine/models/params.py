@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from engine.errors import InvalidRequest
+from engine.errors import ErrorCode, InvalidRequest
 from engine.models.backends.base import ChatParams, read_config
 
 
@@ -31,12 +31,12 @@ def check_logit_bias(path: Path, params: ChatParams) -> None:
             "logit_bias cannot be checked against this model's vocabulary (no vocab_size "
             "in its config)",
             param="logit_bias",
-            code="invalid_logit_bias",
+            code=ErrorCode.INVALID_LOGIT_BIAS,
         )
     bad = sorted(t for t in params.logit_bias if not 0 <= t < size)
     if bad:
         raise InvalidRequest(
             f"logit_bias token ids must be in [0, {size}); got {', '.join(map(str, bad[:5]))}",
             param="logit_bias",
-            code="invalid_logit_bias",
+            code=ErrorCode.INVALID_LOGIT_BIAS,
         )

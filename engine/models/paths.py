@@ -8,7 +8,7 @@ import re
 import socket
 from pathlib import Path
 
-from engine.errors import InvalidRequest
+from engine.errors import ErrorCode, InvalidRequest
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_HOST = ("huggingface.co", 443)
@@ -33,7 +33,7 @@ def resolve_model_path(model_path: str) -> Path:
         raise InvalidRequest(
             f"model_path '{model_path}' is neither a local directory nor a hub id (owner/name)",
             param="model_path",
-            code="invalid_model_path",
+            code=ErrorCode.INVALID_MODEL_PATH,
         )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -48,7 +48,7 @@ def resolve_model_path(model_path: str) -> Path:
             "cache, and the model hub is unreachable: download the model elsewhere and pass "
             "its directory",
             param="model_path",
-            code="model_unavailable_offline",
+            code=ErrorCode.MODEL_UNAVAILABLE_OFFLINE,
         )
     try:
         return Path(snapshot_download(model_path))
@@ -56,5 +56,5 @@ def resolve_model_path(model_path: str) -> Path:
         raise InvalidRequest(
             f"could not download '{model_path}' from the hub: {exc}",
             param="model_path",
-            code="invalid_model_path",
+            code=ErrorCode.INVALID_MODEL_PATH,
         ) from None

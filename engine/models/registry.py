@@ -17,6 +17,7 @@ import structlog
 from engine.config import Settings
 from engine.errors import (
     Conflict,
+    ErrorCode,
     InsufficientMemory,
     InvalidRequest,
     NotFound,
@@ -146,7 +147,9 @@ class ModelRegistry:
         check_model_id(model_id, self.limits.id_max_chars, param)
         entry = self.find(model_id)
         if entry is None:
-            raise NotFound(f"model '{model_id}' not found", param=param, code="model_not_found")
+            raise NotFound(
+                f"model '{model_id}' not found", param=param, code=ErrorCode.MODEL_NOT_FOUND
+            )
         return entry
 
     def require(
@@ -160,7 +163,7 @@ class ModelRegistry:
             raise InvalidRequest(
                 f"{purpose} needs a model of type {wanted}; '{model_id}' is a '{entry.type}' model",
                 param=param,
-                code="wrong_model_type",
+                code=ErrorCode.WRONG_MODEL_TYPE,
             )
         return entry
 
@@ -190,7 +193,7 @@ class ModelRegistry:
             raise Conflict(
                 f"model '{model_id}' is already loaded",
                 param="model_id",
-                code="model_already_loaded",
+                code=ErrorCode.MODEL_ALREADY_LOADED,
             )
         pending = self._loading.get(model_id)
         if pending is not None:
@@ -199,7 +202,7 @@ class ModelRegistry:
             raise Conflict(
                 f"model '{model_id}' is being loaded from another path",
                 param="model_id",
-                code="model_already_loaded",
+                code=ErrorCode.MODEL_ALREADY_LOADED,
             )
         task = asyncio.ensure_future(self._load(spec, backend))
         self._loading[model_id] = (spec, task)
@@ -216,7 +219,7 @@ class ModelRegistry:
             raise InvalidRequest(
                 f"model_type '{model_type}' is not one of {', '.join(ModelType)}",
                 param="model_type",
-                code="invalid_model_type",
+                code=ErrorCode.INVALID_MODEL_TYPE,
             )
         backend = self.backends.get(model_type)
         if backend is None or not backend.available():
@@ -224,7 +227,7 @@ class ModelRegistry:
             raise InvalidRequest(
                 f"cannot load model_type '{model_type}': {reason}",
                 param="model_type",
-                code="backend_unavailable",
+                code=ErrorCode.BACKEND_UNAVAILABLE,
             )
         return backend
 
@@ -301,7 +304,7 @@ class ModelRegistry:
                 f"model '{model_id}' is in use ({entry.slots.active} running, "
                 f"{entry.slots.waiting} queued); pass force=true to unload anyway",
                 param="model_id",
-                code="model_in_use",
+                code=ErrorCode.MODEL_IN_USE,
             )
         started = time.perf_counter()
         freed = await self._release(entry)
@@ -408,7 +411,7 @@ class ModelRegistry:
                 f"the prompt has {chars} characters; the limit is {limit} "
                 "(setting model_max_prompt_chars)",
                 param=param,
-                code="prompt_too_long",
+                code=ErrorCode.PROMPT_TOO_LONG,
             )
 
     async def _prepare(self, entry: ModelEntry, messages: Sequence[dict[str, Any]]) -> Any:
@@ -507,7 +510,7 @@ def _unloaded(model_id: str) -> ServiceUnavailable:
     return ServiceUnavailable(
         f"model '{model_id}' was unloaded while the request was pending",
         param="model",
-        code="model_unloaded",
+        code=ErrorCode.MODEL_UNLOADED,
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 from engine.config import Settings
-from engine.errors import FusionError, InvalidRequest, PayloadTooLarge
+from engine.errors import ERROR_STATUS, ErrorCode, FusionError, InvalidRequest, PayloadTooLarge
 from engine.rag.formats.common import ExtractLimits, FormatError, LimitExceeded
 from engine.rag.types import Extracted, Section
 
@@ -95,8 +95,8 @@ def extract_limits(settings: Settings) -> ExtractLimits:
 def extract_payload(payload: dict[str, Any]) -> dict[str, Any]:
     """`extract` for the sandbox: payload {filename, data, content_type, limits} (limits as
     ExtractLimits' fields); the answer is {format, title, sections: [[text, page,
-    heading]...]} or {error: {status, message, code}}, errors as data so the status and
-    code survive the trip between processes."""
+    heading]...]} or {error: {message, code}}, errors as data so the code (which fixes
+    the status) survives the trip between processes."""
     try:
         extracted = extract(
             payload["filename"],
@@ -105,7 +105,7 @@ def extract_payload(payload: dict[str, Any]) -> dict[str, Any]:
             ExtractLimits(**payload["limits"]),
         )
     except FusionError as exc:
-        return {"error": {"status": exc.status, "message": exc.message, "code": exc.code}}
+        return {"error": {"message": exc.message, "code": exc.code}}
     return {
         "format": extracted.format,
         "title": extracted.title,
@@ -117,8 +117,9 @@ def extracted_from_payload(filename: str, answer: dict[str, Any]) -> Extracted:
     """The inverse of `extract_payload`'s answer: the Extracted, or the error it reports."""
     error = answer.get("error")
     if error is not None:
-        kind = PayloadTooLarge if error["status"] == PayloadTooLarge.status else InvalidRequest
-        raise kind(error["message"], param="files", code=error["code"], details={"file": filename})
+        code = ErrorCode(error["code"])
+        kind = PayloadTooLarge if ERROR_STATUS[code] == PayloadTooLarge.status else InvalidRequest
+        raise kind(error["message"], param="files", code=code, details={"file": filename})
     sections = [Section(text=t, page=p, heading=h) for t, p, h in answer["sections"]]
     return Extracted(format=answer["format"], title=answer["title"], sections=sections)
 
@@ -176,12 +177,14 @@ def detect_format(filename: str, data: bytes, content_type: str | None = None) -
         return by_name
     if suffix in _UNSUPPORTED_EXTENSIONS:
         raise FormatError(
-            f"unsupported format '{suffix}'; {SUPPORTED} expected", code="unsupported_format"
+            f"unsupported format '{suffix}'; {SUPPORTED} expected",
+            code=ErrorCode.UNSUPPORTED_FORMAT,
         )
     for magic, what in _MAGIC:
         if data.startswith(magic):
             raise FormatError(
-                f"unsupported format ({what}); {SUPPORTED} expected", code="unsupported_format"
+                f"unsupported format ({what}); {SUPPORTED} expected",
+                code=ErrorCode.UNSUPPORTED_FORMAT,
             )
     by_type = _CONTENT_TYPES.get(_media_type(content_type))
     # pdf by type alone is impossible here: the signature check above found none.
@@ -229,5 +232,7 @@ def _charset(content_type: str | None) -> str | None:
     return match.group(1) if match else None
 
 
-def _invalid(name: str, problem: str, code: str = "invalid_document") -> InvalidRequest:
+def _invalid(
+    name: str, problem: str, code: ErrorCode = ErrorCode.INVALID_DOCUMENT
+) -> InvalidRequest:
     return InvalidRequest(f"{name}: {problem}", param="files", code=code, details={"file": name})

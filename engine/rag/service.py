@@ -18,7 +18,7 @@ import numpy as np
 import structlog
 
 from engine.config import Settings
-from engine.errors import InvalidRequest, PayloadTooLarge, ServiceUnavailable
+from engine.errors import ErrorCode, InvalidRequest, PayloadTooLarge, ServiceUnavailable
 from engine.models.backends import serving
 from engine.models.backends.base import ChatParams
 from engine.models.registry import ModelRegistry
@@ -119,7 +119,7 @@ def check_collection_name(name: str, param: str = "collection") -> str:
             f"collection name {name!r} is invalid: use 1-128 letters, digits, '_', '.' or '-', "
             "starting with a letter or digit",
             param=param,
-            code="invalid_collection",
+            code=ErrorCode.INVALID_COLLECTION,
         )
     return name
 
@@ -142,7 +142,7 @@ def check_metadata(metadata: dict[str, Any], limits: IngestLimits) -> dict[str, 
             f"metadata is {size:,} bytes as JSON; the limit is {limits.metadata_max_bytes:,} "
             "(setting rag_metadata_max_bytes)",
             param="metadata",
-            code="metadata_too_large",
+            code=ErrorCode.METADATA_TOO_LARGE,
         )
     return metadata
 
@@ -151,7 +151,7 @@ def metadata_too_deep(limit: int) -> InvalidRequest:
     return InvalidRequest(
         f"metadata nests deeper than {limit} levels (setting rag_metadata_max_depth)",
         param="metadata",
-        code="metadata_too_deep",
+        code=ErrorCode.METADATA_TOO_DEEP,
     )
 
 
@@ -159,7 +159,7 @@ def _too_large(name: str, problem: str, setting: str) -> PayloadTooLarge:
     return PayloadTooLarge(
         f"{name}: {problem} (setting {setting})",
         param="files",
-        code="document_too_large",
+        code=ErrorCode.DOCUMENT_TOO_LARGE,
         details={"file": name},
     )
 
@@ -179,30 +179,33 @@ class RagService:
 
     # -- models ---------------------------------------------------------------------------
     def embedding_model(self, collection: str | None, requested: str | None) -> str:
-        """The embedding model for a collection: the one asked for, else the one the
-        collection was built with, else the loaded embeddings model (503 when none)."""
-        existing = self.db.find_collection(collection) if collection else None
-        model_id = requested or (existing.embedding_model if existing else None)
-        model_id = model_id or self.models.select("embeddings")
-        if model_id is None:
-            raise ServiceUnavailable(
-                "no embedding model is loaded: load a model of type 'embeddings'",
-                param="embedding_model",
-                code="model_not_loaded",
-            )
-        entry = self.models.find(model_id)
+        """The embedding model for a collection: the one asked for (404 when it is not
+        loaded), else the one the collection was built with, else the loaded embeddings
+        model (503 when the collection's is not loaded, or none is)."""
+        entry = self.models.get(requested, "embedding_model") if requested else None
         if entry is None:
-            raise ServiceUnavailable(
-                f"embedding model '{model_id}' is not loaded",
-                param="embedding_model",
-                code="model_not_loaded",
-            )
+            existing = self.db.find_collection(collection) if collection else None
+            default = existing.embedding_model if existing else self.models.select("embeddings")
+            if default is None:
+                raise ServiceUnavailable(
+                    "no embedding model is loaded: load a model of type 'embeddings'",
+                    param="embedding_model",
+                    code=ErrorCode.MODEL_NOT_LOADED,
+                )
+            entry = self.models.find(default)
+            if entry is None:
+                raise ServiceUnavailable(
+                    f"collection '{collection}' was embedded with '{default}', which is not "
+                    "loaded: load it or pass embedding_model",
+                    param="embedding_model",
+                    code=ErrorCode.MODEL_NOT_LOADED,
+                )
         if entry.type != "embeddings":
             raise InvalidRequest(
-                f"model '{model_id}' is a '{entry.type}' model, not an embeddings model",
+                f"model '{entry.id}' is a '{entry.type}' model, not an embeddings model",
                 param="embedding_model",
             )
-        return model_id
+        return entry.id
 
     def collection_embedder(self, collection: str, requested: str | None) -> str:
         """The embedding model to query a collection with: ``requested``, else the
@@ -215,7 +218,7 @@ class RagService:
                 f"collection '{collection}' was embedded with '{info.embedding_model}', "
                 f"not '{embedder}'",
                 param="embedding_model",
-                code="embedding_model_mismatch",
+                code=ErrorCode.EMBEDDING_MODEL_MISMATCH,
             )
         return embedder
 
@@ -389,7 +392,7 @@ class RagService:
             raise InvalidRequest(
                 f"{name}: the document could not be read ({exc.message})",
                 param="files",
-                code="invalid_document",
+                code=ErrorCode.INVALID_DOCUMENT,
                 details={"file": name},
             ) from None
         return extracted_from_payload(name, answer)
@@ -477,14 +480,14 @@ class RagService:
                 f"collection '{collection}' was embedded with '{info.embedding_model}', "
                 f"not '{embedding_model}'",
                 param="embedding_model",
-                code="embedding_model_mismatch",
+                code=ErrorCode.EMBEDDING_MODEL_MISMATCH,
             )
         if len(vector) != info.dimension:
             raise InvalidRequest(
                 f"the query vector has {len(vector)} dimensions; collection '{collection}' "
                 f"holds {info.dimension}-dimensional vectors of '{info.embedding_model}'",
                 param="query_embedding",
-                code="dimension_mismatch",
+                code=ErrorCode.DIMENSION_MISMATCH,
             )
         return await self.retriever.by_vector(collection, vector, top_k=top_k, threshold=threshold)
 
@@ -528,7 +531,7 @@ class RagService:
             raise ServiceUnavailable(
                 "no chat model is loaded to answer: load a model of type 'lm' or pass model_id",
                 param="model_id",
-                code="model_not_loaded",
+                code=ErrorCode.MODEL_NOT_LOADED,
             )
         params = ChatParams.from_options(generation_config or {}, param="generation_config")
         gen_started = time.perf_counter()

@@ -42,7 +42,7 @@ import apsw
 import numpy as np
 
 from engine.clock import utc_iso
-from engine.errors import InvalidRequest, NotFound
+from engine.errors import ErrorCode, InvalidRequest, NotFound
 from engine.rag.types import CollectionInfo, DocumentInfo, Hit, NewDocument
 from engine.store import Store, register_migration
 
@@ -348,7 +348,7 @@ class RagStore:
                 raise NotFound(
                     f"document {document_id!r} not found in collection {collection!r}",
                     param="document_id",
-                    code="document_not_found",
+                    code=ErrorCode.DOCUMENT_NOT_FOUND,
                 )
             chunks = _scalar(conn, "SELECT count(*) FROM chunks WHERE document_id = ?", row[0])
             # Chunks, FTS rows and vectors follow by cascade and triggers.
@@ -478,7 +478,7 @@ def _document_matrix(doc: NewDocument, dimension: int) -> np.ndarray:
         raise InvalidRequest(
             f"{doc.filename}: a vector is zero or not finite",
             param="documents",
-            code="invalid_vector",
+            code=ErrorCode.INVALID_VECTOR,
         )
     return (matrix / norms).astype("<f4")
 
@@ -491,12 +491,12 @@ def _unit_vector(
         raise InvalidRequest(
             f"{where}: vector has shape {array.shape}, the collection's dimension is {dimension}",
             param=param,
-            code="dimension_mismatch",
+            code=ErrorCode.DIMENSION_MISMATCH,
         )
     norm = float(np.linalg.norm(array))
     if not math.isfinite(norm) or norm < _MIN_NORM:
         raise InvalidRequest(
-            f"{where}: vector is zero or not finite", param=param, code="invalid_vector"
+            f"{where}: vector is zero or not finite", param=param, code=ErrorCode.INVALID_VECTOR
         )
     return (array / norm).astype("<f4")
 
@@ -507,7 +507,7 @@ def _check_same_model(coll: _Collection, embedding_model: str, dimension: int) -
             f"collection {coll.name!r} holds {coll.dimension}-dimensional vectors "
             f"({coll.embedding_model}); this request has {dimension}",
             param="embedding_model",
-            code="dimension_mismatch",
+            code=ErrorCode.DIMENSION_MISMATCH,
         )
     if coll.embedding_model != embedding_model:
         # Same dimension, different model: the vectors would not be comparable.
@@ -515,7 +515,7 @@ def _check_same_model(coll: _Collection, embedding_model: str, dimension: int) -
             f"collection {coll.name!r} was built with embedding model "
             f"{coll.embedding_model!r}, not {embedding_model!r}",
             param="embedding_model",
-            code="embedding_model_mismatch",
+            code=ErrorCode.EMBEDDING_MODEL_MISMATCH,
         )
 
 
@@ -687,7 +687,7 @@ def _require_collection(conn: apsw.Connection, name: str) -> _Collection:
 
 def _collection_not_found(name: str) -> NotFound:
     return NotFound(
-        f"collection {name!r} not found", param="collection", code="collection_not_found"
+        f"collection {name!r} not found", param="collection", code=ErrorCode.COLLECTION_NOT_FOUND
     )
 
 

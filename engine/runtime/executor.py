@@ -23,7 +23,7 @@ from engine.dsl.issues import dotted
 from engine.dsl.rendering import render
 from engine.dsl.templating import TemplateRenderError
 from engine.dsl.values import Literal, Value
-from engine.errors import FusionError, InvalidRequest, ServiceUnavailable
+from engine.errors import ErrorCode, FusionError, InvalidRequest, ServiceUnavailable
 from engine.runtime.inputs import output_problem, prepare_input
 from engine.runtime.trace import (
     COMPLETED,
@@ -152,7 +152,7 @@ class Runner:
                     f"no model bound to required role '{role}' (type '{spec.type}'): load a "
                     f"'{spec.type}' model or pass models.{role}",
                     param=f"models.{role}",
-                    code="model_not_loaded",
+                    code=ErrorCode.MODEL_NOT_LOADED,
                 )
             bound[role] = model
         return bound

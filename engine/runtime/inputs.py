@@ -15,7 +15,7 @@ from jsonschema.exceptions import best_match
 
 from engine.dsl.input_schema import NO_RETRIEVAL, SafeValidator, is_linear, short_message
 from engine.dsl.issues import json_pointer
-from engine.errors import InvalidRequest
+from engine.errors import ErrorCode, InvalidRequest
 from engine.sandbox import Budget, SandboxError, SandboxTimeout, shared_sandbox
 
 
@@ -132,10 +132,12 @@ async def prepare_input(schema: dict[str, Any], data: Any, budget: Budget) -> di
     try:
         outcome = await _check("check_input", "input", schema, data, budget)
     except SchemaUnchecked as exc:
-        raise InvalidRequest(str(exc), param="input", code="invalid_input") from None
+        raise InvalidRequest(str(exc), param="input", code=ErrorCode.INVALID_INPUT) from None
     if "error" in outcome:
         raise InvalidRequest(
-            outcome["error"]["message"], param=outcome["error"]["param"], code="invalid_input"
+            outcome["error"]["message"],
+            param=outcome["error"]["param"],
+            code=ErrorCode.INVALID_INPUT,
         )
     instance: dict[str, Any] = outcome["instance"]
     return instance

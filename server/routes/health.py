@@ -17,6 +17,7 @@ import msgspec
 from litestar import Request, Response, get
 
 from engine.clock import utc_iso
+from engine.errors import ErrorCode
 from engine.logging import get_logger
 from engine.models import views
 from engine.store import Store
@@ -81,10 +82,10 @@ def _unhealthy(message: str, *, connected: bool) -> tuple[str, PersistenceHealth
     readings = PersistenceHealth(
         vector_db_connected=connected, store_writable=False, store_free_bytes=None
     )
-    return "unhealthy", readings, _error_object(message, "storage_unavailable")
+    return "unhealthy", readings, _error_object(message, ErrorCode.STORAGE_UNAVAILABLE)
 
 
-def _error_object(message: str, code: str) -> dict[str, Any]:
+def _error_object(message: str, code: ErrorCode) -> dict[str, Any]:
     return {"type": "service_unavailable_error", "message": message, "param": None, "code": code}
 
 

@@ -19,7 +19,7 @@ from litestar.exceptions import MethodNotAllowedException
 from litestar.params import FromPath, FromQuery, JSONBody
 from msgspec import Meta
 
-from engine.errors import InvalidRequest
+from engine.errors import ErrorCode, InvalidRequest
 from engine.models import views
 from engine.models.memory import gb
 from engine.models.registry import ModelRegistry
@@ -165,7 +165,7 @@ def _check_model_id(model_id: str) -> None:
             f"model_id {model_id!a} would clash with the route /v1/models/.../{last}: "
             "choose another id",
             param="model_id",
-            code="invalid_model_id",
+            code=ErrorCode.INVALID_MODEL_ID,
         )
 
 

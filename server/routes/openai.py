@@ -30,7 +30,7 @@ from litestar.response import Stream
 from msgspec import Meta
 
 from engine.config import Settings
-from engine.errors import FusionError, InvalidRequest, NotFound
+from engine.errors import ErrorCode, FusionError, InvalidRequest, NotFound
 from engine.logging import get_logger
 from engine.models.audio import decode_wav
 from engine.models.backends import serving
@@ -99,7 +99,9 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
 
 def _chat_params(body: ChatCompletionRequest) -> ChatParams:
     if body.n not in (None, 1):
-        raise InvalidRequest("only n=1 is supported", param="n", code="unsupported_parameter")
+        raise InvalidRequest(
+            "only n=1 is supported", param="n", code=ErrorCode.UNSUPPORTED_PARAMETER
+        )
     for i, message in enumerate(body.messages):
         if not isinstance(message.get("role"), str):
             raise InvalidRequest("every message needs a string 'role'", param=f"messages[{i}].role")
@@ -132,7 +134,7 @@ def _model_param() -> Iterator[None]:
     try:
         yield
     except (NotFound, InvalidRequest) as exc:
-        if exc.code in ("model_not_found", "invalid_model_id"):
+        if exc.code in (ErrorCode.MODEL_NOT_FOUND, ErrorCode.INVALID_MODEL_ID):
             exc.param = "model"
         raise
 
@@ -298,7 +300,7 @@ def _check_dimensions(requested: int | None, actual: int | None) -> None:
         raise InvalidRequest(
             f"this model's embeddings have {actual} dimensions; it cannot return {requested}",
             param="dimensions",
-            code="dimensions_not_supported",
+            code=ErrorCode.DIMENSIONS_NOT_SUPPORTED,
         )
 
 

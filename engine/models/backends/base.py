@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Self
 import structlog
 
 from engine.config import Settings
-from engine.errors import InvalidRequest
+from engine.errors import ErrorCode, InvalidRequest
 from engine.models.types import Capability, ModelType, Operation
 
 log = structlog.get_logger(__name__)
@@ -132,30 +132,44 @@ class LoadedModel:
     def chat_stream(
         self, messages: Sequence[dict[str, Any]], params: ChatParams, stop: threading.Event
     ) -> Iterator[ChatChunk]:
-        raise InvalidRequest(f"a '{self.model_type}' model does not chat", code="unsupported")
+        raise InvalidRequest(
+            f"a '{self.model_type}' model does not chat", code=ErrorCode.UNSUPPORTED
+        )
 
     def embed(self, texts: Sequence[str], stop: threading.Event) -> EmbedResult:
-        raise InvalidRequest(f"a '{self.model_type}' model does not embed", code="unsupported")
+        raise InvalidRequest(
+            f"a '{self.model_type}' model does not embed", code=ErrorCode.UNSUPPORTED
+        )
 
     def warmup(self, prompt: str, max_length: int) -> int:
         """Run a prefill of ``prompt`` (at most ``max_length`` tokens); tokens processed."""
-        raise InvalidRequest(f"a '{self.model_type}' model has no warmup", code="unsupported")
+        raise InvalidRequest(
+            f"a '{self.model_type}' model has no warmup", code=ErrorCode.UNSUPPORTED
+        )
 
     def count_tokens(self, text: str) -> int:
-        raise InvalidRequest(f"a '{self.model_type}' model has no tokenizer", code="unsupported")
+        raise InvalidRequest(
+            f"a '{self.model_type}' model has no tokenizer", code=ErrorCode.UNSUPPORTED
+        )
 
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
         """Character span of each of ``text``'s tokens, special tokens excluded: what
         chunking counts. Tokenizer work only, so callers may run it in any thread."""
-        raise InvalidRequest(f"a '{self.model_type}' model has no tokenizer", code="unsupported")
+        raise InvalidRequest(
+            f"a '{self.model_type}' model has no tokenizer", code=ErrorCode.UNSUPPORTED
+        )
 
     def relevance(self, query: str, documents: Sequence[str], instruction: str) -> list[float]:
         """Relevance of each document to the query in [0, 1] (reranking)."""
-        raise InvalidRequest(f"a '{self.model_type}' model cannot rerank", code="unsupported")
+        raise InvalidRequest(
+            f"a '{self.model_type}' model cannot rerank", code=ErrorCode.UNSUPPORTED
+        )
 
     def transcribe(self, audio: Any, language: str | None, stop: threading.Event) -> dict[str, Any]:
         """Text of ``audio`` (float32, mono, 16 kHz samples)."""
-        raise InvalidRequest(f"a '{self.model_type}' model cannot transcribe", code="unsupported")
+        raise InvalidRequest(
+            f"a '{self.model_type}' model cannot transcribe", code=ErrorCode.UNSUPPORTED
+        )
 
     def close(self) -> None:
         """Drop references to arrays so their memory can be reclaimed."""
@@ -195,7 +209,7 @@ def hf_token_offsets(tokenizer: Any, text: str) -> list[tuple[int, int]]:
     except NotImplementedError:
         raise InvalidRequest(
             "this model's tokenizer cannot report token offsets (it is not a fast tokenizer)",
-            code="unsupported",
+            code=ErrorCode.UNSUPPORTED,
         ) from None
     return [(int(a), int(b)) for a, b in encoded["offset_mapping"]]
 
@@ -206,7 +220,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise InvalidRequest(
             f"model_path '{path}' has no config.json: not a model directory",
             param="model_path",
-            code="invalid_model_path",
+            code=ErrorCode.INVALID_MODEL_PATH,
         )
     try:
         data = json.loads(config.read_text(encoding="utf-8"))
@@ -214,20 +228,20 @@ def read_config(path: Path) -> dict[str, Any]:
         raise InvalidRequest(
             f"model_path '{path}': config.json is unreadable: {exc}",
             param="model_path",
-            code="invalid_model_path",
+            code=ErrorCode.INVALID_MODEL_PATH,
         ) from None
     if not isinstance(data, dict):
         raise InvalidRequest(
             f"model_path '{path}': config.json is not a JSON object",
             param="model_path",
-            code="invalid_model_path",
+            code=ErrorCode.INVALID_MODEL_PATH,
         )
     return data
 
 
 def _missing(path: Path, what: str) -> InvalidRequest:
     return InvalidRequest(
-        f"model_path '{path}' has no {what}", param="model_path", code="invalid_model_path"
+        f"model_path '{path}' has no {what}", param="model_path", code=ErrorCode.INVALID_MODEL_PATH
     )
 
 
@@ -262,7 +276,7 @@ def loader_errors(path: Path, model_type: str) -> Iterator[None]:
             f"model_path '{path}' cannot be loaded as a '{model_type}' model: "
             f"{type(exc).__name__}: {first_line}",
             param="model_path",
-            code="invalid_model_path",
+            code=ErrorCode.INVALID_MODEL_PATH,
         ) from None
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.errors import InvalidRequest
+from engine.errors import ErrorCode, InvalidRequest
 from engine.models.backends.base import Backend, LoadedModel
 from engine.models.types import Capability, ModelType
 
@@ -24,7 +24,9 @@ class MfluxBackend(Backend):
         )
 
     def load(self, path: Path, context_length: int | None) -> LoadedModel:
-        raise InvalidRequest(f"no backend for '{self.model_type}'", code="backend_unavailable")
+        raise InvalidRequest(
+            f"no backend for '{self.model_type}'", code=ErrorCode.BACKEND_UNAVAILABLE
+        )
 
 
 class ImageGenerationBackend(MfluxBackend):

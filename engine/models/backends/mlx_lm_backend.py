@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from engine.errors import InvalidRequest
+from engine.errors import ErrorCode, InvalidRequest
 from engine.models.backends.base import (
     ChatChunk,
     ChatParams,
@@ -97,7 +97,7 @@ class LmModel(LoadedModel):
             raise InvalidRequest(
                 f"the prompt has {len(prompt)} tokens; the model's context is {limit}",
                 param="messages",
-                code="context_length_exceeded",
+                code=ErrorCode.CONTEXT_LENGTH_EXCEEDED,
             )
         max_tokens = min(params.max_tokens, limit - len(prompt)) if limit else params.max_tokens
         if params.seed is not None:

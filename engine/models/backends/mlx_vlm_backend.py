@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from engine.errors import InvalidRequest
+from engine.errors import ErrorCode, InvalidRequest
 from engine.models.backends.base import (
     ChatChunk,
     ChatParams,
@@ -86,7 +86,7 @@ class VlmModel(LoadedModel):
             raise InvalidRequest(
                 f"the prompt has {tokens} tokens; the model's context is {self.context_length}",
                 param="messages",
-                code="context_length_exceeded",
+                code=ErrorCode.CONTEXT_LENGTH_EXCEEDED,
             )
         responses = stream_generate(
             self.model,

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import InvalidRequest
+from engine.errors import ErrorCode, InvalidRequest
 from engine.models.backends.base import Backend, LoadedModel, loader_errors, read_config
 from engine.models.backends.textgen import parameter_bytes
 from engine.models.types import Capability, ModelType, Operation
@@ -57,14 +57,14 @@ class WhisperBackend(Backend):
                 f"model_path '{path}': config.json lacks Whisper's dimensions "
                 f"({', '.join(missing)}): not an mlx-whisper model",
                 param="model_path",
-                code="invalid_model_path",
+                code=ErrorCode.INVALID_MODEL_PATH,
             )
         if not any((path / name).is_file() for name in ("weights.safetensors", "weights.npz")):
             raise InvalidRequest(
                 f"model_path '{path}' has neither weights.safetensors nor weights.npz "
                 "(the layout mlx-whisper loads)",
                 param="model_path",
-                code="invalid_model_path",
+                code=ErrorCode.INVALID_MODEL_PATH,
             )
         # A directory that exists: load_model reads it and never goes to the hub.
         with loader_errors(path, self.model_type):
@@ -136,11 +136,13 @@ class WhisperModel(LoadedModel):
                 f"unknown language '{language}' (an ISO-639-1 code such as 'en' or a "
                 "language name Whisper knows)",
                 param="language",
-                code="invalid_language",
+                code=ErrorCode.INVALID_LANGUAGE,
             )
         if code != "en" and not self.model.is_multilingual:
             raise InvalidRequest(
-                "this Whisper model is English-only", param="language", code="invalid_language"
+                "this Whisper model is English-only",
+                param="language",
+                code=ErrorCode.INVALID_LANGUAGE,
             )
         return code
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from engine.errors import ErrorCode
 from engine.rag.types import Section
 
 # C0/C1 control characters other than tab and newline: never useful in indexed text and
@@ -17,7 +18,7 @@ class FormatError(Exception):
     """A document that cannot be extracted. `extract` turns it into an InvalidRequest that
     names the file, so the format modules need not know the file name."""
 
-    def __init__(self, problem: str, code: str = "invalid_document") -> None:
+    def __init__(self, problem: str, code: ErrorCode = ErrorCode.INVALID_DOCUMENT) -> None:
         super().__init__(problem)
         self.problem = problem
         self.code = code
@@ -49,7 +50,8 @@ class LimitExceeded(FormatError):
 
     def __init__(self, what: str, limit: int, setting: str) -> None:
         super().__init__(
-            f"{what} exceeds the limit of {limit:,} (setting {setting})", code="document_too_large"
+            f"{what} exceeds the limit of {limit:,} (setting {setting})",
+            code=ErrorCode.DOCUMENT_TOO_LARGE,
         )
 
 

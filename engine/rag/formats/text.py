@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import re
 
+from engine.errors import ErrorCode
 from engine.rag.formats.common import ExtractLimits, FormatError, SectionList
 from engine.rag.types import Extracted
 
@@ -48,7 +49,7 @@ def decode(data: bytes, charset: str | None = None) -> str:
     if b"\x00" in data[:_SAMPLE]:
         utf16 = _utf16_without_bom(data)
         if utf16 is None:
-            raise FormatError("binary data, not text", code="unsupported_format")
+            raise FormatError("binary data, not text", code=ErrorCode.UNSUPPORTED_FORMAT)
         return _checked(data.decode(utf16, errors="replace"))
     return _checked(_detect(data))
 
@@ -73,7 +74,7 @@ def _detect(data: bytes) -> str:
         return data.decode("cp1252", errors="replace")
     matches = list(from_bytes(data))
     if not matches:
-        raise FormatError("binary data or unknown text encoding", code="unsupported_format")
+        raise FormatError("binary data or unknown text encoding", code=ErrorCode.UNSUPPORTED_FORMAT)
     best = matches[0]
     for match in matches:
         tied = match.chaos <= best.chaos + 0.01 and match.coherence >= best.coherence - 0.01
@@ -85,7 +86,7 @@ def _detect(data: bytes) -> str:
 def _checked(text: str) -> str:
     sample = text[:_SAMPLE]
     if sample and len(_NON_TEXT.findall(sample)) > 0.02 * len(sample):
-        raise FormatError("binary data, not text", code="unsupported_format")
+        raise FormatError("binary data, not text", code=ErrorCode.UNSUPPORTED_FORMAT)
     return text
 
 
