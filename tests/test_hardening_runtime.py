@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from typing import Any
 
 import pytest
@@ -58,32 +57,34 @@ async def run_one(value: str, limits: RunLimits = SMALL, **kwargs: Any) -> Any:
 )
 async def test_template_bombs_fail_the_step_within_the_budget(source: str, budget: str) -> None:
     assert not Template(source, frozenset()).linear
-    started = time.monotonic()
-    result, step = await run_one(source)
+    result, step = await run_one(source)  # run_yaml fails it, rather than hang, past WAIT_S
     assert result.status == "failed"
     assert step.status == "failed"
+    # The budget is what stopped it: the error names the budget the sandbox enforced.
     assert f"{budget} budget".strip() in step.error
-    # The budget is what stopped it: a time bomb is killed at its deadline, not later.
-    assert time.monotonic() - started < 10
 
 
 async def test_event_loop_stays_free_while_a_template_burns() -> None:
-    """A concurrent coroutine keeps ticking while the bomb runs: nothing runs on the loop."""
+    """A concurrent coroutine keeps ticking while the bomb runs: nothing runs on the loop.
+
+    Ordering, not speed: the bomb never ends by itself, so a run that rendered on the loop
+    would hold it from its first render to its end, and the ticker could turn only in the
+    few awaits before that. Ticking TICKS times before the run ends means the loop was free
+    while the bomb burned (in the sandbox, until its time budget)."""
     ticks = 0
-    done = asyncio.Event()
+    run = asyncio.create_task(run_one("{{ (10**256**256**256) > 1 }}"))
 
     async def ticker() -> None:
         nonlocal ticks
-        while not done.is_set():
+        while not run.done():
             ticks += 1
             await asyncio.sleep(0.01)
 
-    tick_task = asyncio.create_task(ticker())
-    result, _ = await run_one("{{ (10**256**256**256) > 1 }}")
-    done.set()
-    await tick_task
+    await ticker()
+    result, step = await run
     assert result.status == "failed"
-    assert ticks >= 50  # 1.5 s budget at 10 ms a tick, with room for a slow machine
+    assert "time budget" in step.error
+    assert ticks >= 10
 
 
 async def test_step_timeout_covers_rendering() -> None:
@@ -254,10 +255,9 @@ async def test_redos_pattern_runs_in_linear_time() -> None:
     """Python's re takes seconds on 28 a's and a '!'; RE2 answers at once."""
     wf = compile_yaml(workflow_with_schema('{type: object, properties: {q: {pattern: "^(a+)+$"}}}'))
     assert is_linear(wf.input_schema)  # RE2 patterns validate in-process
-    started = time.monotonic()
+    # Python's re would not finish on this in a lifetime: a hang, which pytest-timeout ends.
     with pytest.raises(InvalidRequest) as info:
         await prepare_input(wf.input_schema, {"q": "a" * 5000 + "!"}, Budget())
-    assert time.monotonic() - started < 1.0
     assert "does not match" in info.value.message
     assert len(info.value.message) < 400  # the instance is not echoed whole
 
@@ -285,10 +285,10 @@ def test_patterns_re2_cannot_run_are_refused(schema: str, where: tuple[str, ...]
 async def test_pattern_properties_and_additional_properties_use_re2() -> None:
     schema = '{patternProperties: {"^(a+)+$": {type: integer}}, additionalProperties: false}'
     wf = compile_yaml(workflow_with_schema(schema))
-    started = time.monotonic()
+    # Python's re would not finish matching this key in a lifetime: the schema budget would
+    # stop it with another message, or (in-process) it would hang until pytest-timeout.
     with pytest.raises(InvalidRequest) as info:
         await prepare_input(wf.input_schema, {"a" * 5000 + "!": 1}, Budget())
-    assert time.monotonic() - started < 1.0
     assert "additional properties are not allowed" in info.value.message
     assert await prepare_input(wf.input_schema, {"aaa": 1}, Budget()) == {"aaa": 1}
 
@@ -301,15 +301,13 @@ async def test_exponential_schema_validation_is_stopped_by_its_budget() -> None:
     nested: Any = []
     for _ in range(24):
         nested = [nested]
-    started = time.monotonic()
     with pytest.raises(InvalidRequest) as info:
         await prepare_input(wf.input_schema, {"x": nested}, Budget(timeout_s=1.0))
     # the schema is not an object schema at the top: the array check fails first, cheaply
     assert info.value.param == "input"
     with pytest.raises(InvalidRequest) as info:
         await prepare_input({**wf.input_schema, "type": "array"}, nested, Budget(timeout_s=1.0))
-    assert "schema budget of 1 s" in info.value.message
-    assert time.monotonic() - started < 10
+    assert "schema budget of 1 s" in info.value.message  # the budget stopped it
 
 
 @pytest.mark.parametrize(
@@ -324,15 +322,16 @@ def test_deeply_nested_templates_are_compile_errors(expression: str) -> None:
 
 async def test_cancelling_a_sandboxed_call_kills_its_computation() -> None:
     """A caller that leaves (a client disconnect cancels its task) frees the worker at once:
-    with one worker, the next call does not wait for the abandoned bomb's 60 s budget."""
+    with one worker, the next call does not wait for the abandoned bomb's budget.
+
+    Relative to the budget, not the machine: the bomb never ends and its budget is an hour,
+    so only a killed and replaced worker lets the quick call answer within the guard."""
     sandbox = Sandbox(SandboxLimits(workers=1))
     bomb = {"templates": ["{{ (10**256**256**256) > 1 }}"], "context": {}}
     try:
         with pytest.raises(TimeoutError):  # wait_for cancels the call at its deadline
-            await asyncio.wait_for(sandbox.call(RENDER, bomb, timeout_s=60), 1.0)
-        started = time.monotonic()
+            await asyncio.wait_for(sandbox.call(RENDER, bomb, timeout_s=3600), 1.0)
         quick = {"templates": ["{{ [1, 2] | sum }}"], "context": {}}
-        assert await sandbox.call(RENDER, quick, timeout_s=60) == [3]
-        assert time.monotonic() - started < 8  # a fresh worker, not the rest of the bomb (~14 s)
+        assert await asyncio.wait_for(sandbox.call(RENDER, quick, timeout_s=60), 60) == [3]
     finally:
         sandbox.close()
