@@ -31,7 +31,9 @@ from serverutil import serve_app
 
 from engine.config import Settings
 from engine.errors import InsufficientStorage, RecordTooLarge, StorageReadOnly
-from engine.fusion.runs import RunStore
+from engine.fusion.runs import RunRequest, RunStore, StoredRun
+from engine.fusion.service import RunOutcome
+from engine.runtime.trace import RunResult
 from engine.services import Engine
 from engine.store import Store, StoreError, storage_error
 from server.app import create_app
@@ -68,21 +70,18 @@ def _make_room(store: Store) -> None:
     store.query("PRAGMA max_page_count = 1073741823")
 
 
-def _big_body(run_id: str) -> dict[str, Any]:
-    return {
-        "workflow_id": run_id,
-        "status": "completed",
-        "result": {"text": "x" * BIG},
-        "execution_trace": [],
-        "total_latency_ms": 1.0,
-        "created_at": "2026-11-27T00:00:00Z",
-        "completed_at": "2026-11-27T00:00:01Z",
-        "workflow": "w",
-        "workflow_version": 1,
-        "workflow_source": "inline",
-        "models": {},
-        "error": None,
-    }
+def _big_body(run_id: str, output: Any = None) -> StoredRun:
+    result = RunResult(
+        run_id=run_id,
+        workflow_id="w",
+        workflow_version=1,
+        status="completed",
+        output={"text": "x" * BIG} if output is None else output,
+        total_latency_ms=1.0,
+        created_at="2026-11-27T00:00:00Z",
+        completed_at="2026-11-27T00:00:01Z",
+    )
+    return StoredRun(result, "inline", {}, RunRequest(input={}, config=None))
 
 
 # -- the store layer: SQLite's own SQLITE_FULL and SQLITE_READONLY ----------------------------
@@ -91,13 +90,13 @@ def test_full_database_raises_507_everywhere_it_is_written_and_recovers(tmp_path
         runs = RunStore(store)
         _fill(store)
         with pytest.raises(InsufficientStorage) as caught:
-            runs.save(_big_body("r1"), input={}, config=None)
+            runs.save(_big_body("r1"))
         assert (caught.value.status, caught.value.type) == (507, "internal_error")
         assert caught.value.code == "insufficient_storage"
         assert str(store.path) in caught.value.message
         assert isinstance(caught.value.__cause__, apsw.FullError)
         with pytest.raises(InsufficientStorage):
-            runs.try_save(_big_body("r2"), input={}, config=None)  # autocommit, on the loop
+            runs.try_save(_big_body("r2"))  # autocommit, on the loop
         with pytest.raises(InsufficientStorage):
             store.query("CREATE TABLE filler AS SELECT ? AS text", ("x" * BIG,))
         check = store.write_check()
@@ -108,8 +107,8 @@ def test_full_database_raises_507_everywhere_it_is_written_and_recovers(tmp_path
         assert store.query("SELECT count(*) FROM runs") == [(0,)]  # nothing half-written
 
         _make_room(store)  # space returns: the same store, the same connection
-        runs.save(_big_body("r1"), input={}, config=None)
-        assert runs.try_save(_big_body("r2"), input={}, config=None)
+        runs.save(_big_body("r1"))
+        assert runs.try_save(_big_body("r2"))
         assert store.write_check().writable
         assert store.query("SELECT count(*) FROM runs") == [(2,)]
 
@@ -120,7 +119,7 @@ def test_read_only_database_raises_503_storage_read_only(tmp_path: Path) -> None
     with Store(tmp_path / "db.sqlite3") as store:
         store.query("PRAGMA query_only = 1")
         with pytest.raises(StorageReadOnly) as caught:
-            RunStore(store).save(_big_body("r1"), input={}, config=None)
+            RunStore(store).save(_big_body("r1"))
         assert (caught.value.status, caught.value.code) == (503, "storage_read_only")
         assert caught.value.type == "service_unavailable_error"
         check = store.write_check()
@@ -159,28 +158,28 @@ async def test_orchestrate_keeps_the_result_when_the_run_cannot_be_stored(
         fusion = engine.fusion
         assert fusion is not None
         _fill(engine.store)
-        body = await fusion.orchestrate(**_big_run())
-        assert body["status"] == "completed"
-        assert body["result"] == OUTPUT
-        assert body["stored"] is False
-        assert body["warning"]["code"] == "insufficient_storage"
-        assert "full" in body["warning"]["message"]
+        outcome = await fusion.orchestrate(**_big_run())
+        assert outcome.result.status == "completed"
+        assert outcome.result.output == OUTPUT
+        assert outcome.stored is False
+        assert isinstance(outcome.storage_error, InsufficientStorage)
+        assert "full" in outcome.storage_error.message
         with pytest.raises(InsufficientStorage):
             fusion.compose(_composed("c1"))
         assert "c1" not in engine.catalog.ids()  # nothing half-done either
 
         events = [e async for e in fusion.stream(await fusion.prepare(**_big_run()))]
-        name, result = events[-1]
-        assert name == "result"
-        assert result["stored"] is False
-        assert result["result"] == OUTPUT
+        last = events[-1]
+        assert isinstance(last, RunOutcome)
+        assert last.stored is False
+        assert last.result.output == OUTPUT
 
         _make_room(engine.store)
-        body = await fusion.orchestrate(**_big_run())
-        assert body["stored"] is True
-        assert "warning" not in body
-        assert fusion.get_run(body["workflow_id"])["result"] == OUTPUT
-        assert fusion.compose(_composed("c1"))["status"] == "created"
+        outcome = await fusion.orchestrate(**_big_run())
+        assert outcome.stored is True
+        assert outcome.storage_error is None
+        assert fusion.get_run(outcome.result.run_id).result.output == OUTPUT
+        assert fusion.compose(_composed("c1")).workflow_id == "c1"
     finally:
         await engine.stop()
 
@@ -364,16 +363,16 @@ def test_stored_runs_are_bounded_in_number_and_size(tmp_path: Path) -> None:
         runs = RunStore(store, max_runs=3, max_run_bytes=2 * BIG)
         for i in range(5):
             if i % 2:
-                runs.save(_big_body(f"r{i}"), input={}, config=None)
+                runs.save(_big_body(f"r{i}"))
             else:
-                assert runs.try_save(_big_body(f"r{i}"), input={}, config=None)
+                assert runs.try_save(_big_body(f"r{i}"))
         kept = [row[0] for row in store.query("SELECT id FROM runs ORDER BY rowid")]
         assert kept == ["r2", "r3", "r4"]  # the oldest went first
-        huge = {**_big_body("r5"), "result": "x" * 3 * BIG}
+        huge = _big_body("r5", output="x" * 3 * BIG)
         with pytest.raises(RecordTooLarge) as caught:
-            runs.try_save(huge, input={}, config=None)
+            runs.try_save(huge)
         assert caught.value.status == 413
         assert "runs_max_stored_bytes" in caught.value.message
         with pytest.raises(RecordTooLarge):
-            runs.save(huge, input={}, config=None)
+            runs.save(huge)
         assert store.query("SELECT count(*) FROM runs") == [(3,)]

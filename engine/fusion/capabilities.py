@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 from engine.errors import ErrorCode, InvalidRequest
 from engine.models.backends import type_capabilities
@@ -36,8 +36,28 @@ def normalise(capability: str) -> str:
     return name
 
 
-def capabilities(entries: list[ModelEntry], capability: str | None = None) -> dict[str, Any]:
-    """§3.3's body. With `capability`, only that key and the models that have it."""
+@dataclass(frozen=True)
+class ModelCapabilities:
+    """One loaded model and what it can do."""
+
+    id: str
+    type: str
+    capabilities: list[str]
+    context_length: int | None
+    vram_usage_gb: float
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Each capability (in CAPABILITIES order) with the ids of the models that have it,
+    and the models themselves by id."""
+
+    by_capability: dict[str, list[str]]
+    models: list[ModelCapabilities]
+
+
+def capabilities(entries: list[ModelEntry], capability: str | None = None) -> Capabilities:
+    """§3.3's answer. With `capability`, only that one and the models that have it."""
     wanted = normalise(capability) if capability is not None else None
     by_name: dict[str, list[str]] = {c: [] for c in CAPABILITIES if wanted in (None, c)}
     models = []
@@ -49,13 +69,12 @@ def capabilities(entries: list[ModelEntry], capability: str | None = None) -> di
             if cap in by_name:
                 by_name[cap].append(entry.id)
         models.append(
-            {
-                "id": entry.id,
-                "type": entry.type,
-                "capabilities": caps,
-                "context_length": entry.model.context_length,
-                "vram_usage_gb": gb(entry.memory_bytes),
-                "status": "loaded",
-            }
+            ModelCapabilities(
+                id=entry.id,
+                type=entry.type,
+                capabilities=caps,
+                context_length=entry.model.context_length,
+                vram_usage_gb=gb(entry.memory_bytes),
+            )
         )
-    return {"capabilities": by_name, "models": models}
+    return Capabilities(by_name, models)

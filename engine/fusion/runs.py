@@ -1,13 +1,15 @@
 """Workflow runs, stored in the `runs` table once they end, and fetched by id.
 
-A run row keeps what the orchestrate response said (status, result, execution trace,
-error, timings) and what it was asked (input, model bindings, config, and the definition
-of an inline "custom" workflow), plus the workflow's id, version and source, so a run can
-be explained after the workflow has changed or been deleted.
+A run row keeps the run's result (status, output, execution trace, error, timings) and
+what it was asked (input, model bindings, config, and the definition of an inline "custom"
+workflow), plus the workflow's id, version and source, so a run can be explained after the
+workflow has changed or been deleted. The store deals in StoredRun; how a run is answered
+over HTTP is server/routes/fusion.py's business.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import apsw
@@ -70,10 +72,31 @@ def _json(value: Any) -> str | None:
     return msgspec.json.encode(value, enc_hook=_encode_fallback).decode()
 
 
-def trace_entry(record: StepRecord) -> dict[str, Any]:
-    """One item of §3.1's execution_trace: step, model, status, duration_ms, plus the
-    step's type, attempts, error and start, and for_each/repeat counts when they apply."""
-    entry: dict[str, Any] = {
+@dataclass(frozen=True)
+class RunRequest:
+    """What a run was asked: the caller's input (as given), config, and the definition of
+    an inline "custom" workflow."""
+
+    input: Any
+    config: dict[str, Any] | None
+    definition: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class StoredRun:
+    """A run as it is kept: its result and trace, the workflow's source (None for runs
+    stored before sources were), the model bound to each role, and what it was asked."""
+
+    result: RunResult
+    workflow_source: str | None
+    models: dict[str, Any]
+    request: RunRequest
+
+
+# The trace column keeps one object per step under these names (those of §3.1's trace,
+# which it has held since runs were first stored); items/iterations only when they apply.
+def _trace_item(record: StepRecord) -> dict[str, Any]:
+    item: dict[str, Any] = {
         "step": record.step_id,
         "type": record.type,
         "model": record.model,
@@ -84,58 +107,48 @@ def trace_entry(record: StepRecord) -> dict[str, Any]:
         "started_at": record.started_at,
     }
     if record.items is not None:
-        entry["items"] = record.items
+        item["items"] = record.items
     if record.iterations is not None:
-        entry["iterations"] = record.iterations
-    return entry
+        item["iterations"] = record.iterations
+    return item
 
 
-def run_body(result: RunResult, *, workflow_source: str, models: dict[str, Any]) -> dict[str, Any]:
-    """§3.1's response: `workflow_id` is the run's id (as the spec shows it, "wf-..."), the
-    workflow itself is `workflow` (with its version and source), `models` the bindings."""
-    return {
-        "workflow_id": result.run_id,
-        "status": result.status,
-        "result": result.output,
-        "execution_trace": [trace_entry(r) for r in result.trace],
-        "total_latency_ms": result.total_latency_ms,
-        "created_at": result.created_at,
-        "completed_at": result.completed_at,
-        "workflow": result.workflow_id,
-        "workflow_version": result.workflow_version,
-        "workflow_source": workflow_source,
-        "models": models,
-        "error": result.error,
-    }
+def _step_record(item: dict[str, Any]) -> StepRecord:
+    return StepRecord(
+        step_id=item["step"],
+        type=item["type"],
+        model=item["model"],
+        status=item["status"],
+        duration_ms=item["duration_ms"],
+        attempts=item["attempts"],
+        error=item["error"],
+        started_at=item["started_at"],
+        items=item.get("items"),
+        iterations=item.get("iterations"),
+    )
 
 
-def _row(
-    body: dict[str, Any],
-    input: Any,
-    config: Any,
-    definition: dict[str, Any] | None = None,
-    *,
-    max_bytes: int,
-) -> tuple[Any, ...]:
-    version = body["workflow_version"]
+def _row(run: StoredRun, *, max_bytes: int) -> tuple[Any, ...]:
+    result, request = run.result, run.request
+    version = result.workflow_version
     if version is not None and not isinstance(version, int | str):
         version = str(version)
     row = (
-        body["workflow_id"],
-        body["workflow"],
+        result.run_id,
+        result.workflow_id,
         version,
-        body["status"],
-        _json(input),
-        _json(body["result"]),
-        _json(body["execution_trace"]),
-        body["error"],
-        body["created_at"],
-        body["completed_at"],
-        body["total_latency_ms"],
-        body["workflow_source"],
-        _json(body["models"]),
-        _json(config),
-        _json(definition),
+        result.status,
+        _json(request.input),
+        _json(result.output),
+        _json([_trace_item(r) for r in result.trace]),
+        result.error,
+        result.created_at,
+        result.completed_at,
+        result.total_latency_ms,
+        run.workflow_source,
+        _json(run.models),
+        _json(request.config),
+        _json(request.definition),
     )
     size = sum(len(v) for v in row if isinstance(v, str))
     if size > max_bytes:
@@ -164,12 +177,12 @@ class RunStore:
         self.max_runs = max_runs
         self.max_run_bytes = max_run_bytes
 
-    def try_save(self, body: dict[str, Any], **request: Any) -> bool:
+    def try_save(self, run: StoredRun) -> bool:
         """Save now, on this thread, if the database is free: False, having written
         nothing, when another connection holds the write lock. Lets the event loop write
         without ever waiting for a lock (it would stall every request). A full or
         read-only database raises engine.errors.StorageError, like `save`."""
-        row = _row(body, **request, max_bytes=self.max_run_bytes)
+        row = _row(run, max_bytes=self.max_run_bytes)
         conn = self.store.connection()
         if conn.in_transaction:
             return False  # a caller's open transaction: do not write into it
@@ -186,22 +199,13 @@ class RunStore:
             conn.set_busy_timeout(self.store.busy_timeout_ms)
         return True
 
-    def save(
-        self,
-        body: dict[str, Any],
-        *,
-        input: Any,
-        config: Any,
-        definition: dict[str, Any] | None = None,
-    ) -> None:
-        row = _row(body, input, config, definition, max_bytes=self.max_run_bytes)
+    def save(self, run: StoredRun) -> None:
+        row = _row(run, max_bytes=self.max_run_bytes)
         with self.store.transaction() as conn:
             conn.execute(_INSERT, row)
             conn.execute(_PRUNE, (self.max_runs,))
 
-    def get(self, run_id: str) -> dict[str, Any]:
-        """A stored run: the orchestrate response, plus the request's input and config
-        (and `definition` for an inline workflow)."""
+    def get(self, run_id: str) -> StoredRun:
         rows = self.store.query(f"SELECT {_COLUMNS} FROM runs WHERE id = ?", (run_id,))
         if not rows:
             raise NotFound(
@@ -212,22 +216,17 @@ class RunStore:
         for key in _JSON_COLUMNS:
             if row[key] is not None:
                 row[key] = msgspec.json.decode(row[key])
-        body = {
-            "workflow_id": row["id"],
-            "status": row["status"],
-            "result": row["result"],
-            "execution_trace": row["trace"] or [],
-            "total_latency_ms": row["total_latency_ms"],
-            "created_at": row["created_at"],
-            "completed_at": row["completed_at"],
-            "workflow": row["workflow_id"],
-            "workflow_version": row["workflow_version"],
-            "workflow_source": row["workflow_source"],
-            "models": row["models"] or {},
-            "error": row["error"],
-            "input": row["input"],
-            "config": row["config"],
-        }
-        if row["definition"] is not None:
-            body["definition"] = row["definition"]
-        return body
+        result = RunResult(
+            run_id=row["id"],
+            workflow_id=row["workflow_id"],
+            workflow_version=row["workflow_version"],
+            status=row["status"],
+            output=row["result"],
+            trace=[_step_record(item) for item in row["trace"] or []],
+            error=row["error"],
+            created_at=row["created_at"],
+            completed_at=row["completed_at"],
+            total_latency_ms=row["total_latency_ms"],
+        )
+        request = RunRequest(input=row["input"], config=row["config"], definition=row["definition"])
+        return StoredRun(result, row["workflow_source"], row["models"] or {}, request)

@@ -1,6 +1,8 @@
 """FusionService: what the §3 routes call. Orchestrate a workflow (predefined, composed,
 or an inline "custom" definition), stream its events, store and fetch runs, list and
-describe workflows, compose and delete custom ones, and report capabilities."""
+describe workflows, compose and delete custom ones, and report capabilities. It answers
+with the dataclasses below (and the engine's own: StoredRun, ComposedInfo, Capabilities);
+server/routes/fusion.py shapes them into HTTP bodies."""
 
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ from engine.dsl.issues import Issue, WorkflowInvalid
 from engine.dsl.source import from_object
 from engine.errors import ErrorCode, InvalidRequest, NotFound, StorageError
 from engine.fusion import capabilities as caps
-from engine.fusion.composed import ComposedWorkflows
-from engine.fusion.runs import RunStore, run_body
+from engine.fusion.composed import ComposedInfo, ComposedWorkflows
+from engine.fusion.runs import RunRequest, RunStore, StoredRun
 from engine.runtime.executor import EventSink, new_run_id
 from engine.runtime.inputs import prepare_input
+from engine.runtime.trace import RunResult
 
 if TYPE_CHECKING:
     from engine.dsl.catalog import WorkflowCatalog
@@ -47,10 +50,20 @@ ROLE_RENAMES: dict[str, dict[str, str]] = {
 ROLE_RENAMES_SUNSET = "2027-05-27"
 
 
+@dataclass(frozen=True)
+class RequestWarning:
+    """Something about the request (not the run) the caller should change, such as a
+    deprecated role name; `param` names where it is."""
+
+    code: str
+    message: str
+    param: str
+
+
 @dataclass
 class PreparedRun:
-    """A request that passed every check: it will run, and end with a stored run (or a
-    body saying why it could not be stored)."""
+    """A request that passed every check: it will run, and end with a stored run (or an
+    outcome saying why it could not be stored)."""
 
     run_id: str
     workflow: CompiledWorkflow
@@ -60,10 +73,44 @@ class PreparedRun:
     models: dict[str, Any]  # every role bound (None for an unbound optional role)
     config: dict[str, Any] | None
     definition: dict[str, Any] | None  # an inline workflow's definition
-    # What the response's `warnings` lists: {code, message, param} for each deprecated name
-    # the request used; `sunset` is the date they stop being accepted (None: none used).
-    warnings: list[dict[str, str]] = field(default_factory=list)
+    # One for each deprecated name the request used; `sunset` is the date they stop being
+    # accepted (None: none used).
+    warnings: list[RequestWarning] = field(default_factory=list)
     sunset: str | None = None
+
+
+@dataclass
+class RunOutcome:
+    """A run that ended (completed, failed or partial), as stored, and whether it was: a
+    full or read-only database leaves `stored` False with the error a write raised."""
+
+    run: StoredRun
+    stored: bool
+    storage_error: StorageError | None
+    warnings: list[RequestWarning]  # about the request: not stored with the run
+
+    @property
+    def result(self) -> RunResult:
+        return self.run.result
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    """One event of a streamed run (step_started, step_finished, token, or one a step
+    plugin emits) with its data."""
+
+    name: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class WorkflowInfo:
+    """A workflow of the catalog, where it comes from (predefined or custom), and when a
+    composed one was composed (None for a predefined one)."""
+
+    workflow: CompiledWorkflow
+    source: str
+    created_at: str | None = None
 
 
 class FusionService:
@@ -130,7 +177,7 @@ class FusionService:
                     param="definition",
                 )
             wf = self.catalog.get(workflow)  # 404 invalid_workflow
-            return wf, COMPOSED if workflow in self.composed.active else PREDEFINED
+            return wf, self.source_of(workflow)
         if definition is None:
             raise InvalidRequest(
                 f"workflow \"{CUSTOM}\" runs the workflow given in 'definition'; it is missing",
@@ -178,9 +225,9 @@ class FusionService:
                     code=ErrorCode.MODEL_TYPE_MISMATCH,
                 )
 
-    async def execute(self, run: PreparedRun, on_event: EventSink | None = None) -> dict[str, Any]:
-        """Run, store the run, and return §3.1's body. A run that ends failed or partial
-        is a result like any other, not an error."""
+    async def execute(self, run: PreparedRun, on_event: EventSink | None = None) -> RunOutcome:
+        """Run and store the run. A run that ends failed or partial is a result like any
+        other, not an error."""
         result = await self.runner.run(
             run.workflow,
             run.input,
@@ -190,29 +237,24 @@ class FusionService:
             run_id=run.run_id,
             input_checked=True,
         )
-        body = run_body(result, workflow_source=run.source, models=run.models)
-        await self.store_run(body, run)
-        if run.warnings:  # about this request, not the run: not stored with it
-            body["warnings"] = run.warnings
-        return body
+        request = RunRequest(run.given_input, run.config, run.definition)
+        stored = StoredRun(result, run.source, run.models, request)
+        error = await self.store_run(stored)
+        return RunOutcome(stored, error is None, error, run.warnings)
 
-    async def store_run(self, body: dict[str, Any], run: PreparedRun) -> None:
-        """Store the run and set `stored` in its body. A full or read-only database must
-        not lose the result the caller waited for: the body then says `stored: false`
-        with a `warning` (the §7 error object that a write would have raised)."""
-        request = {"input": run.given_input, "config": run.config, "definition": run.definition}
+    async def store_run(self, run: StoredRun) -> StorageError | None:
+        """Store the run; None once stored. A full or read-only database must not lose
+        the result the caller waited for: its error is returned, not raised."""
         try:
             # On the loop when the database is free (a thread hop costs more than the
             # insert); when another writer (a RAG ingest) holds the lock, wait for it in a
             # worker thread rather than stall every request.
-            if not self.runs.try_save(body, **request):
-                await asyncio.to_thread(self.runs.save, body, **request)
+            if not self.runs.try_save(run):
+                await asyncio.to_thread(self.runs.save, run)
         except StorageError as exc:
-            log.error("run_not_stored", run_id=run.run_id, code=exc.code, error=exc.message)
-            body["stored"] = False
-            body["warning"] = exc.envelope()["error"]
-        else:
-            body["stored"] = True
+            log.error("run_not_stored", run_id=run.result.run_id, code=exc.code, error=exc.message)
+            return exc
+        return None
 
     async def orchestrate(
         self,
@@ -222,15 +264,15 @@ class FusionService:
         config: Mapping[str, Any] | None = None,
         definition: dict[str, Any] | None = None,
         on_event: EventSink | None = None,
-    ) -> dict[str, Any]:
+    ) -> RunOutcome:
         return await self.execute(
             await self.prepare(workflow, input, models, config, definition), on_event
         )
 
-    async def stream(self, run: PreparedRun) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        """The run's events as (name, data) in order: step_started, step_finished, token
-        (and any other event a step plugin emits), then ("result", §3.1 body). Closing the
-        iterator early (the client went away) cancels the run; it is then not stored."""
+    async def stream(self, run: PreparedRun) -> AsyncIterator[RunEvent | RunOutcome]:
+        """The run's events in order: step_started, step_finished, token (and any other
+        event a step plugin emits), then its RunOutcome. Closing the iterator early (the
+        client went away) cancels the run; it is then not stored."""
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         task = asyncio.create_task(self.execute(run, on_event=queue.put_nowait))
         task.add_done_callback(lambda _: queue.put_nowait(None))
@@ -239,77 +281,54 @@ class FusionService:
                 name = event.get("event")
                 if name in _RUN_EVENTS or not isinstance(name, str):
                     continue
-                yield name, {k: v for k, v in event.items() if k != "event"}
-            yield "result", task.result()
+                yield RunEvent(name, {k: v for k, v in event.items() if k != "event"})
+            yield task.result()
         finally:
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
                 log.info("run_cancelled", run_id=run.run_id, workflow_id=run.workflow.id)
 
-    def get_run(self, run_id: str) -> dict[str, Any]:
+    def get_run(self, run_id: str) -> StoredRun:
         return self.runs.get(run_id)
 
     # -- workflows ------------------------------------------------------------------------
     def source_of(self, wf_id: str) -> str:
         return COMPOSED if wf_id in self.composed.active else PREDEFINED
 
-    def summary(self, wf: CompiledWorkflow) -> dict[str, Any]:
-        """One item of §3.2's list, plus the workflow's source and version."""
-        return {
-            "id": wf.id,
-            "name": wf.name,
-            "description": wf.description,
-            "required_models": wf.required_models,
-            "optional_models": wf.optional_models,
-            "input_schema": wf.input_schema,
-            "source": self.source_of(wf.id),
-            "version": wf.version,
-        }
+    def info(self, wf: CompiledWorkflow) -> WorkflowInfo:
+        composed = self.composed.active.get(wf.id)
+        if composed is None:
+            return WorkflowInfo(wf, PREDEFINED)
+        return WorkflowInfo(wf, COMPOSED, composed.created_at)
 
-    def list_workflows(self) -> list[dict[str, Any]]:
+    def list_workflows(self) -> list[WorkflowInfo]:
         """Predefined workflows, then composed ones, each by id."""
-        found = sorted(self.catalog, key=lambda wf: (self.source_of(wf.id) != PREDEFINED, wf.id))
-        return [self.summary(wf) for wf in found]
+        infos = [self.info(wf) for wf in self.catalog]
+        return sorted(infos, key=lambda i: (i.source != PREDEFINED, i.workflow.id))
 
-    def get_workflow(self, wf_id: str) -> dict[str, Any]:
-        wf = self.catalog.get(wf_id)
-        body = self.summary(wf)
-        body["models"] = {
-            role: {"type": spec.type, "optional": spec.optional} for role, spec in wf.models.items()
-        }
-        info = self.composed.active.get(wf_id)
-        body["created_at"] = info.created_at if info else None
-        body["definition"] = wf.definition
-        return body
+    def get_workflow(self, wf_id: str) -> WorkflowInfo:
+        return self.info(self.catalog.get(wf_id))
 
-    def compose(self, body: dict[str, Any]) -> dict[str, Any]:
-        info = self.composed.compose(body)
-        return {
-            "workflow_id": info.workflow_id,
-            "name": info.name,
-            "status": "created",
-            "created_at": info.created_at,
-            "version": info.version,
-        }
+    def compose(self, body: dict[str, Any]) -> ComposedInfo:
+        return self.composed.compose(body)
 
-    def delete_workflow(self, wf_id: str) -> dict[str, Any]:
-        info = self.composed.delete(wf_id)
-        return {"workflow_id": wf_id, "status": "deleted", "version": info.version}
+    def delete_workflow(self, wf_id: str) -> ComposedInfo:
+        return self.composed.delete(wf_id)
 
     # -- capabilities ---------------------------------------------------------------------
-    def capabilities(self, capability: str | None = None) -> dict[str, Any]:
+    def capabilities(self, capability: str | None = None) -> caps.Capabilities:
         return caps.capabilities(self.models.entries(), capability)
 
 
 def _renamed_roles(
     wf: CompiledWorkflow, source: str, models: Mapping[str, Any]
-) -> tuple[dict[str, Any], list[dict[str, str]]]:
+) -> tuple[dict[str, Any], list[RequestWarning]]:
     """The caller's role -> model mapping with the predefined workflows' old role names
     replaced by the new ones, and a `deprecated_role` warning for each."""
     renames = ROLE_RENAMES.get(wf.id, {}) if source == PREDEFINED else {}
     renamed: dict[str, Any] = {}
-    warnings: list[dict[str, str]] = []
+    warnings: list[RequestWarning] = []
     for role, model in models.items():
         new = renames.get(role)
         # A workflows directory may hold its own file of that id, still using the old name.
@@ -327,6 +346,6 @@ def _renamed_roles(
             f"model role '{role}' of workflow '{wf.id}' is now named '{new}': pass "
             f"models.{new}; the old name is accepted until {ROLE_RENAMES_SUNSET}"
         )
-        warnings.append({"code": "deprecated_role", "message": message, "param": f"models.{role}"})
+        warnings.append(RequestWarning("deprecated_role", message, f"models.{role}"))
         log.info("deprecated_role", workflow_id=wf.id, role=role, renamed_to=new)
     return renamed, warnings

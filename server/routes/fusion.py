@@ -23,8 +23,11 @@ from litestar.response import Stream
 from msgspec import Meta
 
 from engine.errors import FusionError
-from engine.fusion.service import FusionService, PreparedRun
+from engine.fusion.capabilities import Capabilities
+from engine.fusion.runs import StoredRun
+from engine.fusion.service import FusionService, PreparedRun, RunEvent, RunOutcome, WorkflowInfo
 from engine.logging import get_logger
+from engine.runtime.trace import StepRecord
 from server.errors import GENERIC_500_MESSAGE, type_and_code
 
 log = get_logger("server.fusion")
@@ -57,7 +60,26 @@ class TraceEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     iterations: int | None = None  # repeat: how many passes ran
 
 
-class RunResponse(msgspec.Struct, kw_only=True):
+class ErrorObject(msgspec.Struct, omit_defaults=True):
+    """§7's error object (what the envelope's `error` holds)."""
+
+    type: str
+    message: str
+    param: str | None
+    code: str
+    details: Any = None
+
+
+class RequestWarning(msgspec.Struct):
+    code: str
+    message: str
+    param: str
+
+
+class RunFields(msgspec.Struct, kw_only=True):
+    """What a run answers, run or fetched. `workflow_id` is the run's id (as §3.1 shows
+    it, "wf-..."); the workflow itself is `workflow` with its version and source."""
+
     workflow_id: str
     status: str
     result: Any
@@ -72,7 +94,13 @@ class RunResponse(msgspec.Struct, kw_only=True):
     error: str | None
 
 
-class StoredRunResponse(RunResponse, kw_only=True):
+class RunResponse(RunFields, kw_only=True, omit_defaults=True):
+    stored: bool  # False: a full or read-only database; `warning` says which
+    warning: ErrorObject | None = None
+    warnings: list[RequestWarning] = []  # about the request (a deprecated role name)
+
+
+class StoredRunResponse(RunFields, kw_only=True):
     input: Any
     config: dict[str, Any] | None
     definition: dict[str, Any] | None = None
@@ -132,6 +160,99 @@ class CapabilitiesResponse(msgspec.Struct):
     models: list[ModelCapabilities]
 
 
+# -- shaping --------------------------------------------------------------------------------
+def _trace_entry(record: StepRecord) -> TraceEntry:
+    return TraceEntry(
+        step=record.step_id,
+        type=record.type,
+        model=record.model,
+        status=record.status,
+        duration_ms=record.duration_ms,
+        attempts=record.attempts,
+        error=record.error,
+        started_at=record.started_at,
+        items=record.items,
+        iterations=record.iterations,
+    )
+
+
+def _run_fields(run: StoredRun) -> dict[str, Any]:
+    result = run.result
+    return {
+        "workflow_id": result.run_id,
+        "status": result.status,
+        "result": result.output,
+        "execution_trace": [_trace_entry(r) for r in result.trace],
+        "total_latency_ms": result.total_latency_ms,
+        "created_at": result.created_at,
+        "completed_at": result.completed_at,
+        "workflow": result.workflow_id,
+        "workflow_version": result.workflow_version,
+        "workflow_source": run.workflow_source,
+        "models": run.models,
+        "error": result.error,
+    }
+
+
+def _run_response(outcome: RunOutcome) -> RunResponse:
+    error = outcome.storage_error
+    return RunResponse(
+        **_run_fields(outcome.run),
+        stored=outcome.stored,
+        warning=(
+            ErrorObject(error.type, error.message, error.param, error.code, error.details)
+            if error
+            else None
+        ),
+        warnings=[RequestWarning(w.code, w.message, w.param) for w in outcome.warnings],
+    )
+
+
+def _stored_run_response(run: StoredRun) -> StoredRunResponse:
+    request = run.request
+    return StoredRunResponse(
+        **_run_fields(run),
+        input=request.input,
+        config=request.config,
+        definition=request.definition,
+    )
+
+
+def _summary_fields(info: WorkflowInfo) -> dict[str, Any]:
+    wf = info.workflow
+    return {
+        "id": wf.id,
+        "name": wf.name,
+        "description": wf.description,
+        "required_models": wf.required_models,
+        "optional_models": wf.optional_models,
+        "input_schema": wf.input_schema,
+        "source": info.source,
+        "version": wf.version,
+    }
+
+
+def _workflow_detail(info: WorkflowInfo) -> WorkflowDetail:
+    wf = info.workflow
+    return WorkflowDetail(
+        **_summary_fields(info),
+        models={role: ModelRole(spec.type, spec.optional) for role, spec in wf.models.items()},
+        created_at=info.created_at,
+        definition=wf.definition,
+    )
+
+
+def _capabilities_response(found: Capabilities) -> CapabilitiesResponse:
+    models = [
+        # Only loaded models are listed (§3.3 shows the status all the same).
+        ModelCapabilities(
+            m.id, m.type, m.capabilities, m.context_length, m.vram_usage_gb, status="loaded"
+        )
+        for m in found.models
+    ]
+    return CapabilitiesResponse(found.by_capability, models)
+
+
 # -- routes ---------------------------------------------------------------------------------
 def _wants_stream(request: Request[Any, Any, Any], body: OrchestrateRequest) -> bool:
     if body.stream is not None:
@@ -145,8 +266,11 @@ def _sse(name: str, data: Any) -> bytes:
 
 async def _events(service: FusionService, run: PreparedRun) -> AsyncIterator[bytes]:
     try:
-        async for name, data in service.stream(run):
-            yield _sse(name, data)
+        async for item in service.stream(run):
+            if isinstance(item, RunEvent):
+                yield _sse(item.name, item.data)
+            else:
+                yield _sse("result", _run_response(item))
     except FusionError as exc:
         yield _sse("error", exc.envelope())
     except Exception as exc:
@@ -182,21 +306,19 @@ async def orchestrate(
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **deprecated},
         )
-    # The service's dict is already the RunResponse shape (the annotation documents it).
-    return Response(await service.execute(run), headers=deprecated)  # type: ignore[arg-type]
+    return Response(_run_response(await service.execute(run)), headers=deprecated)
 
 
 @get("/api/fusion/runs/{run_id:str}", tags=TAGS, summary="A stored run with its trace")
 async def get_run(
     fusion: NamedDependency[FusionService], run_id: FromPath[str]
 ) -> StoredRunResponse:
-    return msgspec.convert(fusion.get_run(run_id), StoredRunResponse)
+    return _stored_run_response(fusion.get_run(run_id))
 
 
 @get("/api/fusion/workflows", tags=TAGS, summary="Predefined and composed workflows (§3.2)")
 async def list_workflows(fusion: NamedDependency[FusionService]) -> WorkflowList:
-    items = fusion.list_workflows()
-    return msgspec.convert({"workflows": items}, WorkflowList)
+    return WorkflowList([WorkflowSummary(**_summary_fields(i)) for i in fusion.list_workflows()])
 
 
 @get(
@@ -207,7 +329,7 @@ async def list_workflows(fusion: NamedDependency[FusionService]) -> WorkflowList
 async def get_workflow(
     fusion: NamedDependency[FusionService], workflow_id: FromPath[str]
 ) -> WorkflowDetail:
-    return msgspec.convert(fusion.get_workflow(workflow_id), WorkflowDetail)
+    return _workflow_detail(fusion.get_workflow(workflow_id))
 
 
 @delete(
@@ -219,15 +341,15 @@ async def get_workflow(
 async def delete_workflow(
     fusion: NamedDependency[FusionService], workflow_id: FromPath[str]
 ) -> DeleteResponse:
-    return msgspec.convert(fusion.delete_workflow(workflow_id), DeleteResponse)
+    info = fusion.delete_workflow(workflow_id)
+    return DeleteResponse(workflow_id, status="deleted", version=info.version)
 
 
 @get("/api/fusion/capabilities", tags=TAGS, summary="What the loaded models can do (§3.3)")
 async def capabilities(
     fusion: NamedDependency[FusionService], capability: FromQuery[str | None] = None
 ) -> CapabilitiesResponse:
-    body = fusion.capabilities(capability)
-    return msgspec.convert(body, CapabilitiesResponse)
+    return _capabilities_response(fusion.capabilities(capability))
 
 
 @post(
@@ -239,7 +361,8 @@ async def capabilities(
 async def compose(
     fusion: NamedDependency[FusionService], data: JSONBody[dict[str, Any]]
 ) -> ComposeResponse:
-    return msgspec.convert(fusion.compose(data), ComposeResponse)
+    info = fusion.compose(data)
+    return ComposeResponse(info.workflow_id, info.name, "created", info.created_at, info.version)
 
 
 ROUTES = [
