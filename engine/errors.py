@@ -42,7 +42,6 @@ class ErrorCode(StrEnum):
     JSON_TOO_DEEP = "json_too_deep"
     METADATA_TOO_DEEP = "metadata_too_deep"
     METADATA_TOO_LARGE = "metadata_too_large"
-    MODEL_TYPE_MISMATCH = "model_type_mismatch"
     WRONG_MODEL_TYPE = "wrong_model_type"
     MODEL_UNAVAILABLE_OFFLINE = "model_unavailable_offline"
     UNKNOWN_FIELD = "unknown_field"
@@ -146,7 +145,6 @@ _BY_STATUS: dict[int, tuple[ErrorCode, ...]] = {
         ErrorCode.JSON_TOO_DEEP,
         ErrorCode.METADATA_TOO_DEEP,
         ErrorCode.METADATA_TOO_LARGE,
-        ErrorCode.MODEL_TYPE_MISMATCH,
         ErrorCode.WRONG_MODEL_TYPE,
         ErrorCode.MODEL_UNAVAILABLE_OFFLINE,
         ErrorCode.UNKNOWN_FIELD,

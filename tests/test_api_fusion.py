@@ -349,7 +349,7 @@ def test_explicit_model_errors(client: httpx.Client) -> None:
     error = error_of(
         orchestrate(client, workflow="greet", input={"name": "A"}, models={"generation": EMBED}),
         400,
-        "model_type_mismatch",
+        "wrong_model_type",
     )
     assert error["param"] == "models.generation"
     error = error_of(

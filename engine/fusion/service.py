@@ -222,7 +222,7 @@ class FusionService:
                     f"role '{role}' needs a '{spec.type}' model; '{model_id}' is a "
                     f"'{entry.type}' model",
                     param=f"models.{role}",
-                    code=ErrorCode.MODEL_TYPE_MISMATCH,
+                    code=ErrorCode.WRONG_MODEL_TYPE,
                 )
 
     async def execute(self, run: PreparedRun, on_event: EventSink | None = None) -> RunOutcome:
