@@ -19,8 +19,8 @@ from litestar import Request, Response, get
 from engine.clock import utc_iso
 from engine.errors import ErrorCode
 from engine.logging import get_logger
-from engine.models import views
 from engine.store import Store
+from server import model_views as views
 
 log = get_logger("server.health")
 

@@ -20,10 +20,10 @@ from litestar.params import FromPath, FromQuery, JSONBody
 from msgspec import Meta
 
 from engine.errors import ErrorCode, InvalidRequest
-from engine.models import views
 from engine.models.memory import gb
 from engine.models.registry import ModelRegistry
 from engine.models.types import LoadSpec, ModelType
+from server import model_views as views
 
 TAGS = ["models"]
 # The action each trailing segment names, and the one method that serves it.

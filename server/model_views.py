@@ -1,7 +1,7 @@
-"""How a loaded model is described to callers: the spec's §2 metadata, info, stats and list
-item, and the /health entry, as plain dicts. The HTTP routes (models, OpenAI, health) and
-anything else that reports on models (capabilities, diagnostics) build on these so every
-view of a model agrees."""
+"""How a loaded model is described to HTTP callers: the spec's §2 metadata, info, stats and
+list item, and the /health entry, built from the registry's ModelEntry. They live in
+server/ because they are response bodies (engine/ returns domain objects); every route that
+reports on models builds on these, so every view of a model agrees."""
 
 from __future__ import annotations
 
