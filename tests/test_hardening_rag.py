@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -35,20 +34,21 @@ from engine.services import Engine
 from server.app import create_app
 
 EMBED_ID = "tiny-embedder"
-# Generous bounds that prove "linear, did not hang": each adversarial input below took
-# from 17 s (50 KB) to days before the fix, and takes well under a second now.
-LINEAR_BOUND_S = 5.0
+# A hang guard, not a measure of speed: each adversarial input below took from 17 s (50 KB)
+# to days before the fix (hours to centuries at the sizes used here), and a fraction of a
+# second now. The thread method ends a test stuck inside a C-level regex, which the default
+# signal method cannot interrupt.
+HANG_GUARD = pytest.mark.timeout(120, method="thread")
 WAIT_S = 60.0  # upper bound of any wait on the engine; only reached when something is wrong
 
 
-def _timed_extract(name: str, data: bytes, **limits: int) -> tuple[float, Any]:
+def _extract(name: str, data: bytes, **limits: int) -> Any:
+    """The extraction, or the refusal it raised."""
     chosen = replace(extract_limits(Settings()), **limits)
-    started = time.perf_counter()
     try:
-        result: Any = extract(name, data, limits=chosen)
+        return extract(name, data, limits=chosen)
     except (InvalidRequest, PayloadTooLarge) as exc:
-        result = exc
-    return time.perf_counter() - started, result
+        return exc
 
 
 # --- linear extraction -----------------------------------------------------------------
@@ -71,13 +71,13 @@ MARKDOWN_ATTACKS = [
 ]
 
 
+@HANG_GUARD
 @pytest.mark.parametrize("unit", MARKDOWN_ATTACKS, ids=repr)
 def test_markdown_extraction_is_linear_on_adversarial_lines(unit: bytes) -> None:
     # One line of 2 MB (and a heading line of the same): quadratic time would be hours.
     line = unit * (2_000_000 // len(unit))
     for data in (b"x " + line + b" end", b"# " + line):
-        elapsed, result = _timed_extract("attack.md", data)
-        assert elapsed < LINEAR_BOUND_S, f"{unit!r}: {elapsed:.1f} s"
+        result = _extract("attack.md", data)
         assert not isinstance(result, Exception) or result.code == "invalid_document"
 
 
@@ -100,29 +100,29 @@ def test_front_matter_title_must_be_a_scalar() -> None:
     bomb = b"---\na: &a [x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\n"
     bomb += b"c: &c [*b, *b, *b, *b, *b, *b, *b, *b]\ntitle: [*c, *c, *c, *c, *c, *c, *c]\n"
     bomb += b"---\nBody text.\n"
-    elapsed, result = _timed_extract("bomb.md", bomb)
-    assert elapsed < LINEAR_BOUND_S
-    assert result.title is None
+    result = _extract("bomb.md", bomb)
+    assert result.title is None  # a list is no title: never str()-ed, which expands it
     assert result.sections[0].text == "Body text."
 
 
+@HANG_GUARD
 def test_html_sniffing_is_linear_on_comments() -> None:
     # The sniffing pattern backtracked exponentially: 241 bytes took 125 s.
     data = b"<!--a-->" * 500 + b"X plain words"
-    elapsed, result = _timed_extract("notes.txt", data)
-    assert elapsed < LINEAR_BOUND_S
+    result = _extract("notes.txt", data)
     assert result.format == "text"
     assert extract(
         "page.txt", b"<!-- a --> <!--b-->\n<html><body><p>Hi</p></body></html>"
     ).format == ("html")
 
 
+@HANG_GUARD
 @pytest.mark.parametrize("depth", [200_000, 400_000])
-def test_deeply_nested_html_is_refused_quickly(depth: int) -> None:
-    # 200k nested <div> took 98 s in the parser (quadratic in the nesting).
+def test_deeply_nested_html_is_refused_by_the_depth_limit(depth: int) -> None:
+    # 200k nested <div> took 98 s in the parser (quadratic in the nesting); the depth limit
+    # refuses it instead, and only the limit answers document_too_large naming its setting.
     for opener in (b"<div>", b"<div/>", b"<span><b>"):
-        elapsed, result = _timed_extract("deep.html", opener * depth + b"x")
-        assert elapsed < LINEAR_BOUND_S
+        result = _extract("deep.html", opener * depth + b"x")
         assert isinstance(result, PayloadTooLarge)
         assert result.code == "document_too_large"
         assert "rag_max_html_depth" in result.message
@@ -135,8 +135,8 @@ def test_html_within_the_depth_limit_and_long_flat_markup_are_read() -> None:
     # Unclosed <p>, <li> and table cells do not nest: 100,000 of them are flat.
     flat = b"<p>para" * 50_000 + b"<ol>" + b"<li>item" * 50_000 + b"</ol>"
     flat += b"<table>" + b"<tr><td>cell" * 20_000 + b"</table>"
-    elapsed, result = _timed_extract("flat.html", flat)
-    assert elapsed < LINEAR_BOUND_S
+    # Read whole, not refused by the depth limit: the unclosed tags did not nest.
+    result = _extract("flat.html", flat)
     lines = result.sections[0].text.split("\n")
     assert "1. item" in lines
     assert "50000. item" in lines
@@ -145,8 +145,8 @@ def test_html_within_the_depth_limit_and_long_flat_markup_are_read() -> None:
 
 def test_depth_limit_is_a_setting() -> None:
     nested = b"<div>" * 50 + b"deep text"
-    assert isinstance(_timed_extract("x.html", nested, max_html_depth=40)[1], PayloadTooLarge)
-    assert _timed_extract("x.html", nested, max_html_depth=60)[1].sections
+    assert isinstance(_extract("x.html", nested, max_html_depth=40), PayloadTooLarge)
+    assert _extract("x.html", nested, max_html_depth=60).sections
 
 
 # --- extraction budgets ----------------------------------------------------------------
@@ -155,7 +155,7 @@ def test_depth_limit_is_a_setting() -> None:
 def test_pdf_sharing_one_content_stream_is_stopped_by_the_page_budget() -> None:
     # A 5 KB PDF of this shape produced 8.9 M characters.
     pdf = shared_stream_pdf(pages=3, line="amplified text ", repeat=2_000)
-    _, result = _timed_extract("shared.pdf", pdf, max_page_chars=20_000)
+    result = _extract("shared.pdf", pdf, max_page_chars=20_000)
     assert isinstance(result, PayloadTooLarge)
     assert "page 1" in result.message
     assert "rag_max_pdf_page_chars" in result.message
@@ -163,25 +163,25 @@ def test_pdf_sharing_one_content_stream_is_stopped_by_the_page_budget() -> None:
 
 def test_pdf_document_chars_and_pages_budgets() -> None:
     pdf = shared_stream_pdf(pages=40, line="amplified text ", repeat=200)  # 3,000 a page
-    _, result = _timed_extract("many.pdf", pdf, max_chars=50_000)
+    result = _extract("many.pdf", pdf, max_chars=50_000)
     assert isinstance(result, PayloadTooLarge)
     assert "rag_max_document_chars" in result.message
-    _, result = _timed_extract("many.pdf", pdf, max_pages=39)
+    result = _extract("many.pdf", pdf, max_pages=39)
     assert isinstance(result, PayloadTooLarge)
     assert "rag_max_pdf_pages" in result.message
-    assert len(_timed_extract("many.pdf", pdf, max_pages=40)[1].sections) == 40
+    assert len(_extract("many.pdf", pdf, max_pages=40).sections) == 40
 
 
 @pytest.mark.parametrize("name", ["big.txt", "big.md", "big.html"])
 def test_document_chars_budget_for_text_formats(name: str) -> None:
     data = b"<p>" if name.endswith("html") else b""
     data += b"Plenty of words in one sentence. " * 2_000  # 66,000 characters
-    _, result = _timed_extract(name, data, max_chars=60_000)
+    result = _extract(name, data, max_chars=60_000)
     assert isinstance(result, PayloadTooLarge)
     assert result.status == 413
     assert result.details == {"file": name}
     assert "rag_max_document_chars" in result.message
-    assert _timed_extract(name, data, max_chars=70_000)[1].sections
+    assert _extract(name, data, max_chars=70_000).sections
 
 
 # --- the service: sandbox budgets, chunk budget, batches, cancellation -------------------
@@ -279,7 +279,7 @@ async def test_query_answers_during_a_long_ingest_and_batches_are_bounded(engine
     assert hits
     assert not ingest.done()
     result = await asyncio.wait_for(ingest, WAIT_S)
-    assert steps[-1] == result["chunks_created"] > 100
+    assert steps[-1] == result.chunks_created > 100
     # Each model call embedded at most `embed_batch` chunks.
     assert all(0 < b - a <= 2 for a, b in zip([0, *steps], steps, strict=False))
 
@@ -328,7 +328,7 @@ async def test_metadata_depth_and_size_are_bounded(engine: Engine) -> None:
         await service.ingest("meta", upload, metadata={"k": "v" * 200})
     assert "rag_metadata_max_bytes" in caught.value.message
     result = await service.ingest("meta", upload, metadata={"k": {"l": ["v"]}})
-    assert result["documents_ingested"] == 1
+    assert result.documents_ingested == 1
 
 
 # --- over HTTP: clear answers, and /health stays prompt --------------------------------
