@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -312,6 +312,7 @@ def embedder_spec(settings: Settings, requested: str | None) -> dict[str, Any]:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from engine.rag.service import Upload
+    from engine.rag.types import IngestResult
     from engine.services import Engine
 
     configure_logging("console", "warning")  # stdout carries only the result JSON
@@ -324,7 +325,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     spec = embedder_spec(settings, args.embedding_model)
     bar = ProgressBar(sys.stderr)
 
-    async def ingest() -> dict[str, Any]:
+    async def ingest() -> IngestResult:
         engine = await Engine.start(replace(settings, startup_models=[spec]), load_workflows=False)
         try:
             (entry,) = engine.models.entries()
@@ -342,7 +343,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             await engine.stop()
 
     result = asyncio.run(ingest())
-    _out(sys.stdout, json.dumps(result, indent=2))
+    _out(sys.stdout, json.dumps(asdict(result), indent=2))
     return EXIT_OK
 
 

@@ -264,9 +264,9 @@ async def topic_of(engine: Engine) -> dict[str, str]:
     assert len(topics) == len(questions) >= 30
     uploads = [Upload(f"{topic}.txt", CORPUS[topic][0].encode(), "text/plain") for topic in topics]
     result = await engine.rag.ingest(COLLECTION, uploads)
-    assert result["documents_ingested"] == len(topics)
-    assert result["chunks_created"] == len(topics), "a short passage must stay one chunk"
-    return dict(zip(result["document_ids"], topics, strict=True))
+    assert result.documents_ingested == len(topics)
+    assert result.chunks_created == len(topics), "a short passage must stay one chunk"
+    return dict(zip(result.document_ids, topics, strict=True))
 
 
 async def evaluate(
@@ -375,9 +375,9 @@ async def test_threshold_drops_unrelated_results(engine: Engine, topic_of: dict[
             rerank=rerank,
             generation_config={"max_tokens": 4, "temperature": 0.0},
         )
-        assert response["sources"] == [], response["sources"]
-        assert response["metadata"]["embedding_model"] == "minilm"
-        assert response["metadata"]["model_id"] == "tiny"
+        assert response.sources == [], response.sources
+        assert response.embedding_model == "minilm"
+        assert response.model_id == "tiny"
     # A question the corpus does answer still finds its passage at a moderate threshold.
     response = await engine.rag.query(
         CORPUS["photosynthesis"][1],
@@ -386,6 +386,6 @@ async def test_threshold_drops_unrelated_results(engine: Engine, topic_of: dict[
         similarity_threshold=0.3,
         generation_config={"max_tokens": 4, "temperature": 0.0},
     )
-    assert response["sources"], "the photosynthesis passage should pass a 0.3 threshold"
-    assert response["sources"][0]["metadata"]["file"] == "photosynthesis.txt"
-    assert all(s["score"] >= 0.3 for s in response["sources"])
+    assert response.sources, "the photosynthesis passage should pass a 0.3 threshold"
+    assert response.sources[0].metadata["file"] == "photosynthesis.txt"
+    assert all(s.score >= 0.3 for s in response.sources)

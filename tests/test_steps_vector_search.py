@@ -60,7 +60,7 @@ async def engine(
             [Upload(f"{name}.txt", text.encode(), "text/plain") for name, text in DOCS.items()],
             embedding_model="embedding-model",
         )
-        assert result["chunks_created"] == len(DOCS)
+        assert result.chunks_created == len(DOCS)
         yield engine
     finally:
         await engine.stop()

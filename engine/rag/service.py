@@ -29,7 +29,7 @@ from engine.rag.formats.common import ExtractLimits
 from engine.rag.prompt import answer_messages
 from engine.rag.retrieval import Retriever
 from engine.rag.store import RagStore
-from engine.rag.types import Chunk, Extracted, Hit, NewDocument
+from engine.rag.types import Chunk, Extracted, Hit, IngestResult, NewDocument, QueryResult
 from engine.sandbox import SandboxError, SandboxMemoryError, SandboxTimeout, shared_sandbox
 from engine.store import Store
 
@@ -233,7 +233,7 @@ class RagService:
         embedding_model: str | None = None,
         metadata: dict[str, Any] | None = None,
         on_progress: ProgressFn | None = None,
-    ) -> dict[str, Any]:
+    ) -> IngestResult:
         """Extract and chunk every file, embed the chunks in bounded batches, then store
         everything in one short transaction: a bad file, a budget overrun, a crash or the
         caller's cancellation leaves the collection as it was.
@@ -292,24 +292,24 @@ class RagService:
                     self.db.document_by_hash, collection, p.content_hash
                 )
             document_ids.append(known)
-        result: dict[str, Any] = {
-            "collection": collection,
-            "documents_ingested": len(documents),
-            "chunks_created": sum(len(d.chunks) for d in documents),
-            "embedding_time_ms": embedding_ms,
-            "document_ids": document_ids,
-            "status": "completed",
-            "embedding_model": model_id,
-            "chunk_size": size,
-            "overlap": step_overlap,
-            "duplicates": [p.upload.filename for p in prepared if p.document is None],
-        }
-        if size != chunk_size or step_overlap != overlap:
-            result["warnings"] = [
+        clamped = size != chunk_size or step_overlap != overlap
+        return IngestResult(
+            collection=collection,
+            documents_ingested=len(documents),
+            chunks_created=sum(len(d.chunks) for d in documents),
+            embedding_time_ms=embedding_ms,
+            document_ids=document_ids,
+            embedding_model=model_id,
+            chunk_size=size,
+            overlap=step_overlap,
+            duplicates=[p.upload.filename for p in prepared if p.document is None],
+            warnings=[
                 f"chunk_size {chunk_size} / overlap {overlap} clamped to {size} / {step_overlap}: "
                 f"'{model_id}' reads at most {usable} tokens per chunk"
             ]
-        return result
+            if clamped
+            else [],
+        )
 
     async def _prepare(
         self,
@@ -505,7 +505,7 @@ class RagService:
         rerank: bool = False,
         rerank_model: str | None = None,
         generation_config: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
+    ) -> QueryResult:
         if not query.strip():
             raise InvalidRequest("query must not be empty", param="query")
         started = time.perf_counter()
@@ -537,26 +537,20 @@ class RagService:
         gen_started = time.perf_counter()
         answer = await self.models.chat(generator, answer_messages(query, hits), params)
         generation_ms = (time.perf_counter() - gen_started) * 1000
-        response: dict[str, Any] = {
-            "answer": answer.content.strip(),
-            "retrieval_latency_ms": round(retrieval_ms, 3),
-            "generation_latency_ms": round(generation_ms, 3),
-            "total_latency_ms": round((time.perf_counter() - started) * 1000, 3),
-            "metadata": {
-                "collection": collection,
-                "top_k": top_k,
-                "model_id": generator,
-                "embedding_model": embedder,
-                "rerank": rerank,
-                "usage": {
-                    "prompt_tokens": answer.prompt_tokens,
-                    "completion_tokens": answer.completion_tokens,
-                },
-            },
-        }
-        if include_sources:
-            response["sources"] = [hit_json(h) for h in hits]
-        return response
+        return QueryResult(
+            answer=answer.content.strip(),
+            sources=list(hits) if include_sources else None,
+            retrieval_latency_ms=round(retrieval_ms, 3),
+            generation_latency_ms=round(generation_ms, 3),
+            total_latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            collection=collection,
+            top_k=top_k,
+            model_id=generator,
+            embedding_model=embedder,
+            rerank=rerank,
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.completion_tokens,
+        )
 
 
 def hit_json(hit: Any) -> dict[str, Any]:

@@ -79,3 +79,39 @@ class Hit:
     score: float  # cosine similarity in [-1, 1] for vector hits
     metadata: dict[str, Any]  # file, page, heading, document_id and the user's metadata
     rerank_score: float | None = None  # the reranker's score, when reranking ordered it
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one ingest request did (spec §4.1's answer, before the server shapes it)."""
+
+    collection: str
+    documents_ingested: int
+    chunks_created: int
+    embedding_time_ms: float
+    # One per uploaded file, duplicates included; None only when a concurrent delete removed
+    # the already-stored document a duplicate pointed to.
+    document_ids: list[str | None]
+    embedding_model: str
+    chunk_size: int  # as used: clamped to what the embedder reads
+    overlap: int
+    duplicates: list[str]  # filenames whose content the collection already had
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """A RAG answer with what produced it (spec §4.2's answer, before the server shapes it)."""
+
+    answer: str
+    sources: list[Hit] | None  # None when the caller asked for no sources
+    retrieval_latency_ms: float
+    generation_latency_ms: float
+    total_latency_ms: float
+    collection: str
+    top_k: int
+    model_id: str
+    embedding_model: str
+    rerank: bool
+    prompt_tokens: int
+    completion_tokens: int

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Annotated, Any
 
 import msgspec
@@ -31,7 +31,7 @@ from msgspec import Meta
 
 from engine.config import Settings
 from engine.errors import InvalidRequest
-from engine.rag.service import RagService, Upload, metadata_too_deep
+from engine.rag.service import RagService, Upload, hit_json, metadata_too_deep
 from server.uploads import UploadLimits, read_multipart
 
 TAGS = ["rag"]
@@ -46,7 +46,7 @@ class IngestResponse(msgspec.Struct, kw_only=True):
     documents_ingested: int
     chunks_created: int
     embedding_time_ms: float
-    document_ids: list[str]
+    document_ids: list[str | None]
     status: str
     # Extensions (docs/api.md).
     embedding_model: str
@@ -251,7 +251,7 @@ async def ingest(
         embedding_model=fields.get("embedding_model", "").strip() or None,
         metadata=_metadata_field(fields.get("metadata"), rag.limits.metadata_max_depth),
     )
-    return msgspec.convert(result, IngestResponse)
+    return IngestResponse(**asdict(result), status="completed")
 
 
 @post("/api/rag/query", status_code=200, tags=TAGS, summary="RAG query (§4.2)")
@@ -270,7 +270,25 @@ async def query(rag: NamedDependency[RagService], data: JSONBody[QueryRequest]) 
         rerank_model=data.rerank_model,
         generation_config=data.generation_config,
     )
-    return msgspec.convert(result, QueryResponse)
+    return QueryResponse(
+        answer=result.answer,
+        sources=None
+        if result.sources is None
+        else [msgspec.convert(hit_json(hit), Source) for hit in result.sources],
+        retrieval_latency_ms=result.retrieval_latency_ms,
+        generation_latency_ms=result.generation_latency_ms,
+        total_latency_ms=result.total_latency_ms,
+        metadata=QueryMetadata(
+            collection=result.collection,
+            top_k=result.top_k,
+            model_id=result.model_id,
+            embedding_model=result.embedding_model,
+            rerank=result.rerank,
+            usage=QueryUsage(
+                prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens
+            ),
+        ),
+    )
 
 
 @get("/api/rag/collections", tags=TAGS, summary="List collections (§4.3)")
