@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
+from api_helpers import wait_for
 from documents import shared_stream_pdf
 from serverutil import serve_app
 from step_helpers import start_engine
@@ -368,10 +369,10 @@ def test_http_metadata_nested_10000_deep_is_a_400(client: httpx.Client) -> None:
     error = body.json()["error"]
     assert (error["param"], error["code"]) == ("metadata", "metadata_too_deep")
     assert "rag_metadata_max_depth" in error["message"]
-    assert client.get("/health", timeout=2.0).status_code == 200
+    assert client.get("/health").status_code == 200  # the client's timeout is the hang guard
 
 
-def test_http_adversarial_documents_answer_clearly_while_health_stays_prompt(
+def test_http_adversarial_documents_answer_clearly_and_the_server_lives(
     client: httpx.Client,
 ) -> None:
     nested = _ingest(client, "deep.html", b"<div>" * 200_000 + b"x")
@@ -380,13 +381,21 @@ def test_http_adversarial_documents_answer_clearly_while_health_stays_prompt(
     assert "rag_max_html_depth" in nested.json()["error"]["message"]
     links = _ingest(client, "links.md", b"[" * 100_000 + b"\n\nA sentence.")
     assert links.status_code == 200, links.text
-    assert client.get("/health", timeout=2.0).status_code == 200
+    assert client.get("/health").status_code == 200
     assert json.loads(links.text)["documents_ingested"] == 1
 
 
-def test_http_health_answers_promptly_during_a_long_ingest(client: httpx.Client) -> None:
+def test_http_health_answers_during_a_long_ingest(client: httpx.Client) -> None:
+    """Ordering, not speed: once the ingest is known to be embedding (its batches counted
+    in the embedder's stats), /health answers before the ingest ends."""
     done = threading.Event()
     answer: list[httpx.Response] = []
+
+    def embed_requests() -> int:
+        count: int = client.get(f"/v1/models/{EMBED_ID}/stats").json()["request_count"]
+        return count
+
+    before = embed_requests()
 
     def ingest() -> None:
         try:
@@ -398,11 +407,10 @@ def test_http_health_answers_promptly_during_a_long_ingest(client: httpx.Client)
 
     worker = threading.Thread(target=ingest)
     worker.start()
-    during = 0
-    while not done.is_set():
-        # httpx's timeout is the bound: each /health must answer within 2 s.
-        assert client.get("/health", timeout=2.0).status_code == 200
-        during += 0 if done.is_set() else 1
-    worker.join()
+    try:
+        wait_for(lambda: embed_requests() >= before + 2, WAIT_S, "the ingest embedding")
+        assert client.get("/health").status_code == 200
+        assert not done.is_set()  # /health overtook the ingest
+    finally:
+        worker.join(WAIT_S)
     assert answer[0].status_code == 200, answer[0].text
-    assert during >= 1
