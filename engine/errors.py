@@ -62,6 +62,7 @@ class ErrorCode(StrEnum):
     RUN_NOT_FOUND = "run_not_found"
     COLLECTION_NOT_FOUND = "collection_not_found"
     DOCUMENT_NOT_FOUND = "document_not_found"
+    JOB_NOT_FOUND = "job_not_found"
     # 405
     METHOD_NOT_ALLOWED = "method_not_allowed"
     # 409
@@ -164,6 +165,7 @@ _BY_STATUS: dict[int, tuple[ErrorCode, ...]] = {
         ErrorCode.RUN_NOT_FOUND,
         ErrorCode.COLLECTION_NOT_FOUND,
         ErrorCode.DOCUMENT_NOT_FOUND,
+        ErrorCode.JOB_NOT_FOUND,
     ),
     405: (ErrorCode.METHOD_NOT_ALLOWED,),
     409: (

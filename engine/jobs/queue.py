@@ -1,0 +1,508 @@
+"""The durable job queue (spec §5): a small interface, `JobQueue`, and its embedded SQLite
+backend, `SqliteJobQueue`.
+
+Routes and workers (issue #10) are to depend on `JobQueue` only, so that a backend for
+several servers sharing one database can be added later without touching them. Nothing
+uses this module yet: issue #10's routes and workers build on it.
+
+Leases and fencing
+    claim() hands out a lease, not a flag: the job becomes `processing`, its attempt count
+    goes up by one and `lease_expires_at` is set. The attempt number is the lease token.
+    heartbeat() extends the lease and records progress; finish() writes the terminal
+    status. Both act only if the job is still `processing` under the same attempt, so a
+    cancelled job never completes and an attempt whose lease was taken back (recover(),
+    then perhaps a new claim) writes nothing. A lease that expired is taken back only by
+    recover(); until then its holder may still heartbeat or finish, since nobody else has
+    the job. recover() puts expired leases back in the queue, or fails the job with a
+    reason once `max_attempts` claims have been made, so no job stays `processing`
+    forever. After a restart of the only server, `recover(now=math.inf)` takes back every
+    lease at once.
+
+Priority with aging
+    Each job gets a scheduling key when submitted:
+    ``sched_at = created_at + rank * aging_s`` (rank 0 high, 1 normal, 2 low), and claim()
+    takes the queued job with the smallest key (submission order among equal keys). So a
+    job is claimed before every job of a higher priority submitted more than
+    ``(rank difference) * aging_s`` after it. Bound: a low job is overtaken only by high
+    jobs submitted less than ``2 * aging_s`` after it (normal jobs: ``aging_s``), and by
+    what was queued before it; under a constant stream of high jobs at rate r, it starts
+    after at most the jobs ahead of it when submitted plus ``2 * aging_s * r`` high jobs.
+    The key is fixed at submission, so it is indexed (claim, recover and purge name
+    their partial index: without ANALYZE statistics SQLite would pick the status index
+    and sort every queued job); a re-queued job keeps its key (its place in line).
+
+Durability
+    Every state change is one transaction (`Store.transaction()`); submit() returns only
+    after its commit, so a job whose submission was answered survives the process being
+    killed (WAL with synchronous=NORMAL: a power loss may lose the last commits, a crash
+    of the process does not). Claims are serialized by SQLite's write lock (BEGIN
+    IMMEDIATE), so two claimers, in threads or processes, never get the same job.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import apsw
+
+from engine.errors import Conflict, ErrorCode, InvalidRequest, NotFound, QueueFull
+from engine.jobs.types import (
+    Job,
+    JobPage,
+    JobPriority,
+    JobRequest,
+    JobSort,
+    JobStatus,
+    Recovery,
+    SortOrder,
+    Submission,
+)
+from engine.store import Store, register_migration
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+
+register_migration(
+    200,
+    "jobs",
+    """
+    CREATE TABLE jobs (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        operation TEXT NOT NULL,
+        model_id TEXT,
+        input TEXT NOT NULL CHECK (json_valid(input)),
+        priority TEXT NOT NULL CHECK (priority IN ('high', 'normal', 'low')),
+        sched_at REAL NOT NULL,
+        status TEXT NOT NULL
+            CHECK (status IN ('queued', 'processing', 'completed', 'failed', 'cancelled')),
+        attempts INTEGER NOT NULL CHECK (attempts >= 0),
+        max_attempts INTEGER NOT NULL CHECK (max_attempts >= 1),
+        lease_owner TEXT,
+        lease_expires_at REAL,
+        progress REAL CHECK (progress IS NULL OR (progress >= 0 AND progress <= 1)),
+        result TEXT CHECK (result IS NULL OR json_valid(result)),
+        error TEXT,
+        callback_url TEXT,
+        idempotency_key TEXT UNIQUE,
+        request_hash TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        completed_at REAL
+    ) STRICT;
+    CREATE INDEX jobs_queued ON jobs (sched_at, seq) WHERE status = 'queued';
+    CREATE INDEX jobs_leases ON jobs (lease_expires_at) WHERE status = 'processing';
+    CREATE INDEX jobs_finished ON jobs (completed_at) WHERE completed_at IS NOT NULL;
+    CREATE INDEX jobs_by_status ON jobs (status, created_at);
+    CREATE INDEX jobs_by_model ON jobs (model_id, created_at);
+    """,
+)
+
+_COLUMNS = (
+    "id, operation, model_id, input, priority, status, attempts, max_attempts, lease_owner, "
+    "lease_expires_at, progress, result, error, callback_url, idempotency_key, request_hash, "
+    "created_at, started_at, completed_at"
+)
+
+_BY_ID_SQL = f"SELECT {_COLUMNS} FROM jobs WHERE id = ?"
+_PRIORITY_RANK_SQL = "CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END"
+_SORT_SQL = {
+    JobSort.CREATED_AT: "created_at",
+    JobSort.PRIORITY: _PRIORITY_RANK_SQL,
+    JobSort.STATUS: "status",
+}
+
+
+class JobQueue(Protocol):
+    """The queue routes and workers use. Errors are engine.errors': 404 `job_not_found`,
+    409 `conflict`, 429 `queue_full` (with Retry-After), 400 for an invalid listing."""
+
+    def submit(self, request: JobRequest) -> Submission:
+        """Queue a job, committed before returning. A repeated Idempotency-Key answers
+        the existing job (same request) or raises Conflict (another request); a full
+        queue raises QueueFull."""
+        ...
+
+    def claim(
+        self,
+        worker_id: str,
+        lease_s: float,
+        *,
+        operations: Sequence[str] | None = None,
+        model_ids: Sequence[str | None] | None = None,
+    ) -> Job | None:
+        """Lease the next job (of these operations / models, when given), or None."""
+        ...
+
+    def heartbeat(
+        self, job_id: str, lease_token: int, lease_s: float, progress: float | None = None
+    ) -> bool:
+        """Extend the lease by `lease_s` from now and record progress in [0, 1]. False when
+        the lease is no longer this attempt's (cancelled or taken back): stop working."""
+        ...
+
+    def finish(
+        self, job_id: str, lease_token: int, *, result: Any = None, error: str | None = None
+    ) -> bool:
+        """Complete the job with `result`, or fail it with `error`. False (nothing written)
+        when the lease is no longer this attempt's."""
+        ...
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued or processing job; a finished one raises Conflict."""
+        ...
+
+    def get(self, job_id: str) -> Job:
+        """The job, or NotFound."""
+        ...
+
+    def list(
+        self,
+        *,
+        status: JobStatus | None = None,
+        model_id: str | None = None,
+        limit: int = DEFAULT_LIMIT,
+        offset: int = 0,
+        sort_by: JobSort = JobSort.CREATED_AT,
+        order: SortOrder = SortOrder.DESC,
+    ) -> JobPage:
+        """A page of jobs and the total matching the filters."""
+        ...
+
+    def position_in_queue(self, job_id: str) -> int | None:
+        """1 for the job claimed next, and so on; None when the job is not queued."""
+        ...
+
+    def recover(self, now: float | None = None) -> Recovery:
+        """Take back leases expired at `now` (the clock's time when None)."""
+        ...
+
+    def purge(self, older_than_s: float) -> int:
+        """Delete jobs finished more than `older_than_s` ago; returns how many."""
+        ...
+
+
+class SqliteJobQueue:
+    """`JobQueue` in the `jobs` table of `store`.
+
+    `max_queued`: queued jobs beyond which submit() raises QueueFull, whose Retry-After
+    says `retry_after_s`. `aging_s`: see the module doc. `clock`: epoch seconds, injectable
+    so tests decide time."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_queued: int = 1000,
+        max_attempts: int = 3,
+        aging_s: float = 30.0,
+        retry_after_s: int = 5,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_queued < 0 or max_attempts < 1 or aging_s < 0 or retry_after_s < 1:
+            raise ValueError(
+                "max_queued >= 0, max_attempts >= 1, aging_s >= 0 and retry_after_s >= 1 "
+                f"are required (got {max_queued}, {max_attempts}, {aging_s}, {retry_after_s})"
+            )
+        self._store = store
+        self._max_queued = max_queued
+        self._max_attempts = max_attempts
+        self._aging_s = aging_s
+        self._retry_after_s = retry_after_s
+        self._clock = clock
+
+    def submit(self, request: JobRequest) -> Submission:
+        max_attempts = self._max_attempts if request.max_attempts is None else request.max_attempts
+        if max_attempts < 1:
+            raise InvalidRequest(
+                "max_attempts must be at least 1",
+                param="max_attempts",
+                code=ErrorCode.INVALID_REQUEST,
+            )
+        request_hash = request.request_hash()
+        with self._store.transaction() as conn:
+            # Read under the write lock, so times follow the order of commits.
+            now = self._clock()
+            if request.idempotency_key is not None:
+                row = conn.execute(
+                    f"SELECT {_COLUMNS} FROM jobs WHERE idempotency_key = ?",
+                    (request.idempotency_key,),
+                ).fetchone()
+                if row is not None:
+                    existing = _job(row)
+                    if existing.request_hash != request_hash:
+                        raise Conflict(
+                            f"Idempotency-Key {request.idempotency_key!r} was used for another "
+                            f"request (job {existing.id}); use a new key for a new request",
+                            param="Idempotency-Key",
+                            code=ErrorCode.CONFLICT,
+                        )
+                    return Submission(existing, created=False)
+            if _queued(conn) >= self._max_queued:
+                raise QueueFull(
+                    f"the job queue is full ({self._max_queued} jobs waiting); retry later",
+                    code=ErrorCode.QUEUE_FULL,
+                    headers={"Retry-After": str(self._retry_after_s)},
+                )
+            (row,) = conn.execute(
+                f"INSERT INTO jobs (id, operation, model_id, input, priority, sched_at, status, "
+                "attempts, max_attempts, callback_url, idempotency_key, request_hash, "
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?) "
+                f"RETURNING {_COLUMNS}",
+                (
+                    f"job-{uuid.uuid4().hex}",
+                    request.operation,
+                    request.model_id,
+                    json.dumps(request.input, ensure_ascii=False),
+                    request.priority.value,
+                    now + request.priority.rank * self._aging_s,
+                    max_attempts,
+                    request.callback_url,
+                    request.idempotency_key,
+                    request_hash,
+                    now,
+                ),
+            ).fetchall()
+        return Submission(_job(row), created=True)
+
+    def claim(
+        self,
+        worker_id: str,
+        lease_s: float,
+        *,
+        operations: Sequence[str] | None = None,
+        model_ids: Sequence[str | None] | None = None,
+    ) -> Job | None:
+        where = ["status = 'queued'"]
+        bindings: list[Any] = []
+        if operations is not None:
+            where.append(f"operation IN ({', '.join('?' * len(operations))})")
+            bindings.extend(operations)
+        if model_ids is not None:
+            named = [m for m in model_ids if m is not None]
+            either = [f"model_id IN ({', '.join('?' * len(named))})"]
+            if None in model_ids:
+                either.append("model_id IS NULL")
+            where.append(f"({' OR '.join(either)})")
+            bindings.extend(named)
+        with self._store.transaction() as conn:
+            now = self._clock()
+            found = conn.execute(
+                f"SELECT seq FROM jobs INDEXED BY jobs_queued WHERE {' AND '.join(where)} "
+                "ORDER BY sched_at, seq LIMIT 1",
+                bindings,
+            ).fetchone()
+            if found is None:
+                return None
+            (row,) = conn.execute(
+                "UPDATE jobs SET status = 'processing', attempts = attempts + 1, "
+                "lease_owner = ?, lease_expires_at = ?, started_at = ?, progress = 0 "
+                f"WHERE seq = ? RETURNING {_COLUMNS}",
+                (worker_id, now + lease_s, now, found[0]),
+            ).fetchall()
+        return _job(row)
+
+    def heartbeat(
+        self, job_id: str, lease_token: int, lease_s: float, progress: float | None = None
+    ) -> bool:
+        if progress is not None and not 0 <= progress <= 1:
+            raise ValueError(f"progress must be in [0, 1], not {progress}")
+        with self._store.transaction() as conn:
+            row = conn.execute(
+                "UPDATE jobs SET lease_expires_at = ?, progress = coalesce(?, progress) "
+                "WHERE id = ? AND status = 'processing' AND attempts = ? RETURNING 1",
+                (self._clock() + lease_s, progress, job_id, lease_token),
+            ).fetchone()
+        return row is not None
+
+    def finish(
+        self, job_id: str, lease_token: int, *, result: Any = None, error: str | None = None
+    ) -> bool:
+        status = JobStatus.COMPLETED if error is None else JobStatus.FAILED
+        with self._store.transaction() as conn:
+            row = conn.execute(
+                "UPDATE jobs SET status = ?, result = ?, error = ?, completed_at = ?, "
+                "progress = CASE WHEN ? = 'completed' THEN 1 ELSE progress END, "
+                "lease_owner = NULL, lease_expires_at = NULL "
+                "WHERE id = ? AND status = 'processing' AND attempts = ? RETURNING 1",
+                (
+                    status.value,
+                    None if error is not None else json.dumps(result, ensure_ascii=False),
+                    error,
+                    self._clock(),
+                    status.value,
+                    job_id,
+                    lease_token,
+                ),
+            ).fetchone()
+        return row is not None
+
+    def cancel(self, job_id: str) -> Job:
+        with self._store.transaction() as conn:
+            row = conn.execute(
+                "UPDATE jobs SET status = 'cancelled', completed_at = ?, lease_owner = NULL, "
+                "lease_expires_at = NULL WHERE id = ? AND status IN ('queued', 'processing') "
+                f"RETURNING {_COLUMNS}",
+                (self._clock(), job_id),
+            ).fetchone()
+            if row is not None:
+                return _job(row)
+            job = _found(conn.execute(_BY_ID_SQL, (job_id,)).fetchall(), job_id)
+        raise Conflict(
+            f"job {job_id} is already {job.status.value} and cannot be cancelled",
+            param="job_id",
+            code=ErrorCode.CONFLICT,
+        )
+
+    def get(self, job_id: str) -> Job:
+        return _found(self._store.query(_BY_ID_SQL, (job_id,)), job_id)
+
+    def list(
+        self,
+        *,
+        status: JobStatus | None = None,
+        model_id: str | None = None,
+        limit: int = DEFAULT_LIMIT,
+        offset: int = 0,
+        sort_by: JobSort = JobSort.CREATED_AT,
+        order: SortOrder = SortOrder.DESC,
+    ) -> JobPage:
+        if not 1 <= limit <= MAX_LIMIT:
+            raise InvalidRequest(
+                f"limit must be between 1 and {MAX_LIMIT}, not {limit}",
+                param="limit",
+                code=ErrorCode.INVALID_REQUEST,
+            )
+        if offset < 0:
+            raise InvalidRequest(
+                f"offset must be 0 or more, not {offset}",
+                param="offset",
+                code=ErrorCode.INVALID_REQUEST,
+            )
+        where: list[str] = []
+        bindings: list[Any] = []
+        if status is not None:
+            where.append("status = ?")
+            bindings.append(status.value)
+        if model_id is not None:
+            where.append("model_id = ?")
+            bindings.append(model_id)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        direction = "DESC" if order is SortOrder.DESC else "ASC"
+        # Reads take no write lock, so workers are never held up by a listing; the total
+        # may differ from the page by the jobs that changed between the two statements.
+        ((total,),) = self._store.query(f"SELECT count(*) FROM jobs {clause}", bindings)
+        rows = self._store.query(
+            f"SELECT {_COLUMNS} FROM jobs {clause} "
+            f"ORDER BY {_SORT_SQL[sort_by]} {direction}, seq {direction} LIMIT ? OFFSET ?",
+            [*bindings, limit, offset],
+        )
+        return JobPage([_job(row) for row in rows], total)
+
+    def position_in_queue(self, job_id: str) -> int | None:
+        rows = self._store.query(
+            "SELECT (SELECT count(*) FROM jobs AS ahead INDEXED BY jobs_queued "
+            "WHERE ahead.status = 'queued' "
+            "AND (ahead.sched_at < job.sched_at "
+            "OR (ahead.sched_at = job.sched_at AND ahead.seq < job.seq))) "
+            "FROM jobs AS job WHERE job.id = ? AND job.status = 'queued'",
+            (job_id,),
+        )
+        if rows:
+            return int(rows[0][0]) + 1
+        self.get(job_id)  # raises NotFound for an unknown id
+        return None
+
+    def recover(self, now: float | None = None) -> Recovery:
+        moment = self._clock() if now is None else now
+        with self._store.transaction() as conn:
+            failed = conn.execute(
+                "UPDATE jobs INDEXED BY jobs_leases SET status = 'failed', completed_at = ?, "
+                "error = 'the lease of attempt ' || attempts || ' of ' || max_attempts || "
+                "' expired (its worker stopped or was lost); no attempts are left', "
+                "lease_owner = NULL, lease_expires_at = NULL "
+                "WHERE status = 'processing' AND lease_expires_at <= ? "
+                "AND attempts >= max_attempts RETURNING id",
+                (self._clock(), moment),
+            ).fetchall()
+            requeued = conn.execute(
+                "UPDATE jobs INDEXED BY jobs_leases SET status = 'queued', lease_owner = NULL, "
+                "lease_expires_at = NULL, "
+                "progress = NULL WHERE status = 'processing' AND lease_expires_at <= ? "
+                "RETURNING id",
+                (moment,),
+            ).fetchall()
+        return Recovery(requeued=[str(r[0]) for r in requeued], failed=[str(r[0]) for r in failed])
+
+    def purge(self, older_than_s: float) -> int:
+        with self._store.transaction() as conn:
+            rows = conn.execute(
+                "DELETE FROM jobs INDEXED BY jobs_finished "
+                "WHERE completed_at IS NOT NULL AND completed_at < ? "
+                "AND status IN ('completed', 'failed', 'cancelled') RETURNING 1",
+                (self._clock() - older_than_s,),
+            ).fetchall()
+        return len(rows)
+
+
+def _queued(conn: apsw.Connection) -> int:
+    # apsw types rows as any SQLite value; a count is an int.
+    rows: list[tuple[Any, ...]] = conn.execute(
+        "SELECT count(*) FROM jobs WHERE status = 'queued'"
+    ).fetchall()
+    return int(rows[0][0])
+
+
+def _found(rows: Sequence[Sequence[Any]], job_id: str) -> Job:
+    if not rows:
+        raise NotFound(f"no job {job_id}", param="job_id", code=ErrorCode.JOB_NOT_FOUND)
+    return _job(rows[0])
+
+
+def _job(row: Sequence[Any]) -> Job:
+    (
+        job_id,
+        operation,
+        model_id,
+        input_json,
+        priority,
+        status,
+        attempts,
+        max_attempts,
+        lease_owner,
+        lease_expires_at,
+        progress,
+        result_json,
+        error,
+        callback_url,
+        idempotency_key,
+        request_hash,
+        created_at,
+        started_at,
+        completed_at,
+    ) = row
+    return Job(
+        id=job_id,
+        operation=operation,
+        model_id=model_id,
+        input=json.loads(input_json),
+        priority=JobPriority(priority),
+        status=JobStatus(status),
+        attempts=attempts,
+        max_attempts=max_attempts,
+        lease_owner=lease_owner,
+        lease_expires_at=lease_expires_at,
+        progress=progress,
+        result=None if result_json is None else json.loads(result_json),
+        error=error,
+        callback_url=callback_url,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        created_at=created_at,
+        started_at=started_at,
+        completed_at=completed_at,
+    )
