@@ -362,18 +362,22 @@ def test_concurrent_claimers_never_get_the_same_job(store: Store, clock: Clock) 
     submitted = {queue.submit(_chat(str(i))).job.id for i in range(200)}
     claimed: list[list[str]] = [[] for _ in range(4)]
     start = threading.Barrier(len(claimed))
+    # Half the workers go through a second Store on the same file, as another server
+    # process would; each thread has its own connection either way (Store.connection()).
+    with Store(store.path) as other_store:
+        queues = [queue, SqliteJobQueue(other_store, clock=clock)]
 
-    def work(worker: int) -> None:
-        # Each thread has its own connection to the same file (Store.connection()).
-        start.wait()
-        while (job := queue.claim(f"worker-{worker}", LEASE_S)) is not None:
-            claimed[worker].append(job.id)
+        def work(worker: int) -> None:
+            mine = queues[worker % 2]
+            start.wait()
+            while (job := mine.claim(f"worker-{worker}", LEASE_S)) is not None:
+                claimed[worker].append(job.id)
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(len(claimed))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(len(claimed))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
     every = [job_id for mine in claimed for job_id in mine]
     assert len(every) == len(set(every)) == len(submitted)
     assert set(every) == submitted
