@@ -3,6 +3,7 @@ or an http(s) URL fetched under the SSRF policy."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -86,9 +87,11 @@ def _from_file(ref: str, root: Path | None, limit: int):
 
 
 async def load_image(ref: str, policy: ImagePolicy):
+    """The image ``ref`` names, as RGB. Decoding (and base64, and reading a file) runs in
+    a thread: its cost grows with the request's image, which must not hold the event loop."""
     limit = policy.fetch.max_bytes
     if ref.startswith("data:"):
-        return _from_data_uri(ref, limit)
+        return await asyncio.to_thread(_from_data_uri, ref, limit)
     if ref.startswith(("http://", "https://")):
         response = await fetch(ref, policy.fetch)
         if response.status_code != 200:
@@ -96,5 +99,5 @@ async def load_image(ref: str, policy: ImagePolicy):
                 f"fetching image '{ref}' returned HTTP {response.status_code}",
                 code=ErrorCode.INVALID_IMAGE,
             )
-        return _decode(response.content, f"image URL '{ref}'")
-    return _from_file(ref, policy.root, limit)
+        return await asyncio.to_thread(_decode, response.content, f"image URL '{ref}'")
+    return await asyncio.to_thread(_from_file, ref, policy.root, limit)
