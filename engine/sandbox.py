@@ -80,9 +80,9 @@ class Budget:
 
 @dataclass(frozen=True)
 class SandboxLimits:
+    """The pool's size; each call brings its own time and memory budget."""
+
     workers: int = 2
-    timeout_s: float = 5.0
-    memory_mb: int = 512
 
 
 class _Worker:
@@ -188,8 +188,8 @@ class Sandbox:
         target: str,
         payload: Any,
         *,
-        timeout_s: float | None = None,
-        memory_mb: int | None = None,
+        timeout_s: float,
+        memory_mb: int,
     ) -> Any:
         """Run ``target(payload)`` in a worker; SandboxTimeout, SandboxMemoryError,
         SandboxCrashed or SandboxError (the function's own exception) on failure."""
@@ -207,12 +207,11 @@ class Sandbox:
         self,
         target: str,
         payload: Any,
-        timeout_s: float | None = None,
-        memory_mb: int | None = None,
+        timeout_s: float,
+        memory_mb: int,
         ticket: _Ticket | None = None,
     ) -> Any:
-        timeout = self.limits.timeout_s if timeout_s is None else min(timeout_s, 3600.0)
-        memory = memory_mb or self.limits.memory_mb
+        timeout = max(min(timeout_s, 3600.0), 0.001)
         worker = self._acquire()
         if ticket is not None:
             with ticket.lock:
@@ -222,7 +221,7 @@ class Sandbox:
                 ticket.worker = worker
         keep = False
         try:
-            result = worker.call(target, payload, max(timeout, 0.001), memory)
+            result = worker.call(target, payload, timeout, memory_mb)
             keep = True
             return result
         except SandboxError as exc:

@@ -220,7 +220,9 @@ def test_linear_templates_render_alike_in_process_and_in_the_sandbox(source: str
 
     local = outcome(lambda: template.render(CONTEXT))
     remote = outcome(
-        lambda: sandbox.call_sync(TARGET, {"templates": [source], "context": CONTEXT})[0]
+        lambda: sandbox.call_sync(
+            TARGET, {"templates": [source], "context": CONTEXT}, timeout_s=5.0, memory_mb=512
+        )[0]
     )
     if remote[0] == "error" and local[0] == "error":
         return  # both refused; the worker words it as a SandboxError

@@ -330,8 +330,9 @@ async def test_cancelling_a_sandboxed_call_kills_its_computation() -> None:
     bomb = {"templates": ["{{ (10**256**256**256) > 1 }}"], "context": {}}
     try:
         with pytest.raises(TimeoutError):  # wait_for cancels the call at its deadline
-            await asyncio.wait_for(sandbox.call(RENDER, bomb, timeout_s=3600), 1.0)
+            await asyncio.wait_for(sandbox.call(RENDER, bomb, timeout_s=3600, memory_mb=512), 1.0)
         quick = {"templates": ["{{ [1, 2] | sum }}"], "context": {}}
-        assert await asyncio.wait_for(sandbox.call(RENDER, quick, timeout_s=60), 60) == [3]
+        answer = sandbox.call(RENDER, quick, timeout_s=60, memory_mb=512)
+        assert await asyncio.wait_for(answer, 60) == [3]
     finally:
         sandbox.close()
