@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from engine.errors import ErrorCode, InvalidRequest
-from engine.models.backends.base import ChatParams, read_config
+from engine.models.backends.base import ChatParams
 
 
-def vocab_size(path: Path) -> int | None:
+def vocab_size(config: dict[str, Any]) -> int | None:
     """The size of the model's output layer, from its config (top level or text_config)."""
-    try:
-        config = read_config(path)
-    except InvalidRequest:  # the directory went away after the load
-        return None
     text: dict[str, Any] = config.get("text_config") or {}
     size = config.get("vocab_size") or text.get("vocab_size")
     return size if isinstance(size, int) and size > 0 else None
 
 
-def check_logit_bias(path: Path, params: ChatParams) -> None:
+def check_logit_bias(size: int | None, params: ChatParams) -> None:
     """Token ids in logit_bias index the logits directly, and MLX does not bound-check
-    that index: an id outside the vocabulary crashes the process (SIGSEGV), so refuse it."""
+    that index: an id outside the vocabulary (of ``size``, the loaded model's
+    `vocab_size`) crashes the process (SIGSEGV), so refuse it."""
     if not params.logit_bias:
         return
-    size = vocab_size(path)
     if size is None:
         raise InvalidRequest(
             "logit_bias cannot be checked against this model's vocabulary (no vocab_size "

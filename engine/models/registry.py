@@ -39,7 +39,7 @@ from engine.models.ids import check_model_id
 from engine.models.images import ImagePolicy
 from engine.models.memory import active_bytes, gb, release_cached
 from engine.models.messages import prompt_chars, text_messages, vision_prompt
-from engine.models.params import check_logit_bias
+from engine.models.params import check_logit_bias, vocab_size
 from engine.models.paths import resolve_model_path
 from engine.models.stats import ModelStats
 from engine.models.types import PRIORITY_RANK, LoadSpec, ModelLimits, ModelType, Operation
@@ -98,6 +98,7 @@ class ModelEntry:
     created_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.time)
     stats: ModelStats = field(default_factory=ModelStats)
+    vocab_size: int | None = None  # from config.json at load: what logit_bias is checked by
     warmup_completed: bool = False
     unloading: bool = False
     stops: set[threading.Event] = field(default_factory=set)
@@ -233,7 +234,7 @@ class ModelRegistry:
 
     async def _load(self, spec: LoadSpec, backend: Backend) -> ModelEntry:
         path = await asyncio.to_thread(resolve_model_path, spec.model_path)
-        await asyncio.to_thread(read_config, path)  # a clear 400 before any eviction
+        config = await asyncio.to_thread(read_config, path)  # a clear 400 before any eviction
         estimate = weight_file_bytes(path)
         async with self._load_lock:
             await self._make_room(spec.model_id or "", estimate)
@@ -251,6 +252,7 @@ class ModelRegistry:
                     spec.max_concurrency or self.default_concurrency,
                     self.default_queue if spec.max_queue is None else spec.max_queue,
                 ),
+                vocab_size=vocab_size(config),
             )
             self._entries[entry.id] = entry
         log.info(
@@ -373,7 +375,7 @@ class ModelRegistry:
         started = time.perf_counter()
         entry = self.get(model_id)
         self._check_prompt_chars(prompt_chars(messages), "messages")
-        check_logit_bias(entry.path, params)
+        check_logit_bias(entry.vocab_size, params)
         prompt = await self._prepare(entry, messages)
         async with self.use(model_id) as (entry, stop):
             total = 0
