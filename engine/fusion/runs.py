@@ -128,7 +128,11 @@ def _step_record(item: dict[str, Any]) -> StepRecord:
     )
 
 
-def _row(run: StoredRun, *, max_bytes: int) -> tuple[Any, ...]:
+# A run as the runs table's columns (_COLUMNS' order), its JSON already encoded.
+RunRow = tuple[Any, ...]
+
+
+def _row(run: StoredRun, *, max_bytes: int) -> RunRow:
     result, request = run.result, run.request
     version = result.workflow_version
     if version is not None and not isinstance(version, int | str):
@@ -177,30 +181,40 @@ class RunStore:
         self.max_runs = max_runs
         self.max_run_bytes = max_run_bytes
 
+    def encode(self, run: StoredRun) -> RunRow:
+        """The run's row, JSON encoded once: RecordTooLarge when it exceeds the limit.
+        Pass it to `try_insert`, then (if that returns False) to `insert`."""
+        return _row(run, max_bytes=self.max_run_bytes)
+
     def try_save(self, run: StoredRun) -> bool:
         """Save now, on this thread, if the database is free: False, having written
         nothing, when another connection holds the write lock. Lets the event loop write
         without ever waiting for a lock (it would stall every request). A full or
         read-only database raises engine.errors.StorageError, like `save`."""
-        row = _row(run, max_bytes=self.max_run_bytes)
+        return self.try_insert(self.encode(run))
+
+    def save(self, run: StoredRun) -> None:
+        self.insert(self.encode(run))
+
+    def try_insert(self, row: RunRow) -> bool:
+        """`try_save` for a row from `encode`."""
         conn = self.store.connection()
         if conn.in_transaction:
             return False  # a caller's open transaction: do not write into it
         conn.set_busy_timeout(0)
         try:
             # The insert and the pruning commit together or not at all (a busy database
-            # then has nothing of this run, and `save` writes it whole).
-            with self.store.transaction():
-                conn.execute(_INSERT, row)
-                conn.execute(_PRUNE, (self.max_runs,))
+            # then has nothing of this run, and `insert` writes it whole).
+            self.insert(row)
         except apsw.BusyError:
             return False
         finally:
             conn.set_busy_timeout(self.store.busy_timeout_ms)
         return True
 
-    def save(self, run: StoredRun) -> None:
-        row = _row(run, max_bytes=self.max_run_bytes)
+    def insert(self, row: RunRow) -> None:
+        """`save` for a row from `encode`: waits for the write lock (within the
+        connection's busy timeout)."""
         with self.store.transaction() as conn:
             conn.execute(_INSERT, row)
             conn.execute(_PRUNE, (self.max_runs,))

@@ -248,9 +248,10 @@ class FusionService:
         try:
             # On the loop when the database is free (a thread hop costs more than the
             # insert); when another writer (a RAG ingest) holds the lock, wait for it in a
-            # worker thread rather than stall every request.
-            if not self.runs.try_save(run):
-                await asyncio.to_thread(self.runs.save, run)
+            # worker thread rather than stall every request. Encoded once for both.
+            row = self.runs.encode(run)
+            if not self.runs.try_insert(row):
+                await asyncio.to_thread(self.runs.insert, row)
         except StorageError as exc:
             log.error("run_not_stored", run_id=run.result.run_id, code=exc.code, error=exc.message)
             return exc
