@@ -353,11 +353,10 @@ class Template:
                 "the template nests too deeply (parentheses, brackets or a long operator chain)"
             ) from None
         self.references = tuple(_references(ast, bound))
-        for ref in self.references:
-            if allowed_names is None:
-                break
-            if ref.root not in allowed_names and ref.root not in GLOBAL_NAMES:
-                raise TemplateCompileError(_unknown_name(ref.root, allowed_names), ref.lineno)
+        if allowed_names is not None:
+            for ref in self.references:
+                if ref.root not in allowed_names and ref.root not in GLOBAL_NAMES:
+                    raise TemplateCompileError(_unknown_name(ref.root, allowed_names), ref.lineno)
         match = _NATIVE.match(source.strip())
         # The one expression of a native template (whitespace around it does not count).
         self.expression_node = _single_expression(ast) if match else None
