@@ -44,6 +44,8 @@ _RAW_TEXT = frozenset({
 })
 # fmt: on
 _TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9:-]*)")
+# The end tag of each raw-text element, in any ASCII case (as the parser matches it).
+_RAW_TEXT_END = {name: re.compile(f"</{name}", re.IGNORECASE | re.ASCII) for name in _RAW_TEXT}
 _SPACE = re.compile(r"\s+")  # \s covers &nbsp; (U+00A0) in str patterns
 _META_CHARSET = re.compile(rb"""<meta[^<>]+charset\s*=\s*["']?\s*([\w.:-]+)""", re.IGNORECASE)
 
@@ -220,7 +222,6 @@ def check_depth(html: str, limit: int) -> None:
     those whose end tag may be omitted (p, li, td...) do not nest, an end tag closes
     everything opened after its element, a heading closes an open heading, and `/>`
     closes only inside SVG and MathML."""
-    lower = html.lower()
     stack: list[str] = []
     open_count: dict[str, int] = {}
     pos = 0
@@ -252,10 +253,10 @@ def check_depth(html: str, limit: int) -> None:
                         break
             continue
         if name in _RAW_TEXT:
-            end = lower.find("</" + name, pos)
-            if end < 0:
+            end = _RAW_TEXT_END[name].search(html, pos)
+            if end is None:
                 return
-            pos = end
+            pos = end.start()
             continue
         foreign = open_count.get("svg") or open_count.get("math")
         if name in _NO_NESTING or (foreign and html[gt - 1] == "/"):
