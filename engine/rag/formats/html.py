@@ -253,10 +253,10 @@ def check_depth(html: str, limit: int) -> None:
                         break
             continue
         if name in _RAW_TEXT:
-            end = _RAW_TEXT_END[name].search(html, pos)
-            if end is None:
+            close = _RAW_TEXT_END[name].search(html, pos)
+            if close is None:
                 return
-            pos = end.start()
+            pos = close.start()
             continue
         foreign = open_count.get("svg") or open_count.get("math")
         if name in _NO_NESTING or (foreign and html[gt - 1] == "/"):
