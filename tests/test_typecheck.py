@@ -405,3 +405,34 @@ def _parses(source: str) -> bool:
     except TemplateCompileError:
         return False
     return True
+
+
+def _chain(steps: int, value: str, last: str) -> str:
+    """A workflow whose step sN's params are ``value`` ({prev}: the step before it),
+    then a step ``last`` reading the last of them ({prev} too)."""
+    lines = ["id: chain", "steps:", "  - {step_id: s0, type: template, value: [1]}"]
+    for i in range(1, steps):
+        lines.append(f"  - {{step_id: s{i}, type: template, {value.format(prev=f's{i - 1}')}}}")
+    tail = last.format(prev=f"s{steps - 1}")
+    return "\n".join(lines) + f"\n  - {{step_id: last, type: template, {tail}}}\n"
+
+
+def test_a_long_chain_of_steps_nesting_types_does_not_overflow_the_stack() -> None:
+    """Each step's output holds the last one's: a type as deep as the workflow is long,
+    displayed whole in the for_each message."""
+    each = "for_each: [1], value: '{{{{ steps.{prev}.output }}}}'"
+    with pytest.raises(WorkflowInvalid) as caught:
+        compile_yaml(_chain(1500, each, "for_each: '{{{{ steps.{prev} }}}}', value: 1"))
+    (issue,) = caught.value.issues
+    assert issue.message.startswith("for_each must give a list, but {{ steps.s1499 }} is object")
+    assert len(issue.message) < 2000
+
+
+def test_steps_reading_the_last_step_twice_do_not_double_the_type_each_time() -> None:
+    """Forty doublings would be a type of 2**40 nodes to display."""
+    twice = "value: {{a: '{{{{ steps.{prev}.output }}}}', b: '{{{{ steps.{prev}.output }}}}'}}"
+    with pytest.raises(WorkflowInvalid) as caught:
+        compile_yaml(_chain(40, twice, "value: '{{{{ steps.{prev}.output.a.nope }}}}'"))
+    (issue,) = caught.value.issues
+    assert issue.message.startswith("steps.s39.output.a ")
+    assert len(issue.message) < 20_000

@@ -33,6 +33,7 @@ from engine.dsl.types import (
     ObjectType,
     StringType,
     Type,
+    bounded,
     from_schema,
     join,
     join_all,
@@ -163,7 +164,7 @@ class Checker:
         if isinstance(node, nodes.Getitem):
             return self.getitem(node, probe=probe)
         if isinstance(node, nodes.List | nodes.Tuple):
-            return ArrayType(join_all([self.infer(i) for i in node.items]))
+            return bounded(ArrayType(join_all([self.infer(i) for i in node.items])))
         if isinstance(node, nodes.Dict):
             return self.dict_literal(node)
         if isinstance(node, nodes.Compare):
@@ -222,7 +223,7 @@ class Checker:
             else:
                 self.infer(pair.key)
                 strict = False  # a computed key: any name may be there
-        return ObjectType(props, strict=strict)
+        return bounded(ObjectType(props, strict=strict))
 
     # -- fields and indexes --------------------------------------------------------------------
     def field(self, owner: Type, name: str, where: nodes.Node, *, probe: bool) -> Type:
@@ -448,7 +449,8 @@ class WorkflowChecker:
 
     def check_steps(self, steps: Iterable[tuple[CompiledStep, Path]]) -> None:
         for step, path in steps:
-            self.states[step.id] = step_state(self.step_output(step, path), step.repeat is not None)
+            output = bounded(self.step_output(step, path))
+            self.states[step.id] = step_state(output, step.repeat is not None)
 
     def step_output(self, step: CompiledStep, path: Path) -> Type:
         outer = self.scope()
@@ -515,7 +517,7 @@ class WorkflowChecker:
                 strict=True,
             )
         if schema is None:
-            return result
+            return bounded(result)
         for where, problem in mismatches(result, schema, root="the output"):
             self.report(f"output_schema is not met: {problem}", ("output", *where))
         return from_schema(schema)
@@ -525,12 +527,17 @@ class WorkflowChecker:
         if isinstance(value, TemplateValue):
             return self.template(value.template, path, names)
         if isinstance(value, DictValue):
-            return ObjectType(
-                {k: self.value(v, (*path, k), names) for k, v in value.items.items()}, strict=True
+            return bounded(
+                ObjectType(
+                    {k: self.value(v, (*path, k), names) for k, v in value.items.items()},
+                    strict=True,
+                )
             )
         if isinstance(value, ListValue):
-            return ArrayType(
-                join_all([self.value(v, (*path, i), names) for i, v in enumerate(value.items)])
+            return bounded(
+                ArrayType(
+                    join_all([self.value(v, (*path, i), names) for i, v in enumerate(value.items)])
+                )
             )
         if isinstance(value, Literal):
             return of_value(value.value)

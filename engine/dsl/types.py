@@ -124,6 +124,31 @@ _SCALARS: dict[str, Type] = {
 }
 
 
+# The most a type built from templates may hold before it is taken as Any. Types nest by
+# reference (a step's output type holds the one it read), so a chain of steps could
+# otherwise make one as deep as the workflow is long, or, reading a step twice each time,
+# twice as large per step: its display and its schema grow with it.
+MAX_TYPE_NODES = 1000
+MAX_TYPE_DEPTH = 32
+
+
+def bounded(t: Type) -> Type:
+    """``t``, or Any where it holds more than MAX_TYPE_NODES kinds or nests deeper than
+    MAX_TYPE_DEPTH. Walks at most MAX_TYPE_NODES nodes however much ``t`` shares."""
+    stack: list[tuple[Type, int]] = [(t, 1)]
+    seen = 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_TYPE_NODES or depth > MAX_TYPE_DEPTH:
+            return ANY
+        if isinstance(node, ArrayType):
+            stack.append((node.elem, depth + 1))
+        elif isinstance(node, ObjectType):
+            stack.extend((v, depth + 1) for v in node.props.values())
+    return t
+
+
 def from_schema(schema: Any) -> Type:
     """The type a JSON Schema describes; Any where it is not one plain kind (a union of
     types, anyOf/oneOf, $ref), so nothing is reported on a guess."""
