@@ -22,13 +22,13 @@ from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import Stream
 from msgspec import Meta
 
-from engine.errors import FusionError
+from engine.errors import FusionError, InternalError
 from engine.fusion.capabilities import Capabilities
 from engine.fusion.runs import StoredRun
 from engine.fusion.service import FusionService, PreparedRun, RunEvent, RunOutcome, WorkflowInfo
 from engine.logging import get_logger
 from engine.runtime.trace import StepRecord
-from server.errors import GENERIC_500_MESSAGE, type_and_code
+from server.errors import GENERIC_500_MESSAGE
 
 log = get_logger("server.fusion")
 
@@ -275,9 +275,7 @@ async def _events(service: FusionService, run: PreparedRun) -> AsyncIterator[byt
         yield _sse("error", exc.envelope())
     except Exception as exc:
         log.error("orchestrate stream failed", run_id=run.run_id, exc_info=exc)
-        type_, code = type_and_code(500)
-        envelope = {"type": type_, "message": GENERIC_500_MESSAGE, "param": None, "code": code}
-        yield _sse("error", {"error": envelope})
+        yield _sse("error", InternalError(GENERIC_500_MESSAGE).envelope())
 
 
 @post(
@@ -291,10 +289,7 @@ async def orchestrate(
     fusion: NamedDependency[FusionService],
     data: JSONBody[OrchestrateRequest],
 ) -> Response[RunResponse]:
-    service = fusion
-    run = await service.prepare(
-        data.workflow, data.input, data.models, data.config, data.definition
-    )
+    run = await fusion.prepare(data.workflow, data.input, data.models, data.config, data.definition)
     # Spec §9's deprecation headers when the request used a deprecated name; the body's
     # `warnings` says which.
     deprecated = (
@@ -302,11 +297,11 @@ async def orchestrate(
     )
     if _wants_stream(request, data):
         return Stream(  # type: ignore[return-value]
-            _events(service, run),
+            _events(fusion, run),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **deprecated},
         )
-    return Response(_run_response(await service.execute(run)), headers=deprecated)
+    return Response(_run_response(await fusion.execute(run)), headers=deprecated)
 
 
 @get("/api/fusion/runs/{run_id:str}", tags=TAGS, summary="A stored run with its trace")

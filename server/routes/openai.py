@@ -30,14 +30,14 @@ from litestar.response import Stream
 from msgspec import Meta
 
 from engine.config import Settings
-from engine.errors import ErrorCode, FusionError, InvalidRequest, NotFound
+from engine.errors import ErrorCode, FusionError, InternalError, InvalidRequest, NotFound
 from engine.logging import get_logger
 from engine.models.audio import decode_wav
 from engine.models.backends import serving
 from engine.models.backends.base import OPENAI_CHAT_DEFAULTS, ChatChunk, ChatParams
 from engine.models.registry import ModelRegistry
 from engine.models.types import Operation as ModelOperation
-from server.errors import GENERIC_500_MESSAGE, type_and_code
+from server.errors import GENERIC_500_MESSAGE
 from server.uploads import UploadLimits, read_multipart
 
 log = get_logger("server.openai")
@@ -180,7 +180,7 @@ async def chat_completions(
 
 
 async def _start_stream(
-    registry: NamedDependency[ModelRegistry],
+    registry: ModelRegistry,
     body: ChatCompletionRequest,
     params: ChatParams,
     completion_id: str,
@@ -250,10 +250,7 @@ async def _sse(
         yield _event(exc.envelope())
     except Exception as exc:
         log.error("stream failed", model=model, error_type=type(exc).__name__, exc_info=exc)
-        type_, code = type_and_code(500)
-        yield _event(
-            {"error": {"type": type_, "message": GENERIC_500_MESSAGE, "param": None, "code": code}}
-        )
+        yield _event(InternalError(GENERIC_500_MESSAGE).envelope())
     finally:
         # The client went away or the response failed: stop generation now rather than
         # when the generator is collected.

@@ -184,7 +184,7 @@ class IngestOperation(Operation):
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _limits(settings: NamedDependency[Settings]) -> UploadLimits:
+def _limits(settings: Settings) -> UploadLimits:
     return UploadLimits(
         max_file_bytes=int(settings.rag_max_file_mb * 1_000_000),
         max_files=settings.rag_max_files,
