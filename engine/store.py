@@ -192,6 +192,8 @@ _HEARTBEAT_SQL = (
     "ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at"
 )
 
+_ROOM_SQL = "SELECT * FROM pragma_page_size(), pragma_page_count(), pragma_max_page_count()"
+
 _LEDGER_SQL = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version INTEGER PRIMARY KEY,
@@ -433,11 +435,12 @@ class Store:
                 stats = os.statvfs(self.path.parent)
             except OSError as exc:
                 raise StorageUnavailable(f"{self.path.parent}: {exc.strerror}") from exc
-            conn = self.connection()
-            page_size, pages, max_pages = (
-                _pragma(conn, name) for name in ("page_size", "page_count", "max_page_count")
-            )
-        return page_size, min(stats.f_bavail * stats.f_frsize, (max_pages - pages) * page_size)
+            # One statement for the three readings (/health asks on every call).
+            # apsw types rows as any SQLite value; these are ints.
+            rows: list[tuple[Any, ...]] = self.connection().execute(_ROOM_SQL).fetchall()
+        page_size, pages, max_pages = (int(value) for value in rows[0])
+        room = (max_pages - pages) * page_size
+        return page_size, min(stats.f_bavail * stats.f_frsize, room)
 
     # -- migrations ----------------------------------------------------------------------
 
