@@ -8,7 +8,7 @@ import copy
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import msgspec
@@ -52,18 +52,23 @@ class StepFailed(Exception):
     """A step's final failure, after its retries."""
 
 
+_DEFAULTS = Settings()
+_RENDER = Budget(_DEFAULTS.template_timeout_s, _DEFAULTS.template_memory_mb)
+_SCHEMAS = Budget(_DEFAULTS.schema_timeout_s, _DEFAULTS.schema_memory_mb)
+
+
 @dataclass(frozen=True)
 class RunLimits:
     """Per-run budgets (Settings: run_max_steps, run_max_for_each_items,
     run_max_step_output_bytes, run_max_output_bytes; sandboxed work: template_timeout_s,
-    template_memory_mb, schema_timeout_s, schema_memory_mb)."""
+    template_memory_mb, schema_timeout_s, schema_memory_mb), Settings' defaults by default."""
 
-    max_steps: int = 10_000
-    max_for_each_items: int = 10_000
-    max_step_output_bytes: int = 16 * 1024 * 1024
-    max_output_bytes: int = 16 * 1024 * 1024
-    render: Budget = field(default_factory=Budget)
-    schemas: Budget = field(default_factory=Budget)
+    max_steps: int = _DEFAULTS.run_max_steps
+    max_for_each_items: int = _DEFAULTS.run_max_for_each_items
+    max_step_output_bytes: int = _DEFAULTS.run_max_step_output_bytes
+    max_output_bytes: int = _DEFAULTS.run_max_output_bytes
+    render: Budget = _RENDER
+    schemas: Budget = _SCHEMAS
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RunLimits:
