@@ -221,7 +221,6 @@ class SqliteJobQueue:
             raise InvalidRequest(
                 "max_attempts must be at least 1",
                 param="max_attempts",
-                code=ErrorCode.INVALID_REQUEST,
             )
         request_hash = request.request_hash()
         with self._store.transaction() as conn:
@@ -239,13 +238,11 @@ class SqliteJobQueue:
                             f"Idempotency-Key {request.idempotency_key!r} was used for another "
                             f"request (job {existing.id}); use a new key for a new request",
                             param="Idempotency-Key",
-                            code=ErrorCode.CONFLICT,
                         )
                     return Submission(existing, created=False)
             if _queued(conn) >= self._max_queued:
                 raise QueueFull(
                     f"the job queue is full ({self._max_queued} jobs waiting); retry later",
-                    code=ErrorCode.QUEUE_FULL,
                     headers={"Retry-After": str(self._retry_after_s)},
                 )
             (row,) = conn.execute(
@@ -355,7 +352,6 @@ class SqliteJobQueue:
         raise Conflict(
             f"job {job_id} is already {job.status.value} and cannot be cancelled",
             param="job_id",
-            code=ErrorCode.CONFLICT,
         )
 
     def get(self, job_id: str) -> Job:
@@ -375,13 +371,11 @@ class SqliteJobQueue:
             raise InvalidRequest(
                 f"limit must be between 1 and {MAX_LIMIT}, not {limit}",
                 param="limit",
-                code=ErrorCode.INVALID_REQUEST,
             )
         if offset < 0:
             raise InvalidRequest(
                 f"offset must be 0 or more, not {offset}",
                 param="offset",
-                code=ErrorCode.INVALID_REQUEST,
             )
         where: list[str] = []
         bindings: list[Any] = []
