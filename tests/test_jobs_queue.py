@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import Conflict, ErrorCode, InvalidRequest, NotFound, QueueFull
-from engine.jobs.queue import JobQueue, SqliteJobQueue
+from engine.jobs.queue import SqliteJobQueue
 from engine.jobs.types import (
     Job,
     JobPriority,
@@ -75,11 +75,6 @@ def _claimed(job: Job | None) -> Job:
     assert job is not None
     assert job.status is JobStatus.PROCESSING
     return job
-
-
-def test_the_sqlite_queue_is_a_job_queue(queue: SqliteJobQueue) -> None:
-    typed: JobQueue = queue
-    assert typed is queue
 
 
 def test_submit_commits_a_queued_job_seen_by_a_new_store(tmp_path: Path, clock: Clock) -> None:

@@ -45,7 +45,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import apsw
 
@@ -441,6 +441,12 @@ class SqliteJobQueue:
                 (self._clock() - older_than_s,),
             ).fetchall()
         return len(rows)
+
+
+if TYPE_CHECKING:  # mypy proves that SqliteJobQueue implements JobQueue
+
+    def _is_a_job_queue(queue: SqliteJobQueue) -> JobQueue:
+        return queue
 
 
 def _queued(conn: apsw.Connection) -> int:
