@@ -235,7 +235,7 @@ class ModelRegistry:
     async def _load(self, spec: LoadSpec, backend: Backend) -> ModelEntry:
         path = await asyncio.to_thread(resolve_model_path, spec.model_path)
         config = await asyncio.to_thread(read_config, path)  # a clear 400 before any eviction
-        estimate = weight_file_bytes(path)
+        estimate = await asyncio.to_thread(weight_file_bytes, path)  # a directory scan
         async with self._load_lock:
             await self._make_room(spec.model_id or "", estimate)
             started = time.perf_counter()
