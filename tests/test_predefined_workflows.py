@@ -213,31 +213,28 @@ def test_every_predefined_workflow_names_its_main_model_generation(client: httpx
         assert "generation" in roles, workflow
 
 
-def test_the_new_role_name_runs_without_a_warning(client: httpx.Client) -> None:
-    response = client.post(
+def _describe_image(client: httpx.Client, role: str) -> httpx.Response:
+    """multimodal_analysis with tiny-vlm bound to `role`."""
+    return client.post(
         "/api/fusion/orchestrate",
         json={
             "workflow": "multimodal_analysis",
             "input": {"image_url": png_data_uri(), "prompt": "What colour is this?"},
-            "models": {"generation": "tiny-vlm"},
+            "models": {role: "tiny-vlm"},
             "config": {"max_tokens": 2},
         },
     )
+
+
+def test_the_new_role_name_runs_without_a_warning(client: httpx.Client) -> None:
+    response = _describe_image(client, "generation")
     assert response.status_code == 200, response.text
     assert "warnings" not in response.json()
     assert "X-API-Deprecated" not in response.headers
 
 
 def test_an_old_role_name_is_mapped_with_a_deprecation_warning(client: httpx.Client) -> None:
-    response = client.post(
-        "/api/fusion/orchestrate",
-        json={
-            "workflow": "multimodal_analysis",
-            "input": {"image_url": png_data_uri(), "prompt": "What colour is this?"},
-            "models": {"vision": "tiny-vlm"},
-            "config": {"max_tokens": 2},
-        },
-    )
+    response = _describe_image(client, "vision")
     assert response.status_code == 200, response.text
     run = response.json()
     assert run["status"] == "completed"
