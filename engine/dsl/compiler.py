@@ -5,7 +5,6 @@ that reports every issue; types are checked by engine.dsl.typecheck."""
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -33,7 +32,7 @@ from engine.dsl.schema import (
 )
 from engine.dsl.source import Document
 from engine.dsl.templating import Template, TemplateCompileError
-from engine.dsl.typecheck import WorkflowChecker, base_names
+from engine.dsl.typecheck import WorkflowChecker, base_names, suggest
 from engine.dsl.types import Type
 from engine.dsl.values import DictValue, Literal, TemplateValue, Value, compile_value
 from engine.steps.base import CheckContext, StepPlugin
@@ -48,11 +47,6 @@ _META_VALIDATOR = Draft202012Validator(
     Draft202012Validator.META_SCHEMA, format_checker=Draft202012Validator.FORMAT_CHECKER
 )
 Refs = set[tuple[str, str | None]]  # (step id, attribute read or None) of templates
-
-
-def suggest(word: str, options: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 class _Compiler:

@@ -76,8 +76,9 @@ _PY_TYPES: dict[type[Type], tuple[type, ...]] = {
 }
 
 
-def suggestion(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+def suggest(word: str, options: Iterable[str]) -> str:
+    """The hint naming the option closest to ``word`` (shared with the compiler), or ""."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -235,7 +236,7 @@ class Checker:
         if any(hasattr(py, name) for py in _PY_TYPES[type(owner)]):
             return ANY  # a method (str.upper, list.index, dict.items): called, not read
         if isinstance(owner, ObjectType) and not owner.strict:
-            if owner.typos and suggestion(name, list(owner.props)) and not probe:
+            if owner.typos and suggest(name, owner.props) and not probe:
                 self.report(no_field(describe(where), owner, name))
             return ANY
         if not probe:
@@ -359,7 +360,7 @@ def orderable(left: Type, right: Type) -> bool:
 
 def no_field(owner_text: str, owner: Type, name: str) -> str:
     if isinstance(owner, ObjectType):
-        hint = suggestion(name, list(owner.props))
+        hint = suggest(name, owner.props)
         return f"{owner_text} has no field '{name}'{hint}; its type is {owner}"
     if isinstance(owner, ArrayType):
         return (
