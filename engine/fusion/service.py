@@ -125,7 +125,6 @@ class FusionService:
         runner: Runner,
         runs: RunStore,
     ) -> None:
-        self.store = store
         self.steps = steps
         self.catalog = catalog
         self.models = models
