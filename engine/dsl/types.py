@@ -21,7 +21,8 @@ class Type:
     """A template value's type; subclasses are the lattice's kinds."""
 
     def to_schema(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """The JSON Schema of the kind; a scalar's is its name's ``type``."""
+        return {"type": str(self)}
 
 
 @dataclass(frozen=True)
@@ -38,17 +39,11 @@ class NullType(Type):
     def __str__(self) -> str:
         return "null"
 
-    def to_schema(self) -> dict[str, Any]:
-        return {"type": "null"}
-
 
 @dataclass(frozen=True)
 class BoolType(Type):
     def __str__(self) -> str:
         return "boolean"
-
-    def to_schema(self) -> dict[str, Any]:
-        return {"type": "boolean"}
 
 
 @dataclass(frozen=True)
@@ -58,17 +53,11 @@ class NumberType(Type):
     def __str__(self) -> str:
         return "integer" if self.integer else "number"
 
-    def to_schema(self) -> dict[str, Any]:
-        return {"type": str(self)}
-
 
 @dataclass(frozen=True)
 class StringType(Type):
     def __str__(self) -> str:
         return "string"
-
-    def to_schema(self) -> dict[str, Any]:
-        return {"type": "string"}
 
 
 @dataclass(frozen=True)
