@@ -16,10 +16,14 @@ from engine.rag.service import RagService
 from engine.services import Engine
 
 
+def _not_running() -> ServiceUnavailable:
+    return ServiceUnavailable("the engine is not running", code=ErrorCode.ENGINE_NOT_RUNNING)
+
+
 def _engine(state: State) -> Engine:
     engine: Engine | None = getattr(state, "engine", None)
     if engine is None:
-        raise ServiceUnavailable("the engine is not running", code=ErrorCode.ENGINE_NOT_RUNNING)
+        raise _not_running()
     return engine
 
 
@@ -33,8 +37,8 @@ def _rag(state: State) -> RagService:
 
 def _fusion(state: State) -> FusionService:
     service = _engine(state).fusion
-    if service is None:
-        raise ServiceUnavailable("the engine is not running", code=ErrorCode.ENGINE_NOT_RUNNING)
+    if service is None:  # between the engine's start and its fusion service's
+        raise _not_running()
     return service
 
 
