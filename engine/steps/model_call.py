@@ -69,6 +69,7 @@ INPUT_SCHEMA: dict[str, Any] = {
 
 
 VECTOR: dict[str, Any] = {"type": "array", "items": {"type": "number"}}
+VECTORS: dict[str, Any] = {"type": "array", "items": VECTOR}
 # What each operation outputs (embed: a vector for a text, a list of them for a list).
 OUTPUT_SCHEMAS: dict[str, dict[str, Any]] = {
     "chat": {
@@ -90,7 +91,7 @@ OUTPUT_SCHEMAS: dict[str, dict[str, Any]] = {
         "required": ["content", "finish_reason", "usage"],
         "additionalProperties": False,
     },
-    "embed": {"anyOf": [VECTOR, {"type": "array", "items": VECTOR}]},
+    "embed": {"anyOf": [VECTOR, VECTORS]},
     "count_tokens": {
         "type": "object",
         "properties": {"tokens": {"type": "integer"}},
@@ -126,7 +127,7 @@ class ModelCallStep(StepPlugin):
     def output_schema_for(self, params: Mapping[str, Any], prepared: Any) -> dict[str, Any]:
         operation, value = params.get("operation"), params.get("input")
         if operation == "embed" and not _is_template(value):
-            return VECTOR if isinstance(value, str) else OUTPUT_SCHEMAS["embed"]["anyOf"][1]
+            return VECTOR if isinstance(value, str) else VECTORS
         if isinstance(operation, str) and operation in OUTPUT_SCHEMAS:
             return OUTPUT_SCHEMAS[operation]
         return self.output_schema
