@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -190,6 +191,29 @@ async def test_outputs_are_bounded() -> None:
     assert statuses(result) == {"a": "completed", "b": "completed", "c": "completed"}
     assert result.output is None
     assert "exceed the run's limit of 20000" in result.error
+
+
+async def test_an_output_sharing_one_value_is_measured_without_encoding_it() -> None:
+    """200 items each return the same 2 MB input string: the size check must not build
+    their 400 MB of JSON to know it exceeds the limit (with run_max_for_each_items of
+    them, the encoding would take 40 GB). Memory, not time: the peak stays far below it."""
+    text = """
+    id: t
+    steps:
+      - step_id: s
+        type: template
+        for_each: "{{ input.items }}"
+        value: "{{ input.big }}"
+    """
+    given = {"items": list(range(200)), "big": "x" * 2_000_000}
+    tracemalloc.start()
+    try:
+        result = await run_yaml(text, given, runner=make_runner(limits=RunLimits()))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "output of 400000601 bytes exceeds the limit" in trace(result)["s"].error
+    assert peak < 100_000_000
 
 
 # -- input schemas ---------------------------------------------------------------------------

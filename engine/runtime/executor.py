@@ -7,7 +7,7 @@ import asyncio
 import copy
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -101,10 +101,55 @@ class _StepBudget:
 
 
 def _json_size(value: Any) -> int:
+    """Bytes of ``value`` encoded as JSON, without building the encoding: a part shared
+    many times (each for_each item returning the same large input string) is measured once,
+    so the size of an output far beyond the limit costs no more than the output itself."""
     try:
-        return len(_JSON.encode(value))
+        try:
+            return _measure(value, {})
+        except RecursionError:  # nested deeper than the walk goes: as deep as msgspec goes
+            return len(_JSON.encode(value))
     except (TypeError, OverflowError):
         return 0  # not JSON data: the store's own encoding reports it
+
+
+def _measure(value: Any, sizes: dict[int, int]) -> int:
+    """msgspec's JSON size of ``value``; ``sizes``: the containers and long strings measured
+    so far, by identity (they all live as long as ``value``). A container of scalars and
+    short strings alone is encoded whole, at C speed: it cannot encode to many times its size
+    in memory."""
+    kind = type(value)
+    if kind in _SCALARS or (kind is str and len(value) <= _SHORT):
+        return len(_JSON.encode(value))
+    size = sizes.get(id(value))
+    if size is not None:
+        return size
+    if isinstance(value, list | tuple):
+        if _flat(value):
+            size = len(_JSON.encode(value))
+        else:
+            size = 1 + len(value)  # brackets and commas
+            for item in value:
+                size += _measure(item, sizes)
+    elif isinstance(value, dict) and all(type(key) is str for key in value):
+        if _flat(value) and _flat(value.values()):
+            size = len(_JSON.encode(value))
+        else:
+            size = 1 + 2 * len(value)  # braces, commas and colons
+            for key, item in value.items():
+                size += _measure(key, sizes) + _measure(item, sizes)
+    else:  # a long string, or anything msgspec encodes as one piece
+        size = len(_JSON.encode(value))
+    sizes[id(value)] = size
+    return size
+
+
+_SHORT = 1024  # characters of a string measured afresh wherever it is met
+_SCALARS = frozenset({int, float, bool, type(None)})
+
+
+def _flat(items: Iterable[Any]) -> bool:
+    return all(type(x) in _SCALARS or (type(x) is str and len(x) <= _SHORT) for x in items)
 
 
 _JSON = msgspec.json.Encoder()
