@@ -104,6 +104,31 @@ class Settings:
     workflow_max_bytes: int = 1_048_576
     workflow_max_depth: int = 64
     workflow_max_nodes: int = 100_000
+    # The job queue (spec §5, engine/jobs): jobs waiting before submit answers 429
+    # queue_full (with Retry-After: jobs_retry_after_s), claims before a job whose worker
+    # keeps being lost ends failed, seconds of priority aging (a low job waits behind high
+    # ones submitted at most 2 * jobs_aging_s after it), a claim's lease (renewed by
+    # heartbeats every third of it), workflow jobs run at once, and how long finished jobs
+    # are kept. jobs_enabled false: /api/mcp answers 404 and no worker runs.
+    jobs_enabled: bool = True
+    jobs_max_queued: int = 10_000
+    jobs_max_attempts: int = 3
+    jobs_aging_s: float = 30.0
+    jobs_lease_s: float = 30.0
+    jobs_retry_after_s: int = 5
+    jobs_workflow_concurrency: int = 2
+    jobs_retention_hours: float = 24.0
+    jobs_metadata_max_bytes: int = 16_384
+    # Webhook deliveries (spec §5.8): the deadline of one attempt, attempts per delivery
+    # (exponential backoff from base to max seconds, with jitter, Retry-After honoured),
+    # consecutive failed attempts after which a webhook is disabled, and deliveries in
+    # flight at once. Outbound URLs obey allow_private_urls.
+    webhook_timeout_s: float = 10.0
+    webhook_max_attempts: int = 8
+    webhook_backoff_base_s: float = 1.0
+    webhook_backoff_max_s: float = 600.0
+    webhook_disable_after_failures: int = 20
+    webhook_max_concurrency: int = 4
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

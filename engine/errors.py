@@ -61,6 +61,7 @@ class ErrorCode(StrEnum):
     URL_NOT_ALLOWED = "url_not_allowed", 400
     URL_TIMEOUT = "url_timeout", 400
     URL_UNREACHABLE = "url_unreachable", 400
+    INVALID_OPERATION = "invalid_operation", 400
     AUTHENTICATION_FAILED = "authentication_failed", 401
     PERMISSION_DENIED = "permission_denied", 403
     ORIGIN_NOT_ALLOWED = "origin_not_allowed", 403
@@ -70,8 +71,11 @@ class ErrorCode(StrEnum):
     COLLECTION_NOT_FOUND = "collection_not_found", 404
     DOCUMENT_NOT_FOUND = "document_not_found", 404
     JOB_NOT_FOUND = "job_not_found", 404
+    WEBHOOK_NOT_FOUND = "webhook_not_found", 404
     METHOD_NOT_ALLOWED = "method_not_allowed", 405
     CONFLICT = "conflict", 409
+    JOB_FINISHED = "job_finished", 409
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused", 409
     MODEL_ALREADY_LOADED = "model_already_loaded", 409
     MODEL_IN_USE = "model_in_use", 409
     WORKFLOW_EXISTS = "workflow_exists", 409

@@ -2,8 +2,12 @@
 backend, `SqliteJobQueue`.
 
 Routes and workers (issue #10) are to depend on `JobQueue` only, so that a backend for
-several servers sharing one database can be added later without touching them. Nothing
-uses this module yet: issue #10's routes and workers build on it.
+several servers sharing one database can be added later without touching them.
+
+Events
+    Every change of status records a `job_events` row (the §5.8 payload) in the same
+    transaction; `on_event(record=...)` hooks join that transaction (the webhook outbox),
+    `on_event(observe=...)` hooks see the events after the commit (to wake waiters).
 
 Leases and fencing
     claim() hands out a lease, not a flag: the job becomes `processing`, its attempt count
@@ -52,6 +56,8 @@ import apsw
 from engine.errors import Conflict, ErrorCode, InvalidRequest, NotFound, QueueFull
 from engine.jobs.types import (
     Job,
+    JobEvent,
+    JobEventName,
     JobPage,
     JobPriority,
     JobRequest,
@@ -61,6 +67,7 @@ from engine.jobs.types import (
     SortOrder,
     Submission,
 )
+from engine.jobs.views import event_payload
 from engine.store import Store, register_migration
 
 DEFAULT_LIMIT = 100
@@ -88,6 +95,8 @@ register_migration(
         result TEXT CHECK (result IS NULL OR json_valid(result)),
         error TEXT,
         callback_url TEXT,
+        callback_secret TEXT,
+        metadata TEXT CHECK (metadata IS NULL OR json_valid(metadata)),
         idempotency_key TEXT UNIQUE,
         request_hash TEXT NOT NULL,
         created_at REAL NOT NULL,
@@ -99,19 +108,33 @@ register_migration(
     CREATE INDEX jobs_finished ON jobs (completed_at) WHERE completed_at IS NOT NULL;
     CREATE INDEX jobs_by_status ON jobs (status, created_at);
     CREATE INDEX jobs_by_model ON jobs (model_id, created_at);
+    CREATE TABLE job_events (
+        seq INTEGER PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        event TEXT NOT NULL,
+        at REAL NOT NULL,
+        payload TEXT NOT NULL CHECK (json_valid(payload))
+    ) STRICT;
+    CREATE INDEX job_events_by_job ON job_events (job_id, seq);
     """,
 )
 
 _COLUMNS = (
     "id, operation, model_id, input, priority, status, attempts, max_attempts, lease_owner, "
-    "lease_expires_at, progress, result, error, callback_url, idempotency_key, request_hash, "
-    "created_at, started_at, completed_at"
+    "lease_expires_at, progress, result, error, callback_url, callback_secret, metadata, "
+    "idempotency_key, request_hash, created_at, started_at, completed_at"
 )
 
 _BY_ID_SQL = f"SELECT {_COLUMNS} FROM jobs WHERE id = ?"
+# Runs inside the transaction that records the event (a webhook outbox adds its deliveries
+# there, so they are committed, or lost, together with the change).
+EventRecorder = Callable[[apsw.Connection, JobEvent], None]
+# Runs after that transaction committed, in the committing thread (wakes waiters).
+EventObserver = Callable[[list[JobEvent]], None]
 _PRIORITY_RANK_SQL = "CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END"
 _SORT_SQL = {
     JobSort.CREATED_AT: "created_at",
+    JobSort.COMPLETED_AT: "completed_at",
     JobSort.PRIORITY: _PRIORITY_RANK_SQL,
     JobSort.STATUS: "status",
 }
@@ -182,7 +205,23 @@ class JobQueue(Protocol):
         ...
 
     def purge(self, older_than_s: float) -> int:
-        """Delete jobs finished more than `older_than_s` ago; returns how many."""
+        """Delete jobs finished more than `older_than_s` ago, and their events; returns
+        how many jobs."""
+        ...
+
+    def events(self, job_id: str, after_seq: int = 0) -> Sequence[JobEvent]:
+        """The job's events with seq > `after_seq`, oldest first (NotFound: no such job)."""
+        ...
+
+    def recent_run_ms(self, operation: str, model_id: str | None, sample: int = 50) -> float | None:
+        """Mean milliseconds from claim to completion of the last `sample` completed jobs
+        of this operation and model; None before the first."""
+        ...
+
+    def on_event(
+        self, *, record: EventRecorder | None = None, observe: EventObserver | None = None
+    ) -> None:
+        """`record` joins every event's transaction; `observe` sees events once committed."""
         ...
 
 
@@ -214,6 +253,34 @@ class SqliteJobQueue:
         self._aging_s = aging_s
         self._retry_after_s = retry_after_s
         self._clock = clock
+        self._recorders: list[EventRecorder] = []
+        self._observers: list[EventObserver] = []
+
+    def on_event(
+        self, *, record: EventRecorder | None = None, observe: EventObserver | None = None
+    ) -> None:
+        if record is not None:
+            self._recorders.append(record)
+        if observe is not None:
+            self._observers.append(observe)
+
+    def _emit(self, conn: apsw.Connection, job: Job, at: float, into: list[JobEvent]) -> None:
+        """Record the event of `job`'s new status in the open transaction."""
+        name = JobEventName.of(job.status)
+        payload = event_payload(name, job, at)
+        ((seq,),) = conn.execute(
+            "INSERT INTO job_events (job_id, event, at, payload) VALUES (?, ?, ?, ?) RETURNING seq",
+            (job.id, name.value, at, json.dumps(payload, ensure_ascii=False)),
+        ).fetchall()
+        event = JobEvent(int(seq or 0), name, job, at, payload)
+        for record in self._recorders:
+            record(conn, event)
+        into.append(event)
+
+    def _committed(self, events: list[JobEvent]) -> None:
+        if events:
+            for observe in self._observers:
+                observe(events)
 
     def submit(self, request: JobRequest) -> Submission:
         max_attempts = self._max_attempts if request.max_attempts is None else request.max_attempts
@@ -223,6 +290,7 @@ class SqliteJobQueue:
                 param="max_attempts",
             )
         request_hash = request.request_hash()
+        events: list[JobEvent] = []
         with self._store.transaction() as conn:
             # Read under the write lock, so times follow the order of commits.
             now = self._clock()
@@ -238,6 +306,7 @@ class SqliteJobQueue:
                             f"Idempotency-Key {request.idempotency_key!r} was used for another "
                             f"request (job {existing.id}); use a new key for a new request",
                             param="Idempotency-Key",
+                            code=ErrorCode.IDEMPOTENCY_KEY_REUSED,
                         )
                     return Submission(existing, created=False)
             if _queued(conn) >= self._max_queued:
@@ -247,8 +316,9 @@ class SqliteJobQueue:
                 )
             (row,) = conn.execute(
                 f"INSERT INTO jobs (id, operation, model_id, input, priority, sched_at, status, "
-                "attempts, max_attempts, callback_url, idempotency_key, request_hash, "
-                "created_at) VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?) "
+                "attempts, max_attempts, callback_url, callback_secret, metadata, "
+                "idempotency_key, request_hash, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'queued', 0, ?, ?, ?, ?, ?, ?, ?) "
                 f"RETURNING {_COLUMNS}",
                 (
                     f"job-{uuid.uuid4().hex}",
@@ -259,12 +329,17 @@ class SqliteJobQueue:
                     now + request.priority.rank * self._aging_s,
                     max_attempts,
                     request.callback_url,
+                    request.callback_secret,
+                    None if request.metadata is None else json.dumps(request.metadata),
                     request.idempotency_key,
                     request_hash,
                     now,
                 ),
             ).fetchall()
-        return Submission(_job(row), created=True)
+            job = _job(row)
+            self._emit(conn, job, now, events)
+        self._committed(events)
+        return Submission(job, created=True)
 
     def claim(
         self,
@@ -286,6 +361,7 @@ class SqliteJobQueue:
                 either.append("model_id IS NULL")
             where.append(f"({' OR '.join(either)})")
             bindings.extend(named)
+        events: list[JobEvent] = []
         with self._store.transaction() as conn:
             now = self._clock()
             found = conn.execute(
@@ -301,7 +377,10 @@ class SqliteJobQueue:
                 f"WHERE seq = ? RETURNING {_COLUMNS}",
                 (worker_id, now + lease_s, now, found[0]),
             ).fetchall()
-        return _job(row)
+            job = _job(row)
+            self._emit(conn, job, now, events)
+        self._committed(events)
+        return job
 
     def heartbeat(
         self, job_id: str, lease_token: int, lease_s: float, progress: float | None = None
@@ -320,38 +399,51 @@ class SqliteJobQueue:
         self, job_id: str, lease_token: int, *, result: Any = None, error: str | None = None
     ) -> bool:
         status = JobStatus.COMPLETED if error is None else JobStatus.FAILED
+        events: list[JobEvent] = []
         with self._store.transaction() as conn:
+            now = self._clock()
             row = conn.execute(
                 "UPDATE jobs SET status = ?, result = ?, error = ?, completed_at = ?, "
                 "progress = CASE WHEN ? = 'completed' THEN 1 ELSE progress END, "
                 "lease_owner = NULL, lease_expires_at = NULL "
-                "WHERE id = ? AND status = 'processing' AND attempts = ? RETURNING 1",
+                f"WHERE id = ? AND status = 'processing' AND attempts = ? RETURNING {_COLUMNS}",
                 (
                     status.value,
                     None if error is not None else json.dumps(result, ensure_ascii=False),
                     error,
-                    self._clock(),
+                    now,
                     status.value,
                     job_id,
                     lease_token,
                 ),
             ).fetchone()
+            if row is not None:
+                self._emit(conn, _job(row), now, events)
+        self._committed(events)
         return row is not None
 
     def cancel(self, job_id: str) -> Job:
+        events: list[JobEvent] = []
         with self._store.transaction() as conn:
+            now = self._clock()
             row = conn.execute(
                 "UPDATE jobs SET status = 'cancelled', completed_at = ?, lease_owner = NULL, "
                 "lease_expires_at = NULL WHERE id = ? AND status IN ('queued', 'processing') "
                 f"RETURNING {_COLUMNS}",
-                (self._clock(), job_id),
+                (now, job_id),
             ).fetchone()
             if row is not None:
-                return _job(row)
-            job = _found(conn.execute(_BY_ID_SQL, (job_id,)).fetchall(), job_id)
+                job = _job(row)
+                self._emit(conn, job, now, events)
+            else:
+                job = _found(conn.execute(_BY_ID_SQL, (job_id,)).fetchall(), job_id)
+        if events:
+            self._committed(events)
+            return job
         raise Conflict(
             f"job {job_id} is already {job.status.value} and cannot be cancelled",
             param="job_id",
+            code=ErrorCode.JOB_FINISHED,
         )
 
     def get(self, job_id: str) -> Job:
@@ -413,23 +505,28 @@ class SqliteJobQueue:
 
     def recover(self, now: float | None = None) -> Recovery:
         moment = self._clock() if now is None else now
+        events: list[JobEvent] = []
         with self._store.transaction() as conn:
+            at = self._clock()
             failed = conn.execute(
                 "UPDATE jobs INDEXED BY jobs_leases SET status = 'failed', completed_at = ?, "
                 "error = 'the lease of attempt ' || attempts || ' of ' || max_attempts || "
                 "' expired (its worker stopped or was lost); no attempts are left', "
                 "lease_owner = NULL, lease_expires_at = NULL "
                 "WHERE status = 'processing' AND lease_expires_at <= ? "
-                "AND attempts >= max_attempts RETURNING id",
-                (self._clock(), moment),
+                f"AND attempts >= max_attempts RETURNING {_COLUMNS}",
+                (at, moment),
             ).fetchall()
             requeued = conn.execute(
                 "UPDATE jobs INDEXED BY jobs_leases SET status = 'queued', lease_owner = NULL, "
                 "lease_expires_at = NULL, "
                 "progress = NULL WHERE status = 'processing' AND lease_expires_at <= ? "
-                "RETURNING id",
+                f"RETURNING {_COLUMNS}",
                 (moment,),
             ).fetchall()
+            for row in [*failed, *requeued]:
+                self._emit(conn, _job(row), at, events)
+        self._committed(events)
         return Recovery(requeued=[str(r[0]) for r in requeued], failed=[str(r[0]) for r in failed])
 
     def purge(self, older_than_s: float) -> int:
@@ -437,10 +534,33 @@ class SqliteJobQueue:
             rows = conn.execute(
                 "DELETE FROM jobs INDEXED BY jobs_finished "
                 "WHERE completed_at IS NOT NULL AND completed_at < ? "
-                "AND status IN ('completed', 'failed', 'cancelled') RETURNING 1",
+                "AND status IN ('completed', 'failed', 'cancelled') RETURNING id",
                 (self._clock() - older_than_s,),
             ).fetchall()
+            conn.executemany("DELETE FROM job_events WHERE job_id = ?", rows)
         return len(rows)
+
+    def events(self, job_id: str, after_seq: int = 0) -> Sequence[JobEvent]:
+        job = self.get(job_id)
+        rows = self._store.query(
+            "SELECT seq, event, at, payload FROM job_events WHERE job_id = ? AND seq > ? "
+            "ORDER BY seq",
+            (job_id, after_seq),
+        )
+        return [
+            JobEvent(seq, JobEventName(name), job, at, json.loads(payload))
+            for seq, name, at, payload in rows
+        ]
+
+    def recent_run_ms(self, operation: str, model_id: str | None, sample: int = 50) -> float | None:
+        ((mean,),) = self._store.query(
+            "SELECT avg(completed_at - started_at) FROM (SELECT completed_at, started_at "
+            "FROM jobs INDEXED BY jobs_finished WHERE completed_at IS NOT NULL "
+            "AND status = 'completed' AND operation = ? AND model_id IS ? "
+            "ORDER BY completed_at DESC LIMIT ?)",
+            (operation, model_id, sample),
+        )
+        return None if mean is None else float(mean) * 1000
 
 
 if TYPE_CHECKING:  # mypy proves that SqliteJobQueue implements JobQueue
@@ -479,6 +599,8 @@ def _job(row: Sequence[Any]) -> Job:
         result_json,
         error,
         callback_url,
+        callback_secret,
+        metadata_json,
         idempotency_key,
         request_hash,
         created_at,
@@ -500,6 +622,8 @@ def _job(row: Sequence[Any]) -> Job:
         result=None if result_json is None else json.loads(result_json),
         error=error,
         callback_url=callback_url,
+        callback_secret=callback_secret,
+        metadata=None if metadata_json is None else json.loads(metadata_json),
         idempotency_key=idempotency_key,
         request_hash=request_hash,
         created_at=created_at,

@@ -54,6 +54,9 @@ class JobRequest:
     model_id: str | None = None
     priority: JobPriority = JobPriority.NORMAL
     callback_url: str | None = None
+    # Signs the callback_url's deliveries as a webhook's secret does (an extension).
+    callback_secret: str | None = None
+    metadata: Any = None
     idempotency_key: str | None = None
     max_attempts: int | None = None
 
@@ -66,6 +69,8 @@ class JobRequest:
             "model_id": self.model_id,
             "priority": self.priority.value,
             "callback_url": self.callback_url,
+            "callback_secret": self.callback_secret,
+            "metadata": self.metadata,
             "max_attempts": self.max_attempts,
         }
         canonical = json.dumps(asked, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -92,6 +97,8 @@ class Job:
     result: Any
     error: str | None
     callback_url: str | None
+    callback_secret: str | None
+    metadata: Any
     idempotency_key: str | None
     request_hash: str
     created_at: float
@@ -122,6 +129,7 @@ class JobPage:
 
 class JobSort(StrEnum):
     CREATED_AT = "created_at"
+    COMPLETED_AT = "completed_at"
     PRIORITY = "priority"
     STATUS = "status"
 
@@ -129,6 +137,31 @@ class JobSort(StrEnum):
 class SortOrder(StrEnum):
     ASC = "asc"
     DESC = "desc"
+
+
+class JobEventName(StrEnum):
+    QUEUED = "job.queued"
+    PROCESSING = "job.processing"
+    COMPLETED = "job.completed"
+    FAILED = "job.failed"
+    CANCELLED = "job.cancelled"
+
+    @classmethod
+    def of(cls, status: JobStatus) -> JobEventName:
+        return cls(f"job.{status.value}")
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """A change of a job's status, recorded in the same transaction as the change.
+    `seq` orders all events of all jobs; `payload` is the §5.8 body (event, timestamp and
+    the job as it was right after the change)."""
+
+    seq: int
+    name: JobEventName
+    job: Job
+    at: float
+    payload: dict[str, Any]
 
 
 @dataclass(frozen=True)
