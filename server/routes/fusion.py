@@ -29,11 +29,11 @@ from engine.fusion.service import FusionService, PreparedRun, RunEvent, RunOutco
 from engine.logging import get_logger
 from engine.runtime.trace import StepRecord
 from server.errors import GENERIC_500_MESSAGE
+from server.sse import SSE_HEADERS, sse_event
 
 log = get_logger("server.fusion")
 
 TAGS = ["fusion"]
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 # -- bodies ---------------------------------------------------------------------------------
@@ -208,6 +208,12 @@ def _run_response(outcome: RunOutcome) -> RunResponse:
     )
 
 
+def run_body(outcome: RunOutcome) -> dict[str, Any]:
+    """The §3.1 body of a run as JSON values: a workflow job's result (engine/jobs)."""
+    body: dict[str, Any] = msgspec.to_builtins(_run_response(outcome))
+    return body
+
+
 def _stored_run_response(run: StoredRun) -> StoredRunResponse:
     request = run.request
     return StoredRunResponse(
@@ -260,22 +266,18 @@ def _wants_stream(request: Request[Any, Any, Any], body: OrchestrateRequest) -> 
     return "text/event-stream" in request.headers.get("accept", "")
 
 
-def _sse(name: str, data: Any) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + msgspec.json.encode(data) + b"\n\n"
-
-
 async def _events(service: FusionService, run: PreparedRun) -> AsyncIterator[bytes]:
     try:
         async for item in service.stream(run):
             if isinstance(item, RunEvent):
-                yield _sse(item.name, item.data)
+                yield sse_event(item.name, item.data)
             else:
-                yield _sse("result", _run_response(item))
+                yield sse_event("result", _run_response(item))
     except FusionError as exc:
-        yield _sse("error", exc.envelope())
+        yield sse_event("error", exc.envelope())
     except Exception as exc:
         log.error("orchestrate stream failed", run_id=run.run_id, exc_info=exc)
-        yield _sse("error", InternalError(GENERIC_500_MESSAGE).envelope())
+        yield sse_event("error", InternalError(GENERIC_500_MESSAGE).envelope())
 
 
 @post(

@@ -38,13 +38,13 @@ from engine.models.backends.base import OPENAI_CHAT_DEFAULTS, ChatChunk, ChatPar
 from engine.models.registry import ModelRegistry
 from engine.models.types import Operation as ModelOperation
 from server.errors import GENERIC_500_MESSAGE
+from server.sse import SSE_HEADERS
 from server.uploads import UploadLimits, read_multipart
 
 log = get_logger("server.openai")
 
 TAGS = ["openai"]
 FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter")
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 # -- chat ---------------------------------------------------------------------------------------
