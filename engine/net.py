@@ -110,12 +110,14 @@ async def fetch(
     method: str = "GET",
     headers: dict[str, str] | None = None,
     content: bytes | None = None,
+    max_redirects: int = MAX_REDIRECTS,
 ) -> Fetched:
     """A checked request; the body is read up to policy.max_bytes, all within
-    policy.timeout_s. Unreachable, failing or too slow: InvalidRequest."""
+    policy.timeout_s. Unreachable, failing or too slow: InvalidRequest. Up to
+    `max_redirects` redirects are followed; with 0 a 3xx response is returned as it is."""
     try:
         async with asyncio.timeout(policy.timeout_s):
-            return await _fetch(url, policy, method, headers, content)
+            return await _fetch(url, policy, method, headers, content, max_redirects)
     except TimeoutError:
         raise InvalidRequest(
             f"fetching '{url}' took longer than {policy.timeout_s:g} s", code=ErrorCode.URL_TIMEOUT
@@ -132,10 +134,11 @@ async def _fetch(
     method: str,
     headers: dict[str, str] | None,
     content: bytes | None,
+    max_redirects: int,
 ) -> Fetched:
     # httpx's own timeout is per operation; it stays as a bound on a single connect/read.
     async with httpx.AsyncClient(timeout=policy.timeout_s, follow_redirects=False) as client:
-        for _ in range(MAX_REDIRECTS + 1):
+        for _ in range(max_redirects + 1):
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise InvalidRequest(f"only http(s) URLs can be fetched, not '{url}'")
@@ -151,7 +154,7 @@ async def _fetch(
             )
             response = await client.send(request, stream=True)
             try:
-                if response.is_redirect and "location" in response.headers:
+                if max_redirects and response.is_redirect and "location" in response.headers:
                     url = urljoin(url, response.headers["location"])
                     if response.status_code == 303:
                         method, content = "GET", None
@@ -166,4 +169,4 @@ async def _fetch(
                 return Fetched(response.status_code, response.headers, bytes(body), url)
             finally:
                 await response.aclose()
-    raise InvalidRequest(f"more than {MAX_REDIRECTS} redirects fetching '{url}'")
+    raise InvalidRequest(f"more than {max_redirects} redirects fetching '{url}'")
