@@ -13,7 +13,8 @@ Leases and fencing
     claim() hands out a lease, not a flag: the job becomes `processing`, its attempt count
     goes up by one and `lease_expires_at` is set. The attempt number is the lease token.
     heartbeat() extends the lease and records progress; finish() writes the terminal
-    status. Both act only if the job is still `processing` under the same attempt, so a
+    status; release() hands the job back to the queue (a graceful stop: the attempt is not
+    counted). Both act only if the job is still `processing` under the same attempt, so a
     cancelled job never completes and an attempt whose lease was taken back (recover(),
     then perhaps a new claim) writes nothing. A lease that expired is taken back only by
     recover(); until then its holder may still heartbeat or finish, since nobody else has
@@ -173,6 +174,12 @@ class JobQueue(Protocol):
     ) -> bool:
         """Complete the job with `result`, or fail it with `error`. False (nothing written)
         when the lease is no longer this attempt's."""
+        ...
+
+    def release(self, job_id: str, lease_token: int) -> bool:
+        """Put a processing job back in the queue without using up its attempt (a worker
+        stopping gracefully). False (nothing written) when the lease is no longer this
+        attempt's."""
         ...
 
     def cancel(self, job_id: str) -> Job:
@@ -416,6 +423,21 @@ class SqliteJobQueue:
                     job_id,
                     lease_token,
                 ),
+            ).fetchone()
+            if row is not None:
+                self._emit(conn, _job(row), now, events)
+        self._committed(events)
+        return row is not None
+
+    def release(self, job_id: str, lease_token: int) -> bool:
+        events: list[JobEvent] = []
+        with self._store.transaction() as conn:
+            now = self._clock()
+            row = conn.execute(
+                "UPDATE jobs SET status = 'queued', attempts = attempts - 1, lease_owner = NULL, "
+                "lease_expires_at = NULL, progress = NULL "
+                f"WHERE id = ? AND status = 'processing' AND attempts = ? RETURNING {_COLUMNS}",
+                (job_id, lease_token),
             ).fetchone()
             if row is not None:
                 self._emit(conn, _job(row), now, events)

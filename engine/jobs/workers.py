@@ -1,0 +1,293 @@
+"""The workers that run queued jobs: one dispatcher claims jobs while there is capacity and
+runs each in its own task; a reaper takes back expired leases and purges old jobs.
+
+Capacity
+    Jobs of a model operation (chat, vision, embed, transcribe) in flight per loaded model
+    are at most that model's own concurrency limit (its registry slots); workflow jobs in
+    flight at most `jobs_workflow_concurrency`. Claims are filtered by operation and by
+    the models with a free slot, so a job waiting for a busy model never holds up one for
+    a free model. A queued job whose model is no longer loaded is found by the reaper and
+    then claimed so that it fails with the reason, rather than waiting forever.
+
+Leases
+    A claimed job holds a lease of `jobs_lease_s`, renewed every third of it, and with
+    each progress report (at most one write per PROGRESS_WRITE_S). A renewal refused
+    (the job was cancelled, or its lease taken back) cancels the job's task at once; so
+    does a cancellation through the service. The outcome is written with finish(), fenced
+    by the attempt number: a superseded attempt writes nothing. Queue writes run in
+    threads (asyncio.to_thread), never on the event loop; model work runs on the
+    registry's worker thread and workflows in the async runner.
+
+Stopping
+    stop() stops claiming, cancels the running jobs' tasks and puts their jobs back in the
+    queue with release(): a graceful stop does not use up an attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from engine.errors import FusionError, InvalidRequest
+from engine.jobs.operations import OPERATIONS, OperationEnv
+from engine.jobs.queue import MAX_LIMIT, JobQueue
+from engine.jobs.types import Job, JobSort, JobStatus, SortOrder
+
+log = structlog.get_logger(__name__)
+
+# The dispatcher looks at the queue at least this often (another process's submissions,
+# a model loaded since): otherwise it sleeps until woken.
+POLL_S = 1.0
+# The most often a running job's progress is written (each write also renews the lease).
+PROGRESS_WRITE_S = 0.25
+REAP_MAX_S = 60.0
+
+MODEL_OPERATIONS = tuple(name for name, op in OPERATIONS.items() if op.model_bound)
+OTHER_OPERATIONS = tuple(name for name, op in OPERATIONS.items() if not op.model_bound)
+
+
+@dataclass
+class _Beat:
+    """A running job's latest progress, and whether it changed since the last write."""
+
+    progress: float = 0.0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def report(self, progress: float) -> None:
+        if progress != self.progress:
+            self.progress = progress
+            self.changed.set()
+
+
+@dataclass
+class _Running:
+    job: Job
+    task: asyncio.Task[None]
+    model_id: str | None  # the model whose capacity it uses; None for a workflow job
+
+
+class Workers:
+    """Runs jobs of `queue` as `worker_id` (the lease owner)."""
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        env: OperationEnv,
+        *,
+        worker_id: str,
+    ) -> None:
+        self._queue = queue
+        self._env = env
+        self._settings = env.settings
+        self._worker_id = worker_id
+        self._running: dict[str, _Running] = {}
+        self._per_model: Counter[str] = Counter()
+        self._workflows = 0
+        self._orphans: tuple[str, ...] = ()  # models of queued jobs that are not loaded
+        self._woken = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._tasks = [
+            asyncio.create_task(self._dispatch(), name="jobs-dispatcher"),
+            asyncio.create_task(self._reap(), name="jobs-reaper"),
+        ]
+
+    async def stop(self) -> None:
+        if not self._tasks:  # never started, or stopped already
+            return
+        self._stopping = True
+        self._woken.set()
+        dispatcher, reaper = self._tasks
+        reaper.cancel()
+        # The dispatcher ends after its claim in flight (a claim cancelled halfway would
+        # leave its job processing until the lease expired), so every claimed job is here.
+        await asyncio.gather(dispatcher, reaper, return_exceptions=True)
+        self._tasks = []
+        running = list(self._running.values())
+        for item in running:
+            item.task.cancel()
+        await asyncio.gather(*(item.task for item in running), return_exceptions=True)
+        for item in running:
+            # Fenced: a job that finished, or was cancelled, before its task stopped stays so.
+            if await asyncio.to_thread(self._queue.release, item.job.id, item.job.lease_token):
+                log.info("job_released", job_id=item.job.id, attempt=item.job.attempts)
+        self._loop = None
+
+    def wake(self) -> None:
+        """Nudge the dispatcher; safe from any thread."""
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(self._woken.set)
+
+    def interrupt(self, job_id: str) -> None:
+        """Stop the job's task now, if it runs here (on the event loop's thread)."""
+        item = self._running.get(job_id)
+        if item is not None:
+            item.task.cancel()
+
+    def capacity(self, job: Job) -> int | None:
+        """How many jobs like `job` run at once here; None when its model is not loaded."""
+        if job.operation in OTHER_OPERATIONS:
+            return self._settings.jobs_workflow_concurrency
+        entry = None if job.model_id is None else self._env.models.find(job.model_id)
+        return None if entry is None else entry.slots.concurrency
+
+    # -- dispatching ------------------------------------------------------------------
+    async def _dispatch(self) -> None:
+        while not self._stopping:
+            self._woken.clear()
+            try:
+                while await self._claim_some():
+                    pass
+            except Exception:
+                log.exception("job_claim_failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), POLL_S)
+
+    async def _claim_some(self) -> bool:
+        """Claim at most one model job and one workflow job; whether any was claimed."""
+        lease_s = self._settings.jobs_lease_s
+        claimed = False
+        free = [
+            e.id for e in self._env.models.entries() if self._per_model[e.id] < e.slots.concurrency
+        ]
+        if (free or self._orphans) and not self._stopping:
+            job = await asyncio.to_thread(
+                self._queue.claim,
+                self._worker_id,
+                lease_s,
+                operations=MODEL_OPERATIONS,
+                model_ids=[*free, *self._orphans],
+            )
+            if job is not None:
+                self._launch(job, job.model_id)
+                claimed = True
+        if self._workflows < self._settings.jobs_workflow_concurrency and not self._stopping:
+            job = await asyncio.to_thread(
+                self._queue.claim, self._worker_id, lease_s, operations=OTHER_OPERATIONS
+            )
+            if job is not None:
+                self._launch(job, None)
+                claimed = True
+        return claimed
+
+    def _launch(self, job: Job, model_id: str | None) -> None:
+        task = asyncio.create_task(self._execute(job), name=f"job:{job.id}")
+        self._running[job.id] = _Running(job, task, model_id)
+        if model_id is None:
+            self._workflows += 1
+        else:
+            self._per_model[model_id] += 1
+        task.add_done_callback(lambda _: self._done(job.id, model_id))
+        log.info("job_started", job_id=job.id, operation=job.operation, attempt=job.attempts)
+
+    def _done(self, job_id: str, model_id: str | None) -> None:
+        self._running.pop(job_id, None)
+        if model_id is None:
+            self._workflows -= 1
+        else:
+            self._per_model[model_id] -= 1
+        self._woken.set()
+
+    # -- one job ----------------------------------------------------------------------
+    async def _execute(self, job: Job) -> None:
+        beat = _Beat()
+        owner = asyncio.current_task()
+        assert owner is not None
+        heartbeat = asyncio.create_task(self._heartbeat(job, beat, owner))
+        result: Any = None
+        error: str | None = None
+        try:
+            op = OPERATIONS.get(job.operation)
+            if op is None:
+                raise InvalidRequest(f"operation '{job.operation}' is not supported here")
+            result = await op.run(self._env, job.model_id, job.input, beat.report)
+        except FusionError as exc:
+            error = exc.message
+        except Exception as exc:
+            log.exception("job_crashed", job_id=job.id, operation=job.operation)
+            error = f"internal error: {type(exc).__name__}"
+        finally:
+            # Before finish: a renewal after it would be refused and cancel this task.
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+        written = await asyncio.to_thread(
+            self._queue.finish, job.id, job.lease_token, result=result, error=error
+        )
+        if written:
+            log.info("job_finished", job_id=job.id, failed=error is not None)
+        else:
+            log.info("job_result_superseded", job_id=job.id, attempt=job.attempts)
+
+    async def _heartbeat(self, job: Job, beat: _Beat, owner: asyncio.Task[None]) -> None:
+        lease_s = self._settings.jobs_lease_s
+        loop = asyncio.get_running_loop()
+        written_at = -math.inf
+        while True:
+            try:
+                await asyncio.wait_for(beat.changed.wait(), lease_s / 3)
+            except TimeoutError:
+                pass
+            else:
+                await asyncio.sleep(max(0.0, written_at + PROGRESS_WRITE_S - loop.time()))
+            beat.changed.clear()
+            written_at = loop.time()
+            if not await asyncio.to_thread(
+                self._queue.heartbeat, job.id, job.lease_token, lease_s, beat.progress
+            ):
+                log.info("job_lease_lost", job_id=job.id, attempt=job.attempts)
+                owner.cancel()
+                return
+
+    # -- reaping ----------------------------------------------------------------------
+    async def _reap(self) -> None:
+        interval = min(self._settings.jobs_lease_s / 3, REAP_MAX_S)
+        retention_s = self._settings.jobs_retention_hours * 3600
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                recovery = await asyncio.to_thread(self._queue.recover)
+                purged = await asyncio.to_thread(self._queue.purge, retention_s)
+                queued = await asyncio.to_thread(
+                    self._queue.list,
+                    status=JobStatus.QUEUED,
+                    limit=MAX_LIMIT,
+                    sort_by=JobSort.CREATED_AT,
+                    order=SortOrder.ASC,
+                )
+            except Exception:
+                log.exception("job_reap_failed")
+                continue
+            models = self._env.models
+            self._orphans = tuple(
+                {
+                    j.model_id
+                    for j in queued.items
+                    if j.operation in MODEL_OPERATIONS
+                    and j.model_id is not None
+                    and models.find(j.model_id) is None
+                }
+            )
+            if recovery.requeued or recovery.failed or purged:
+                log.info(
+                    "jobs_reaped",
+                    requeued=len(recovery.requeued),
+                    failed=len(recovery.failed),
+                    purged=purged,
+                )
+            if recovery.requeued or self._orphans:
+                self._woken.set()
