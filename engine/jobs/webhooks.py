@@ -125,6 +125,8 @@ register_migration(
         ON webhook_deliveries (next_attempt_at, seq) WHERE status = 'pending';
     CREATE INDEX webhook_deliveries_by_webhook ON webhook_deliveries (webhook_id, status);
     CREATE INDEX webhook_deliveries_by_job ON webhook_deliveries (job_id);
+    CREATE INDEX webhook_deliveries_finished
+        ON webhook_deliveries (finished_at) WHERE finished_at IS NOT NULL;
     CREATE TABLE webhook_attempts (
         seq INTEGER PRIMARY KEY,
         delivery_id TEXT NOT NULL,
@@ -521,6 +523,18 @@ class WebhookStore:
             for did, wid, n, at, code, error, ok, ms in rows
         ]
 
+    def purge(self, older_than_s: float) -> int:
+        """Delete deliveries finished more than `older_than_s` ago and their attempts (the
+        counts of list() then cover the log that is kept); returns how many deliveries."""
+        with self._store.transaction() as conn:
+            rows = conn.execute(
+                "DELETE FROM webhook_deliveries INDEXED BY webhook_deliveries_finished "
+                "WHERE finished_at IS NOT NULL AND finished_at < ? RETURNING id",
+                (self._clock() - older_than_s,),
+            ).fetchall()
+            conn.executemany("DELETE FROM webhook_attempts WHERE delivery_id = ?", rows)
+        return len(rows)
+
     def claim_due(self, limit: int, lease_s: float) -> builtins.list[Delivery]:
         """Up to `limit` pending deliveries due now, leased for `lease_s` seconds."""
         with self._store.transaction() as conn:
@@ -764,6 +778,8 @@ class Deliverer:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Outcomes being written: stop() lets them finish, so none writes to a closed store.
+        self._settling: set[asyncio.Future[DeliveryStatus]] = set()
 
     async def start(self) -> None:
         """Resume delivering what is pending, on the running loop."""
@@ -780,6 +796,7 @@ class Deliverer:
         for running in tasks:
             running.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._settling, return_exceptions=True)
         self._in_flight.clear()
 
     def wake(self) -> None:
@@ -807,8 +824,8 @@ class Deliverer:
                     if len(due) == free:
                         continue
                     next_at = await asyncio.to_thread(self._store.next_due_at)
-                except FusionError as exc:  # the database is full, read-only or gone
-                    log.warning("webhook_store_unavailable", error=exc.message)
+                except (FusionError, apsw.Error) as exc:  # full, read-only, gone or busy
+                    log.warning("webhook_store_unavailable", error=str(exc))
                     next_at = self._clock() + self._policy.timeout_s
                 if next_at is not None:
                     timeout = max(0.0, next_at - self._clock())
@@ -831,8 +848,8 @@ class Deliverer:
                 delivery.attempts + 1, outcome.retry_after_s, self._random
             )
         )
-        try:
-            status = await asyncio.to_thread(
+        settling = asyncio.ensure_future(
+            asyncio.to_thread(
                 self._store.settle,
                 delivery,
                 outcome,
@@ -841,8 +858,13 @@ class Deliverer:
                 retry_in_s=retry_in_s,
                 policy=self._policy,
             )
-        except FusionError as exc:  # the lease runs out and the attempt is made again
-            log.warning("webhook_attempt_not_logged", delivery_id=delivery.id, error=exc.message)
+        )
+        self._settling.add(settling)
+        settling.add_done_callback(self._settling.discard)
+        try:
+            status = await asyncio.shield(settling)
+        except (FusionError, apsw.Error) as exc:  # the lease runs out: the attempt is redone
+            log.warning("webhook_attempt_not_logged", delivery_id=delivery.id, error=str(exc))
             return
         log.info(
             "webhook_attempt",
