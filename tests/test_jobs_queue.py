@@ -269,6 +269,34 @@ def test_recover_at_infinity_takes_back_every_lease(queue: SqliteJobQueue) -> No
     assert queue.list(status=JobStatus.PROCESSING).total == 0
 
 
+def test_release_requeues_without_using_an_attempt(queue: SqliteJobQueue) -> None:
+    first_id = queue.submit(_chat("first")).job.id
+    queue.submit(_chat("second"))
+    job = _claimed(queue.claim("stopping-worker", LEASE_S))
+    assert job.id == first_id
+    assert not queue.release(first_id, job.lease_token + 1)  # not this attempt's lease
+    assert queue.release(first_id, job.lease_token)
+    released = queue.get(first_id)
+    assert (released.status, released.attempts, released.lease_owner, released.progress) == (
+        JobStatus.QUEUED,
+        0,
+        None,
+        None,
+    )
+    # It keeps its place in line, and its events say it was queued again.
+    assert queue.position_in_queue(first_id) == 1
+    assert [e.name.value for e in queue.events(first_id)] == [
+        "job.queued",
+        "job.processing",
+        "job.queued",
+    ]
+    again = _claimed(queue.claim("w", LEASE_S))
+    assert (again.id, again.attempts) == (first_id, 1)
+    queue.cancel(first_id)
+    assert not queue.release(first_id, again.lease_token)
+    assert queue.get(first_id).status is JobStatus.CANCELLED
+
+
 def test_cancel_is_final(queue: SqliteJobQueue) -> None:
     waiting = queue.submit(_chat("queued")).job
     running_id = queue.submit(_chat("running")).job.id

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from step_helpers import png_data_uri
 
 from engine.config import Settings
 from engine.errors import ErrorCode, FusionError, NotFound
@@ -446,3 +447,75 @@ async def test_finished_jobs_are_purged_after_the_retention(make_service: Servic
         return False
 
     await until(purged, "the finished job was purged")
+
+
+# -- vision and transcription -------------------------------------------------------------------
+VLM, WHISPER = "tiny-vlm", "tiny-whisper"
+
+
+@pytest.fixture
+async def media_engine(
+    tmp_path: Path, tiny_vlm_dir: Path, tiny_whisper_dir: Path
+) -> AsyncIterator[Engine]:
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        workflows_dir=tmp_path / "no-workflows",
+        audio_max_file_mb=0.01,
+        startup_models=[
+            {"model_path": str(tiny_vlm_dir), "model_type": "multimodal", "model_id": VLM},
+            {"model_path": str(tiny_whisper_dir), "model_type": "whisper", "model_id": WHISPER},
+        ],
+    )
+    started = await Engine.start(settings)
+    yield started
+    await started.stop()
+
+
+async def test_vision_and_transcribe_jobs_complete(media_engine: Engine) -> None:
+    assert media_engine.fusion is not None
+    queue = SqliteJobQueue(media_engine.store)
+    service = JobService(
+        queue, media_engine.models, media_engine.fusion, media_engine.settings, run_body
+    )
+    image = {"type": "image_url", "image_url": {"url": png_data_uri()}}
+    look = [{"role": "user", "content": [{"type": "text", "text": "what is it?"}, image]}]
+    vision_id = await submitted(
+        service, JobSubmission("vision", {"messages": look, "max_tokens": 3}, VLM)
+    )
+    listen_id = await submitted(
+        service, JobSubmission("transcribe", {"audio": _wav(), "language": "en"}, WHISPER)
+    )
+    await service.start()
+    try:
+        seen = await finished(service, vision_id)
+        heard = await finished(service, listen_id)
+    finally:
+        await service.stop()
+    assert seen.status is JobStatus.COMPLETED, seen.error
+    assert seen.result["usage"]["completion_tokens"] >= 1
+    assert heard.status is JobStatus.COMPLETED, heard.error
+    assert isinstance(heard.result["text"], str)
+
+
+@pytest.mark.parametrize(
+    ("audio", "code"),
+    [
+        ("not base64!", ErrorCode.INVALID_REQUEST),
+        (base64.b64encode(b"RIFF0000WAVEjunk").decode(), ErrorCode.UNSUPPORTED_AUDIO),
+        (base64.b64encode(b"\0" * 20_000).decode(), ErrorCode.PAYLOAD_TOO_LARGE),
+    ],
+)
+async def test_transcribe_audio_is_checked_before_it_is_queued(
+    media_engine: Engine, audio: str, code: ErrorCode
+) -> None:
+    assert media_engine.fusion is not None
+    service = JobService(
+        SqliteJobQueue(media_engine.store),
+        media_engine.models,
+        media_engine.fusion,
+        media_engine.settings,
+        run_body,
+    )
+    with pytest.raises(FusionError) as raised:
+        await service.submit(JobSubmission("transcribe", {"audio": audio}, WHISPER))
+    assert (raised.value.code, raised.value.param) == (code, "input.audio")

@@ -13,10 +13,10 @@ import asyncio
 import base64
 import binascii
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Protocol, TypeVar
+from typing import Annotated, Any, ClassVar, Protocol, TypeVar, cast
 
 import msgspec
 from msgspec import Meta
@@ -26,7 +26,7 @@ from engine.errors import ErrorCode, FusionError, InvalidRequest, PayloadTooLarg
 from engine.fusion.service import FusionService, PreparedRun, RunOutcome
 from engine.models.audio import decode_wav
 from engine.models.backends import serving
-from engine.models.backends.base import OPENAI_CHAT_DEFAULTS, ChatParams
+from engine.models.backends.base import OPENAI_CHAT_DEFAULTS, ChatChunk, ChatParams
 from engine.models.params import check_logit_bias
 from engine.models.registry import ModelEntry, ModelRegistry
 from engine.models.types import Operation
@@ -214,7 +214,8 @@ class ChatOperation:
         prompt_tokens = completion_tokens = 0
         # aclosing: a cancelled job closes the stream here, which stops the generation and
         # gives the model slot back now, not when the generator is collected.
-        async with aclosing(env.models.chat_stream(model, body.messages, params)) as chunks:
+        stream = env.models.chat_stream(model, body.messages, params)
+        async with aclosing(cast(AsyncGenerator[ChatChunk, None], stream)) as chunks:
             async for chunk in chunks:
                 parts.append(chunk.text)
                 if chunk.finish_reason is not None:

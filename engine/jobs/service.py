@@ -46,7 +46,7 @@ from engine.jobs.types import (
     JobStatus,
     SortOrder,
 )
-from engine.jobs.workers import Workers
+from engine.jobs.workers import Workers, wait_event
 from engine.models.registry import ModelRegistry
 
 log = structlog.get_logger(__name__)
@@ -194,10 +194,7 @@ class JobService:
                     yield event
                     if event.name in _TERMINAL_EVENTS:
                         return
-                try:
-                    await asyncio.wait_for(changed.wait(), EVENTS_POLL_S)
-                except TimeoutError:
-                    continue
+                await wait_event(changed, EVENTS_POLL_S)
         finally:
             watchers = self._watchers[job_id]
             watchers.discard(changed)

@@ -72,6 +72,18 @@ class _Running:
     model_id: str | None  # the model whose capacity it uses; None for a workflow job
 
 
+async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """Wait until `event` is set (True) or `timeout_s` passed (False). Not wait_for: on
+    Python 3.11 it loses a cancellation that arrives as the event is set, and a task
+    cancelled then would run on."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
 class Workers:
     """Runs jobs of `queue` as `worker_id` (the lease owner)."""
 
@@ -155,8 +167,7 @@ class Workers:
                     pass
             except Exception:
                 log.exception("job_claim_failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._woken.wait(), POLL_S)
+            await wait_event(self._woken, POLL_S)
 
     async def _claim_some(self) -> bool:
         """Claim at most one model job and one workflow job; whether any was claimed."""
@@ -238,11 +249,7 @@ class Workers:
         loop = asyncio.get_running_loop()
         written_at = -math.inf
         while True:
-            try:
-                await asyncio.wait_for(beat.changed.wait(), lease_s / 3)
-            except TimeoutError:
-                pass
-            else:
+            if await wait_event(beat.changed, lease_s / 3):
                 await asyncio.sleep(max(0.0, written_at + PROGRESS_WRITE_S - loop.time()))
             beat.changed.clear()
             written_at = loop.time()
