@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,10 @@ from engine.config import Settings
 from engine.dsl.catalog import WorkflowCatalog
 from engine.dsl.source import configure as configure_documents
 from engine.fusion.runs import RunStore
-from engine.fusion.service import FusionService
+from engine.fusion.service import FusionService, RunOutcome
+from engine.jobs.queue import SqliteJobQueue
+from engine.jobs.service import JobService
+from engine.jobs.webhooks import Deliverer, DeliveryPolicy, WebhookStore
 from engine.models.backends import default_backends
 from engine.models.images import ImagePolicy
 from engine.models.memory import GIB, default_budget_bytes
@@ -39,12 +43,23 @@ class Engine:
     runner: Runner
     rag: RagService
     fusion: FusionService | None = None  # set by start(), once the catalog is loaded
+    jobs: JobService | None = None  # the job queue's workers (spec §5), when started
+    webhooks: WebhookStore | None = None
+    deliverer: Deliverer | None = None
 
     @classmethod
-    async def start(cls, settings: Settings, *, load_workflows: bool = True) -> Engine:
+    async def start(
+        cls,
+        settings: Settings,
+        *,
+        load_workflows: bool = True,
+        run_body: Callable[[RunOutcome], Any] | None = None,
+    ) -> Engine:
         """Open the store, load the workflows (unless `load_workflows` is false: a command
         that runs none, such as `fusion ingest`, must not fail on a broken one) and the
-        start-up models."""
+        start-up models. With `run_body` (the §3.1 body of a run, which a workflow job's
+        result is) and `jobs_enabled`, start the job queue's workers and webhook
+        deliveries too."""
         configure_documents(settings)  # workflow document limits, for every loader
         configure_shared_sandbox(SandboxLimits(workers=settings.sandbox_workers)).warm()
         store = Store(settings.db_path)
@@ -83,7 +98,31 @@ class Engine:
         )
         engine.fusion = FusionService(store, steps, catalog, models, runner, runs)
         await engine.load_startup_models()
+        if run_body is not None and settings.jobs_enabled:
+            await engine.start_jobs(run_body)
         return engine
+
+    async def start_jobs(self, run_body: Callable[[RunOutcome], Any]) -> None:
+        """The job queue with its workers, and the webhook outbox with its deliverer: a
+        job's status change and the deliveries it causes are committed together."""
+        assert self.fusion is not None
+        settings = self.settings
+        queue = SqliteJobQueue(
+            self.store,
+            max_queued=settings.jobs_max_queued,
+            max_attempts=settings.jobs_max_attempts,
+            aging_s=settings.jobs_aging_s,
+            retry_after_s=settings.jobs_retry_after_s,
+        )
+        self.webhooks = WebhookStore(
+            self.store, metadata_max_bytes=settings.jobs_metadata_max_bytes
+        )
+        self.deliverer = Deliverer(self.webhooks, DeliveryPolicy.from_settings(settings))
+        deliverer = self.deliverer
+        queue.on_event(record=self.webhooks.record, observe=lambda _: deliverer.wake())
+        self.jobs = JobService(queue, self.models, self.fusion, settings, run_body)
+        await self.deliverer.start()
+        await self.jobs.start()
 
     async def load_startup_models(self) -> None:
         specs = self.settings.startup_models
@@ -94,6 +133,10 @@ class Engine:
             log.info("startup_model_loaded", model_id=entry.id, type=entry.type)
 
     async def stop(self) -> None:
+        if self.jobs is not None:
+            await self.jobs.stop()
+        if self.deliverer is not None:
+            await self.deliverer.stop()
         await self.models.close()
         self.store.close()
 

@@ -31,6 +31,7 @@ from server.errors import exception_handlers
 from server.guards import EdgeGuardMiddleware, cors_config
 from server.request_id import RequestIdMiddleware, set_request_id_header
 from server.routes import fusion as fusion_routes
+from server.routes import mcp as mcp_routes
 from server.routes import models as model_routes
 from server.routes import openai as openai_routes
 from server.routes import rag as rag_routes
@@ -62,11 +63,13 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        engine = await Engine.start(settings)
+        engine = await Engine.start(settings, run_body=fusion_routes.run_body)
         app.state.engine = engine
         app.state.store = engine.store
         app.state.services["rag"] = engine.rag
         app.state.services["fusion"] = engine.fusion
+        if engine.jobs is not None:
+            app.state.services["mcp"] = engine.jobs
         log.info("engine started", db=str(engine.store.path), models=len(engine.models.entries()))
         try:
             yield
@@ -84,6 +87,8 @@ def create_app(
             *openai_routes.ROUTES,
             *fusion_routes.ROUTES,
             *rag_routes.ROUTES,
+            # jobs_enabled false: /api/mcp/* answers 404, as for any unknown path.
+            *(mcp_routes.ROUTES if settings.jobs_enabled else []),
             *extra_routes,
         ],
         lifespan=[lifespan],

@@ -1,7 +1,7 @@
 """What route handlers take from the running app, through Litestar's dependency injection:
-a handler names `registry`, `rag`, `fusion` or `settings` as a parameter and gets the
-running engine's service (503 `engine_not_running` outside the lifespan: before start-up
-or during shutdown)."""
+a handler names `registry`, `rag`, `fusion`, `jobs`, `webhooks` or `settings` as a
+parameter and gets the running engine's service (503 `engine_not_running` outside the
+lifespan: before start-up or during shutdown)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from litestar.di import Provide
 from engine.config import Settings
 from engine.errors import ErrorCode, ServiceUnavailable
 from engine.fusion.service import FusionService
+from engine.jobs.service import JobService
+from engine.jobs.webhooks import WebhookStore
 from engine.models.registry import ModelRegistry
 from engine.rag.service import RagService
 from engine.services import Engine
@@ -42,6 +44,20 @@ def _fusion(state: State) -> FusionService:
     return service
 
 
+def _jobs(state: State) -> JobService:
+    service = _engine(state).jobs
+    if service is None:
+        raise _not_running()
+    return service
+
+
+def _webhooks(state: State) -> WebhookStore:
+    webhooks = _engine(state).webhooks
+    if webhooks is None:
+        raise _not_running()
+    return webhooks
+
+
 def _settings(state: State) -> Settings:
     settings: Settings = state.settings
     return settings
@@ -51,5 +67,7 @@ DEPENDENCIES = {
     "registry": Provide(_registry, sync_to_thread=False),
     "rag": Provide(_rag, sync_to_thread=False),
     "fusion": Provide(_fusion, sync_to_thread=False),
+    "jobs": Provide(_jobs, sync_to_thread=False),
+    "webhooks": Provide(_webhooks, sync_to_thread=False),
     "settings": Provide(_settings, sync_to_thread=False),
 }

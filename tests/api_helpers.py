@@ -23,13 +23,16 @@ POLL_S = 0.02
 
 @contextmanager
 def running_server(data_dir: Path, **settings: Any) -> Iterator[httpx.Client]:
-    """A real uvicorn serving a fresh app with no start-up models; yields a client."""
+    """A real uvicorn serving a fresh app (no start-up models unless `settings` names
+    some); yields a client."""
     config = Settings(
-        data_dir=data_dir,
-        startup_models=[],
-        workflows_dir=data_dir / "wf",
-        log_level="warning",
-        **settings,
+        **{
+            "data_dir": data_dir,
+            "startup_models": [],
+            "workflows_dir": data_dir / "wf",
+            "log_level": "warning",
+            **settings,
+        }
     )
     with (
         serve_app(create_app(config)) as server,

@@ -1,0 +1,250 @@
+"""The durable job queue (spec §5), three figures, each against a baseline measured in the
+same run:
+
+1. durable submits/s over HTTP: `POST /api/mcp/jobs` (each answered 202 only after its
+   commit) of a one-step template workflow job, against a bare Litestar POST route on the
+   same server answering the same body (goal: >= 500 submits/s on 2 cores). The workers run
+   the submitted jobs meanwhile, as they would in service.
+2. durable submits/s in-process: `SqliteJobQueue.submit` against a bare apsw INSERT of the
+   same row, one committed transaction each, on the same kind of database file.
+3. latency of a trivial job from submit to `completed` (the client follows the job's SSE
+   events), against `POST /api/fusion/orchestrate` of the same workflow answered
+   synchronously; the difference is what the queue adds (goal: p50 <= 20 ms).
+
+    .venv/bin/python bench/jobs.py [--requests 2000] [--concurrency 8] [--latency 200]
+
+The server runs in a subprocess (this file with `--serve`), as in bench/orchestrate.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from harness import free_port, machine
+from orchestrate import WORKFLOW, cpu_seconds, wait_ready
+
+JOB = {
+    "operation": "workflow",
+    "input": {"workflow": "trivial", "input": {"name": "Ada"}},
+    "priority": "normal",
+}
+ORCHESTRATE = JOB["input"]
+ACCEPTED = {
+    "job_id": "job-0123456789abcdef0123456789abcdef",
+    "status": "queued",
+    "model_id": None,
+    "operation": "workflow",
+    "priority": "normal",
+    "created_at": "2026-11-27T10:00:00.000Z",
+    "attempts": 0,
+    "max_attempts": 3,
+    "metadata": None,
+    "position_in_queue": 1,
+    "estimated_completion_ms": 1.5,
+}
+
+
+def serve(port: int, data_dir: Path) -> None:
+    import uvicorn
+    from litestar import Response, post
+    from litestar.params import JSONBody
+
+    from engine.config import Settings
+    from server.app import create_app
+
+    @post("/bench/bare", status_code=202)
+    async def bare(data: JSONBody[dict[str, Any]]) -> Response[dict[str, Any]]:
+        return Response(ACCEPTED, status_code=202, headers={"Location": "/api/mcp/jobs/x"})
+
+    workflows = data_dir / "workflows"
+    workflows.mkdir(parents=True, exist_ok=True)
+    (workflows / "trivial.yaml").write_text(WORKFLOW)
+    settings = Settings(
+        data_dir=data_dir,
+        workflows_dir=workflows,
+        startup_models=[],
+        log_level="warning",
+        jobs_max_queued=1_000_000,
+    )
+    app = create_app(settings, extra_routes=[bare])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
+
+
+async def submit_load(
+    base: str, path: str, requests: int, concurrency: int, pid: int
+) -> tuple[float, float, float]:
+    """(submits/s, p50 ms, server CPU ms per submit)."""
+    latencies: list[float] = []
+    remaining = requests
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60.0) as client:
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                start = time.perf_counter()
+                response = await client.post(path, json=JOB)
+                latencies.append(time.perf_counter() - start)
+                if response.status_code != 202:
+                    raise RuntimeError(f"{path}: HTTP {response.status_code} {response.text}")
+
+        cpu_before = cpu_seconds(pid)
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        cpu = cpu_seconds(pid) - cpu_before
+    return requests / elapsed, statistics.median(latencies) * 1000, cpu / requests * 1000
+
+
+def drain(base: str) -> None:
+    """Wait until the workers have run every submitted job, so the next round starts idle."""
+    with httpx.Client(base_url=base, timeout=30) as client:
+        while True:
+            pending = sum(
+                client.get("/api/mcp/jobs", params={"status": s, "limit": 1}).json()["total"]
+                for s in ("queued", "processing")
+            )
+            if pending == 0:
+                return
+            time.sleep(0.2)
+
+
+def job_latency(base: str, count: int) -> tuple[list[float], list[float]]:
+    """Milliseconds: submit -> job.completed event, and orchestrate round trips."""
+    jobs: list[float] = []
+    direct: list[float] = []
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for _ in range(count):
+            start = time.perf_counter()
+            job_id = client.post("/api/mcp/jobs", json=JOB).json()["job_id"]
+            with client.stream("GET", f"/api/mcp/jobs/{job_id}/events") as events:
+                last = ""
+                for line in events.iter_lines():
+                    if line.startswith("event: "):
+                        last = line[len("event: ") :]
+                if last != "job.completed":
+                    raise RuntimeError(f"job {job_id} ended with {last}")
+            jobs.append((time.perf_counter() - start) * 1000)
+            start = time.perf_counter()
+            response = client.post("/api/fusion/orchestrate", json=ORCHESTRATE)
+            direct.append((time.perf_counter() - start) * 1000)
+            if response.json()["status"] != "completed":
+                raise RuntimeError(response.text)
+    return jobs, direct
+
+
+def in_process(count: int, tmp: Path) -> tuple[float, float]:
+    """(queue submits/s, bare INSERT+commit/s) on fresh database files."""
+    from engine.jobs.queue import SqliteJobQueue
+    from engine.jobs.types import JobRequest
+    from engine.store import Store
+
+    with Store(tmp / "queue.sqlite3") as store:
+        queue = SqliteJobQueue(store, max_queued=10 * count)
+        request = JobRequest(operation="workflow", input=JOB["input"])
+        started = time.perf_counter()
+        for _ in range(count):
+            queue.submit(request)
+        ours = count / (time.perf_counter() - started)
+    with Store(tmp / "bare.sqlite3") as store:
+        with store.transaction() as conn:
+            conn.execute("CREATE TABLE bare (id INTEGER PRIMARY KEY, input TEXT, at REAL)")
+        payload = json.dumps(JOB["input"])
+        started = time.perf_counter()
+        for _ in range(count):
+            with store.transaction() as conn:
+                conn.execute(
+                    "INSERT INTO bare (input, at) VALUES (?, ?)", (payload, time.time())
+                )
+        bare = count / (time.perf_counter() - started)
+    return ours, bare
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--latency", type=int, default=200, help="sequential jobs timed")
+    parser.add_argument("--serve", nargs=2, metavar=("PORT", "DATA_DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(int(args.serve[0]), Path(args.serve[1]))
+        return
+
+    print(f"machine: {machine()}")
+    with tempfile.TemporaryDirectory(prefix="fusion-bench-jobs-") as tmp:
+        ours_in, bare_in = in_process(args.requests, Path(tmp))
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "FUSION_CONFIG": str(Path(tmp) / "absent.yaml")}
+        log = (Path(tmp) / "server.log").open("wb")
+        command = [sys.executable, __file__, "--serve", str(port), tmp]
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(base, process)
+            for path in ("/bench/bare", "/api/mcp/jobs"):  # warm connections and pages
+                asyncio.run(submit_load(base, path, 200, args.concurrency, process.pid))
+            drain(base)
+            rounds: dict[str, list[tuple[float, float, float]]] = {"bare": [], "jobs": []}
+            for _ in range(args.rounds):
+                for name, path in (("bare", "/bench/bare"), ("jobs", "/api/mcp/jobs")):
+                    rounds[name].append(
+                        asyncio.run(
+                            submit_load(base, path, args.requests, args.concurrency, process.pid)
+                        )
+                    )
+                drain(base)
+            job_times, direct_times = job_latency(base, args.latency)
+        finally:
+            process.terminate()
+            process.wait(30)
+            log.close()
+
+    def medians(name: str) -> list[float]:
+        return [statistics.median(row[k] for row in rounds[name]) for k in range(3)]
+
+    bare_rps, bare_p50, bare_cpu = medians("bare")
+    jobs_rps, jobs_p50, jobs_cpu = medians("jobs")
+    print(
+        f"HTTP, {args.requests} submits x {args.rounds} rounds, concurrency {args.concurrency} "
+        "(medians of rounds):"
+    )
+    print(
+        f"  POST /api/mcp/jobs:         {jobs_rps:7.1f} submits/s, p50 {jobs_p50:6.2f} ms, "
+        f"server CPU {jobs_cpu:.3f} ms/submit"
+    )
+    print(
+        f"  bare route (baseline):      {bare_rps:7.1f} req/s,     p50 {bare_p50:6.2f} ms, "
+        f"server CPU {bare_cpu:.3f} ms/request"
+    )
+    print(f"  ratio jobs/bare: {jobs_rps / bare_rps:.2f}; goal >= 500 submits/s: {jobs_rps:.0f}")
+    print(f"in-process, {args.requests} submits, one commit each:")
+    print(f"  SqliteJobQueue.submit:      {ours_in:7.1f} submits/s")
+    print(f"  bare INSERT (baseline):     {bare_in:7.1f} inserts/s")
+    print(f"  ratio queue/bare: {ours_in / bare_in:.2f}")
+    job_p50 = statistics.median(job_times)
+    direct_p50 = statistics.median(direct_times)
+    print(f"latency of a trivial workflow job, {args.latency} sequential (p50):")
+    print(f"  submit -> job.completed:    {job_p50:6.2f} ms")
+    print(f"  orchestrate (baseline):     {direct_p50:6.2f} ms")
+    print(
+        f"  added by the queue: {job_p50 - direct_p50:.2f} ms (ratio {job_p50 / direct_p50:.2f}); "
+        "goal <= 20 ms"
+    )
+
+
+if __name__ == "__main__":
+    main()
