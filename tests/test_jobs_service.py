@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import io
 import math
@@ -18,7 +19,7 @@ import pytest
 from step_helpers import png_data_uri
 
 from engine.config import Settings
-from engine.errors import ErrorCode, FusionError, NotFound
+from engine.errors import Conflict, ErrorCode, FusionError, NotFound
 from engine.jobs.queue import SqliteJobQueue
 from engine.jobs.service import JobService, JobSubmission
 from engine.jobs.types import Job, JobEventName, JobPriority, JobStatus
@@ -310,6 +311,33 @@ async def test_workers_take_high_then_normal_then_low(service: JobService) -> No
     assert order == [JobPriority.HIGH, JobPriority.NORMAL, JobPriority.LOW]
 
 
+async def test_a_busy_model_holds_up_only_its_own_jobs(service: JobService, engine: Engine) -> None:
+    """The tiny LM runs one job at a time: the second waits for the first to end, while
+    the embedder's job, queued after it, is claimed at once. (Compute itself is serialised
+    on the one MLX thread; claims are not.)"""
+    await service.start()
+    bias = no_eos(engine)
+    running = await submitted(service, chat(LONG, logit_bias=bias))
+    await _processing(service, running)
+    waiting = await submitted(service, chat(LONG, logit_bias=bias))
+    embedding = await submitted(service, embed())
+
+    async def embed_claimed() -> bool:
+        return (await job_of(service, embedding)).status is not JobStatus.QUEUED
+
+    await until(embed_claimed, "the embed job was claimed")
+    for job_id in (running, waiting):
+        with contextlib.suppress(Conflict):
+            await service.cancel(job_id)
+    first_ended = (await job_of(service, running)).completed_at
+    assert first_ended is not None
+    started = (await job_of(service, embedding)).started_at
+    assert started is not None
+    assert started < first_ended
+    waited = await asyncio.to_thread(service.queue.events, waiting)
+    assert all(e.at >= first_ended for e in waited if e.name is JobEventName.PROCESSING)
+
+
 async def test_queued_job_has_a_position_and_an_estimate_once_measured(
     service: JobService,
 ) -> None:
@@ -329,8 +357,13 @@ async def test_queued_job_has_a_position_and_an_estimate_once_measured(
 async def test_events_replay_then_follow_until_the_end(service: JobService) -> None:
     job_id = await submitted(service, embed())
     await service.start()
-    names = [event.name async for event in service.events(job_id)]
+    events = [event async for event in service.events(job_id)]
+    names = [event.name for event in events]
     assert names == [JobEventName.QUEUED, JobEventName.PROCESSING, JobEventName.COMPLETED]
+    # A client that saw some of them resumes after the last it saw.
+    resumed = [event.seq async for event in service.events(job_id, after=events[0].seq)]
+    assert resumed == [event.seq for event in events[1:]]
+    assert [event async for event in service.events(job_id, after=events[-1].seq)] == []
 
 
 # -- long generations: progress, cancel, stop, superseded ---------------------------------------

@@ -180,20 +180,23 @@ class JobService:
         self._workers.interrupt(job_id)
         return job
 
-    async def events(self, job_id: str) -> AsyncIterator[JobEvent]:
-        """The job's stored events, then new ones as they happen; ends after the terminal
-        one (NotFound if the job is unknown, or purged meanwhile)."""
+    async def events(self, job_id: str, after: int = 0) -> AsyncIterator[JobEvent]:
+        """The job's stored events with seq > `after`, then new ones as they happen; ends
+        after the terminal one, or at once when the job ended before `after` (NotFound if
+        the job is unknown, or purged meanwhile)."""
         changed = asyncio.Event()
         self._watchers[job_id].add(changed)
         try:
-            after = 0
             while True:
                 changed.clear()
-                for event in await asyncio.to_thread(self._queue.events, job_id, after):
+                batch = await asyncio.to_thread(self._queue.events, job_id, after)
+                for event in batch:
                     after = event.seq
                     yield event
                     if event.name in _TERMINAL_EVENTS:
                         return
+                if not batch and (await asyncio.to_thread(self._queue.get, job_id)).status.terminal:
+                    return
                 await wait_event(changed, EVENTS_POLL_S)
         finally:
             watchers = self._watchers[job_id]
