@@ -466,6 +466,18 @@ async def test_an_attempt_whose_lease_was_taken_back_writes_nothing(
     assert (await job_of(service, job_id)).result == {"by": "other"}
 
 
+async def test_a_job_whose_model_was_unloaded_fails_with_the_reason(
+    make_service: ServiceFactory, engine: Engine
+) -> None:
+    service = make_service(jobs_lease_s=0.3)  # the reaper looks every 0.1 s
+    job_id = await submitted(service, embed())
+    await engine.models.unload(EMBEDDER)
+    await service.start()
+    job = await finished(service, job_id)
+    assert job.status is JobStatus.FAILED
+    assert job.error == f"model '{EMBEDDER}' not found"
+
+
 async def test_finished_jobs_are_purged_after_the_retention(make_service: ServiceFactory) -> None:
     service = make_service(jobs_retention_hours=0.0, jobs_lease_s=0.3)
     await service.start()

@@ -33,7 +33,7 @@ import structlog
 from engine.config import Settings
 from engine.errors import ErrorCode, InvalidRequest
 from engine.fusion.service import FusionService, RunOutcome
-from engine.jobs.operations import OPERATIONS, OperationEnv, operation
+from engine.jobs.operations import OperationEnv, operation
 from engine.jobs.queue import DEFAULT_LIMIT, JobQueue
 from engine.jobs.types import (
     Job,
@@ -46,7 +46,7 @@ from engine.jobs.types import (
     JobStatus,
     SortOrder,
 )
-from engine.jobs.workers import Workers, wait_event
+from engine.jobs.workers import MODEL_OPERATIONS, Workers, wait_event
 from engine.models.registry import ModelRegistry
 
 log = structlog.get_logger(__name__)
@@ -222,7 +222,7 @@ class JobService:
     def _estimate(self, job: Job, position: int, recent_ms: float | None) -> float | None:
         capacity = self._workers.capacity(job)
         per_job_ms = recent_ms
-        if per_job_ms is None and OPERATIONS[job.operation].model_bound and job.model_id:
+        if per_job_ms is None and job.operation in MODEL_OPERATIONS and job.model_id:
             entry = self._models.find(job.model_id)
             if entry is not None:
                 per_job_ms = entry.stats.summary()["p50_latency_ms"]

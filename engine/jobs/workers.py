@@ -102,6 +102,7 @@ class Workers:
         self._per_model: Counter[str] = Counter()
         self._workflows = 0
         self._orphans: tuple[str, ...] = ()  # models of queued jobs that are not loaded
+        self._loaded: frozenset[str] | None = None  # the loaded models at the last look
         self._woken = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -240,7 +241,7 @@ class Workers:
             self._queue.finish, job.id, job.lease_token, result=result, error=error
         )
         if written:
-            log.info("job_finished", job_id=job.id, failed=error is not None)
+            log.info("job_finished", job_id=job.id, error=error)
         else:
             log.info("job_result_superseded", job_id=job.id, attempt=job.attempts)
 
@@ -269,26 +270,10 @@ class Workers:
             try:
                 recovery = await asyncio.to_thread(self._queue.recover)
                 purged = await asyncio.to_thread(self._queue.purge, retention_s)
-                queued = await asyncio.to_thread(
-                    self._queue.list,
-                    status=JobStatus.QUEUED,
-                    limit=MAX_LIMIT,
-                    sort_by=JobSort.CREATED_AT,
-                    order=SortOrder.ASC,
-                )
+                await self._find_orphans()
             except Exception:
                 log.exception("job_reap_failed")
                 continue
-            models = self._env.models
-            self._orphans = tuple(
-                {
-                    j.model_id
-                    for j in queued.items
-                    if j.operation in MODEL_OPERATIONS
-                    and j.model_id is not None
-                    and models.find(j.model_id) is None
-                }
-            )
             if recovery.requeued or recovery.failed or purged:
                 log.info(
                     "jobs_reaped",
@@ -298,3 +283,36 @@ class Workers:
                 )
             if recovery.requeued or self._orphans:
                 self._woken.set()
+
+    async def _find_orphans(self) -> None:
+        """Note the models of queued jobs that are not loaded. Only a model unloaded (or
+        not loaded since a restart) leaves such jobs, since a submission's model must be
+        loaded: the queue is read when the loaded models changed, or while orphans are
+        left, not at every round."""
+        models = self._env.models
+        loaded = frozenset(e.id for e in models.entries())
+        if loaded == self._loaded and not self._orphans:
+            return
+        self._loaded = loaded
+        orphans: set[str] = set()
+        offset = 0
+        while True:
+            page = await asyncio.to_thread(
+                self._queue.list,
+                status=JobStatus.QUEUED,
+                limit=MAX_LIMIT,
+                offset=offset,
+                sort_by=JobSort.CREATED_AT,
+                order=SortOrder.ASC,
+            )
+            orphans.update(
+                j.model_id
+                for j in page.items
+                if j.operation in MODEL_OPERATIONS
+                and j.model_id is not None
+                and models.find(j.model_id) is None
+            )
+            offset += len(page.items)
+            if len(page.items) < MAX_LIMIT:
+                break
+        self._orphans = tuple(orphans)
