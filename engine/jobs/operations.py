@@ -13,7 +13,7 @@ import asyncio
 import base64
 import binascii
 import re
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Protocol, TypeVar, cast
@@ -82,28 +82,32 @@ def parse_input(input: Any, into: type[T], prefix: str = "input") -> T:
     try:
         return msgspec.convert(input, into)
     except msgspec.ValidationError as exc:
-        raise _input_error(str(exc), prefix) from None
+        raise _input_error(str(exc), prefix, getattr(into, "__struct_fields__", ())) from None
 
 
-def _input_error(message: str, prefix: str) -> InvalidRequest:
+def _input_error(message: str, prefix: str, known: Sequence[str]) -> InvalidRequest:
+    """msgspec's `message` as a 400 naming the field: its path (`$.messages[0]`, with
+    `[...]`, a mapping's value, dropped) under `prefix`."""
     unknown = _UNKNOWN.match(message)
     if unknown is not None:
-        field = f"{prefix}{unknown.group('path') or ''}.{unknown.group('field')}"
-        return InvalidRequest(f"unknown field '{field}'", param=field, code=ErrorCode.UNKNOWN_FIELD)
+        path = unknown.group("path") or ""
+        field = f"{prefix}{path}.{unknown.group('field')}"
+        hint = f" (known: {', '.join(known)})" if known and not path else ""
+        return InvalidRequest(
+            f"unknown field '{field}'{hint}", param=field, code=ErrorCode.UNKNOWN_FIELD
+        )
+    path, text = prefix, message
     for pattern in (_KEY_IN, _AT):
         located = pattern.search(message)
         if located is not None:
-            path = f"{prefix}{located.group('path')}"
+            path = prefix + located.group("path").replace("[...]", "")
             text = message[: located.start()]
-            missing = _MISSING.match(text)
-            if missing is not None:
-                path = f"{path}.{missing.group('field')}"
-            return InvalidRequest(f"{path}: {text}", param=path)
-    missing = _MISSING.match(message)
+            break
+    missing = _MISSING.match(text)
     if missing is not None:
-        path = f"{prefix}.{missing.group('field')}"
-        return InvalidRequest(f"{path}: {message}", param=path)
-    return InvalidRequest(f"{prefix}: {message}", param=prefix)
+        path = f"{path}.{missing.group('field')}"
+        return InvalidRequest(f"{path} is required", param=path)
+    return InvalidRequest(f"{path}: {text}", param=path)
 
 
 def _prefixed(exc: FusionError, prefix: str) -> FusionError:
@@ -114,11 +118,11 @@ def _prefixed(exc: FusionError, prefix: str) -> FusionError:
     return exc
 
 
-def _model(
-    env: OperationEnv, model_id: str | None, operation: Operation, purpose: str
-) -> ModelEntry:
+def _model(env: OperationEnv, model_id: str | None, operation: Operation) -> ModelEntry:
+    """The loaded model `model_id` names, which must serve `operation`."""
+    purpose = f"operation '{operation.value}'"
     if model_id is None:
-        raise InvalidRequest(f"a {purpose} job needs a model_id", param="model_id")
+        raise InvalidRequest(f"{purpose} needs a model_id", param="model_id")
     return env.models.require(model_id, serving(operation), purpose, param="model_id")
 
 
@@ -184,7 +188,7 @@ class ChatOperation:
     def _params(
         self, env: OperationEnv, model_id: str | None, input: Any
     ) -> tuple[str, ChatInput, ChatParams]:
-        entry = _model(env, model_id, self.serves, f"a {self.name} job")
+        entry = _model(env, model_id, self.serves)
         body = parse_input(input, ChatInput)
         params = openai_chat_params(
             body.messages,
@@ -256,7 +260,7 @@ class EmbedOperation:
     model_bound: ClassVar[bool] = True
 
     def _texts(self, env: OperationEnv, model_id: str | None, input: Any) -> tuple[str, list[str]]:
-        entry = _model(env, model_id, Operation.EMBED, "an embed job")
+        entry = _model(env, model_id, Operation.EMBED)
         body = parse_input(input, EmbedInput)
         texts = [body.input] if isinstance(body.input, str) else body.input
         if not texts:
@@ -295,7 +299,7 @@ class TranscribeOperation:
     async def _audio(
         self, env: OperationEnv, model_id: str | None, input: Any
     ) -> tuple[str, Any, str | None]:
-        entry = _model(env, model_id, Operation.TRANSCRIBE, "a transcribe job")
+        entry = _model(env, model_id, Operation.TRANSCRIBE)
         body = parse_input(input, TranscribeInput)
         limit = int(env.settings.audio_max_file_mb * 1_000_000)
         # Refused by its encoded length before anything is decoded (4 characters: 3 bytes).
