@@ -9,6 +9,7 @@ import base64
 import contextlib
 import dataclasses
 import io
+import itertools
 import math
 import wave
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -336,6 +337,27 @@ async def test_a_busy_model_holds_up_only_its_own_jobs(service: JobService, engi
     assert started < first_ended
     waited = await asyncio.to_thread(service.queue.events, waiting)
     assert all(e.at >= first_ended for e in waited if e.name is JobEventName.PROCESSING)
+
+
+async def test_workflow_jobs_run_at_most_jobs_workflow_concurrency_at_once(
+    make_service: ServiceFactory,
+) -> None:
+    service = make_service(jobs_workflow_concurrency=1)
+    ids = [
+        await submitted(
+            service,
+            JobSubmission("workflow", {"workflow": "echo", "input": {"n": n}}, None),
+        )
+        for n in range(3)
+    ]
+    await service.start()
+    jobs = [await finished(service, job_id) for job_id in ids]
+    assert [job.result["result"] for job in jobs] == [{"value": 3 * n} for n in range(3)]
+    # Claims and finishes are committed in order, so their times say what overlapped.
+    for before, after in itertools.pairwise(jobs):
+        assert before.completed_at is not None
+        assert after.started_at is not None
+        assert after.started_at >= before.completed_at
 
 
 async def test_queued_job_has_a_position_and_an_estimate_once_measured(
