@@ -179,7 +179,8 @@ class JobQueue(Protocol):
     def release(self, job_id: str, lease_token: int) -> bool:
         """Put a processing job back in the queue without using up its attempt (a worker
         stopping gracefully). False (nothing written) when the lease is no longer this
-        attempt's."""
+        attempt's. The next claim hands out the same attempt number, so the releasing
+        worker must not use its token again."""
         ...
 
     def cancel(self, job_id: str) -> Job:
