@@ -406,3 +406,27 @@ def test_concurrent_claimers_never_get_the_same_job(store: Store, clock: Clock) 
     assert set(every) == submitted
     assert queue.list(status=JobStatus.PROCESSING, limit=1000).total == 200
     assert all(j.attempts == 1 for j in queue.list(limit=1000).items)
+
+
+def test_counts_per_status_follow_every_change(queue: SqliteJobQueue, store: Store) -> None:
+    def truth() -> dict[JobStatus, int]:
+        found = dict.fromkeys(JobStatus, 0)
+        for status, n in store.query("SELECT status, count(*) FROM jobs GROUP BY status"):
+            found[JobStatus(status)] = n
+        return found
+
+    ids = [queue.submit(_chat(str(i))).job.id for i in range(6)]
+    done, failed, released, lost = (queue.claim("w", LEASE_S) for _ in range(4))
+    assert done is not None
+    assert failed is not None
+    assert released is not None
+    queue.finish(done.id, done.lease_token, result={"ok": True})
+    queue.finish(failed.id, failed.lease_token, error="no")
+    queue.release(released.id, released.lease_token)
+    queue.cancel(ids[5])
+    queue.recover(now=math.inf)
+    assert queue.counts() == truth()
+    assert queue.list().total == sum(truth().values())
+    assert queue.list(status=JobStatus.QUEUED).total == truth()[JobStatus.QUEUED]
+    assert queue.purge(older_than_s=-1) == 3
+    assert queue.counts() == truth()

@@ -117,6 +117,22 @@ register_migration(
         payload TEXT NOT NULL CHECK (json_valid(payload))
     ) STRICT;
     CREATE INDEX job_events_by_job ON job_events (job_id, seq);
+    -- Jobs per status, kept by triggers in the transaction of every change: the bound on
+    -- queued jobs is checked at each submit, and count(*) costs a scan of every waiting job.
+    CREATE TABLE job_counts (status TEXT PRIMARY KEY, n INTEGER NOT NULL) STRICT;
+    INSERT INTO job_counts (status, n) VALUES
+        ('queued', 0), ('processing', 0), ('completed', 0), ('failed', 0), ('cancelled', 0);
+    CREATE TRIGGER jobs_counted_insert AFTER INSERT ON jobs BEGIN
+        UPDATE job_counts SET n = n + 1 WHERE status = NEW.status;
+    END;
+    CREATE TRIGGER jobs_counted_update AFTER UPDATE OF status ON jobs
+    WHEN OLD.status != NEW.status BEGIN
+        UPDATE job_counts SET n = n - 1 WHERE status = OLD.status;
+        UPDATE job_counts SET n = n + 1 WHERE status = NEW.status;
+    END;
+    CREATE TRIGGER jobs_counted_delete AFTER DELETE ON jobs BEGIN
+        UPDATE job_counts SET n = n - 1 WHERE status = OLD.status;
+    END;
     """,
 )
 
@@ -202,6 +218,10 @@ class JobQueue(Protocol):
         order: SortOrder = SortOrder.DESC,
     ) -> JobPage:
         """A page of jobs and the total matching the filters."""
+        ...
+
+    def counts(self) -> dict[JobStatus, int]:
+        """Jobs per status, read in constant time."""
         ...
 
     def position_in_queue(self, job_id: str) -> int | None:
@@ -504,13 +524,23 @@ class SqliteJobQueue:
         direction = "DESC" if order is SortOrder.DESC else "ASC"
         # Reads take no write lock, so workers are never held up by a listing; the total
         # may differ from the page by the jobs that changed between the two statements.
-        ((total,),) = self._store.query(f"SELECT count(*) FROM jobs {clause}", bindings)
+        if model_id is None:
+            counts = self.counts()
+            total = counts[status] if status is not None else sum(counts.values())
+        else:
+            ((total,),) = self._store.query(f"SELECT count(*) FROM jobs {clause}", bindings)
         rows = self._store.query(
             f"SELECT {_COLUMNS} FROM jobs {clause} "
             f"ORDER BY {_SORT_SQL[sort_by]} {direction}, seq {direction} LIMIT ? OFFSET ?",
             [*bindings, limit, offset],
         )
         return JobPage([_job(row) for row in rows], total)
+
+    def counts(self) -> dict[JobStatus, int]:
+        return {
+            JobStatus(status): int(n)
+            for status, n in self._store.query("SELECT status, n FROM job_counts")
+        }
 
     def position_in_queue(self, job_id: str) -> int | None:
         rows = self._store.query(
@@ -595,7 +625,7 @@ if TYPE_CHECKING:  # mypy proves that SqliteJobQueue implements JobQueue
 def _queued(conn: apsw.Connection) -> int:
     # apsw types rows as any SQLite value; a count is an int.
     rows: list[tuple[Any, ...]] = conn.execute(
-        "SELECT count(*) FROM jobs WHERE status = 'queued'"
+        "SELECT n FROM job_counts WHERE status = 'queued'"
     ).fetchall()
     return int(rows[0][0])
 

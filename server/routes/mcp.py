@@ -136,9 +136,8 @@ async def cancel_job(jobs: NamedDependency[JobService], job_id: FromPath[str]) -
 
 
 async def _job_events(jobs: JobService, job_id: str, after: int) -> AsyncIterator[bytes]:
-    async for event in jobs.events(job_id):
-        if event.seq > after:
-            yield sse_event(event.name.value, event.payload, event.seq)
+    async for event in jobs.events(job_id, after):
+        yield sse_event(event.name.value, event.payload, event.seq)
 
 
 @get(
