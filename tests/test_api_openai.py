@@ -207,7 +207,9 @@ def test_chat_errors(api: Api) -> None:
     assert _error(_chat(api, temperature=3), 400, "invalid_request")["param"] == "temperature"
     missing = api.client.post("/v1/chat/completions", json={"model": CHAT_ID})
     assert _error(missing, 400, "invalid_request")["param"] == "messages"
-    _error(_chat(api, logit_bias={"abc": 1}), 400, "invalid_request")
+    assert _error(_chat(api, logit_bias={"abc": 1}), 400, "invalid_logit_bias")["param"] == (
+        "logit_bias"
+    )
     # Out of the vocabulary: refused before MLX indexes the logits with it.
     for token in ("100000", "-1"):
         error = _error(_chat(api, logit_bias={token: 5}), 400, "invalid_logit_bias")

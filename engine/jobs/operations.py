@@ -13,7 +13,7 @@ import asyncio
 import base64
 import binascii
 import re
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Protocol, TypeVar, cast
@@ -26,8 +26,8 @@ from engine.errors import ErrorCode, FusionError, InvalidRequest, PayloadTooLarg
 from engine.fusion.service import FusionService, PreparedRun, RunOutcome
 from engine.models.audio import decode_wav
 from engine.models.backends import serving
-from engine.models.backends.base import OPENAI_CHAT_DEFAULTS, ChatChunk, ChatParams
-from engine.models.params import check_logit_bias
+from engine.models.backends.base import ChatChunk, ChatParams
+from engine.models.params import check_logit_bias, openai_chat_params
 from engine.models.registry import ModelEntry, ModelRegistry
 from engine.models.types import Operation
 
@@ -135,46 +135,6 @@ class ChatInput(msgspec.Struct, forbid_unknown_fields=True):
     stop: str | list[str] | None = None
     seed: int | None = None
     logit_bias: dict[str, float] | None = None
-
-
-def openai_chat_params(
-    messages: list[dict[str, Any]],
-    *,
-    max_tokens: int | None,
-    temperature: float | None,
-    top_p: float | None,
-    stop: str | list[str] | None,
-    seed: int | None,
-    logit_bias: Mapping[str, float] | None,
-    prefix: str = "",
-) -> ChatParams:
-    """Generation parameters as OpenAI's chat API writes them (defaults
-    OPENAI_CHAT_DEFAULTS): every message needs a string role, logit_bias keys are token
-    ids written as strings. `prefix` is put before the params errors name."""
-    for i, message in enumerate(messages):
-        if not isinstance(message.get("role"), str):
-            raise InvalidRequest(
-                "every message needs a string 'role'", param=f"{prefix}messages[{i}].role"
-            )
-    bias: dict[int, float] | None = None
-    if logit_bias:
-        try:
-            bias = {int(token): float(value) for token, value in logit_bias.items()}
-        except ValueError:
-            raise InvalidRequest(
-                "logit_bias keys must be token ids (integers as strings)",
-                param=f"{prefix}logit_bias",
-                code=ErrorCode.INVALID_LOGIT_BIAS,
-            ) from None
-    defaults = OPENAI_CHAT_DEFAULTS
-    return ChatParams(
-        max_tokens=max_tokens or defaults.max_tokens,
-        temperature=defaults.temperature if temperature is None else temperature,
-        top_p=defaults.top_p if top_p is None else top_p,
-        stop=[stop] if isinstance(stop, str) else list(stop or []),
-        seed=seed,
-        logit_bias=bias,
-    )
 
 
 class ChatOperation:

@@ -34,7 +34,8 @@ from engine.errors import ErrorCode, FusionError, InternalError, InvalidRequest,
 from engine.logging import get_logger
 from engine.models.audio import decode_wav
 from engine.models.backends import serving
-from engine.models.backends.base import OPENAI_CHAT_DEFAULTS, ChatChunk, ChatParams
+from engine.models.backends.base import ChatChunk, ChatParams
+from engine.models.params import openai_chat_params
 from engine.models.registry import ModelRegistry
 from engine.models.types import Operation as ModelOperation
 from server.errors import GENERIC_500_MESSAGE
@@ -102,27 +103,14 @@ def _chat_params(body: ChatCompletionRequest) -> ChatParams:
         raise InvalidRequest(
             "only n=1 is supported", param="n", code=ErrorCode.UNSUPPORTED_PARAMETER
         )
-    for i, message in enumerate(body.messages):
-        if not isinstance(message.get("role"), str):
-            raise InvalidRequest("every message needs a string 'role'", param=f"messages[{i}].role")
-    bias: dict[int, float] | None = None
-    if body.logit_bias:
-        try:
-            bias = {int(token): float(value) for token, value in body.logit_bias.items()}
-        except ValueError:
-            raise InvalidRequest(
-                "logit_bias keys must be token ids (integers as strings)",
-                param="logit_bias",
-            ) from None
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    defaults = OPENAI_CHAT_DEFAULTS
-    return ChatParams(
-        max_tokens=body.max_completion_tokens or body.max_tokens or defaults.max_tokens,
-        temperature=defaults.temperature if body.temperature is None else body.temperature,
-        top_p=defaults.top_p if body.top_p is None else body.top_p,
-        stop=stop,
+    return openai_chat_params(
+        body.messages,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=body.stop,
         seed=body.seed,
-        logit_bias=bias,
+        logit_bias=body.logit_bias,
         tools=None if body.tool_choice == "none" else body.tools,
     )
 
