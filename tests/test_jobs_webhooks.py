@@ -271,10 +271,13 @@ def test_register_list_get_and_delete(webhooks: WebhookStore, clock: Clock) -> N
         ({"url": "http://example.com:99999/"}, "url"),
         ({"url": "https://example.com/" + "a" * 3000}, "url"),
         ({"url": None}, "url"),
+        ({"url": "http://example.com/a b"}, "url"),
+        ({"url": "http://\udc80.example.com/"}, "url"),
         ({"events": []}, "events"),
         ({"events": "job.completed"}, "events"),
         ({"events": ["job.completed", "job.started"]}, "events[1]"),
         ({"secret": ""}, "secret"),
+        ({"secret": "line\nbreak"}, "secret"),
         ({"secret": "whsec_not*base64"}, "secret"),
         ({"metadata": ["not", "an", "object"]}, "metadata"),
     ],
@@ -462,6 +465,7 @@ def test_retry_after_reads_seconds_and_http_dates() -> None:
     assert retry_after_s(in_90_s, now) == 90.0
     assert retry_after_s(format_datetime(datetime.fromtimestamp(now - 5, UTC)), now) == 0.0
     assert retry_after_s("soon", now) is None
+    assert retry_after_s("\u00b2", now) is None
     assert retry_after_s(None, now) is None
 
 

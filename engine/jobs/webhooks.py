@@ -64,6 +64,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import apsw
+import httpx
 import structlog
 
 from engine.config import Settings
@@ -288,9 +289,14 @@ def check_secret(secret: Any, param: str = "secret") -> str | None:
     Use it for a job's callback_secret too."""
     if secret is None:
         return None
-    if not isinstance(secret, str) or not 1 <= len(secret) <= MAX_SECRET_CHARS:
+    if (
+        not isinstance(secret, str)
+        or not 1 <= len(secret) <= MAX_SECRET_CHARS
+        or not secret.isprintable()
+    ):
         raise InvalidRequest(
-            f"a secret must be a string of 1 to {MAX_SECRET_CHARS} characters", param=param
+            f"a secret must be a string of 1 to {MAX_SECRET_CHARS} printable characters",
+            param=param,
         )
     if secret.startswith(STANDARD_SECRET_PREFIX):
         try:
@@ -351,7 +357,7 @@ def retry_after_s(value: str | None, now: float) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         moment = parsedate_to_datetime(value)
@@ -396,7 +402,7 @@ class WebhookStore:
 
     def register(self, url: Any, events: Any, secret: Any = None, metadata: Any = None) -> Webhook:
         """A new active webhook (400 invalid_request naming the bad field)."""
-        checked_url = _check_url(url)
+        checked_url = check_url(url)
         names = _check_events(events)
         checked_secret = check_secret(secret)
         metadata_json = None
@@ -646,20 +652,25 @@ class WebhookStore:
         return reason
 
 
-def _check_url(url: Any) -> str:
+def check_url(url: Any, param: str = "url") -> str:
+    """`url` if deliveries can be POSTed to it; 400 naming `param` if not. Use it for a
+    job's callback_url too. Where it points is checked when connecting (engine.net)."""
     if not isinstance(url, str) or not url:
-        raise InvalidRequest("url must be a non-empty string", param="url")
+        raise InvalidRequest(f"{param} must be a non-empty string", param=param)
     if len(url) > MAX_URL_CHARS:
-        raise InvalidRequest(f"url must be at most {MAX_URL_CHARS} characters", param="url")
+        raise InvalidRequest(f"{param} must be at most {MAX_URL_CHARS} characters", param=param)
+    if not url.isprintable() or any(c.isspace() for c in url):
+        raise InvalidRequest(f"{param} must not contain spaces or control characters", param=param)
     try:
         parts = urlsplit(url)
         # .port raises ValueError for a port out of range.
         usable = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
-    except ValueError as exc:
-        raise InvalidRequest(f"url is not a valid URL: {exc}", param="url") from None
+        httpx.URL(url)
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise InvalidRequest(f"{param} is not a valid URL: {exc}", param=param) from None
     if not usable:
         raise InvalidRequest(
-            f"url must be an http or https URL with a host, not '{url}'", param="url"
+            f"{param} must be an http or https URL with a host, not '{url}'", param=param
         )
     return url
 
@@ -788,6 +799,7 @@ class Deliverer:
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="webhook-deliverer")
+        self._task.add_done_callback(_report_crash)
 
     async def stop(self) -> None:
         """Stop delivering; attempts in flight are abandoned (retried after a restart)."""
@@ -829,11 +841,15 @@ class Deliverer:
                     next_at = self._clock() + self._policy.timeout_s
                 if next_at is not None:
                     timeout = max(0.0, next_at - self._clock())
+            # Not wait_for: on Python 3.11 it can swallow a cancellation (stop()) that
+            # arrives as the event is set, and this loop would then outlive stop().
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wakeup.wait()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
+        _report_crash(task)
         self._wakeup.set()
 
     async def _attempt(self, delivery: Delivery) -> None:
@@ -870,7 +886,7 @@ class Deliverer:
             "webhook_attempt",
             delivery_id=delivery.id,
             webhook_id=delivery.webhook_id,
-            event=delivery.event.value,
+            job_event=delivery.event.value,
             ok=outcome.ok,
             status_code=outcome.status_code,
             error=outcome.error,
@@ -891,8 +907,8 @@ class Deliverer:
             )
         except FusionError as exc:  # refused by the SSRF guard, unreachable, too slow
             return Outcome(ok=False, error=f"{exc.code}: {exc.message}")
-        except ValueError as exc:  # a callback secret that cannot be a signing key
-            return Outcome(ok=False, error=f"cannot sign the delivery: {exc}")
+        except (ValueError, httpx.InvalidURL) as exc:  # a callback_url or secret not checked
+            return Outcome(ok=False, error=f"cannot send the delivery: {exc}")
         code = answer.status_code
         if 200 <= code < 300:
             return Outcome(ok=True, status_code=code)
@@ -908,3 +924,9 @@ class Deliverer:
             gone=code == 410,
             retry_after_s=retry_after_s(answer.headers.get("retry-after"), self._clock()),
         )
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    # A bug, not a delivery's failure: the delivery stays leased and is tried again.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("webhook_task_crashed", task=task.get_name(), exc_info=task.exception())
