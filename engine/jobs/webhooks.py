@@ -40,7 +40,8 @@ Delivery
     delivery's new state; a webhook's success and failure counts are counted from those
     rows, so they always equal the log. A delivery being attempted is leased (its
     next_attempt_at moved past the attempt's deadline), so an attempt cut short by a crash
-    is simply made again after a restart.
+    or a stop() is simply made again once that lease (deadline + 30 s) has run out.
+    A receiver's answer is read up to 64 KiB; a longer one fails the attempt.
 """
 
 from __future__ import annotations
