@@ -120,6 +120,7 @@ class Engine:
         self.deliverer = Deliverer(self.webhooks, DeliveryPolicy.from_settings(settings))
         deliverer = self.deliverer
         queue.on_event(record=self.webhooks.record, observe=lambda _: deliverer.wake())
+        queue.on_purge(self.webhooks.purge)
         self.jobs = JobService(queue, self.models, self.fusion, settings, run_body)
         await self.deliverer.start()
         await self.jobs.start()

@@ -6,6 +6,9 @@ it generates until it is cancelled: tests hold a job in `processing` without rac
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from api_helpers import no_eos_bias, running_server, wait_for
+from webhook_receiver import Received, serve_receiver
 
 from engine.models.synthetic import build_lm
 
@@ -41,7 +45,9 @@ def client(
         {"model_path": str(long_lm_dir), "model_type": "lm", "model_id": LONG},
         {"model_path": str(tiny_embedder_dir), "model_type": "embeddings", "model_id": EMBED},
     ]
-    with running_server(tmp_path_factory.mktemp("jobs"), startup_models=models) as c:
+    with running_server(
+        tmp_path_factory.mktemp("jobs"), startup_models=models, allow_private_urls=True
+    ) as c:
         yield c
 
 
@@ -376,6 +382,104 @@ def test_a_full_queue_answers_429_with_retry_after(
         assert error(full)["code"] == "queue_full"
         assert int(full.headers["retry-after"]) >= 1
         assert cancel(small, holder["job_id"]).status_code == 200
+
+
+def _for_job(received: list[Received], job_id: str) -> list[Received]:
+    return [r for r in received if json.loads(r.body)["job"]["job_id"] == job_id]
+
+
+def _assert_signed(got: Received, secret: str) -> None:
+    """Both signatures, computed here independently of engine.jobs.webhooks."""
+    key = secret.encode()
+    spec = "sha256=" + hmac.new(key, got.body, hashlib.sha256).hexdigest()
+    assert got.headers["x-webhook-signature"] == spec
+    signed = f"{got.headers['webhook-id']}.{got.headers['webhook-timestamp']}.".encode() + got.body
+    standard = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    assert got.headers["webhook-signature"] == f"v1,{standard}"
+
+
+def test_webhooks_and_callbacks_receive_the_signed_final_event(client: httpx.Client) -> None:
+    with serve_receiver() as receiver:
+        response = client.post(
+            "/api/mcp/webhooks",
+            json={
+                "url": receiver.url("/hook"),
+                "events": ["job.completed", "job.failed"],
+                "secret": "hook-secret",
+                "metadata": {"description": "tier 2"},
+            },
+        )
+        assert response.status_code == 201, response.text
+        webhook = response.json()
+        assert webhook["status"] == "active"
+        assert webhook["events"] == ["job.completed", "job.failed"]
+        assert "secret" not in webhook
+
+        answer = accepted(
+            client,
+            {
+                "model_id": LM,
+                "operation": "chat",
+                "input": {"messages": MESSAGES, "max_tokens": 2},
+                "callback_url": receiver.url("/callback"),
+                "callback_secret": "callback-secret",
+            },
+        )
+        job_id = answer["job_id"]
+        assert finished(client, job_id)["status"] == "completed"
+        wait_for(
+            lambda: (
+                bool(_for_job(receiver.at("/hook"), job_id))
+                and bool(_for_job(receiver.at("/callback"), job_id))
+            ),
+            what="both deliveries",
+        )
+        for path, secret, sender in (
+            ("/hook", "hook-secret", webhook["webhook_id"]),
+            ("/callback", "callback-secret", "callback"),
+        ):
+            (got,) = _for_job(receiver.at(path), job_id)
+            assert got.method == "POST"
+            assert got.headers["content-type"] == "application/json"
+            assert got.headers["x-webhook-event"] == "job.completed"
+            assert got.headers["x-webhook-id"] == sender
+            payload = json.loads(got.body)
+            assert payload["event"] == "job.completed"
+            assert payload["job"]["status"] == "completed"
+            assert payload["job"]["result"]["usage"]["completion_tokens"] <= 2
+            _assert_signed(got, secret)
+
+        (listed,) = [
+            w
+            for w in client.get("/api/mcp/webhooks").json()["webhooks"]
+            if w["webhook_id"] == webhook["webhook_id"]
+        ]
+        assert listed["success_count"] == len(receiver.at("/hook"))
+        assert listed["failure_count"] == 0
+        assert listed["last_triggered_at"] is not None
+
+        deleted = client.delete(f"/api/mcp/webhooks/{webhook['webhook_id']}")
+        assert deleted.status_code == 200
+        assert deleted.json() == {"webhook_id": webhook["webhook_id"], "status": "deleted"}
+        again = client.delete(f"/api/mcp/webhooks/{webhook['webhook_id']}")
+        assert again.status_code == 404
+        assert error(again)["code"] == "webhook_not_found"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"url": "ftp://example.com/x", "events": ["job.completed"]}, "url"),
+        ({"url": "https://example.com/x", "events": []}, "events"),
+        ({"url": "https://example.com/x", "events": ["job.nope"]}, "events[0]"),
+    ],
+)
+def test_webhook_registration_refuses_bad_fields(
+    client: httpx.Client, body: dict[str, Any], param: str
+) -> None:
+    response = client.post("/api/mcp/webhooks", json=body)
+    assert response.status_code == 400, response.text
+    assert error(response)["param"] == param
 
 
 def test_health_reports_the_job_service(client: httpx.Client) -> None:

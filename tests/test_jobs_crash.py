@@ -89,20 +89,22 @@ def test_jobs_survive_sigkill_and_a_lost_job_ends_failed_after_its_attempts(
 
     # 3. Its last attempt was lost too: it ends failed with the reason, and the waiting job
     # finally gets the model. Nothing is left processing.
-    with serve_factory_process(env, tmp_path / "third.log", ROOT) as server:
-        with httpx.Client(base_url=server.base_url, timeout=30) as client:
-            failed = _job(client, lost)
-            assert failed["status"] == "failed"
-            assert failed["attempts"] == MAX_ATTEMPTS
-            assert "expired" in failed["error"]
-            assert "failed_at" in failed
-            wait_for(
-                lambda: _job(client, behind_id)["status"] == "completed",
-                timeout_s=60,
-                what="the waiting job to complete",
-            )
-            events = client.get(f"/api/mcp/jobs/{lost}/events").text
-            assert events.count("event: job.processing") == MAX_ATTEMPTS
-            assert "event: job.completed" not in events
-            processing = client.get("/api/mcp/jobs", params={"status": "processing"}).json()
-            assert processing["total"] == 0
+    with (
+        serve_factory_process(env, tmp_path / "third.log", ROOT) as server,
+        httpx.Client(base_url=server.base_url, timeout=30) as client,
+    ):
+        failed = _job(client, lost)
+        assert failed["status"] == "failed"
+        assert failed["attempts"] == MAX_ATTEMPTS
+        assert "expired" in failed["error"]
+        assert "failed_at" in failed
+        wait_for(
+            lambda: _job(client, behind_id)["status"] == "completed",
+            timeout_s=60,
+            what="the waiting job to complete",
+        )
+        events = client.get(f"/api/mcp/jobs/{lost}/events").text
+        assert events.count("event: job.processing") == MAX_ATTEMPTS
+        assert "event: job.completed" not in events
+        processing = client.get("/api/mcp/jobs", params={"status": "processing"}).json()
+        assert processing["total"] == 0

@@ -416,7 +416,7 @@ def test_counts_per_status_follow_every_change(queue: SqliteJobQueue, store: Sto
         return found
 
     ids = [queue.submit(_chat(str(i))).job.id for i in range(6)]
-    done, failed, released, lost = (queue.claim("w", LEASE_S) for _ in range(4))
+    done, failed, released, _lost = (queue.claim("w", LEASE_S) for _ in range(4))
     assert done is not None
     assert failed is not None
     assert released is not None

@@ -12,18 +12,16 @@ import hmac
 import json
 import os
 import random
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from webhook_receiver import STALL, WAIT_S, Receiver, serve_receiver
 
 from engine.config import Settings
 from engine.errors import ErrorCode, InvalidRequest, NotFound
@@ -42,8 +40,6 @@ from engine.net import FetchPolicy, fetch
 from engine.store import Store
 
 T = TypeVar("T")
-WAIT_S = 10.0
-STALL = -1  # a scripted answer that never comes (until the test ends)
 
 
 class Clock:
@@ -59,91 +55,10 @@ class Clock:
         self.now += seconds
 
 
-@dataclass(frozen=True)
-class Received:
-    method: str
-    path: str
-    headers: dict[str, str]  # names in lower case
-    body: bytes
-
-
-@dataclass
-class Receiver:
-    """What a loopback HTTP server was sent, and the answers it gives per path: scripted
-    ones first, in order, then `always[path]`, else 200."""
-
-    port: int = 0
-    received: list[Received] = field(default_factory=list)
-    scripts: dict[str, list[tuple[int, dict[str, str]]]] = field(default_factory=dict)
-    always: dict[str, tuple[int, dict[str, str]]] = field(default_factory=dict)
-    release: threading.Event = field(default_factory=threading.Event)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
-
-    def script(self, path: str, *answers: tuple[int, dict[str, str]]) -> None:
-        self.scripts[path] = list(answers)
-
-    def at(self, path: str) -> list[Received]:
-        with self.lock:
-            return [r for r in self.received if r.path == path]
-
-    def answer(self, request: Received) -> tuple[int, dict[str, str]]:
-        with self.lock:
-            self.received.append(request)
-            pending = self.scripts.get(request.path)
-            if pending:
-                return pending.pop(0)
-            return self.always.get(request.path, (200, {}))
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _ReceiverServer
-
-    def _handle(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        headers = {name.lower(): value for name, value in self.headers.items()}
-        receiver = self.server.receiver
-        status, extra = receiver.answer(Received(self.command, self.path, headers, body))
-        if status == STALL:
-            receiver.release.wait(WAIT_S * 3)
-            return
-        try:
-            self.send_response(status)
-            for name, value in extra.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
-        except OSError:  # the client gave up
-            pass
-
-    do_POST = _handle
-    do_GET = _handle
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-class _ReceiverServer(ThreadingHTTPServer):
-    daemon_threads = True
-    receiver: Receiver
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    server = _ReceiverServer(("127.0.0.1", 0), _Handler)
-    server.receiver = Receiver(port=server.server_address[1])
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield server.receiver
-    finally:
-        server.receiver.release.set()
-        server.shutdown()
-        server.server_close()
+    with serve_receiver() as running:
+        yield running
 
 
 @pytest.fixture
@@ -566,7 +481,7 @@ async def test_an_attempt_that_stalls_times_out_as_a_failure(
     assert len(receiver.at("/stall")) == 1
 
 
-def test_purge_drops_finished_deliveries_and_their_attempts(
+def test_the_queue_purge_drops_finished_deliveries_and_their_attempts(
     webhooks: WebhookStore, queue: SqliteJobQueue, clock: Clock
 ) -> None:
     hook = webhooks.register("https://example.com/hook", ["job.queued"])
@@ -587,7 +502,8 @@ def test_purge_drops_finished_deliveries_and_their_attempts(
         policy=_policy(),
     )
     clock.advance(100)
-    assert webhooks.purge(older_than_s=50) == 1
+    queue.on_purge(webhooks.purge)
+    assert queue.purge(older_than_s=50) == 0  # the jobs are still queued
     (kept,) = webhooks.deliveries()
     assert (kept.id, kept.status) == (second.id, DeliveryStatus.PENDING)
     assert [a.delivery_id for a in webhooks.attempts()] == [second.id]

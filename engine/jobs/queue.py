@@ -148,6 +148,9 @@ _BY_ID_SQL = f"SELECT {_COLUMNS} FROM jobs WHERE id = ?"
 EventRecorder = Callable[[apsw.Connection, JobEvent], None]
 # Runs after that transaction committed, in the committing thread (wakes waiters).
 EventObserver = Callable[[list[JobEvent]], None]
+# Runs inside purge()'s transaction with its cutoff (epoch seconds): what was kept for the
+# jobs finished before it (webhook deliveries) goes with them.
+PurgeHook = Callable[[apsw.Connection, float], object]
 _PRIORITY_RANK_SQL = "CASE priority WHEN 'high' THEN 0 WHEN 'normal' THEN 1 ELSE 2 END"
 _SORT_SQL = {
     JobSort.CREATED_AT: "created_at",
@@ -252,6 +255,10 @@ class JobQueue(Protocol):
         """`record` joins every event's transaction; `observe` sees events once committed."""
         ...
 
+    def on_purge(self, hook: PurgeHook) -> None:
+        """`hook` joins every purge's transaction."""
+        ...
+
 
 class SqliteJobQueue:
     """`JobQueue` in the `jobs` table of `store`.
@@ -283,6 +290,7 @@ class SqliteJobQueue:
         self._clock = clock
         self._recorders: list[EventRecorder] = []
         self._observers: list[EventObserver] = []
+        self._purge_hooks: list[PurgeHook] = []
 
     def on_event(
         self, *, record: EventRecorder | None = None, observe: EventObserver | None = None
@@ -291,6 +299,9 @@ class SqliteJobQueue:
             self._recorders.append(record)
         if observe is not None:
             self._observers.append(observe)
+
+    def on_purge(self, hook: PurgeHook) -> None:
+        self._purge_hooks.append(hook)
 
     def _emit(self, conn: apsw.Connection, job: Job, at: float, into: list[JobEvent]) -> None:
         """Record the event of `job`'s new status in the open transaction."""
@@ -583,14 +594,17 @@ class SqliteJobQueue:
         return Recovery(requeued=[str(r[0]) for r in requeued], failed=[str(r[0]) for r in failed])
 
     def purge(self, older_than_s: float) -> int:
+        cutoff = self._clock() - older_than_s
         with self._store.transaction() as conn:
             rows = conn.execute(
                 "DELETE FROM jobs INDEXED BY jobs_finished "
                 "WHERE completed_at IS NOT NULL AND completed_at < ? "
                 "AND status IN ('completed', 'failed', 'cancelled') RETURNING id",
-                (self._clock() - older_than_s,),
+                (cutoff,),
             ).fetchall()
             conn.executemany("DELETE FROM job_events WHERE job_id = ?", rows)
+            for hook in self._purge_hooks:
+                hook(conn, cutoff)
         return len(rows)
 
     def events(self, job_id: str, after_seq: int = 0) -> Sequence[JobEvent]:

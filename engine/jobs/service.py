@@ -17,7 +17,6 @@ Position and estimate (a queued job's `position_in_queue` and `estimated_complet
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import os
 import socket
@@ -26,12 +25,10 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import structlog
 
 from engine.config import Settings
-from engine.errors import ErrorCode, InvalidRequest
 from engine.fusion.service import FusionService, RunOutcome
 from engine.jobs.operations import OperationEnv, operation
 from engine.jobs.queue import DEFAULT_LIMIT, JobQueue
@@ -46,6 +43,7 @@ from engine.jobs.types import (
     JobStatus,
     SortOrder,
 )
+from engine.jobs.webhooks import check_metadata, check_secret, check_url
 from engine.jobs.workers import MODEL_OPERATIONS, Workers, wait_event
 from engine.models.registry import ModelRegistry
 
@@ -134,8 +132,10 @@ class JobService:
         """Validate, then queue (committed before returning). The bool says whether this
         call created the job (False: a repeated Idempotency-Key with the same request)."""
         op = operation(submission.operation)
-        self._check_callback_url(submission.callback_url)
-        self._check_metadata(submission.metadata)
+        if submission.callback_url is not None:
+            check_url(submission.callback_url, param="callback_url")
+        check_secret(submission.callback_secret, param="callback_secret")
+        check_metadata(submission.metadata, self._settings.jobs_metadata_max_bytes)
         await op.check(self._env, submission.model_id, submission.input)
         request = JobRequest(
             operation=submission.operation,
@@ -229,32 +229,6 @@ class JobService:
         if per_job_ms is None or not capacity:
             return None
         return round(per_job_ms * math.ceil(position / capacity), 3)
-
-    def _check_callback_url(self, url: str | None) -> None:
-        if url is None:
-            return
-        try:
-            parts = urlsplit(url)
-            valid = parts.scheme in ("http", "https") and bool(parts.hostname)
-        except ValueError:  # a malformed port or IPv6 address
-            valid = False
-        if not valid:
-            raise InvalidRequest(
-                "callback_url must be an http or https URL with a host", param="callback_url"
-            )
-
-    def _check_metadata(self, metadata: Any) -> None:
-        if metadata is None:
-            return
-        size = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8"))
-        limit = self._settings.jobs_metadata_max_bytes
-        if size > limit:
-            raise InvalidRequest(
-                f"metadata is {size} bytes of JSON; the limit is {limit} "
-                "(setting jobs_metadata_max_bytes)",
-                param="metadata",
-                code=ErrorCode.METADATA_TOO_LARGE,
-            )
 
     def _observe(self, events: Sequence[JobEvent]) -> None:
         """Queue events, once committed, in whichever thread committed them."""

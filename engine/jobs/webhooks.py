@@ -406,16 +406,7 @@ class WebhookStore:
         checked_url = check_url(url)
         names = _check_events(events)
         checked_secret = check_secret(secret)
-        metadata_json = None
-        if metadata is not None:
-            if not isinstance(metadata, dict):
-                raise InvalidRequest("metadata must be an object", param="metadata")
-            metadata_json = json.dumps(metadata, ensure_ascii=False)
-            if len(metadata_json.encode("utf-8")) > self._metadata_max_bytes:
-                raise InvalidRequest(
-                    f"metadata must encode to at most {self._metadata_max_bytes} bytes of JSON",
-                    param="metadata",
-                )
+        metadata_json = check_metadata(metadata, self._metadata_max_bytes)
         with self._store.transaction() as conn:
             (row,) = conn.execute(
                 "INSERT INTO webhooks (id, url, events, secret, metadata, status, created_at) "
@@ -530,16 +521,17 @@ class WebhookStore:
             for did, wid, n, at, code, error, ok, ms in rows
         ]
 
-    def purge(self, older_than_s: float) -> int:
-        """Delete deliveries finished more than `older_than_s` ago and their attempts (the
-        counts of list() then cover the log that is kept); returns how many deliveries."""
-        with self._store.transaction() as conn:
-            rows = conn.execute(
-                "DELETE FROM webhook_deliveries INDEXED BY webhook_deliveries_finished "
-                "WHERE finished_at IS NOT NULL AND finished_at < ? RETURNING id",
-                (self._clock() - older_than_s,),
-            ).fetchall()
-            conn.executemany("DELETE FROM webhook_attempts WHERE delivery_id = ?", rows)
+    def purge(self, conn: apsw.Connection, cutoff: float) -> int:
+        """Delete deliveries finished before `cutoff` (epoch seconds) and their attempts,
+        in the caller's transaction: the job queue's purge hook, so deliveries follow the
+        jobs' retention and the counts of list() cover the log that is kept. Returns how
+        many deliveries."""
+        rows = conn.execute(
+            "DELETE FROM webhook_deliveries INDEXED BY webhook_deliveries_finished "
+            "WHERE finished_at IS NOT NULL AND finished_at < ? RETURNING id",
+            (cutoff,),
+        ).fetchall()
+        conn.executemany("DELETE FROM webhook_attempts WHERE delivery_id = ?", rows)
         return len(rows)
 
     def claim_due(self, limit: int, lease_s: float) -> builtins.list[Delivery]:
@@ -674,6 +666,25 @@ def check_url(url: Any, param: str = "url") -> str:
             f"{param} must be an http or https URL with a host, not '{url}'", param=param
         )
     return url
+
+
+def check_metadata(metadata: Any, max_bytes: int, param: str = "metadata") -> str | None:
+    """`metadata` (an object, or None) as JSON, if it is at most `max_bytes` (setting
+    jobs_metadata_max_bytes) encoded; 400 naming `param` if not. For jobs and webhooks."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise InvalidRequest(f"{param} must be an object", param=param)
+    encoded = json.dumps(metadata, ensure_ascii=False)
+    size = len(encoded.encode("utf-8"))
+    if size > max_bytes:
+        raise InvalidRequest(
+            f"{param} is {size} bytes of JSON; the limit is {max_bytes} "
+            "(setting jobs_metadata_max_bytes)",
+            param=param,
+            code=ErrorCode.METADATA_TOO_LARGE,
+        )
+    return encoded
 
 
 def _check_events(events: Any) -> list[JobEventName]:

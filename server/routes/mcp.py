@@ -69,9 +69,7 @@ async def submit_job(
     data: JSONBody[SubmitJobRequest],
     idempotency_key: Annotated[
         str | None,
-        HeaderParameter(
-            name="Idempotency-Key", min_length=1, max_length=IDEMPOTENCY_KEY_MAX_CHARS
-        ),
+        HeaderParameter(name="Idempotency-Key", min_length=1, max_length=IDEMPOTENCY_KEY_MAX_CHARS),
     ] = None,
 ) -> Response[dict[str, Any]]:
     state, created = await jobs.submit(
