@@ -165,9 +165,7 @@ def in_process(count: int, tmp: Path) -> tuple[float, float]:
         started = time.perf_counter()
         for _ in range(count):
             with store.transaction() as conn:
-                conn.execute(
-                    "INSERT INTO bare (input, at) VALUES (?, ?)", (payload, time.time())
-                )
+                conn.execute("INSERT INTO bare (input, at) VALUES (?, ?)", (payload, time.time()))
         bare = count / (time.perf_counter() - started)
     return ours, bare
 
