@@ -121,7 +121,7 @@ def test_health_reports_real_readings(client: httpx.Client, server: RunningServe
     assert persistence["store_writable"] is True
     assert persistence["store_free_bytes"] > 0
     assert "error" not in body
-    assert body["services"] == {"fusion_enabled": True, "rag_enabled": True, "mcp_enabled": False}
+    assert body["services"] == {"fusion_enabled": True, "rag_enabled": True, "mcp_enabled": True}
     assert server.app.state.store.path.is_file()
 
 
