@@ -12,7 +12,7 @@ import io
 import itertools
 import math
 import wave
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from engine.config import Settings
 from engine.errors import Conflict, ErrorCode, FusionError, NotFound
 from engine.jobs.queue import SqliteJobQueue
 from engine.jobs.service import JobService, JobSubmission
-from engine.jobs.types import Job, JobEventName, JobPriority, JobStatus
+from engine.jobs.types import Job, JobEvent, JobEventName, JobPriority, JobRequest, JobStatus
 from engine.services import Engine
 from server.routes.fusion import run_body
 
@@ -389,6 +389,35 @@ async def test_events_replay_then_follow_until_the_end(service: JobService) -> N
 
 
 # -- long generations: progress, cancel, stop, superseded ---------------------------------------
+class FinishesAfterAnEmptyRead(SqliteJobQueue):
+    """Finishes the leased job just after a read of events found nothing new: a worker
+    finishing between an event stream's read and its check of the job's status."""
+
+    lease: tuple[str, int] | None = None
+
+    def events(self, job_id: str, after_seq: int = 0) -> Sequence[JobEvent]:
+        found = super().events(job_id, after_seq)
+        if not found and self.lease is not None:
+            leased, token = self.lease
+            self.lease = None
+            self.finish(leased, token, result={"ok": True})
+        return found
+
+
+async def test_an_event_stream_sees_the_end_that_lands_between_its_reads(
+    engine: Engine,
+) -> None:
+    queue = FinishesAfterAnEmptyRead(engine.store)
+    assert engine.fusion is not None
+    service = JobService(queue, engine.models, engine.fusion, engine.settings, run_body)
+    job = queue.submit(JobRequest(operation="chat", input={}, model_id=LM)).job
+    claimed = queue.claim("test", 30.0)
+    assert claimed is not None
+    queue.lease = (claimed.id, claimed.lease_token)
+    names = [event.name async for event in service.events(job.id)]
+    assert names == [JobEventName.QUEUED, JobEventName.PROCESSING, JobEventName.COMPLETED]
+
+
 async def _processing(service: JobService, job_id: str, *, progress: bool = False) -> Job:
     async def running() -> bool:
         job = await job_of(service, job_id)

@@ -187,6 +187,7 @@ class JobService:
         changed = asyncio.Event()
         self._watchers[job_id].add(changed)
         try:
+            ended = False
             while True:
                 changed.clear()
                 batch = await asyncio.to_thread(self._queue.events, job_id, after)
@@ -195,8 +196,12 @@ class JobService:
                     yield event
                     if event.name in _TERMINAL_EVENTS:
                         return
-                if not batch and (await asyncio.to_thread(self._queue.get, job_id)).status.terminal:
+                if ended:
                     return
+                if not batch and (await asyncio.to_thread(self._queue.get, job_id)).status.terminal:
+                    # It may have ended after the read above: read its last events once more.
+                    ended = True
+                    continue
                 await wait_event(changed, EVENTS_POLL_S)
         finally:
             watchers = self._watchers[job_id]
