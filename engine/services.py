@@ -107,13 +107,7 @@ class Engine:
         job's status change and the deliveries it causes are committed together."""
         assert self.fusion is not None
         settings = self.settings
-        queue = SqliteJobQueue(
-            self.store,
-            max_queued=settings.jobs_max_queued,
-            max_attempts=settings.jobs_max_attempts,
-            aging_s=settings.jobs_aging_s,
-            retry_after_s=settings.jobs_retry_after_s,
-        )
+        queue = SqliteJobQueue.from_settings(self.store, settings)
         self.webhooks = WebhookStore(
             self.store, metadata_max_bytes=settings.jobs_metadata_max_bytes
         )

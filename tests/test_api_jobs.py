@@ -449,14 +449,19 @@ def test_webhooks_and_callbacks_receive_the_signed_final_event(client: httpx.Cli
             assert payload["job"]["result"]["usage"]["completion_tokens"] <= 2
             _assert_signed(got, secret)
 
-        (listed,) = [
-            w
-            for w in client.get("/api/mcp/webhooks").json()["webhooks"]
-            if w["webhook_id"] == webhook["webhook_id"]
-        ]
-        assert listed["success_count"] == len(receiver.at("/hook"))
-        assert listed["failure_count"] == 0
-        assert listed["last_triggered_at"] is not None
+        def listed() -> dict[str, Any]:
+            (found,) = [
+                w
+                for w in client.get("/api/mcp/webhooks").json()["webhooks"]
+                if w["webhook_id"] == webhook["webhook_id"]
+            ]
+            return found
+
+        # The attempt is logged once the receiver's answer is in: after it saw the POST.
+        wait_for(lambda: listed()["success_count"] == 1, what="the delivery logged")
+        assert len(receiver.at("/hook")) == 1
+        assert listed()["failure_count"] == 0
+        assert listed()["last_triggered_at"] is not None
 
         deleted = client.delete(f"/api/mcp/webhooks/{webhook['webhook_id']}")
         assert deleted.status_code == 200

@@ -84,13 +84,7 @@ async def make_service(engine: Engine) -> AsyncIterator[ServiceFactory]:
 
     def make(**settings: Any) -> JobService:
         merged = dataclasses.replace(engine.settings, **settings)
-        queue = SqliteJobQueue(
-            engine.store,
-            max_queued=merged.jobs_max_queued,
-            max_attempts=merged.jobs_max_attempts,
-            aging_s=merged.jobs_aging_s,
-            retry_after_s=merged.jobs_retry_after_s,
-        )
+        queue = SqliteJobQueue.from_settings(engine.store, merged)
         assert engine.fusion is not None
         service = JobService(queue, engine.models, engine.fusion, merged, run_body)
         made.append(service)

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import apsw
 
+from engine.config import Settings
 from engine.errors import Conflict, ErrorCode, InvalidRequest, NotFound, QueueFull
 from engine.jobs.types import (
     Job,
@@ -292,6 +293,17 @@ class SqliteJobQueue:
         self._observers: list[EventObserver] = []
         self._purge_hooks: list[PurgeHook] = []
 
+    @classmethod
+    def from_settings(cls, store: Store, settings: Settings) -> SqliteJobQueue:
+        """The queue with the jobs_* settings (engine.config)."""
+        return cls(
+            store,
+            max_queued=settings.jobs_max_queued,
+            max_attempts=settings.jobs_max_attempts,
+            aging_s=settings.jobs_aging_s,
+            retry_after_s=settings.jobs_retry_after_s,
+        )
+
     def on_event(
         self, *, record: EventRecorder | None = None, observe: EventObserver | None = None
     ) -> None:
@@ -438,67 +450,60 @@ class SqliteJobQueue:
         self, job_id: str, lease_token: int, *, result: Any = None, error: str | None = None
     ) -> bool:
         status = JobStatus.COMPLETED if error is None else JobStatus.FAILED
-        events: list[JobEvent] = []
-        with self._store.transaction() as conn:
-            now = self._clock()
-            row = conn.execute(
-                "UPDATE jobs SET status = ?, result = ?, error = ?, completed_at = ?, "
-                "progress = CASE WHEN ? = 'completed' THEN 1 ELSE progress END, "
-                "lease_owner = NULL, lease_expires_at = NULL "
-                f"WHERE id = ? AND status = 'processing' AND attempts = ? RETURNING {_COLUMNS}",
-                (
-                    status.value,
-                    None if error is not None else json.dumps(result, ensure_ascii=False),
-                    error,
-                    now,
-                    status.value,
-                    job_id,
-                    lease_token,
-                ),
-            ).fetchone()
-            if row is not None:
-                self._emit(conn, _job(row), now, events)
-        self._committed(events)
-        return row is not None
+        finished = self._change(
+            "UPDATE jobs SET status = ?, result = ?, error = ?, completed_at = ?, "
+            "progress = CASE WHEN ? = 'completed' THEN 1 ELSE progress END, "
+            "lease_owner = NULL, lease_expires_at = NULL "
+            f"WHERE id = ? AND status = 'processing' AND attempts = ? RETURNING {_COLUMNS}",
+            lambda now: (
+                status.value,
+                None if error is not None else json.dumps(result, ensure_ascii=False),
+                error,
+                now,
+                status.value,
+                job_id,
+                lease_token,
+            ),
+        )
+        return finished is not None
 
     def release(self, job_id: str, lease_token: int) -> bool:
-        events: list[JobEvent] = []
-        with self._store.transaction() as conn:
-            now = self._clock()
-            row = conn.execute(
-                "UPDATE jobs SET status = 'queued', attempts = attempts - 1, lease_owner = NULL, "
-                "lease_expires_at = NULL, progress = NULL "
-                f"WHERE id = ? AND status = 'processing' AND attempts = ? RETURNING {_COLUMNS}",
-                (job_id, lease_token),
-            ).fetchone()
-            if row is not None:
-                self._emit(conn, _job(row), now, events)
-        self._committed(events)
-        return row is not None
+        released = self._change(
+            "UPDATE jobs SET status = 'queued', attempts = attempts - 1, lease_owner = NULL, "
+            "lease_expires_at = NULL, progress = NULL "
+            f"WHERE id = ? AND status = 'processing' AND attempts = ? RETURNING {_COLUMNS}",
+            lambda now: (job_id, lease_token),
+        )
+        return released is not None
 
     def cancel(self, job_id: str) -> Job:
-        events: list[JobEvent] = []
-        with self._store.transaction() as conn:
-            now = self._clock()
-            row = conn.execute(
-                "UPDATE jobs SET status = 'cancelled', completed_at = ?, lease_owner = NULL, "
-                "lease_expires_at = NULL WHERE id = ? AND status IN ('queued', 'processing') "
-                f"RETURNING {_COLUMNS}",
-                (now, job_id),
-            ).fetchone()
-            if row is not None:
-                job = _job(row)
-                self._emit(conn, job, now, events)
-            else:
-                job = _found(conn.execute(_BY_ID_SQL, (job_id,)).fetchall(), job_id)
-        if events:
-            self._committed(events)
-            return job
+        cancelled = self._change(
+            "UPDATE jobs SET status = 'cancelled', completed_at = ?, lease_owner = NULL, "
+            "lease_expires_at = NULL WHERE id = ? AND status IN ('queued', 'processing') "
+            f"RETURNING {_COLUMNS}",
+            lambda now: (now, job_id),
+        )
+        if cancelled is not None:
+            return cancelled
+        job = self.get(job_id)  # NotFound for an unknown id; a finished job stays finished
         raise Conflict(
             f"job {job_id} is already {job.status.value} and cannot be cancelled",
             param="job_id",
             code=ErrorCode.JOB_FINISHED,
         )
+
+    def _change(self, sql: str, bindings: Callable[[float], Sequence[Any]]) -> Job | None:
+        """One job's UPDATE ... RETURNING in its own transaction, with its event; None
+        when no row matched (nothing written). `bindings` gets the transaction's time."""
+        events: list[JobEvent] = []
+        with self._store.transaction() as conn:
+            now = self._clock()
+            row = conn.execute(sql, bindings(now)).fetchone()
+            job = None if row is None else _job(row)
+            if job is not None:
+                self._emit(conn, job, now, events)
+        self._committed(events)
+        return job
 
     def get(self, job_id: str) -> Job:
         return _found(self._store.query(_BY_ID_SQL, (job_id,)), job_id)

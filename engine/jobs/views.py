@@ -52,20 +52,23 @@ def job_body(job: Job) -> dict[str, Any]:
     return body
 
 
+_SUMMARY_KEYS = (
+    "job_id",
+    "status",
+    "model_id",
+    "operation",
+    "priority",
+    "created_at",
+    "started_at",
+    *_END_KEY.values(),
+)
+
+
 def job_summary(job: Job) -> dict[str, Any]:
     """A §5.3 list item. `latency_ms` is from submission to the end, as the caller waited."""
-    item: dict[str, Any] = {
-        "job_id": job.id,
-        "status": job.status.value,
-        "model_id": job.model_id,
-        "operation": job.operation,
-        "priority": job.priority.value,
-        "created_at": utc_iso(job.created_at),
-    }
-    if job.started_at is not None:
-        item["started_at"] = utc_iso(job.started_at)
+    body = job_body(job)
+    item = {key: body[key] for key in _SUMMARY_KEYS if key in body}
     if job.status.terminal and job.completed_at is not None:
-        item[_END_KEY[job.status]] = utc_iso(job.completed_at)
         item["latency_ms"] = round((job.completed_at - job.created_at) * 1000, 3)
     return item
 
