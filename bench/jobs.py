@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 from harness import free_port, machine
-from orchestrate import WORKFLOW, cpu_seconds, wait_ready
+from orchestrate import WORKFLOW, load, wait_ready
 
 JOB = {
     "operation": "workflow",
@@ -85,27 +85,7 @@ async def submit_load(
     base: str, path: str, requests: int, concurrency: int, pid: int
 ) -> tuple[float, float, float]:
     """(submits/s, p50 ms, server CPU ms per submit)."""
-    latencies: list[float] = []
-    remaining = requests
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60.0) as client:
-
-        async def worker() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                start = time.perf_counter()
-                response = await client.post(path, json=JOB)
-                latencies.append(time.perf_counter() - start)
-                if response.status_code != 202:
-                    raise RuntimeError(f"{path}: HTTP {response.status_code} {response.text}")
-
-        cpu_before = cpu_seconds(pid)
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-        cpu = cpu_seconds(pid) - cpu_before
-    return requests / elapsed, statistics.median(latencies) * 1000, cpu / requests * 1000
+    return await load(base, path, requests, concurrency, pid, body=JOB, expect=202)
 
 
 def drain(base: str) -> None:

@@ -112,10 +112,16 @@ def cpu_seconds(pid: int) -> float:
 
 
 async def load(
-    base: str, path: str, requests: int, concurrency: int, pid: int
+    base: str,
+    path: str,
+    requests: int,
+    concurrency: int,
+    pid: int,
+    body: dict[str, Any] = REQUEST,
+    expect: int = 200,
 ) -> tuple[float, float, float]:
-    """(requests/s, p50 ms, server CPU ms per request) for `requests` POSTs of REQUEST by
-    `concurrency` workers."""
+    """(requests/s, p50 ms, server CPU ms per request) for `requests` POSTs of `body` by
+    `concurrency` workers, each answered `expect`."""
     latencies: list[float] = []
     remaining = requests
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -127,9 +133,9 @@ async def load(
             while remaining > 0:
                 remaining -= 1
                 start = time.perf_counter()
-                response = await client.post(path, json=REQUEST)
+                response = await client.post(path, json=body)
                 latencies.append(time.perf_counter() - start)
-                if response.status_code != 200:
+                if response.status_code != expect:
                     raise RuntimeError(f"{path}: HTTP {response.status_code} {response.text}")
 
         cpu_before = cpu_seconds(pid)

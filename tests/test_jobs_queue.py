@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from manual_clock import Clock
 
 from engine.errors import Conflict, ErrorCode, InvalidRequest, NotFound, QueueFull
 from engine.jobs.queue import SqliteJobQueue
@@ -23,19 +24,6 @@ from engine.jobs.types import (
 from engine.store import Store
 
 LEASE_S = 30.0
-
-
-class Clock:
-    """Epoch seconds that move only when the test says so."""
-
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

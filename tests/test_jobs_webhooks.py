@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from manual_clock import Clock
 from webhook_receiver import STALL, WAIT_S, Receiver, serve_receiver
 
 from engine.config import Settings
@@ -40,19 +41,6 @@ from engine.net import FetchPolicy, fetch
 from engine.store import Store
 
 T = TypeVar("T")
-
-
-class Clock:
-    """Epoch seconds that move only when the test says so."""
-
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
