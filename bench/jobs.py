@@ -28,11 +28,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 from harness import free_port, machine
-from orchestrate import WORKFLOW, load, wait_ready
+from orchestrate import load, serve, wait_ready
 
 JOB = {
     "operation": "workflow",
@@ -53,32 +52,6 @@ ACCEPTED = {
     "position_in_queue": 1,
     "estimated_completion_ms": 1.5,
 }
-
-
-def serve(port: int, data_dir: Path) -> None:
-    import uvicorn
-    from litestar import post
-    from litestar.params import JSONBody
-
-    from engine.config import Settings
-    from server.app import create_app
-
-    @post("/bench/bare", status_code=202)
-    async def bare(data: JSONBody[dict[str, Any]]) -> dict[str, Any]:
-        return ACCEPTED
-
-    workflows = data_dir / "workflows"
-    workflows.mkdir(parents=True, exist_ok=True)
-    (workflows / "trivial.yaml").write_text(WORKFLOW)
-    settings = Settings(
-        data_dir=data_dir,
-        workflows_dir=workflows,
-        startup_models=[],
-        log_level="warning",
-        jobs_max_queued=1_000_000,
-    )
-    app = create_app(settings, extra_routes=[bare])
-    uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
 
 
 async def submit_load(
@@ -159,7 +132,13 @@ def main() -> None:
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "DATA_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(int(args.serve[0]), Path(args.serve[1]))
+        serve(
+            int(args.serve[0]),
+            Path(args.serve[1]),
+            bare_answer=ACCEPTED,
+            bare_status=202,
+            jobs_max_queued=1_000_000,
+        )
         return
 
     print(f"machine: {machine()}")

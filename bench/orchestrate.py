@@ -80,8 +80,16 @@ def bare_body() -> dict[str, Any]:
     }
 
 
-def serve(port: int, data_dir: Path) -> None:
-    """The server process: the Fusion app plus the bare route, as `fusion serve` runs it."""
+def serve(
+    port: int,
+    data_dir: Path,
+    bare_answer: dict[str, Any] | None = None,
+    bare_status: int = 200,
+    **settings: Any,
+) -> None:
+    """The server process: the Fusion app with the trivial workflow, plus a bare route
+    (`POST /bench/bare`) answering `bare_answer` (orchestrate's body by default) with
+    `bare_status`, as `fusion serve` runs it."""
     import uvicorn
     from litestar import post
     from litestar.params import JSONBody
@@ -89,19 +97,23 @@ def serve(port: int, data_dir: Path) -> None:
     from engine.config import Settings
     from server.app import create_app
 
-    body = bare_body()
+    body = bare_body() if bare_answer is None else bare_answer
 
-    @post("/bench/bare", status_code=200)
+    @post("/bench/bare", status_code=bare_status)
     async def bare(data: JSONBody[dict[str, Any]]) -> dict[str, Any]:
         return body
 
     workflows = data_dir / "workflows"
     workflows.mkdir(parents=True, exist_ok=True)
     (workflows / "trivial.yaml").write_text(WORKFLOW)
-    settings = Settings(
-        data_dir=data_dir, workflows_dir=workflows, startup_models=[], log_level="warning"
+    config = Settings(
+        data_dir=data_dir,
+        workflows_dir=workflows,
+        startup_models=[],
+        log_level="warning",
+        **settings,
     )
-    app = create_app(settings, extra_routes=[bare])
+    app = create_app(config, extra_routes=[bare])
     uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
 
 
