@@ -129,6 +129,28 @@ class Settings:
     webhook_backoff_max_s: float = 600.0
     webhook_disable_after_failures: int = 20
     webhook_max_concurrency: int = 4
+    # API keys (issue #11): name -> the key, or "sha256:<hex>" of it. Empty: no key needed;
+    # otherwise every route but /health* needs `Authorization: Bearer <key>` (401).
+    api_keys: dict[str, str] = field(default_factory=dict)
+    # Rate limits (spec §8) per client and endpoint group, written as the `limits` package
+    # parses them ("10/minute"); a group set to null is not limited. Groups: models
+    # (/v1/models), fusion (/api/fusion), rag (/api/rag), mcp (/api/mcp), inference (the
+    # OpenAI endpoints, not in the spec's table).
+    rate_limit_enabled: bool = True
+    rate_limits: dict[str, str | None] = field(
+        default_factory=lambda: {
+            "models": "10/minute",
+            "fusion": "60/minute",
+            "rag": "30/minute",
+            "mcp": "100/minute",
+            "inference": None,
+        }
+    )
+    # Proxies (addresses or networks) whose X-Forwarded-For names the client; [] uses the
+    # peer address only.
+    trusted_proxies: list[str] = field(default_factory=list)
+    # /internal/diagnostics: recent errors kept (those of the last 24 h, at most this many).
+    diagnostics_max_errors: int = 1000
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

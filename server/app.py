@@ -25,10 +25,14 @@ from litestar.types import ControllerRouterHandler
 from engine.config import Settings
 from engine.logging import configure_logging, get_logger
 from engine.services import Engine
+from server import diagnostics, metrics
+from server.auth import ApiKeyMiddleware
 from server.deps import DEPENDENCIES
 from server.disconnect import CancelOnDisconnectMiddleware
 from server.errors import exception_handlers
 from server.guards import EdgeGuardMiddleware, cors_config
+from server.metrics import MetricsMiddleware
+from server.ratelimit import RateLimitMiddleware
 from server.request_id import RequestIdMiddleware, set_request_id_header
 from server.routes import fusion as fusion_routes
 from server.routes import mcp as mcp_routes
@@ -36,6 +40,7 @@ from server.routes import models as model_routes
 from server.routes import openai as openai_routes
 from server.routes import rag as rag_routes
 from server.routes.health import health
+from server.versioning import ApiVersionMiddleware
 
 log = get_logger("server.app")
 
@@ -89,15 +94,22 @@ def create_app(
             *rag_routes.ROUTES,
             # jobs_enabled false: /api/mcp/* answers 404, as for any unknown path.
             *(mcp_routes.ROUTES if settings.jobs_enabled else []),
+            *metrics.ROUTES,
+            *diagnostics.ROUTES,
             *extra_routes,
         ],
         lifespan=[lifespan],
         dependencies=DEPENDENCIES,
         exception_handlers=exception_handlers(),
-        # In this order: the request id is bound for the guards' log lines, and a refused
-        # request never starts a handler task.
+        # In this order: the request id is bound for every later log line; metrics see
+        # every answer, refusals included; a request without a valid key is refused before
+        # it counts against a rate limit; a refused request never starts a handler task.
         middleware=[
             RequestIdMiddleware(),
+            MetricsMiddleware(settings),
+            ApiKeyMiddleware(settings),
+            RateLimitMiddleware(settings),
+            ApiVersionMiddleware(settings),
             EdgeGuardMiddleware(settings),
             CancelOnDisconnectMiddleware(),
         ],
