@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 from api_helpers import no_eos_bias, wait_for
-from serverutil import ServerProcess, serve_factory_process
+from serverutil import ServerProcess, serve_cli_process, serve_factory_process
 
 from engine.models.synthetic import build_lm
 
@@ -42,6 +42,18 @@ def _kill(server: ServerProcess) -> None:
     assert server.process.wait(30) == -signal.SIGKILL
 
 
+def _endless(model_dir: Path) -> dict[str, Any]:
+    return {
+        "model_id": LONG,
+        "operation": "chat",
+        "input": {
+            "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": 60_000,
+            "logit_bias": no_eos_bias(model_dir),
+        },
+    }
+
+
 def _generating(client: httpx.Client, job_id: str, attempt: int) -> None:
     def there() -> bool:
         job = _job(client, job_id)
@@ -54,15 +66,7 @@ def test_jobs_survive_sigkill_and_a_lost_job_ends_failed_after_its_attempts(
     tmp_path: Path,
 ) -> None:
     model_dir = build_lm(tmp_path / "long-lm", context_length=65_536)
-    endless = {
-        "model_id": LONG,
-        "operation": "chat",
-        "input": {
-            "messages": [{"role": "user", "content": "go"}],
-            "max_tokens": 60_000,
-            "logit_bias": no_eos_bias(model_dir),
-        },
-    }
+    endless = _endless(model_dir)
     waiting = {
         "model_id": LONG,
         "operation": "chat",
@@ -108,3 +112,30 @@ def test_jobs_survive_sigkill_and_a_lost_job_ends_failed_after_its_attempts(
         assert "event: job.completed" not in events
         processing = client.get("/api/mcp/jobs", params={"status": "processing"}).json()
         assert processing["total"] == 0
+
+
+def test_sigterm_puts_running_jobs_back_and_a_restart_runs_them(tmp_path: Path) -> None:
+    """A graceful stop (`fusion serve` on SIGTERM) releases the job it was running without
+    using up an attempt; nothing accepted is lost."""
+    model_dir = build_lm(tmp_path / "long-lm", context_length=65_536)
+    env = {
+        **_env(tmp_path / "data", model_dir),
+        "FUSION_SHUTDOWN_TIMEOUT_S": "1",
+        "FUSION_LOG_LEVEL": "info",
+    }
+    with serve_cli_process(env, tmp_path / "first.log", ROOT) as server:
+        with httpx.Client(base_url=server.base_url, timeout=30) as client:
+            running = client.post("/api/mcp/jobs", json=_endless(model_dir)).json()["job_id"]
+            _generating(client, running, attempt=1)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(60) in (0, -signal.SIGTERM), server.log_path.read_text()
+    log = (tmp_path / "first.log").read_text()
+    assert "job_released" in log
+    assert "engine stopped" in log
+    assert "Traceback" not in log
+    with (
+        serve_cli_process(env, tmp_path / "second.log", ROOT) as server,
+        httpx.Client(base_url=server.base_url, timeout=30) as client,
+    ):
+        _generating(client, running, attempt=1)  # the same first attempt, run again
+        assert client.delete(f"/api/mcp/jobs/{running}").status_code == 200
