@@ -97,6 +97,7 @@ class ErrorCode(StrEnum):
     SHUTTING_DOWN = "shutting_down", 503
     STORAGE_READ_ONLY = "storage_read_only", 503
     STORAGE_UNAVAILABLE = "storage_unavailable", 503
+    STORAGE_BUSY = "storage_busy", 503
     TIMEOUT = "timeout", 504
     INSUFFICIENT_STORAGE = "insufficient_storage", 507
 
@@ -236,6 +237,10 @@ class StorageReadOnly(ServiceUnavailable, StorageError):
 
 class StorageUnavailable(ServiceUnavailable, StorageError):
     default_code = ErrorCode.STORAGE_UNAVAILABLE
+
+
+class StorageBusy(ServiceUnavailable, StorageError):
+    default_code = ErrorCode.STORAGE_BUSY
 
 
 class OperationTimeout(FusionError):

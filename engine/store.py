@@ -66,6 +66,7 @@ import sqlite_vec
 from engine.clock import utc_iso
 from engine.errors import (
     InsufficientStorage,
+    StorageBusy,
     StorageError,
     StorageReadOnly,
     StorageUnavailable,
@@ -91,8 +92,9 @@ def storage_error(
     exc: BaseException, path: Path | None = None, system_errno: int | None = None
 ) -> StorageError | None:
     """The domain error for an apsw error caused by the storage under the database (full,
-    read-only, gone), found in `exc` or the exceptions it was raised from; None for any
-    other error (a constraint, a busy lock, a bug), which keeps its own meaning.
+    read-only, gone, or locked past the busy timeout), found in `exc` or the exceptions it
+    was raised from; None for any other error (a constraint, a bug), which keeps its own
+    meaning.
 
     `system_errno` is the connection's last OS error, when known: SQLite reports some
     failed writes (extending a file) as a generic I/O error that only errno explains."""
@@ -115,6 +117,13 @@ def storage_error(
         )
     if isinstance(cause, apsw.CantOpenError | apsw.IOError):
         return StorageUnavailable(f"{where} cannot be read or written: {cause}")
+    if isinstance(cause, apsw.BusyError | apsw.LockedError):
+        # Another writer held the lock past the busy timeout: a moment's congestion, not a
+        # failure of the request or of the server.
+        return StorageBusy(
+            f"{where} stayed locked by another writer past the busy timeout; retry shortly",
+            headers={"Retry-After": "1"},
+        )
     return None
 
 

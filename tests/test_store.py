@@ -11,6 +11,7 @@ import apsw
 import pytest
 
 from engine import store as store_module
+from engine.errors import ErrorCode, StorageBusy
 from engine.store import Migration, Store, StoreError, register_migration, registered_migrations
 
 
@@ -269,3 +270,30 @@ def test_unopenable_path_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "dir.sqlite3").mkdir()
     with pytest.raises(StoreError, match="cannot open database"):
         Store(tmp_path / "dir.sqlite3")
+
+
+def test_a_lock_held_past_the_busy_timeout_is_503_storage_busy(tmp_path: Path) -> None:
+    path = tmp_path / "busy.sqlite3"
+    with Store(path) as holder, Store(path, busy_timeout_ms=50) as waiter:
+        with holder.transaction() as conn:
+            conn.execute("CREATE TABLE t (x INTEGER)")
+
+        def write_while_held() -> BaseException | None:
+            try:
+                with waiter.transaction() as conn:
+                    conn.execute("INSERT INTO t VALUES (1)")
+            except BaseException as exc:
+                return exc
+            return None
+
+        with holder.transaction():
+            failures: list[BaseException | None] = []
+            thread = threading.Thread(target=lambda: failures.append(write_while_held()))
+            thread.start()
+            thread.join(30)
+        (failure,) = failures
+        assert isinstance(failure, StorageBusy)
+        assert failure.code == ErrorCode.STORAGE_BUSY
+        assert failure.status == 503
+        assert failure.headers["Retry-After"] == "1"
+        assert waiter.query("SELECT count(*) FROM t") == [(0,)]
