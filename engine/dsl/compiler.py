@@ -20,6 +20,7 @@ from engine.dsl.compiled import (
     RetrySpec,
     RoleSpec,
 )
+from engine.dsl.hints import suggest
 from engine.dsl.input_schema import schema_issues
 from engine.dsl.issues import Issue, Path, WorkflowInvalid
 from engine.dsl.schema import (
@@ -32,7 +33,7 @@ from engine.dsl.schema import (
 )
 from engine.dsl.source import Document
 from engine.dsl.templating import Template, TemplateCompileError
-from engine.dsl.typecheck import WorkflowChecker, base_names, suggest
+from engine.dsl.typecheck import WorkflowChecker, base_names
 from engine.dsl.types import Type
 from engine.dsl.values import DictValue, Literal, TemplateValue, Value, compile_value
 from engine.steps.base import CheckContext, StepPlugin

@@ -9,7 +9,6 @@ syntax tree rather than from a regex, and refuse escapes before anything runs.
 
 from __future__ import annotations
 
-import difflib
 import operator
 import re
 from collections.abc import (
@@ -29,6 +28,8 @@ from jinja2 import StrictUndefined, TemplateSyntaxError, nodes
 from jinja2.exceptions import SecurityError, UndefinedError
 from jinja2.runtime import Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from engine.dsl.hints import suggest
 
 MAX_RANGE = 10_000
 MAX_REPEAT = 1_000_000  # longest string/list a `*` may build
@@ -411,9 +412,7 @@ def _unknown_name(name: str, allowed: frozenset[str]) -> str:
     if scope:
         return f"'{name}' is only defined {scope}"
     available = sorted(allowed | GLOBAL_NAMES)
-    close = difflib.get_close_matches(name, available, n=1, cutoff=0.6)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"unknown name '{name}'{hint}; available: {', '.join(available)}"
+    return f"unknown name '{name}'{suggest(name, available)}; available: {', '.join(available)}"
 
 
 def _is_reference(node: nodes.Node) -> bool:

@@ -10,12 +10,12 @@ has none, and an ordering comparison of incompatible types. Whatever cannot be k
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from jinja2 import nodes
 
+from engine.dsl.hints import suggest
 from engine.dsl.issues import Path
 from engine.dsl.templating import Template
 from engine.dsl.types import (
@@ -74,12 +74,6 @@ _PY_TYPES: dict[type[Type], tuple[type, ...]] = {
     BoolType: (bool,),
     NullType: (type(None),),
 }
-
-
-def suggest(word: str, options: Iterable[str]) -> str:
-    """The hint naming the option closest to ``word`` (shared with the compiler), or ""."""
-    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def element(t: Type) -> Type:
