@@ -424,7 +424,7 @@ class Store:
         try:
             with self.storage_errors():
                 conn.execute(_HEARTBEAT_SQL, (utc_iso(),))
-        except apsw.BusyError:
+        except StorageBusy:
             pass
         except StorageError as exc:
             return WriteCheck(room, exc)

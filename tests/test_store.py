@@ -297,3 +297,15 @@ def test_a_lock_held_past_the_busy_timeout_is_503_storage_busy(tmp_path: Path) -
         assert failure.status == 503
         assert failure.headers["Retry-After"] == "1"
         assert waiter.query("SELECT count(*) FROM t") == [(0,)]
+
+
+def test_the_write_check_does_not_wait_for_nor_fail_on_another_writer(tmp_path: Path) -> None:
+    path = tmp_path / "busy.sqlite3"
+    with Store(path) as holder, Store(path) as checker:
+        with holder.transaction():
+            outcome: list[object] = []
+            thread = threading.Thread(target=lambda: outcome.append(checker.write_check()))
+            thread.start()
+            thread.join(30)
+        (check,) = outcome
+        assert getattr(check, "error", "missing") is None

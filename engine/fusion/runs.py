@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import apsw
 import msgspec
 
-from engine.errors import ErrorCode, NotFound, RecordTooLarge
+from engine.errors import ErrorCode, NotFound, RecordTooLarge, StorageBusy
 from engine.runtime.trace import RunResult, StepRecord
 from engine.store import Store, register_migration
 
@@ -206,7 +205,7 @@ class RunStore:
             # The insert and the pruning commit together or not at all (a busy database
             # then has nothing of this run, and `insert` writes it whole).
             self.insert(row)
-        except apsw.BusyError:
+        except StorageBusy:
             return False
         finally:
             conn.set_busy_timeout(self.store.busy_timeout_ms)
