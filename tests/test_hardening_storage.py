@@ -374,4 +374,7 @@ def test_stored_runs_are_bounded_in_number_and_size(tmp_path: Path) -> None:
         assert "runs_max_stored_bytes" in caught.value.message
         with pytest.raises(RecordTooLarge):
             runs.save(huge)
+        # The limit is in bytes: 0.8 BIG characters of 3-byte text are 2.4 BIG bytes.
+        with pytest.raises(RecordTooLarge):
+            runs.save(_big_body("r6", output="€" * (BIG * 4 // 5)))
         assert store.query("SELECT count(*) FROM runs") == [(3,)]

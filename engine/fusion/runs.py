@@ -153,7 +153,7 @@ def _row(run: StoredRun, *, max_bytes: int) -> RunRow:
         _json(request.config),
         _json(request.definition),
     )
-    size = sum(len(v) for v in row if isinstance(v, str))
+    size = sum(_utf8_bytes(v) for v in row if isinstance(v, str))
     if size > max_bytes:
         raise RecordTooLarge(
             f"the run's record ({size} bytes of input, result, trace and definition) exceeds "
@@ -161,6 +161,11 @@ def _row(run: StoredRun, *, max_bytes: int) -> RunRow:
             param="run",
         )
     return row
+
+
+def _utf8_bytes(text: str) -> int:
+    # An ASCII check is a scan without a copy; only other text pays for the encoding.
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 # The oldest runs beyond the retention limit; rowids grow with each insert.
