@@ -4,6 +4,7 @@ bound, config merged, and parameters that a step mutates not leaking into later 
 from __future__ import annotations
 
 import asyncio
+import copy
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from engine_helpers import WAIT_S, Lab, compile_yaml, make_runner, run_yaml, sta
 
 from engine.dsl.compiled import RoleSpec
 from engine.errors import InvalidRequest, ServiceUnavailable
+from engine.runtime import inputs
 from engine.runtime.trace import COMPLETED
 
 SEARCH = """
@@ -274,3 +276,15 @@ async def test_a_step_mutating_a_default_output_does_not_change_the_next_run() -
     assert first.output == second.output
     assert second.output["uses_default"]["items"] == ["d"]
     assert second.output["uses_failed_default"]["items"] == ["e"]
+
+
+def test_a_schema_sent_to_the_sandbox_finds_its_validator_again_by_content() -> None:
+    """In a sandbox worker each call brings a new copy of the schema: the validator is found
+    by the content digest the caller sends, not rebuilt for every call."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    key = inputs._content_key(schema)
+    first, _ = inputs._validator(copy.deepcopy(schema), key=key)
+    again, _ = inputs._validator(copy.deepcopy(schema), key=key)
+    assert again is first
+    other = {**schema, "required": []}
+    assert inputs._validator(copy.deepcopy(other), key=inputs._content_key(other))[0] is not first

@@ -7,9 +7,11 @@ validates in the sandbox under the schema budget (engine.dsl.input_schema says w
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 from jsonschema import Draft202012Validator, validators
 from jsonschema.exceptions import best_match
 
@@ -50,25 +52,34 @@ _Filling = validators.extend(
 
 
 # Validators by schema identity: building one costs more than validating a small input,
-# and a workflow's input_schema is the same object on every run. Bounded, because inline
-# workflows bring a new schema with each request.
-_VALIDATORS: dict[tuple[int, bool], tuple[dict[str, Any], Any, bool]] = {}
+# and a workflow's input_schema is the same object on every run. In a sandbox worker the
+# schema arrives as a new object with each call, so there it is found by a digest of its
+# content (`schema_key`) instead. Bounded, because inline workflows bring a new schema
+# with each request.
+_VALIDATORS: dict[tuple[int | str, bool], tuple[dict[str, Any], Any, bool]] = {}
 _MAX_VALIDATORS = 256
 
 
-def _validator(schema: dict[str, Any], *, fill: bool = True) -> tuple[Any, bool]:
+def _validator(
+    schema: dict[str, Any], *, fill: bool = True, key: str | None = None
+) -> tuple[Any, bool]:
     """The schema's validator (``fill``: one that fills in defaults) and whether it
-    validates in linear time."""
-    found = _VALIDATORS.get((id(schema), fill))
-    if found is not None and found[0] is schema:
+    validates in linear time; ``key``: the schema's content digest, when it has one."""
+    cache_key = (id(schema) if key is None else key, fill)
+    found = _VALIDATORS.get(cache_key)
+    if found is not None and (key is not None or found[0] is schema):
         return found[1], found[2]
     if len(_VALIDATORS) >= _MAX_VALIDATORS:
         _VALIDATORS.clear()
     validator = (_Filling if fill else SafeValidator)(schema, registry=NO_RETRIEVAL)
     linear = is_linear(schema)
     # the schema kept alive: its id stays its own
-    _VALIDATORS[(id(schema), fill)] = (schema, validator, linear)
+    _VALIDATORS[cache_key] = (schema, validator, linear)
     return validator, linear
+
+
+def _content_key(schema: dict[str, Any]) -> str:
+    return hashlib.sha256(msgspec.json.encode(schema)).hexdigest()
 
 
 def check_input(payload: dict[str, Any]) -> dict[str, Any]:
@@ -76,7 +87,7 @@ def check_input(payload: dict[str, Any]) -> dict[str, Any]:
     ``payload["instance"]`` against ``payload["schema"]``; runs in-process or in the sandbox."""
     schema, data = payload["schema"], payload["instance"]
     instance = copy.deepcopy(data) if data is not None else {}
-    errors = list(_validator(schema)[0].iter_errors(instance))
+    errors = list(_validator(schema, key=payload.get("schema_key"))[0].iter_errors(instance))
     if errors:
         error = best_match(errors)
         path = tuple(error.absolute_path)
@@ -107,6 +118,7 @@ async def _check(
     payload = {"schema": schema, "instance": data}
     if _validator(schema, fill=function == "check_input")[1]:
         return _CHECKS[function](payload)
+    payload["schema_key"] = _content_key(schema)
     try:
         return await shared_sandbox().call(
             f"engine.runtime.inputs:{function}",
@@ -146,7 +158,8 @@ async def prepare_input(schema: dict[str, Any], data: Any, budget: Budget) -> di
 def check_output(payload: dict[str, Any]) -> dict[str, Any]:
     """``{}``, or ``{"error": message}`` for ``payload["instance"]`` (a run's output) against
     ``payload["schema"]``; runs in-process or in the sandbox."""
-    errors = list(_validator(payload["schema"], fill=False)[0].iter_errors(payload["instance"]))
+    validator = _validator(payload["schema"], fill=False, key=payload.get("schema_key"))[0]
+    errors = list(validator.iter_errors(payload["instance"]))
     if not errors:
         return {}
     error = best_match(errors)
