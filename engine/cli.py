@@ -203,7 +203,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_config=None,
+        # The app writes one line per request itself (server/request_id.py).
         access_log=False,
+        # The client address is the peer's: the app reads X-Forwarded-For itself, only
+        # from the trusted_proxies setting (server/ratelimit.py); uvicorn's own handling
+        # would trust any local process by default.
+        proxy_headers=False,
         # Without a bound, shutdown waits for every in-flight request, however long; past
         # it uvicorn cancels them, which cancels their runs.
         timeout_graceful_shutdown=settings.shutdown_timeout_s,

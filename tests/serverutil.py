@@ -76,7 +76,10 @@ def serve_app(app: Any) -> Iterator[RunningServer]:
     sock = _bound_loopback_socket()
     port = sock.getsockname()[1]
     # log_config=None: logging stays as the app configured it, uvicorn adds no handlers.
-    config = uvicorn.Config(app, lifespan="on", log_config=None, timeout_graceful_shutdown=5)
+    # proxy_headers=False as `fusion serve` has it: the app reads X-Forwarded-For itself.
+    config = uvicorn.Config(
+        app, lifespan="on", log_config=None, timeout_graceful_shutdown=5, proxy_headers=False
+    )
     server = uvicorn.Server(config)
     failure: list[BaseException] = []
 

@@ -30,6 +30,7 @@ from engine.logging import get_logger
 from engine.runtime.trace import StepRecord
 from server.errors import GENERIC_500_MESSAGE
 from server.sse import SSE_HEADERS, sse_event
+from server.versioning import deprecation_headers
 
 log = get_logger("server.fusion")
 
@@ -294,9 +295,7 @@ async def orchestrate(
     run = await fusion.prepare(data.workflow, data.input, data.models, data.config, data.definition)
     # Spec §9's deprecation headers when the request used a deprecated name; the body's
     # `warnings` says which.
-    deprecated = (
-        {"X-API-Deprecated": "true", "X-API-Sunset": run.sunset} if run.sunset is not None else {}
-    )
+    deprecated = deprecation_headers(run.sunset) if run.sunset is not None else {}
     if _wants_stream(request, data):
         return Stream(  # type: ignore[return-value]
             _events(fusion, run),
