@@ -227,15 +227,22 @@ class FusionService:
     async def execute(self, run: PreparedRun, on_event: EventSink | None = None) -> RunOutcome:
         """Run and store the run. A run that ends failed or partial is a result like any
         other, not an error."""
-        result = await self.runner.run(
-            run.workflow,
-            run.input,
-            models=run.models,
-            config=run.config,
-            on_event=on_event,
-            run_id=run.run_id,
-            input_checked=True,
-        )
+        # Inline definitions choose their own ids: one label for all keeps the series bounded.
+        label = CUSTOM if run.source == INLINE else run.workflow.id
+        try:
+            result = await self.runner.run(
+                run.workflow,
+                run.input,
+                models=run.models,
+                config=run.config,
+                on_event=on_event,
+                run_id=run.run_id,
+                input_checked=True,
+            )
+        except asyncio.CancelledError:
+            self.models.metrics.observe_run(label, "cancelled")
+            raise
+        self.models.metrics.observe_run(label, result.status)
         request = RunRequest(run.given_input, run.config, run.definition)
         stored = StoredRun(result, run.source, run.models, request)
         error = await self.store_run(stored)

@@ -24,6 +24,7 @@ from engine.errors import (
     QueueFull,
     ServiceUnavailable,
 )
+from engine.metrics import EngineMetrics, note_model
 from engine.models.backends import serving
 from engine.models.backends.base import (
     Backend,
@@ -129,8 +130,11 @@ class ModelRegistry:
         default_queue: int = 100,
         images: ImagePolicy | None = None,
         limits: ModelLimits | None = None,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         self.backends = dict(backends)
+        # The engine's instruments; the services built on this registry record through it.
+        self.metrics = metrics if metrics is not None else EngineMetrics()
         self.images = images or ImagePolicy.from_settings(Settings())
         self.limits = limits or ModelLimits.from_settings(Settings())
         self.budget_bytes = budget_bytes
@@ -151,6 +155,7 @@ class ModelRegistry:
             raise NotFound(
                 f"model '{model_id}' not found", param=param, code=ErrorCode.MODEL_NOT_FOUND
             )
+        note_model(entry.id)
         return entry
 
     def require(
@@ -255,6 +260,7 @@ class ModelRegistry:
                 vocab_size=vocab_size(config),
             )
             self._entries[entry.id] = entry
+        note_model(entry.id)
         log.info(
             "model_loaded",
             model_id=entry.id,
@@ -380,6 +386,7 @@ class ModelRegistry:
         async with self.use(model_id) as (entry, stop):
             total = 0
             finished = False
+            first = True
             try:
                 # aclosing: when this stream is closed early, the worker's generation is
                 # stopped and awaited here, before `use` gives the slot back (left to the
@@ -388,10 +395,19 @@ class ModelRegistry:
                     self.worker.stream(lambda: entry.model.chat_stream(prompt, params, stop), stop)
                 ) as chunks:
                     async for chunk in chunks:
+                        if first:
+                            first = False
+                            self.metrics.observe_first_token(
+                                model_id, time.perf_counter() - started
+                            )
                         total = chunk.prompt_tokens + chunk.completion_tokens or total
                         if chunk.finish_reason == "cancelled" and entry.unloading:
                             raise _unloaded(model_id)
                         finished = chunk.finish_reason is not None
+                        if finished:
+                            self.metrics.observe_generation(
+                                model_id, chunk.prompt_tokens, chunk.completion_tokens
+                            )
                         yield chunk
                 # A forced unload makes the worker drop the generation before its last
                 # chunk: say so, rather than end the stream as if the answer were complete.

@@ -172,6 +172,7 @@ class RagService:
     def __init__(
         self, store: Store, models: ModelRegistry, limits: IngestLimits | None = None
     ) -> None:
+        self.store = store
         self.db = RagStore(store)
         self.models = models
         self.retriever = Retriever(self.db, models)
@@ -222,6 +223,16 @@ class RagService:
             )
         return embedder
 
+    def totals(self) -> dict[str, int]:
+        """Collections, documents and chunks in the database, for /metrics and diagnostics:
+        the chunks are summed from the documents' own counts, which scans no chunk text or
+        vector (RagStore.totals also counts the index rows, for consistency checks)."""
+        ((collections, documents, chunks),) = self.store.query(
+            "SELECT (SELECT count(*) FROM collections), count(*), coalesce(sum(chunk_count), 0) "
+            "FROM documents"
+        )
+        return {"collections": collections, "documents": documents, "chunks": chunks}
+
     # -- ingest ---------------------------------------------------------------------------
     async def ingest(
         self,
@@ -243,6 +254,7 @@ class RagService:
         own embedding waits for one batch at most, not for the whole ingest.
         `on_progress(stage, done, total)` follows the work (see ProgressFn); the same
         steps are logged as `rag_ingest_progress` events."""
+        ingest_started = time.perf_counter()
         progress = _Progress(collection, on_progress)
         check_collection_name(collection)
         if not files:
@@ -293,10 +305,14 @@ class RagService:
                 )
             document_ids.append(known)
         clamped = size != chunk_size or step_overlap != overlap
+        chunks = sum(len(d.chunks) for d in documents)
+        self.models.metrics.observe_ingest(
+            len(documents), chunks, time.perf_counter() - ingest_started
+        )
         return IngestResult(
             collection=collection,
             documents_ingested=len(documents),
-            chunks_created=sum(len(d.chunks) for d in documents),
+            chunks_created=chunks,
             embedding_time_ms=embedding_ms,
             document_ids=document_ids,
             embedding_model=model_id,
@@ -459,15 +475,18 @@ class RagService:
         or ``vector``, a query the caller embedded, of the collection's dimension."""
         if (query is None) == (vector is None):
             raise InvalidRequest("give either a query text or a query vector", param="query")
+        started = time.perf_counter()
         if query is not None:
             if not query.strip():
                 raise InvalidRequest("query must not be empty", param="query")
             embedder = await asyncio.to_thread(
                 self.collection_embedder, collection, embedding_model
             )
-            return await self.retriever.retrieve(
+            hits = await self.retriever.retrieve(
                 collection, query, embedder, top_k=top_k, threshold=threshold, rerank=hybrid
             )
+            self.models.metrics.observe_rag_query("search", time.perf_counter() - started)
+            return hits
         assert vector is not None
         if hybrid:
             raise InvalidRequest(
@@ -489,7 +508,9 @@ class RagService:
                 param="query_embedding",
                 code=ErrorCode.DIMENSION_MISMATCH,
             )
-        return await self.retriever.by_vector(collection, vector, top_k=top_k, threshold=threshold)
+        hits = await self.retriever.by_vector(collection, vector, top_k=top_k, threshold=threshold)
+        self.models.metrics.observe_rag_query("search", time.perf_counter() - started)
+        return hits
 
     # -- query ----------------------------------------------------------------------------
     async def query(
@@ -537,6 +558,7 @@ class RagService:
         gen_started = time.perf_counter()
         answer = await self.models.chat(generator, answer_messages(query, hits), params)
         generation_ms = (time.perf_counter() - gen_started) * 1000
+        self.models.metrics.observe_rag_query("query", time.perf_counter() - started)
         return QueryResult(
             answer=answer.content.strip(),
             sources=list(hits) if include_sources else None,

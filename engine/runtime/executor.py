@@ -511,6 +511,10 @@ class _Run:
             state["attempts"] = record.attempts
             state["iterations"] = record.iterations
             if not skipped:
+                if self.runner.services.models is not None:
+                    self.runner.services.models.metrics.observe_step(
+                        step.type, time.perf_counter() - started
+                    )
                 self.emit(
                     "step_finished",
                     {
