@@ -57,7 +57,6 @@ def requested_version(raw: str | None) -> str | None:
         f"API version {raw!r} is not supported; supported versions: "
         f"{', '.join(SUPPORTED_VERSIONS)}",
         param=HEADER,
-        headers={HEADER: CURRENT_VERSION},
     )
 
 
@@ -80,8 +79,13 @@ class ApiVersionMiddleware(ASGIMiddleware):
         self.settings = settings
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
-        requested_version(Headers.from_scope(scope).get(HEADER))
-        await call_with_headers(next_app, scope, receive, send, _route_headers(scope))
+        headers = _route_headers(scope)
+        try:
+            requested_version(Headers.from_scope(scope).get(HEADER))
+        except InvalidRequest as exc:
+            exc.headers = {**headers, **exc.headers}
+            raise
+        await call_with_headers(next_app, scope, receive, send, headers)
 
 
 async def call_with_headers(
