@@ -5,6 +5,9 @@ Three handlers cover everything: domain errors (FusionError) carry their own sta
 type and code; Litestar's HTTPException (routing 404/405, validation 400, 413, 429, ...)
 is mapped by status; anything else is a 500 with a generic message, logged with its
 traceback here and never shown to the client.
+
+Each answer is also remembered for /internal/diagnostics' recent errors
+(server/diagnostics.py says which are kept).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from litestar.types import ExceptionHandlersMap
 from engine.errors import ERROR_TYPES, ErrorCode, FusionError
 from engine.logging import get_logger
 from engine.store import storage_error
+from server.diagnostics import record_error
 
 log = get_logger("server.errors")
 
@@ -90,17 +94,33 @@ def _log_server_error(request: Request[Any, Any, Any], exc: BaseException) -> No
     )
 
 
+def _remembered(
+    request: Request[Any, Any, Any],
+    status: int,
+    response: Response[dict[str, Any]],
+    message: str | None = None,
+) -> Response[dict[str, Any]]:
+    """The response, once recorded for diagnostics; `message` replaces the client's."""
+    error = response.content["error"]
+    record_error(request.scope, status, error["code"], message or error["message"])
+    return response
+
+
 def handle_fusion_error(
     request: Request[Any, Any, Any], exc: FusionError
 ) -> Response[dict[str, Any]]:
     if exc.status >= 500:
         _log_server_error(request, exc)
-    return Response(
+    response = Response(
         content=exc.envelope(),
         status_code=exc.status,
         headers=exc.headers or None,
         media_type="application/json",
     )
+    # A client's own rate-limit refusals would push the real errors out of the buffer.
+    if exc.code is ErrorCode.RATE_LIMIT_EXCEEDED:
+        return response
+    return _remembered(request, exc.status, response)
 
 
 def handle_http_exception(
@@ -113,10 +133,14 @@ def handle_http_exception(
     if status >= 500:
         _log_server_error(request, exc)
         message = GENERIC_500_MESSAGE if status == 500 else exc.detail
-        return error_response(status, message, headers=headers)
+        return _remembered(request, status, error_response(status, message, headers=headers))
     if isinstance(exc, ValidationException):
-        return _validation_response(exc, headers)
-    return error_response(status, _client_message(request, exc), headers=headers)
+        return _remembered(request, status, _validation_response(exc, headers))
+    response = error_response(status, _client_message(request, exc), headers=headers)
+    # Routing misses (no such path or method) are scanners' noise, not the server's errors.
+    if status in (404, 405):
+        return response
+    return _remembered(request, status, response)
 
 
 def _client_message(request: Request[Any, Any, Any], exc: HTTPException) -> str:
@@ -204,7 +228,13 @@ def handle_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Respon
         storage.__cause__ = exc  # the log keeps apsw's traceback
         return handle_fusion_error(request, storage)
     _log_server_error(request, exc)
-    return error_response(500, GENERIC_500_MESSAGE)
+    # The exception's text may hold internals; its class says enough to find the log line.
+    return _remembered(
+        request,
+        500,
+        error_response(500, GENERIC_500_MESSAGE),
+        f"{GENERIC_500_MESSAGE} ({type(exc).__name__})",
+    )
 
 
 def exception_handlers() -> ExceptionHandlersMap:

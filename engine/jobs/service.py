@@ -123,6 +123,11 @@ class JobService:
         await self._workers.stop()
         self._loop = None
 
+    @property
+    def workers_running(self) -> bool:
+        """Whether the workers claim and reap jobs (/health, /health/ready)."""
+        return self._workers.running
+
     def wake(self) -> None:
         """Nudge the dispatcher; safe from any thread."""
         self._workers.wake()

@@ -138,6 +138,12 @@ class Workers:
                 log.info("job_released", job_id=item.job.id, attempt=item.job.attempts)
         self._loop = None
 
+    @property
+    def running(self) -> bool:
+        """Whether the dispatcher and the reaper are both alive (started, not stopped, and
+        neither ended by an error)."""
+        return bool(self._tasks) and not self._stopping and not any(t.done() for t in self._tasks)
+
     def wake(self) -> None:
         """Nudge the dispatcher; safe from any thread."""
         loop = self._loop

@@ -1,12 +1,25 @@
-"""GET /health (spec §6.3) with real readings only.
+"""GET /health (spec §6.3) with real readings only, and /health/live and /health/ready for
+process managers.
 
 The spec's sample also shows mongodb_connected and redis_connected; Fusion has neither,
 so those keys are absent rather than faked (docs/decisions.md).
 
+/health checks the database (a ping through SQLite and sqlite-vec's `vec_version()`, and a
+real committed write), the model registry and, when the job queue is on, its workers.
 Status: "ok" (200); "degraded" (200) when the database has less room to grow than
 `store_min_free_mb`; "unhealthy" (503) when the database does not answer or cannot be
-written (a real committed write fails, or its file system has no room for one more page).
-A 503 keeps every reading and adds `error`, the §7 error object naming what fails.
+written (a real committed write fails, or its file system has no room for one more page),
+when the engine is not running, or when the job workers stopped. A 503 keeps every
+reading and adds `error`, the §7 error object naming what fails (every failing part, in
+that order, in its message; the code of the first).
+
+/health/live answers 200 while the process serves requests; it touches nothing else.
+/health/ready answers 200 when the engine runs, the database takes a write and the job
+workers (when on) run; otherwise 503 in the §7 envelope naming what is not ready. A
+degraded store (little room left) is still ready.
+
+None of them waits for a lock: the probe write gives up at once when another connection
+holds the write lock (which shows the database is writable), so they stay prompt.
 """
 
 from __future__ import annotations
@@ -14,13 +27,16 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, get
+from litestar import Request, Response, Router, get
+from litestar.openapi import ResponseSpec
 
 from engine.clock import utc_iso
 from engine.errors import ErrorCode
 from engine.logging import get_logger
+from engine.services import Engine
 from engine.store import Store
 from server import model_views as views
+from server.errors import error_response
 
 log = get_logger("server.health")
 
@@ -45,14 +61,29 @@ class PersistenceHealth(msgspec.Struct):
     store_free_bytes: int | None
 
 
+class JobsHealth(msgspec.Struct):
+    # The job workers' dispatcher and reaper are alive.
+    workers_running: bool
+
+
 class HealthResponse(msgspec.Struct, omit_defaults=True):
     status: str  # ok | degraded (200) | unhealthy (503)
     timestamp: str
     models: ModelsHealth
     persistence: PersistenceHealth
     services: dict[str, bool]
+    # Present when the job queue is on (`jobs_enabled`).
+    jobs: JobsHealth | None = None
     # When unhealthy: the §7 error object naming the part that fails.
     error: dict[str, Any] | None = None
+
+
+class LiveResponse(msgspec.Struct):
+    status: str  # always "ok"
+
+
+class ReadyResponse(msgspec.Struct):
+    status: str  # "ready" (200); otherwise a 503 §7 error envelope
 
 
 def _check_store(store: Store | None, min_free_bytes: int) -> tuple[str, PersistenceHealth, Any]:
@@ -89,16 +120,41 @@ def _error_object(message: str, code: ErrorCode) -> dict[str, Any]:
     return {"type": "service_unavailable_error", "message": message, "param": None, "code": code}
 
 
-@get("/health", summary="Service health", tags=["observability"])
-async def health(request: Request[Any, Any, Any]) -> Response[HealthResponse]:
+def _engine_failures(engine: Engine | None, jobs_enabled: bool) -> list[dict[str, Any]]:
+    """Error objects for what fails beside the database: the engine, its job workers."""
+    if engine is None:
+        return [_error_object("the engine is not running", ErrorCode.ENGINE_NOT_RUNNING)]
+    if jobs_enabled and not _workers_running(engine):
+        log.warning("job workers not running")
+        return [_error_object("the job workers are not running", ErrorCode.SERVICE_UNAVAILABLE)]
+    return []
+
+
+def _workers_running(engine: Engine | None) -> bool:
+    return engine is not None and engine.jobs is not None and engine.jobs.workers_running
+
+
+def _combined(failures: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One error object for every failing part: the first one's code, all their messages."""
+    if not failures:
+        return None
+    return {**failures[0], "message": "; ".join(f["message"] for f in failures)}
+
+
+@get("/", summary="Service health", tags=["observability"])
+async def extended_health(request: Request[Any, Any, Any]) -> Response[HealthResponse]:
     state = request.app.state
     # One ping and one committed one-row write, never waiting for a lock: both run inline,
     # as the run inserts do (engine/fusion/runs.py).
-    status, persistence, error = _check_store(
+    status, persistence, store_error = _check_store(
         getattr(state, "store", None), int(state.settings.store_min_free_mb * MIB)
     )
     services: dict[str, Any] = getattr(state, "services", {})
-    engine = getattr(state, "engine", None)
+    engine: Engine | None = getattr(state, "engine", None)
+    jobs_enabled: bool = state.settings.jobs_enabled
+    failures = [*([store_error] if store_error else []), *_engine_failures(engine, jobs_enabled)]
+    if failures:
+        status = "unhealthy"
     loaded = [views.health(e) for e in engine.models.entries()] if engine is not None else []
     body = HealthResponse(
         status=status,
@@ -109,6 +165,38 @@ async def health(request: Request[Any, Any, Any]) -> Response[HealthResponse]:
         ),
         persistence=persistence,
         services={flag: name in services for name, flag in _SPEC_SERVICES.items()},
-        error=error,
+        jobs=JobsHealth(workers_running=_workers_running(engine)) if jobs_enabled else None,
+        error=_combined(failures),
     )
     return Response(body, status_code=503 if status == "unhealthy" else 200)
+
+
+@get("/live", summary="Liveness: the process serves requests", tags=["observability"])
+async def live() -> LiveResponse:
+    return LiveResponse(status="ok")
+
+
+@get(
+    "/ready",
+    summary="Readiness: the engine runs, the database takes writes, the job workers run",
+    tags=["observability"],
+    responses={503: ResponseSpec(data_container=dict[str, Any], description="Not ready")},
+)
+async def ready(request: Request[Any, Any, Any]) -> Response[Any]:
+    state = request.app.state
+    # Only the store's failure counts: a store with little room left still takes requests.
+    _, _, store_error = _check_store(
+        getattr(state, "store", None), int(state.settings.store_min_free_mb * MIB)
+    )
+    failures = [
+        *([store_error] if store_error else []),
+        *_engine_failures(getattr(state, "engine", None), state.settings.jobs_enabled),
+    ]
+    error = _combined(failures)
+    if error is not None:
+        return error_response(503, f"not ready: {error['message']}", code=error["code"])
+    return Response(ReadyResponse(status="ready"))
+
+
+# One router, so the app mounts all three as `health`.
+health = Router("/health", route_handlers=[extended_health, live, ready])
