@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from litestar import Request, Response, get
 from litestar.enums import ScopeType
+from litestar.exceptions import HTTPException
 from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, ControllerRouterHandler, Message, Receive, Scope, Send
 from prometheus_client import CollectorRegistry, generate_latest
@@ -27,17 +28,18 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from engine.config import Settings
+from engine.errors import FusionError
 from engine.jobs.types import JobStatus
 from engine.jobs.webhooks import DeliveryStatus
 from engine.metrics import tracking_models
 from engine.models.memory import GIB
 from engine.services import Engine
+from server.auth import KEY_NAME_STATE_KEY
 
 # The classic text format (generate_latest writes it); Litestar appends "; charset=utf-8".
 MEDIA_TYPE = "text/plain; version=0.0.4"
 # nginx's code for a request whose client went away before any response was sent.
 CLIENT_CLOSED = 499
-_KEY_NAME = "api_key_name"  # where server/auth.py puts the name of the request's key
 
 
 @dataclass
@@ -55,7 +57,7 @@ class StateReading:
     models: list[ModelReading]
     jobs: dict[str, int] | None  # None: the job queue is not running
     webhook_deliveries: dict[str, int] | None
-    rag: dict[str, int] = field(default_factory=dict)
+    rag: dict[str, int]
 
 
 async def read_state(engine: Engine) -> StateReading:
@@ -147,7 +149,7 @@ class _Exposition(Collector):
         yield from self.state.collect()
 
 
-@get("/metrics", media_type=MEDIA_TYPE, summary="Prometheus metrics")
+@get("/metrics", media_type=MEDIA_TYPE, summary="Prometheus metrics", tags=["observability"])
 async def metrics(request: Request) -> Response[bytes]:
     """The text exposition format, version 0.0.4 (spec §6.1); docs/api.md lists the series."""
     engine: Engine = request.app.state.engine
@@ -159,6 +161,15 @@ async def metrics(request: Request) -> Response[bytes]:
 
 
 ROUTES: list[ControllerRouterHandler] = [metrics]
+
+
+def error_status(exc: Exception) -> int:
+    """The status server/errors.py answers an exception with."""
+    if isinstance(exc, FusionError):
+        return exc.status
+    if isinstance(exc, HTTPException):
+        return exc.status_code
+    return 500
 
 
 def route_template(scope: Scope) -> str:
@@ -195,15 +206,17 @@ class MetricsMiddleware(ASGIMiddleware):
             except asyncio.CancelledError:
                 status = status or CLIENT_CLOSED
                 raise
-            except Exception:
-                status = status or 500
+            except Exception as exc:
+                # Raised by a middleware below this one (a refused key, a rate limit): the
+                # app's exception handlers, outside, turn it into this status.
+                status = status or error_status(exc)
                 raise
             finally:
                 engine.models.metrics.observe_http(
                     route=route_template(scope),
                     method=str(scope.get("method", "")),
                     status=status or 500,
-                    key=str(scope.get("state", {}).get(_KEY_NAME) or ""),
+                    key=str(scope.get("state", {}).get(KEY_NAME_STATE_KEY) or ""),
                     models=sorted(used),
                     seconds=time.perf_counter() - started,
                 )

@@ -294,3 +294,17 @@ def test_each_app_has_its_own_registry(
     assert fresh.value("mlx_generated_tokens_total", model=LM) == 0
     assert not [s for s in fresh.samples if s[0] == "fusion_workflow_runs_total"]
     assert scrape(client).value("mlx_generated_tokens_total", model=LM) > 0
+
+
+def test_the_key_name_labels_the_http_series(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The key's name, never the key; a refused request is counted under no key."""
+    secret = "metrics-test-key-0123456789"
+    with running_server(tmp_path_factory.mktemp("keys"), api_keys={"ci": secret}) as c:
+        assert c.get("/v1/models").status_code == 401
+        c.headers["Authorization"] = f"Bearer {secret}"
+        assert c.get("/v1/models").status_code == 200
+        found = scrape(c)
+    listing = {"route": "/v1/models", "method": "GET"}
+    assert found.value("fusion_http_requests_total", status="401", key="", **listing) == 1
+    assert found.value("fusion_http_requests_total", status="200", key="ci", **listing) == 1
+    assert secret not in {v for _, lbl, _ in found.samples for v in lbl.values()}
