@@ -23,10 +23,11 @@ class RecordedError:
     at: float  # epoch seconds
     message: str
     code: str
-    status: int
+    status: int | None  # the HTTP status; None for an error no request answered (a job's)
     request_id: str | None = None
     route: str | None = None  # the route template, never the raw path
     model: str | None = None
+    job_id: str | None = None
 
 
 class RecentErrors:
@@ -47,13 +48,16 @@ class RecentErrors:
         self,
         message: str,
         code: str,
-        status: int,
+        status: int | None,
         *,
         request_id: str | None = None,
         route: str | None = None,
         model: str | None = None,
+        job_id: str | None = None,
     ) -> RecordedError:
-        error = RecordedError(self._clock(), message, code, status, request_id, route, model)
+        error = RecordedError(
+            self._clock(), message, code, status, request_id, route, model, job_id
+        )
         minute = int(error.at // _BUCKET_S)
         with self._lock:
             self._kept.append(error)

@@ -25,7 +25,9 @@ errors
     and a client's own rate-limit refusals (429 rate_limit_exceeded). Each keeps the
     message the client got (a 500's is the generic one and the exception's class), the
     code, status, request id, route template and, for /v1/models/... routes, the loaded
-    model it names. No request bodies, headers or exception texts.
+    model it names. Failed jobs are recorded too where the app registers `job_failures`
+    on the job queue (code "job.failed", status null, with the job's id and model). No
+    request bodies, headers or exception texts.
 """
 
 from __future__ import annotations
@@ -49,8 +51,9 @@ from litestar.di import NamedDependency
 from litestar.types import ControllerRouterHandler, Scope
 
 from engine.clock import utc_iso
+from engine.jobs.queue import EventObserver
 from engine.jobs.service import JobService
-from engine.jobs.types import JobStatus
+from engine.jobs.types import JobEvent, JobEventName, JobStatus
 from engine.logging import get_logger
 from engine.models.memory import active_bytes, gb
 from engine.models.registry import ModelRegistry
@@ -102,6 +105,26 @@ def record_error(scope: Scope, status: int, code: str, message: str) -> None:
         route=route,
         model=_named_model(state, route, scope.get("path_params") or {}),
     )
+
+
+def job_failures(state: State) -> EventObserver:
+    """A job queue observer (`queue.on_event(observe=...)`) that records each failed job:
+    its error, the model it ran on and its id; committed events only, from any thread."""
+    errors = recent_errors(state)
+
+    def observe(events: list[JobEvent]) -> None:
+        for event in events:
+            if event.name is JobEventName.FAILED:
+                job = event.job
+                errors.record(
+                    (job.error or "failed")[:MESSAGE_MAX_CHARS],
+                    JobEventName.FAILED.value,
+                    None,
+                    model=job.model_id,
+                    job_id=job.id,
+                )
+
+    return observe
 
 
 def _named_model(state: State, route: str | None, params: dict[str, Any]) -> str | None:
@@ -171,10 +194,11 @@ class ErrorItem(msgspec.Struct):
     timestamp: str
     error: str
     code: str
-    status: int
+    status: int | None  # null for a failed job
     request_id: str | None
     route: str | None
     model: str | None
+    job_id: str | None
 
 
 class ErrorsDiagnostics(msgspec.Struct):
@@ -283,6 +307,7 @@ def _error_item(error: RecordedError) -> ErrorItem:
         request_id=error.request_id,
         route=error.route,
         model=error.model,
+        job_id=error.job_id,
     )
 
 

@@ -14,11 +14,16 @@ import mlx.core as mx
 import pytest
 from api_helpers import wait_for
 from litestar import Request, post
+from litestar.datastructures import State
 from serverutil import RunningServer, serve_app
 
 from engine.config import Settings
+from engine.jobs.queue import SqliteJobQueue
+from engine.jobs.types import JobRequest
 from engine.recent_errors import RecentErrors
+from engine.store import Store
 from server.app import create_app
+from server.diagnostics import job_failures, recent_errors
 
 LM = "tiny-lm"
 EMBED = "tiny-embedder"
@@ -220,6 +225,7 @@ def test_recent_errors_keep_the_newest_within_the_bound(client: httpx.Client) ->
     assert "job-nope" in newest["error"]
     assert newest["route"] == "/api/mcp/jobs/{job_id}"
     assert newest["model"] is None
+    assert newest["job_id"] is None
 
 
 @pytest.mark.e2e
@@ -276,6 +282,27 @@ def test_the_ring_buffer_counts_more_than_it_keeps() -> None:
     count, kept = errors.snapshot()
     assert count == 7
     assert [e.message for e in kept] == ["e6", "e5"]
+
+
+@pytest.mark.unit
+def test_failed_jobs_are_recorded_by_the_queue_observer(tmp_path: Path) -> None:
+    """A real queue in a real database: the failure's commit reaches the observer."""
+    state = State({"settings": _settings(tmp_path, diagnostics_max_errors=5)})
+    with Store(tmp_path / "jobs.sqlite3") as store:
+        queue = SqliteJobQueue(store)
+        queue.on_event(observe=job_failures(state))
+        for text in ("ok", "doomed"):
+            queue.submit(JobRequest(operation="chat", input={"messages": [text]}, model_id="m"))
+        for error in (None, "model 'm' not found"):
+            job = queue.claim("worker", 60.0, operations=["chat"])
+            assert job is not None
+            assert queue.finish(job.id, job.lease_token, result={}, error=error)
+    count, kept = recent_errors(state).snapshot()
+    assert count == 1
+    (failed,) = kept
+    assert (failed.code, failed.status, failed.model) == ("job.failed", None, "m")
+    assert failed.message == "model 'm' not found"
+    assert failed.job_id == job.id
 
 
 # -- /health, /health/live, /health/ready ----------------------------------------------------

@@ -86,6 +86,17 @@ class ReadyResponse(msgspec.Struct):
     status: str  # "ready" (200); otherwise a 503 §7 error envelope
 
 
+class ErrorObject(msgspec.Struct):
+    type: str
+    message: str
+    param: str | None
+    code: str
+
+
+class NotReady(msgspec.Struct):
+    error: ErrorObject
+
+
 def _check_store(store: Store | None, min_free_bytes: int) -> tuple[str, PersistenceHealth, Any]:
     """(status, readings, the failure's error object or None) for the database."""
     if store is None:
@@ -141,7 +152,12 @@ def _combined(failures: list[dict[str, Any]]) -> dict[str, Any] | None:
     return {**failures[0], "message": "; ".join(f["message"] for f in failures)}
 
 
-@get("/", summary="Service health", tags=["observability"])
+@get(
+    "/",
+    summary="Service health",
+    tags=["observability"],
+    responses={503: ResponseSpec(data_container=HealthResponse, description="Unhealthy")},
+)
 async def extended_health(request: Request[Any, Any, Any]) -> Response[HealthResponse]:
     state = request.app.state
     # One ping and one committed one-row write, never waiting for a lock: both run inline,
@@ -180,7 +196,10 @@ async def live() -> LiveResponse:
     "/ready",
     summary="Readiness: the engine runs, the database takes writes, the job workers run",
     tags=["observability"],
-    responses={503: ResponseSpec(data_container=dict[str, Any], description="Not ready")},
+    responses={
+        200: ResponseSpec(data_container=ReadyResponse, description="Ready"),
+        503: ResponseSpec(data_container=NotReady, description="Not ready: the §7 envelope"),
+    },
 )
 async def ready(request: Request[Any, Any, Any]) -> Response[Any]:
     state = request.app.state
