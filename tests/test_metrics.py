@@ -5,6 +5,7 @@ the counts moved by what was done, and no raw path or unknown model as a label v
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from api_helpers import running_server, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.metrics import LATENCY_BUCKETS
+from engine.metrics import LATENCY_BUCKETS, note_model, tracking_models
 from engine.models.synthetic import build_lm
 
 LM, EMBED = "tiny-lm", "tiny-embedder"
@@ -308,3 +309,17 @@ def test_the_key_name_labels_the_http_series(tmp_path_factory: pytest.TempPathFa
     assert found.value("fusion_http_requests_total", status="401", key="", **listing) == 1
     assert found.value("fusion_http_requests_total", status="200", key="ci", **listing) == 1
     assert secret not in {v for _, lbl, _ in found.samples for v in lbl.values()}
+
+
+def test_models_looked_up_in_tasks_and_threads_reach_the_request() -> None:
+    async def note(model_id: str) -> None:
+        note_model(model_id)
+
+    async def request() -> set[str]:
+        with tracking_models() as used:
+            await asyncio.to_thread(note_model, "in-a-thread")
+            await asyncio.create_task(note("in-a-task"))
+        note_model("after-the-request")
+        return used
+
+    assert asyncio.run(request()) == {"in-a-thread", "in-a-task"}
