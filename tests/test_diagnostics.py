@@ -13,7 +13,7 @@ import httpx
 import mlx.core as mx
 import pytest
 from api_helpers import wait_for
-from litestar import Request, post
+from litestar import Request, get, post
 from litestar.datastructures import State
 from serverutil import RunningServer, serve_app
 
@@ -33,6 +33,11 @@ STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 @post("/test/stop-workers", status_code=200)
 async def stop_workers(request: Request[Any, Any, Any]) -> None:
     await request.app.state.engine.jobs.stop()
+
+
+@get("/test/boom")
+async def boom() -> None:
+    raise RuntimeError("secret internals at /etc/fusion")
 
 
 @post("/test/start-workers", status_code=200)
@@ -61,9 +66,13 @@ def server(
         {"model_path": str(tiny_embedder_dir), "model_type": "embeddings", "model_id": EMBED},
     ]
     settings = _settings(
-        tmp_path_factory.mktemp("diag"), startup_models=models, diagnostics_max_errors=3
+        tmp_path_factory.mktemp("diag"),
+        startup_models=models,
+        diagnostics_max_errors=3,
+        # The model routes' readings are compared many times over; limits are tested apart.
+        rate_limit_enabled=False,
     )
-    app = create_app(settings, extra_routes=[stop_workers, start_workers])
+    app = create_app(settings, extra_routes=[stop_workers, start_workers, boom])
     with serve_app(app) as running:
         yield running
 
@@ -243,6 +252,17 @@ def test_a_validation_error_is_recorded_and_a_routing_miss_is_not(client: httpx.
     assert recent[0]["status"] == 400
     assert recent[0]["route"] == "/v1/chat/completions"
     assert all(e["request_id"] != "diag-no-route" for e in recent)
+
+
+@pytest.mark.e2e
+def test_a_500_is_recorded_without_the_exception_text(client: httpx.Client) -> None:
+    response = client.get("/test/boom", headers={"X-Request-ID": "diag-boom"})
+    assert response.status_code == 500
+    newest = diagnostics(client)["errors"]["recent_errors"][0]
+    assert newest["request_id"] == "diag-boom"
+    assert (newest["status"], newest["code"]) == (500, "internal_error")
+    assert newest["error"] == "Internal server error (RuntimeError)"
+    assert newest["route"] == "/test/boom"
 
 
 @pytest.mark.e2e

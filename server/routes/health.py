@@ -105,7 +105,9 @@ def _check_store(store: Store | None, min_free_bytes: int) -> tuple[str, Persist
         store.ping()
     except Exception as exc:
         log.warning("store ping failed", error=str(exc))
-        return _unhealthy(f"the database does not answer: {exc}", connected=False)
+        # The ping asks SQLite and sqlite-vec at once; name the one that failed.
+        part = "the vector extension (sqlite-vec)" if _sqlite_answers(store) else "the database"
+        return _unhealthy(f"{part} does not answer: {exc}", connected=False)
     try:
         check = store.write_check()
     except Exception as exc:
@@ -118,6 +120,14 @@ def _check_store(store: Store | None, min_free_bytes: int) -> tuple[str, Persist
         log.warning("store not writable", code=check.error.code, error=check.error.message)
         return "unhealthy", readings, _error_object(check.error.message, check.error.code)
     return ("degraded" if check.free_bytes < min_free_bytes else "ok"), readings, None
+
+
+def _sqlite_answers(store: Store) -> bool:
+    try:
+        store.query("SELECT 1")
+    except Exception:  # the caller reports the ping's own error
+        return False
+    return True
 
 
 def _unhealthy(message: str, *, connected: bool) -> tuple[str, PersistenceHealth, Any]:
