@@ -30,7 +30,6 @@ from prometheus_client.registry import Collector
 from engine.config import Settings
 from engine.errors import FusionError
 from engine.jobs.types import JobStatus
-from engine.jobs.webhooks import DeliveryStatus
 from engine.metrics import tracking_models
 from engine.models.memory import GIB
 from engine.services import Engine
@@ -70,7 +69,7 @@ async def read_state(engine: Engine) -> StateReading:
 
     def counts() -> tuple[dict[str, int] | None, dict[str, int] | None, dict[str, int]]:
         jobs = None if engine.jobs is None else engine.jobs.queue.counts()
-        deliveries = None if engine.webhooks is None else _delivery_counts(engine)
+        deliveries = None if engine.webhooks is None else engine.webhooks.delivery_counts()
         return (
             None if jobs is None else {str(s): n for s, n in jobs.items()},
             deliveries,
@@ -79,13 +78,6 @@ async def read_state(engine: Engine) -> StateReading:
 
     jobs, deliveries, rag = await asyncio.to_thread(counts)
     return StateReading(models, jobs, deliveries, rag)
-
-
-def _delivery_counts(engine: Engine) -> dict[str, int]:
-    """Webhook deliveries kept (finished ones go with their job's purge) by status."""
-    rows = engine.store.query("SELECT status, count(*) FROM webhook_deliveries GROUP BY status")
-    found = {str(status): int(n) for status, n in rows}
-    return {str(s): found.get(str(s), 0) for s in DeliveryStatus}
 
 
 class EngineStateCollector(Collector):

@@ -521,6 +521,13 @@ class WebhookStore:
             for did, wid, n, at, code, error, ok, ms in rows
         ]
 
+    def delivery_counts(self) -> dict[str, int]:
+        """Deliveries kept (finished ones go with their job's purge) by status, every status
+        present."""
+        rows = self._store.query("SELECT status, count(*) FROM webhook_deliveries GROUP BY status")
+        found = {str(status): int(n) for status, n in rows}
+        return {status.value: found.get(status.value, 0) for status in DeliveryStatus}
+
     def purge(self, conn: apsw.Connection, cutoff: float) -> int:
         """Delete deliveries finished before `cutoff` (epoch seconds) and their attempts,
         in the caller's transaction: the job queue's purge hook, so deliveries follow the
