@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ class Engine:
     jobs: JobService | None = None  # the job queue's workers (spec §5), when started
     webhooks: WebhookStore | None = None
     deliverer: Deliverer | None = None
+    # Epoch seconds when start() began: /internal/diagnostics' uptime.
+    started_at: float = field(default_factory=time.time)
 
     @classmethod
     async def start(

@@ -75,6 +75,7 @@ def create_app(
         app.state.services["fusion"] = engine.fusion
         if engine.jobs is not None:
             app.state.services["mcp"] = engine.jobs
+            engine.jobs.queue.on_event(observe=diagnostics.job_failures(app.state))
         log.info("engine started", db=str(engine.store.path), models=len(engine.models.entries()))
         try:
             yield

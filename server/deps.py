@@ -1,6 +1,6 @@
 """What route handlers take from the running app, through Litestar's dependency injection:
-a handler names `registry`, `rag`, `fusion`, `jobs`, `webhooks` or `settings` as a
-parameter and gets the running engine's service (503 `engine_not_running` outside the
+a handler names `engine`, `registry`, `rag`, `fusion`, `jobs`, `webhooks` or `settings` as
+a parameter and gets the running engine's service (503 `engine_not_running` outside the
 lifespan: before start-up or during shutdown)."""
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def _settings(state: State) -> Settings:
 
 
 DEPENDENCIES = {
+    "engine": Provide(_engine, sync_to_thread=False),
     "registry": Provide(_registry, sync_to_thread=False),
     "rag": Provide(_rag, sync_to_thread=False),
     "fusion": Provide(_fusion, sync_to_thread=False),

@@ -3,7 +3,7 @@
 Real readings only; a reading Fusion cannot take is absent, never made up.
 
 uptime_seconds
-    Seconds since the server process started.
+    Seconds since the engine started (the server's start-up, models loaded).
 resources
     cpu_usage_percent is the whole machine's CPU use since the previous reading (the
     first reading is primed when this module is imported, so it never blocks);
@@ -56,7 +56,6 @@ from engine.jobs.service import JobService
 from engine.jobs.types import JobEvent, JobEventName, JobStatus
 from engine.logging import get_logger
 from engine.models.memory import active_bytes, gb
-from engine.models.registry import ModelRegistry
 from engine.rag.service import RagService
 from engine.recent_errors import RecentErrors, RecordedError
 from engine.services import Engine
@@ -289,11 +288,11 @@ def _stored_readings(
     if jobs is not None:
         counts = jobs.queue.counts()
         per_status = {status.value: counts.get(status, 0) for status in JobStatus}
-    collections = rag.db.list_collections()
+    counted = rag.totals()
     totals = RagDiagnostics(
-        collections=len(collections),
-        total_documents=sum(c.document_count for c in collections),
-        total_chunks=sum(c.chunk_count for c in collections),
+        collections=counted["collections"],
+        total_documents=counted["documents"],
+        total_chunks=counted["chunks"],
     )
     return per_status, totals
 
@@ -317,22 +316,19 @@ def _error_item(error: RecordedError) -> ErrorItem:
     tags=["observability"],
 )
 async def diagnostics(
-    request: Request[Any, Any, Any],
-    registry: NamedDependency[ModelRegistry],
-    rag: NamedDependency[RagService],
+    request: Request[Any, Any, Any], engine: NamedDependency[Engine]
 ) -> Diagnostics:
     state = request.app.state
-    engine: Engine | None = state.get("engine")
     system, resources, (jobs, totals) = await asyncio.gather(
         asyncio.to_thread(system_info),
         asyncio.to_thread(_resources),
-        asyncio.to_thread(_stored_readings, None if engine is None else engine.jobs, rag),
+        asyncio.to_thread(_stored_readings, engine.jobs, engine.rag),
     )
-    entries = registry.entries()
+    entries = engine.models.entries()
     count, kept = recent_errors(state).snapshot()
     return Diagnostics(
         timestamp=utc_iso(timespec="seconds"),
-        uptime_seconds=round(time.time() - psutil.Process().create_time(), 3),
+        uptime_seconds=round(time.time() - engine.started_at, 3),
         system=system,
         resources=resources,
         models=ModelsDiagnostics(
