@@ -24,13 +24,16 @@ POLL_S = 0.02
 @contextmanager
 def running_server(data_dir: Path, **settings: Any) -> Iterator[httpx.Client]:
     """A real uvicorn serving a fresh app (no start-up models unless `settings` names
-    some); yields a client."""
+    some); yields a client. Rate limits are off unless `settings` turns them on: a test
+    module makes more requests than one client may in a minute (tests/test_ratelimit.py
+    covers the limits)."""
     config = Settings(
         **{
             "data_dir": data_dir,
             "startup_models": [],
             "workflows_dir": data_dir / "wf",
             "log_level": "warning",
+            "rate_limit_enabled": False,
             **settings,
         }
     )

@@ -172,6 +172,8 @@ def settings(data_dir: Path, startup_models: list[dict[str, Any]]) -> Settings:
         workflows_dir=write_workflows(data_dir / "workflows"),
         startup_models=startup_models,
         log_level="warning",
+        # The module makes more requests than one client may in a minute.
+        rate_limit_enabled=False,
     )
 
 

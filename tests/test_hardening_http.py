@@ -43,6 +43,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_lm_dir: Path) -> Itera
         workflows_dir=data / "wf",
         startup_models=[lm_model(tiny_lm_dir)],
         log_level="info",
+        # Tests poll model stats more often than one client may in a minute.
+        rate_limit_enabled=False,
     )
     with serve_app(create_app(settings)) as running:
         yield running

@@ -347,6 +347,8 @@ def client(
         startup_models=[
             {"model_path": str(tiny_embedder_dir), "model_type": "embeddings", "model_id": EMBED_ID}
         ],
+        # The test polls model stats more often than one client may in a minute.
+        rate_limit_enabled=False,
     )
     with (
         serve_app(create_app(settings)) as server,

@@ -21,7 +21,7 @@ UNLIMITED = {"models": None, "fusion": None, "rag": None, "mcp": None, "inferenc
 
 
 def _limits(**groups: str) -> dict[str, Any]:
-    return {"rate_limits": {**UNLIMITED, **groups}}
+    return {"rate_limit_enabled": True, "rate_limits": {**UNLIMITED, **groups}}
 
 
 def _assert_limited(response: httpx.Response) -> int:
@@ -60,6 +60,21 @@ def test_a_group_allows_its_limit_then_answers_429_with_headers(tmp_path: Path) 
 
 
 @pytest.mark.e2e
+def test_the_defaults_are_the_spec_table(tmp_path: Path) -> None:
+    with running_server(tmp_path, rate_limit_enabled=True) as client:
+        for path, limit in [
+            ("/v1/models", "10"),
+            ("/api/fusion/workflows", "60"),
+            ("/api/rag/collections", "30"),
+            ("/api/mcp/jobs", "100"),
+        ]:
+            response = client.get(path)
+            assert response.status_code == 200, (path, response.text)
+            assert response.headers["X-RateLimit-Limit"] == limit
+            assert response.headers["X-RateLimit-Remaining"] == str(int(limit) - 1)
+
+
+@pytest.mark.e2e
 def test_groups_never_share_a_counter(tmp_path: Path) -> None:
     with running_server(tmp_path, **_limits(models="1/minute", fusion="2/minute")) as client:
         assert client.get("/v1/models").status_code == 200
@@ -90,7 +105,7 @@ def test_error_responses_of_a_limited_group_carry_the_headers(tmp_path: Path) ->
 @pytest.mark.e2e
 def test_health_and_metrics_are_never_limited(tmp_path: Path) -> None:
     every_group = {group: "1/minute" for group in UNLIMITED}
-    with running_server(tmp_path, rate_limits=every_group) as client:
+    with running_server(tmp_path, rate_limit_enabled=True, rate_limits=every_group) as client:
         for _ in range(3):
             for path in ("/health", "/metrics"):
                 response = client.get(path)
