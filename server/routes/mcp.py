@@ -27,6 +27,7 @@ from engine.jobs.service import JobService, JobState, JobSubmission
 from engine.jobs.types import JobPriority, JobSort, JobStatus, SortOrder
 from engine.jobs.views import job_body, job_summary
 from engine.jobs.webhooks import Webhook, WebhookInfo, WebhookStore
+from server.error_docs import error_responses
 from server.sse import SSE_HEADERS, sse_event
 
 TAGS = ["mcp"]
@@ -63,6 +64,7 @@ def _state_body(state: JobState) -> dict[str, Any]:
     status_code=202,
     tags=TAGS,
     summary="Submit a job (§5.1): answered once it is committed",
+    responses=error_responses(400, 409, 429, 503),
 )
 async def submit_job(
     jobs: NamedDependency[JobService],
@@ -90,12 +92,17 @@ async def submit_job(
     return Response(_state_body(state), status_code=202, headers=headers)
 
 
-@get("/api/mcp/jobs/{job_id:str}", tags=TAGS, summary="A job's status (§5.2)")
+@get(
+    "/api/mcp/jobs/{job_id:str}",
+    tags=TAGS,
+    summary="A job's status (§5.2)",
+    responses=error_responses(400, 404),
+)
 async def get_job(jobs: NamedDependency[JobService], job_id: FromPath[str]) -> dict[str, Any]:
     return _state_body(await jobs.get(job_id))
 
 
-@get("/api/mcp/jobs", tags=TAGS, summary="List jobs (§5.3)")
+@get("/api/mcp/jobs", tags=TAGS, summary="List jobs (§5.3)", responses=error_responses(400))
 async def list_jobs(
     jobs: NamedDependency[JobService],
     status: Annotated[JobStatus | None, QueryParameter()] = None,
@@ -126,6 +133,7 @@ async def list_jobs(
     status_code=200,
     tags=TAGS,
     summary="Cancel a queued or processing job (§5.4)",
+    responses=error_responses(400, 404, 409),
 )
 async def cancel_job(jobs: NamedDependency[JobService], job_id: FromPath[str]) -> dict[str, Any]:
     job = await jobs.cancel(job_id)
@@ -142,6 +150,7 @@ async def _job_events(jobs: JobService, job_id: str, after: int) -> AsyncIterato
     "/api/mcp/jobs/{job_id:str}/events",
     tags=TAGS,
     summary="A job's events as server-sent events: those so far, then live ones, until it ends",
+    responses=error_responses(400, 404),
 )
 async def job_events(
     jobs: NamedDependency[JobService],
@@ -188,6 +197,7 @@ def _webhook_info(info: WebhookInfo) -> dict[str, Any]:
     status_code=201,
     tags=TAGS,
     summary="Register a webhook for job events (§5.5)",
+    responses=error_responses(400),
 )
 async def register_webhook(
     webhooks: NamedDependency[WebhookStore], data: JSONBody[RegisterWebhookRequest]
@@ -208,6 +218,7 @@ async def list_webhooks(webhooks: NamedDependency[WebhookStore]) -> dict[str, An
     status_code=200,
     tags=TAGS,
     summary="Delete a webhook (§5.7); its pending deliveries are dropped",
+    responses=error_responses(400, 404),
 )
 async def delete_webhook(
     webhooks: NamedDependency[WebhookStore], webhook_id: FromPath[str]

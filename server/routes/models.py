@@ -24,6 +24,7 @@ from engine.models.memory import gb
 from engine.models.registry import ModelRegistry
 from engine.models.types import LoadSpec, ModelType
 from server import model_views as views
+from server.error_docs import error_responses
 
 TAGS = ["models"]
 # The action each trailing segment names, and the one method that serves it.
@@ -189,7 +190,13 @@ def _load_spec(data: LoadRequest) -> LoadSpec:
 
 
 # -- routes -------------------------------------------------------------------------------------
-@post("/v1/models/load", status_code=200, tags=TAGS, summary="Load a model (§2.1)")
+@post(
+    "/v1/models/load",
+    status_code=200,
+    tags=TAGS,
+    summary="Load a model (§2.1)",
+    responses=error_responses(400, 409, 503, 507),
+)
 async def load_model(
     registry: NamedDependency[ModelRegistry], data: JSONBody[LoadRequest]
 ) -> LoadResponse:
@@ -207,6 +214,7 @@ async def list_models(registry: NamedDependency[ModelRegistry]) -> ModelList:
     "/v1/models/{rest:path}",
     tags=TAGS,
     summary="Model info (…/info, §2.3), stats (…/stats, §2.4), or the model (OpenAI retrieve)",
+    responses=error_responses(400, 404, 405),
 )
 async def get_model(
     registry: NamedDependency[ModelRegistry], rest: FromPath[str]
@@ -221,7 +229,13 @@ async def get_model(
     return msgspec.convert(views.model_object(entry), ModelObject)
 
 
-@delete("/v1/models/{rest:path}", status_code=200, tags=TAGS, summary="Unload a model (§2.2)")
+@delete(
+    "/v1/models/{rest:path}",
+    status_code=200,
+    tags=TAGS,
+    summary="Unload a model (§2.2)",
+    responses=error_responses(400, 404, 405, 409),
+)
 async def unload_model(
     registry: NamedDependency[ModelRegistry], rest: FromPath[str], force: FromQuery[bool] = False
 ) -> UnloadResponse:
@@ -233,7 +247,13 @@ async def unload_model(
     )
 
 
-@post("/v1/models/{rest:path}", status_code=200, tags=TAGS, summary="Warm a model up (§2.6)")
+@post(
+    "/v1/models/{rest:path}",
+    status_code=200,
+    tags=TAGS,
+    summary="Warm a model up (§2.6)",
+    responses=error_responses(400, 404, 405, 429, 503, 504),
+)
 async def warmup_model(
     registry: NamedDependency[ModelRegistry],
     rest: FromPath[str],

@@ -38,6 +38,7 @@ from engine.models.backends.base import ChatChunk, ChatParams
 from engine.models.params import openai_chat_params
 from engine.models.registry import ModelRegistry
 from engine.models.types import Operation as ModelOperation
+from server.error_docs import error_responses
 from server.errors import GENERIC_500_MESSAGE
 from server.sse import SSE_HEADERS
 from server.uploads import UploadLimits, read_multipart
@@ -136,6 +137,7 @@ def _finish_reason(reason: str | None) -> str:
     status_code=200,
     tags=TAGS,
     summary="Chat completion (OpenAI); `stream: true` answers with server-sent events",
+    responses=error_responses(400, 404, 429, 503, 504),
 )
 async def chat_completions(
     registry: NamedDependency[ModelRegistry], data: JSONBody[ChatCompletionRequest]
@@ -289,7 +291,13 @@ def _check_dimensions(requested: int | None, actual: int | None) -> None:
         )
 
 
-@post("/v1/embeddings", status_code=200, tags=TAGS, summary="Embeddings (OpenAI)")
+@post(
+    "/v1/embeddings",
+    status_code=200,
+    tags=TAGS,
+    summary="Embeddings (OpenAI)",
+    responses=error_responses(400, 404, 429, 503, 504),
+)
 async def embeddings(
     registry: NamedDependency[ModelRegistry], data: JSONBody[EmbeddingRequest]
 ) -> EmbeddingList:
@@ -354,6 +362,7 @@ class Transcription(msgspec.Struct):
     summary="Transcribe audio (OpenAI); multipart/form-data with a WAV file",
     request_max_body_size=None,  # bounded per file and per field in server/uploads.py
     operation_class=TranscriptionOperation,
+    responses=error_responses(400, 404, 413, 429, 503, 504),
 )
 async def transcriptions(
     request: Request[Any, Any, Any],

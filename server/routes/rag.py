@@ -32,6 +32,7 @@ from msgspec import Meta
 from engine.config import Settings
 from engine.errors import InvalidRequest
 from engine.rag.service import RagService, Upload, hit_json, metadata_too_deep
+from server.error_docs import error_responses
 from server.uploads import UploadLimits, read_multipart
 
 TAGS = ["rag"]
@@ -226,6 +227,7 @@ def _metadata_field(raw: str | None, max_depth: int) -> dict[str, Any] | None:
     description="multipart/form-data; each file is limited in size while it is read (413).",
     request_max_body_size=None,  # bounded per file and per field in server/uploads.py
     operation_class=IngestOperation,
+    responses=error_responses(400, 404, 413, 429, 503),
 )
 async def ingest(
     request: Request[Any, Any, Any],
@@ -254,7 +256,13 @@ async def ingest(
     return IngestResponse(**asdict(result), status="completed")
 
 
-@post("/api/rag/query", status_code=200, tags=TAGS, summary="RAG query (§4.2)")
+@post(
+    "/api/rag/query",
+    status_code=200,
+    tags=TAGS,
+    summary="RAG query (§4.2)",
+    responses=error_responses(400, 404, 429, 503, 504),
+)
 async def query(rag: NamedDependency[RagService], data: JSONBody[QueryRequest]) -> QueryResponse:
     if data.rerank_model is not None and not data.rerank:
         raise InvalidRequest("rerank_model needs rerank: true", param="rerank_model")
@@ -309,7 +317,12 @@ async def list_collections(rag: NamedDependency[RagService]) -> CollectionList:
     )
 
 
-@get("/api/rag/collections/{collection_name:str}", tags=TAGS, summary="Collection info (§4.4)")
+@get(
+    "/api/rag/collections/{collection_name:str}",
+    tags=TAGS,
+    summary="Collection info (§4.4)",
+    responses=error_responses(400, 404),
+)
 async def collection_info(
     rag: NamedDependency[RagService], collection_name: FromPath[str]
 ) -> CollectionDetail:
@@ -349,6 +362,7 @@ async def collection_info(
     status_code=200,
     tags=TAGS,
     summary="Delete a document (§4.5)",
+    responses=error_responses(400, 404),
 )
 async def delete_document(
     rag: NamedDependency[RagService], collection: FromPath[str], document_id: FromPath[str]
@@ -363,6 +377,7 @@ async def delete_document(
     status_code=200,
     tags=TAGS,
     summary="Delete a collection (§4.6)",
+    responses=error_responses(400, 404, 409),
 )
 async def delete_collection(
     rag: NamedDependency[RagService], collection_name: FromPath[str]

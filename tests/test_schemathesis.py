@@ -1,0 +1,130 @@
+"""Schemathesis against the served OpenAPI document (issue #11): a real server with two tiny
+models loaded, every documented operation fed requests generated from its own schema
+(valid and invalid ones), a bounded and derandomized number per operation. Every answer is
+below 500, has a status and a body the document declares, and every error is the §7
+envelope with the type that goes with its status.
+
+Left out:
+- `DELETE /v1/models/{rest}` (unload): the one operation that could take the fixtures'
+  models away mid-run (the other DELETEs can only meet ids nobody created).
+- Event streams (`stream: true` chat, job events): their answer is checked for its status
+  only; an SSE body is not the JSON the document describes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import schemathesis
+from api_helpers import load, running_server
+from hypothesis import HealthCheck, given, settings
+from schemathesis import BaseSchema, GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.schemas import APIOperation
+from schemathesis.specs.openapi.checks import (
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from engine.errors import ERROR_TYPES
+
+# Operations a run must not call, as (method, path template).
+EXCLUDED = {("DELETE", "/v1/models/{rest}")}
+ENVELOPE_KEYS = {"type", "message", "param", "code"}
+# Per operation and run: the whole module stays well under a minute.
+MAX_EXAMPLES = 25
+# Of each failing operation's report (schemathesis prints schema and body in full).
+REPORT_CHARS = 1500
+
+
+@pytest.fixture(scope="module")
+def api_schema(
+    tmp_path_factory: pytest.TempPathFactory, tiny_lm_dir: Path, tiny_embedder_dir: Path
+) -> Iterator[BaseSchema]:
+    with running_server(tmp_path_factory.mktemp("schemathesis")) as client:
+        load(client, tiny_lm_dir, "lm", model_id="tiny-lm")
+        load(client, tiny_embedder_dir, "embeddings", model_id="tiny-embedder")
+        yield schemathesis.openapi.from_url(f"{client.base_url}/schema/openapi.json")
+
+
+def error_envelope(ctx: Any, response: schemathesis.Response, case: schemathesis.Case) -> None:
+    """§7: an error answer is {"error": {type, message, param, code}}, its type the status's."""
+    if response.status_code < 400:
+        return
+    body = response.json()
+    assert isinstance(body, dict), body
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) >= ENVELOPE_KEYS, error
+    assert error["type"] == ERROR_TYPES[response.status_code], error
+    assert isinstance(error["message"], str), error
+    assert error["message"], error
+    assert isinstance(error["code"], str), error
+    assert error["code"], error
+    assert error["param"] is None or isinstance(error["param"], str), error
+
+
+CHECKS = [not_a_server_error, status_code_conformance, response_schema_conformance, error_envelope]
+# Operations whose error statuses are not documented yet (server/routes/fusion.py: Litestar's
+# default 400 body, no 404/409): held to no 500 and the envelope until they are.
+UNDOCUMENTED_ERRORS = {
+    ("POST", "/api/fusion/orchestrate"),
+    ("GET", "/api/fusion/runs/{run_id}"),
+    ("GET", "/api/fusion/workflows/{workflow_id}"),
+    ("DELETE", "/api/fusion/workflows/{workflow_id}"),
+    ("GET", "/api/fusion/capabilities"),
+    ("POST", "/api/fusion/compose"),
+}
+
+
+def check_case(case: schemathesis.Case) -> None:
+    response = case.call(timeout=30)
+    if response.headers.get("content-type", [""])[0].startswith("text/event-stream"):
+        case.validate_response(response, checks=[not_a_server_error])
+    elif (case.operation.method.upper(), case.operation.path) in UNDOCUMENTED_ERRORS:
+        case.validate_response(response, checks=[not_a_server_error, error_envelope])
+    else:
+        case.validate_response(response, checks=CHECKS)
+
+
+def fuzz(operation: APIOperation) -> None:
+    """Valid and invalid requests for one operation, the same ones on every run."""
+    strategy = operation.as_strategy(GenerationMode.POSITIVE) | operation.as_strategy(
+        GenerationMode.NEGATIVE
+    )
+
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(strategy)
+    def run(case: schemathesis.Case) -> None:
+        check_case(case)
+
+    run()
+
+
+# schemathesis' own pytest integration (`from_fixture` + `parametrize`) fails under pytest 9
+# (it reads a private node attribute), so one test walks the operations and reports each
+# failing one.
+def test_every_operation_answers_as_documented(api_schema: BaseSchema) -> None:
+    failures: dict[str, str] = {}
+    tested = 0
+    for result in api_schema.get_all_operations():
+        operation = result.ok()
+        if (operation.method.upper(), operation.path) in EXCLUDED:
+            continue
+        tested += 1
+        try:
+            fuzz(operation)
+        # FailureGroup is a BaseExceptionGroup: each operation is reported, not just the first.
+        except (Exception, BaseExceptionGroup) as exc:
+            failures[operation.label] = f"{type(exc).__name__}: {exc}"[:REPORT_CHARS]
+    assert not failures, "\n\n".join(f"{label}\n{text}" for label, text in failures.items())
+    assert tested == len(list(api_schema.get_all_operations())) - len(EXCLUDED)
