@@ -31,6 +31,8 @@ from litestar.middleware import ASGIMiddleware
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.logging import get_logger
+from server.auth import KEY_NAME_STATE_KEY
+from server.ratelimit import CLIENT_STATE_KEY
 
 log = get_logger("server.request")
 
@@ -44,9 +46,6 @@ _HEADER_BYTES = HEADER.lower().encode("latin-1")
 _STATE_KEY = "request_id"
 # Per-request bookkeeping of the request line, in the scope's state.
 _LINE_KEY = "_request_line"
-# Set by server/ratelimit.py and server/auth.py.
-_CLIENT_KEY = "client"
-_API_KEY_NAME_KEY = "api_key_name"
 
 
 def sanitise(raw: str) -> str | None:
@@ -94,8 +93,8 @@ class _RequestLine:
             "path": scope.get("path"),
             "status": self.status,
             "latency_ms": round((time.perf_counter() - self.started) * 1000, 2),
-            "client": state.get(_CLIENT_KEY) or (peer[0] if peer else None),
-            "api_key": state.get(_API_KEY_NAME_KEY),
+            "client": state.get(CLIENT_STATE_KEY) or (peer[0] if peer else None),
+            "api_key": state.get(KEY_NAME_STATE_KEY),
         }
         if not completed:
             fields["completed"] = False

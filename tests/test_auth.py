@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import Iterator
@@ -10,6 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
+from api_helpers import wait_for
+from litestar import post
 from serverutil import serve_app
 
 from engine.config import Settings
@@ -33,9 +36,15 @@ def _settings(data_dir: Path, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
+@post("/test/hang")
+async def hang(data: dict[str, Any]) -> None:
+    await asyncio.Event().wait()  # until the client leaves and the request is cancelled
+
+
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    app = create_app(_settings(tmp_path_factory.mktemp("auth"), api_keys=KEYS))
+    settings = _settings(tmp_path_factory.mktemp("auth"), api_keys=KEYS)
+    app = create_app(settings, extra_routes=[hang])
     with serve_app(app) as server, httpx.Client(base_url=server.base_url) as client:
         yield client
 
@@ -126,6 +135,25 @@ def test_the_request_line_names_the_key_and_no_key_is_ever_logged(
     text = caplog.text + "".join(str(r.msg) for r in caplog.records)
     for secret in (ALICE, BOB, WRONG):
         assert secret not in text
+
+
+@pytest.mark.e2e
+def test_a_request_whose_client_leaves_still_gets_its_line(
+    client: httpx.Client, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO):
+        with pytest.raises(httpx.ReadTimeout):
+            client.post(
+                "/test/hang",
+                json={},
+                headers={**_bearer(ALICE), "X-Request-ID": "left"},
+                timeout=httpx.Timeout(10.0, read=0.2),
+            )
+        wait_for(lambda: bool(_request_lines(caplog.records, "left")), what="the request line")
+    (line,) = _request_lines(caplog.records, "left")
+    assert line["completed"] is False
+    assert line["status"] is None
+    assert line["api_key"] == "alice"
 
 
 @pytest.mark.e2e
