@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import io
 import itertools
+import json
 import math
 import wave
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -24,6 +25,7 @@ from engine.errors import Conflict, ErrorCode, FusionError, NotFound
 from engine.jobs.queue import SqliteJobQueue
 from engine.jobs.service import JobService, JobSubmission
 from engine.jobs.types import Job, JobEvent, JobEventName, JobPriority, JobRequest, JobStatus
+from engine.logging import configure_logging
 from engine.services import Engine
 from server.routes.fusion import run_body
 
@@ -609,3 +611,31 @@ async def test_transcribe_audio_is_checked_before_it_is_queued(
     with pytest.raises(FusionError) as raised:
         await service.submit(JobSubmission("transcribe", {"audio": audio}, WHISPER))
     assert (raised.value.code, raised.value.param) == (code, "input.audio")
+
+
+async def test_a_jobs_log_lines_name_the_job_and_its_run(service: JobService) -> None:
+    failing = {
+        "steps": [{"step_id": "boom", "type": "template", "value": "{{ 1 // input.zero }}"}],
+        "input_schema": {"type": "object", "properties": {"zero": {"type": "integer"}}},
+    }
+    stream = io.StringIO()
+    configure_logging("json", "info", stream=stream)
+    try:
+        await service.start()
+        job_id = await submitted(
+            service,
+            JobSubmission(
+                operation="workflow",
+                input={"workflow": "custom", "definition": failing, "input": {"zero": 0}},
+                model_id=None,
+            ),
+        )
+        job = await finished(service, job_id)
+    finally:
+        configure_logging()
+    assert job.result["status"] == "failed"
+    lines = [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+    (failed,) = [line for line in lines if line["event"] == "step_failed"]
+    assert failed["job_id"] == job_id
+    assert failed["workflow_id"] == "custom"
+    assert failed["run_id"] == job.result["workflow_id"]

@@ -229,16 +229,20 @@ class FusionService:
         other, not an error."""
         # Inline definitions choose their own ids: one label for all keeps the series bounded.
         label = CUSTOM if run.source == INLINE else run.workflow.id
+        # Every log line of the run (its steps' tasks inherit the context) names it.
         try:
-            result = await self.runner.run(
-                run.workflow,
-                run.input,
-                models=run.models,
-                config=run.config,
-                on_event=on_event,
-                run_id=run.run_id,
-                input_checked=True,
-            )
+            with structlog.contextvars.bound_contextvars(
+                run_id=run.run_id, workflow_id=run.workflow.id
+            ):
+                result = await self.runner.run(
+                    run.workflow,
+                    run.input,
+                    models=run.models,
+                    config=run.config,
+                    on_event=on_event,
+                    run_id=run.run_id,
+                    input_checked=True,
+                )
         except asyncio.CancelledError:
             self.models.metrics.observe_run(label, "cancelled")
             raise

@@ -223,6 +223,11 @@ class Workers:
 
     # -- one job ----------------------------------------------------------------------
     async def _execute(self, job: Job) -> None:
+        # Every log line of the job, its model calls and run included, names it.
+        with structlog.contextvars.bound_contextvars(job_id=job.id, model_id=job.model_id):
+            await self._run_job(job)
+
+    async def _run_job(self, job: Job) -> None:
         beat = _Beat()
         owner = asyncio.current_task()
         assert owner is not None
