@@ -21,6 +21,7 @@ import pytest
 import schemathesis
 from api_helpers import load, running_server
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from schemathesis import BaseSchema, GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.schemas import APIOperation
@@ -31,6 +32,20 @@ from schemathesis.specs.openapi.checks import (
 
 from engine.errors import ERROR_TYPES
 
+LM = "tiny-lm"
+EMBEDDER = "tiny-embedder"
+COLLECTION = "notes"
+# Random ids and names meet nothing: some of the cases are pointed at the fixtures, so the
+# answers of real work are checked too (per path: body fields set to a fixture's name).
+FIXTURE_FIELDS: dict[str, dict[str, Any]] = {
+    # The options stay generated: sampling, limits, streaming, tools, logit_bias, ...
+    "/v1/chat/completions": {"model": LM, "messages": [{"role": "user", "content": "Hi"}]},
+    "/v1/embeddings": {"model": EMBEDDER},
+    "/api/rag/query": {"collection": COLLECTION, "embedding_model": EMBEDDER, "model_id": LM},
+    "/api/mcp/jobs": {"operation": "embed", "model_id": EMBEDDER, "input": {"input": "Hi"}},
+}
+# `/v1/models/{rest}`: the loaded model's id and an action the method serves.
+MODEL_ACTIONS = {"GET": ["", "/info", "/stats"], "POST": ["/warmup"]}
 # Operations a run must not call, as (method, path template).
 EXCLUDED = {("DELETE", "/v1/models/{rest}")}
 ENVELOPE_KEYS = {"type", "message", "param", "code"}
@@ -45,8 +60,16 @@ def api_schema(
     tmp_path_factory: pytest.TempPathFactory, tiny_lm_dir: Path, tiny_embedder_dir: Path
 ) -> Iterator[BaseSchema]:
     with running_server(tmp_path_factory.mktemp("schemathesis")) as client:
-        load(client, tiny_lm_dir, "lm", model_id="tiny-lm")
-        load(client, tiny_embedder_dir, "embeddings", model_id="tiny-embedder")
+        load(client, tiny_lm_dir, "lm", model_id=LM)
+        load(client, tiny_embedder_dir, "embeddings", model_id=EMBEDDER)
+        ingested = client.post(
+            "/api/rag/ingest",
+            data={"collection": COLLECTION, "embedding_model": EMBEDDER},
+            files=[
+                ("files", ("notes.txt", b"Lighthouses guide ships along the coast.", "text/plain"))
+            ],
+        )
+        assert ingested.status_code == 200, ingested.text
         yield schemathesis.openapi.from_url(f"{client.base_url}/schema/openapi.json")
 
 
@@ -90,6 +113,15 @@ def check_case(case: schemathesis.Case) -> None:
         case.validate_response(response, checks=CHECKS)
 
 
+def aim(case: schemathesis.Case, pick: int) -> None:
+    """Point a generated case at the fixtures (the rest of it stays as generated)."""
+    if case.operation.path == "/v1/models/{rest}":
+        actions = MODEL_ACTIONS[case.operation.method.upper()]
+        case.path_parameters = {"rest": LM + actions[pick % len(actions)]}
+    elif isinstance(case.body, dict):
+        case.body.update(FIXTURE_FIELDS.get(case.operation.path, {}))
+
+
 def fuzz(operation: APIOperation) -> None:
     """Valid and invalid requests for one operation, the same ones on every run."""
     strategy = operation.as_strategy(GenerationMode.POSITIVE) | operation.as_strategy(
@@ -103,8 +135,10 @@ def fuzz(operation: APIOperation) -> None:
         database=None,
         suppress_health_check=list(HealthCheck),
     )
-    @given(strategy)
-    def run(case: schemathesis.Case) -> None:
+    @given(strategy, st.none() | st.integers(min_value=0, max_value=2))
+    def run(case: schemathesis.Case, pick: int | None) -> None:
+        if pick is not None:
+            aim(case, pick)
         check_case(case)
 
     run()

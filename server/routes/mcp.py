@@ -31,6 +31,8 @@ from server.error_docs import error_responses
 from server.sse import SSE_HEADERS, sse_event
 
 TAGS = ["mcp"]
+# SQLite's largest integer: a larger offset or event id cannot even be bound to a query.
+SQLITE_MAX_INT = 2**63 - 1
 IDEMPOTENCY_KEY_MAX_CHARS = 255
 
 
@@ -108,7 +110,7 @@ async def list_jobs(
     status: Annotated[JobStatus | None, QueryParameter()] = None,
     model_id: Annotated[str | None, QueryParameter()] = None,
     limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
-    offset: Annotated[int, QueryParameter(ge=0)] = 0,
+    offset: Annotated[int, QueryParameter(ge=0, le=SQLITE_MAX_INT)] = 0,
     sort_by: Annotated[JobSort, QueryParameter()] = JobSort.CREATED_AT,
     order: Annotated[SortOrder, QueryParameter()] = SortOrder.DESC,
 ) -> dict[str, Any]:
@@ -155,7 +157,9 @@ async def _job_events(jobs: JobService, job_id: str, after: int) -> AsyncIterato
 async def job_events(
     jobs: NamedDependency[JobService],
     job_id: FromPath[str],
-    last_event_id: Annotated[int, HeaderParameter(name="Last-Event-ID", ge=0)] = 0,
+    last_event_id: Annotated[
+        int, HeaderParameter(name="Last-Event-ID", ge=0, le=SQLITE_MAX_INT)
+    ] = 0,
 ) -> Stream:
     await jobs.get(job_id)  # 404 before the stream starts
     return Stream(
