@@ -22,6 +22,7 @@ import schemathesis
 from api_helpers import load, running_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from litestar import Litestar
 from schemathesis import BaseSchema, GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.schemas import APIOperation
@@ -31,6 +32,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from engine.errors import ERROR_TYPES
+from server.deps import DEPENDENCIES
+from server.openapi_docs import ClosedStructSchemaPlugin
+from server.routes import models as model_routes
 
 LM = "tiny-lm"
 EMBEDDER = "tiny-embedder"
@@ -162,3 +166,16 @@ def test_every_operation_answers_as_documented(api_schema: BaseSchema) -> None:
             failures[operation.label] = f"{type(exc).__name__}: {exc}"[:REPORT_CHARS]
     assert not failures, "\n\n".join(f"{label}\n{text}" for label, text in failures.items())
     assert tested == len(list(api_schema.get_all_operations())) - len(EXCLUDED)
+
+
+def test_a_struct_that_forbids_unknown_fields_is_documented_closed() -> None:
+    app = Litestar(
+        route_handlers=model_routes.ROUTES,
+        dependencies=DEPENDENCIES,
+        plugins=[ClosedStructSchemaPlugin()],
+    )
+    schemas = app.openapi_schema.to_schema()["components"]["schemas"]
+    assert schemas["LoadRequest"]["additionalProperties"] is False
+    assert schemas["WarmupRequest"]["additionalProperties"] is False
+    # A response body is not refused for extra fields: it stays open.
+    assert "additionalProperties" not in schemas["LoadResponse"]

@@ -27,7 +27,7 @@ from engine.jobs.service import JobService, JobState, JobSubmission
 from engine.jobs.types import JobPriority, JobSort, JobStatus, SortOrder
 from engine.jobs.views import job_body, job_summary
 from engine.jobs.webhooks import Webhook, WebhookInfo, WebhookStore
-from server.error_docs import error_responses
+from server.openapi_docs import error_responses
 from server.sse import SSE_HEADERS, sse_event
 
 TAGS = ["mcp"]

@@ -24,7 +24,7 @@ from engine.models.memory import gb
 from engine.models.registry import ModelRegistry
 from engine.models.types import LoadSpec, ModelType
 from server import model_views as views
-from server.error_docs import error_responses
+from server.openapi_docs import error_responses
 
 TAGS = ["models"]
 # The action each trailing segment names, and the one method that serves it.

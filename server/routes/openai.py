@@ -38,8 +38,8 @@ from engine.models.backends.base import ChatChunk, ChatParams
 from engine.models.params import openai_chat_params
 from engine.models.registry import ModelRegistry
 from engine.models.types import Operation as ModelOperation
-from server.error_docs import error_responses
 from server.errors import GENERIC_500_MESSAGE
+from server.openapi_docs import error_responses
 from server.sse import SSE_HEADERS
 from server.uploads import UploadLimits, read_multipart
 

@@ -32,7 +32,7 @@ from msgspec import Meta
 from engine.config import Settings
 from engine.errors import InvalidRequest
 from engine.rag.service import RagService, Upload, hit_json, metadata_too_deep
-from server.error_docs import error_responses
+from server.openapi_docs import error_responses
 from server.uploads import UploadLimits, read_multipart
 
 TAGS = ["rag"]
