@@ -337,6 +337,7 @@ _TRANSCRIPTION_FORM = Schema(
         "language": Schema(type=OpenAPIType.STRING, description="ISO-639-1 code; else detected"),
         "response_format": Schema(type=OpenAPIType.STRING, enum=list(RESPONSE_FORMATS)),
     },
+    additional_properties=False,  # another field is refused (400)
 )
 
 

@@ -31,7 +31,14 @@ from msgspec import Meta
 
 from engine.config import Settings
 from engine.errors import InvalidRequest
-from engine.rag.service import RagService, Upload, hit_json, metadata_too_deep
+from engine.rag.service import (
+    COLLECTION_NAME,
+    MIN_CHUNK,
+    RagService,
+    Upload,
+    hit_json,
+    metadata_too_deep,
+)
 from server.openapi_docs import error_responses
 from server.uploads import UploadLimits, read_multipart
 
@@ -160,17 +167,26 @@ _INGEST_FORM = Schema(
     type=OpenAPIType.OBJECT,
     required=["collection", "files"],
     properties={
-        "collection": _property(OpenAPIType.STRING, "Collection name"),
+        "collection": Schema(
+            type=OpenAPIType.STRING, description="Collection name", pattern=COLLECTION_NAME.pattern
+        ),
         "files": Schema(
             type=OpenAPIType.ARRAY,
             items=Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY),
+            min_items=1,
             description="Documents (PDF, TXT, MD, HTML); `files[]` is accepted too",
         ),
-        "chunk_size": _property(OpenAPIType.INTEGER, "Chunk size in model tokens", default=512),
-        "overlap": _property(OpenAPIType.INTEGER, "Overlap between chunks", default=64),
+        "chunk_size": _property(
+            OpenAPIType.INTEGER, "Chunk size in model tokens", default=512, minimum=MIN_CHUNK
+        ),
+        "overlap": _property(
+            OpenAPIType.INTEGER, "Overlap between chunks, below chunk_size", default=64, minimum=0
+        ),
         "embedding_model": _property(OpenAPIType.STRING, "Embeddings model id"),
         "metadata": _property(OpenAPIType.STRING, "A JSON object, kept on every document"),
     },
+    # Another field is refused (400), as the JSON bodies refuse theirs.
+    additional_properties=False,
 )
 
 
