@@ -54,7 +54,7 @@ MODEL_ACTIONS = {"GET": ["", "/info", "/stats"], "POST": ["/warmup"]}
 EXCLUDED = {("DELETE", "/v1/models/{rest}")}
 ENVELOPE_KEYS = {"type", "message", "param", "code"}
 # Per operation and run: the whole module stays well under a minute.
-MAX_EXAMPLES = 25
+MAX_EXAMPLES = 50
 # Of each failing operation's report (schemathesis prints schema and body in full).
 REPORT_CHARS = 1500
 

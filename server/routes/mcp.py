@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import msgspec
 from litestar import Response, delete, get, post
 from litestar.di import NamedDependency
+from litestar.openapi import ResponseSpec
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from litestar.response import Stream
 from msgspec import Meta
@@ -53,6 +54,92 @@ class RegisterWebhookRequest(msgspec.Struct, forbid_unknown_fields=True):
     metadata: dict[str, Any] | None = None
 
 
+# -- documented answers -----------------------------------------------------------------------
+# The routes answer with the dicts of engine/jobs/views.py (one shape for routes, the event
+# stream and webhook deliveries); these say in the OpenAPI document what those dicts hold.
+# A key that only some states have is optional here.
+class JobDoc(msgspec.Struct, kw_only=True):
+    job_id: str
+    status: JobStatus
+    model_id: str | None
+    operation: str
+    priority: JobPriority
+    created_at: str
+    attempts: int
+    max_attempts: int
+    metadata: Any
+    started_at: str | None = None
+    progress: float | None = None
+    completed_at: str | None = None
+    failed_at: str | None = None
+    cancelled_at: str | None = None
+    result: Any = None
+    error: str | None = None
+    callback_url: str | None = None
+    # While queued.
+    position_in_queue: int | None = None
+    estimated_completion_ms: float | None = None
+
+
+class JobSummaryDoc(msgspec.Struct, kw_only=True):
+    job_id: str
+    status: JobStatus
+    model_id: str | None
+    operation: str
+    priority: JobPriority
+    created_at: str
+    started_at: str | None = None
+    completed_at: str | None = None
+    failed_at: str | None = None
+    cancelled_at: str | None = None
+    latency_ms: float | None = None
+
+
+class JobListDoc(msgspec.Struct):
+    jobs: list[JobSummaryDoc]
+    total: int
+    limit: int
+    offset: int
+
+
+class JobCancelledDoc(msgspec.Struct):
+    job_id: str
+    status: JobStatus
+    cancelled_at: str | None
+
+
+class WebhookDoc(msgspec.Struct, kw_only=True):
+    webhook_id: str
+    url: str
+    events: list[str]
+    status: str
+    created_at: str
+    metadata: Any
+    disabled_reason: str | None = None
+
+
+class WebhookInfoDoc(WebhookDoc, kw_only=True):
+    last_triggered_at: str | None
+    success_count: int
+    failure_count: int
+    consecutive_failures: int
+
+
+class WebhookListDoc(msgspec.Struct):
+    webhooks: list[WebhookInfoDoc]
+
+
+class WebhookDeletedDoc(msgspec.Struct):
+    webhook_id: str
+    status: str
+
+
+def _answer(status: int, body: type[msgspec.Struct], *errors: int) -> dict[int, ResponseSpec]:
+    """`responses=`: the success body `body` and the §7 envelope for `errors`."""
+    success = ResponseSpec(data_container=body, description="Success", generate_examples=False)
+    return {status: success, **error_responses(*errors)}
+
+
 def _state_body(state: JobState) -> dict[str, Any]:
     body = job_body(state.job)
     if state.job.status is JobStatus.QUEUED:
@@ -66,7 +153,7 @@ def _state_body(state: JobState) -> dict[str, Any]:
     status_code=202,
     tags=TAGS,
     summary="Submit a job (§5.1): answered once it is committed",
-    responses=error_responses(400, 409, 429, 503),
+    responses=_answer(202, JobDoc, 400, 409, 429, 503),
 )
 async def submit_job(
     jobs: NamedDependency[JobService],
@@ -98,13 +185,18 @@ async def submit_job(
     "/api/mcp/jobs/{job_id:str}",
     tags=TAGS,
     summary="A job's status (§5.2)",
-    responses=error_responses(400, 404),
+    responses=_answer(200, JobDoc, 400, 404),
 )
 async def get_job(jobs: NamedDependency[JobService], job_id: FromPath[str]) -> dict[str, Any]:
     return _state_body(await jobs.get(job_id))
 
 
-@get("/api/mcp/jobs", tags=TAGS, summary="List jobs (§5.3)", responses=error_responses(400))
+@get(
+    "/api/mcp/jobs",
+    tags=TAGS,
+    summary="List jobs (§5.3)",
+    responses=_answer(200, JobListDoc, 400),
+)
 async def list_jobs(
     jobs: NamedDependency[JobService],
     status: Annotated[JobStatus | None, QueryParameter()] = None,
@@ -135,7 +227,7 @@ async def list_jobs(
     status_code=200,
     tags=TAGS,
     summary="Cancel a queued or processing job (§5.4)",
-    responses=error_responses(400, 404, 409),
+    responses=_answer(200, JobCancelledDoc, 400, 404, 409),
 )
 async def cancel_job(jobs: NamedDependency[JobService], job_id: FromPath[str]) -> dict[str, Any]:
     job = await jobs.cancel(job_id)
@@ -201,7 +293,7 @@ def _webhook_info(info: WebhookInfo) -> dict[str, Any]:
     status_code=201,
     tags=TAGS,
     summary="Register a webhook for job events (§5.5)",
-    responses=error_responses(400),
+    responses=_answer(201, WebhookDoc, 400),
 )
 async def register_webhook(
     webhooks: NamedDependency[WebhookStore], data: JSONBody[RegisterWebhookRequest]
@@ -212,7 +304,12 @@ async def register_webhook(
     return _webhook_body(webhook)
 
 
-@get("/api/mcp/webhooks", tags=TAGS, summary="Registered webhooks and their delivery counts (§5.6)")
+@get(
+    "/api/mcp/webhooks",
+    tags=TAGS,
+    summary="Registered webhooks and their delivery counts (§5.6)",
+    responses=_answer(200, WebhookListDoc),
+)
 async def list_webhooks(webhooks: NamedDependency[WebhookStore]) -> dict[str, Any]:
     return {"webhooks": [_webhook_info(info) for info in await asyncio.to_thread(webhooks.list)]}
 
@@ -222,7 +319,7 @@ async def list_webhooks(webhooks: NamedDependency[WebhookStore]) -> dict[str, An
     status_code=200,
     tags=TAGS,
     summary="Delete a webhook (§5.7); its pending deliveries are dropped",
-    responses=error_responses(400, 404),
+    responses=_answer(200, WebhookDeletedDoc, 400, 404),
 )
 async def delete_webhook(
     webhooks: NamedDependency[WebhookStore], webhook_id: FromPath[str]
