@@ -32,6 +32,7 @@ from server.disconnect import CancelOnDisconnectMiddleware
 from server.errors import exception_handlers
 from server.guards import EdgeGuardMiddleware, cors_config
 from server.metrics import MetricsMiddleware
+from server.openapi_docs import ClosedStructSchemaPlugin
 from server.ratelimit import RateLimitMiddleware
 from server.request_id import RequestIdMiddleware, set_request_id_header
 from server.routes import fusion as fusion_routes
@@ -121,4 +122,6 @@ def create_app(
         # second, differently formatted handler.
         logging_config=None,
         openapi_config=OpenAPIConfig(title="Fusion", version=_fusion_version()),
+        # Bodies that refuse unknown fields are documented closed (server/openapi_docs.py).
+        plugins=[ClosedStructSchemaPlugin()],
     )

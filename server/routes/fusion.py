@@ -29,6 +29,7 @@ from engine.fusion.service import FusionService, PreparedRun, RunEvent, RunOutco
 from engine.logging import get_logger
 from engine.runtime.trace import StepRecord
 from server.errors import GENERIC_500_MESSAGE
+from server.openapi_docs import ErrorDetail, error_responses
 from server.sse import SSE_HEADERS, sse_event
 from server.versioning import deprecation_headers
 
@@ -61,16 +62,6 @@ class TraceEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     iterations: int | None = None  # repeat: how many passes ran
 
 
-class ErrorObject(msgspec.Struct, omit_defaults=True):
-    """§7's error object (what the envelope's `error` holds)."""
-
-    type: str
-    message: str
-    param: str | None
-    code: str
-    details: Any = None
-
-
 class RequestWarning(msgspec.Struct):
     code: str
     message: str
@@ -97,7 +88,7 @@ class RunFields(msgspec.Struct, kw_only=True):
 
 class RunResponse(RunFields, kw_only=True, omit_defaults=True):
     stored: bool  # False: a full or read-only database; `warning` says which
-    warning: ErrorObject | None = None
+    warning: ErrorDetail | None = None
     warnings: list[RequestWarning] = []  # about the request (a deprecated role name)
 
 
@@ -201,7 +192,13 @@ def _run_response(outcome: RunOutcome) -> RunResponse:
         **_run_fields(outcome.run),
         stored=outcome.stored,
         warning=(
-            ErrorObject(error.type, error.message, error.param, error.code, error.details)
+            ErrorDetail(
+                type=error.type,
+                message=error.message,
+                param=error.param,
+                code=error.code,
+                details=error.details,
+            )
             if error
             else None
         ),
@@ -283,6 +280,7 @@ async def _events(service: FusionService, run: PreparedRun) -> AsyncIterator[byt
 
 @post(
     "/api/fusion/orchestrate",
+    responses=error_responses(400, 404, 429, 503, 504),
     status_code=200,
     tags=TAGS,
     summary="Run a workflow (§3.1); `stream: true` answers with server-sent events",
@@ -305,7 +303,12 @@ async def orchestrate(
     return Response(_run_response(await fusion.execute(run)), headers=deprecated)
 
 
-@get("/api/fusion/runs/{run_id:str}", tags=TAGS, summary="A stored run with its trace")
+@get(
+    "/api/fusion/runs/{run_id:str}",
+    tags=TAGS,
+    summary="A stored run with its trace",
+    responses=error_responses(400, 404),
+)
 async def get_run(
     fusion: NamedDependency[FusionService], run_id: FromPath[str]
 ) -> StoredRunResponse:
@@ -321,6 +324,7 @@ async def list_workflows(fusion: NamedDependency[FusionService]) -> WorkflowList
     "/api/fusion/workflows/{workflow_id:str}",
     tags=TAGS,
     summary="A workflow with its definition",
+    responses=error_responses(400, 404),
 )
 async def get_workflow(
     fusion: NamedDependency[FusionService], workflow_id: FromPath[str]
@@ -333,6 +337,7 @@ async def get_workflow(
     status_code=200,
     tags=TAGS,
     summary="Delete a composed workflow (every version)",
+    responses=error_responses(400, 404, 409),
 )
 async def delete_workflow(
     fusion: NamedDependency[FusionService], workflow_id: FromPath[str]
@@ -341,7 +346,12 @@ async def delete_workflow(
     return DeleteResponse(workflow_id, status="deleted", version=info.version)
 
 
-@get("/api/fusion/capabilities", tags=TAGS, summary="What the loaded models can do (§3.3)")
+@get(
+    "/api/fusion/capabilities",
+    tags=TAGS,
+    summary="What the loaded models can do (§3.3)",
+    responses=error_responses(400),
+)
 async def capabilities(
     fusion: NamedDependency[FusionService], capability: FromQuery[str | None] = None
 ) -> CapabilitiesResponse:
@@ -353,6 +363,7 @@ async def capabilities(
     status_code=201,
     tags=TAGS,
     summary="Compose a custom workflow (§3.4); the same name again stores a new version",
+    responses=error_responses(400, 409),
 )
 async def compose(
     fusion: NamedDependency[FusionService], data: JSONBody[dict[str, Any]]

@@ -37,6 +37,7 @@ from engine.services import Engine
 from engine.store import Store
 from server import model_views as views
 from server.errors import error_response
+from server.openapi_docs import ErrorEnvelope
 
 log = get_logger("server.health")
 
@@ -84,17 +85,6 @@ class LiveResponse(msgspec.Struct):
 
 class ReadyResponse(msgspec.Struct):
     status: str  # "ready" (200); otherwise a 503 §7 error envelope
-
-
-class ErrorObject(msgspec.Struct):
-    type: str
-    message: str
-    param: str | None
-    code: str
-
-
-class NotReady(msgspec.Struct):
-    error: ErrorObject
 
 
 def _check_store(store: Store | None, min_free_bytes: int) -> tuple[str, PersistenceHealth, Any]:
@@ -208,7 +198,7 @@ async def live() -> LiveResponse:
     tags=["observability"],
     responses={
         200: ResponseSpec(data_container=ReadyResponse, description="Ready"),
-        503: ResponseSpec(data_container=NotReady, description="Not ready: the §7 envelope"),
+        503: ResponseSpec(data_container=ErrorEnvelope, description="Not ready: the §7 envelope"),
     },
 )
 async def ready(request: Request[Any, Any, Any]) -> Response[Any]:
