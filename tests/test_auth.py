@@ -13,6 +13,7 @@ import httpx
 import pytest
 from api_helpers import wait_for
 from litestar import post
+from litestar.params import JSONBody
 from serverutil import serve_app
 
 from engine.config import Settings
@@ -37,7 +38,7 @@ def _settings(data_dir: Path, **overrides: Any) -> Settings:
 
 
 @post("/test/hang")
-async def hang(data: dict[str, Any]) -> None:
+async def hang(data: JSONBody[dict[str, Any]]) -> None:
     await asyncio.Event().wait()  # until the client leaves and the request is cancelled
 
 
