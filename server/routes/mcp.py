@@ -58,21 +58,26 @@ class RegisterWebhookRequest(msgspec.Struct, forbid_unknown_fields=True):
 # The routes answer with the dicts of engine/jobs/views.py (one shape for routes, the event
 # stream and webhook deliveries); these say in the OpenAPI document what those dicts hold.
 # A key that only some states have is optional here.
-class JobDoc(msgspec.Struct, kw_only=True):
+class _JobHeadDoc(msgspec.Struct, kw_only=True):
+    """What a job's body and its list item share."""
+
     job_id: str
     status: JobStatus
     model_id: str | None
     operation: str
     priority: JobPriority
     created_at: str
-    attempts: int
-    max_attempts: int
-    metadata: Any
     started_at: str | None = None
-    progress: float | None = None
     completed_at: str | None = None
     failed_at: str | None = None
     cancelled_at: str | None = None
+
+
+class JobDoc(_JobHeadDoc, kw_only=True):
+    attempts: int
+    max_attempts: int
+    metadata: Any
+    progress: float | None = None
     result: Any = None
     error: str | None = None
     callback_url: str | None = None
@@ -81,17 +86,7 @@ class JobDoc(msgspec.Struct, kw_only=True):
     estimated_completion_ms: float | None = None
 
 
-class JobSummaryDoc(msgspec.Struct, kw_only=True):
-    job_id: str
-    status: JobStatus
-    model_id: str | None
-    operation: str
-    priority: JobPriority
-    created_at: str
-    started_at: str | None = None
-    completed_at: str | None = None
-    failed_at: str | None = None
-    cancelled_at: str | None = None
+class JobSummaryDoc(_JobHeadDoc, kw_only=True):
     latency_ms: float | None = None
 
 
