@@ -42,6 +42,8 @@ def fusion_server(data_dir: Path, startup_models: list[dict[str, Any]]) -> Itera
         "FUSION_DATA_DIR": str(data_dir),
         "FUSION_STARTUP_MODELS": json.dumps(startup_models),
         "FUSION_LOG_LEVEL": "warning",
+        # Throughput is measured: the per-client rate limits (spec §8) would refuse it.
+        "FUSION_RATE_LIMIT_ENABLED": "false",
         "HF_HUB_OFFLINE": "1",
     }
     command = [sys.executable, "-m", "engine.cli", "serve", "--port", str(port)]

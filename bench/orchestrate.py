@@ -106,12 +106,16 @@ def serve(
     workflows = data_dir / "workflows"
     workflows.mkdir(parents=True, exist_ok=True)
     (workflows / "trivial.yaml").write_text(WORKFLOW)
+    # A benchmark measures throughput: the per-client rate limits (spec §8) would refuse it.
     config = Settings(
-        data_dir=data_dir,
-        workflows_dir=workflows,
-        startup_models=[],
-        log_level="warning",
-        **settings,
+        **{
+            "data_dir": data_dir,
+            "workflows_dir": workflows,
+            "startup_models": [],
+            "log_level": "warning",
+            "rate_limit_enabled": False,
+            **settings,
+        }
     )
     app = create_app(config, extra_routes=[bare])
     uvicorn.run(app, host="127.0.0.1", port=port, log_config=None, access_log=False)
