@@ -140,7 +140,7 @@ def test_lm_config_reports_its_shape(tiny_lm_dir: Path) -> None:
     assert synthetic.read_marker(tiny_lm_dir) == {
         "kind": "lm",
         "seed": 0,
-        "params": {"hidden": 64, "layers": 2, "context_length": 2048},
+        "params": {"hidden": 64, "layers": 2, "context_length": 2048, "head_dim": 64},
         "format": synthetic.FORMAT_VERSION,
     }
 
@@ -269,7 +269,7 @@ def test_builder_refuses_a_directory_it_did_not_build(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         synthetic.build_lm(tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
-    with pytest.raises(ValueError, match="multiple of 16"):
+    with pytest.raises(ValueError, match="multiple of head_dim"):
         synthetic.build_lm(tmp_path / "odd", hidden=40)
     assert not (tmp_path / "odd").exists()
 
@@ -300,3 +300,19 @@ def test_minilm_embeds_like_sentence_transformers(minilm_dir: Path) -> None:
 def test_minilm_path_is_none_without_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(minilm.importlib.util, "find_spec", lambda name: None)
     assert minilm.minilm_path() is None
+
+
+def test_build_lm_heads_are_64_wide_by_default_and_can_be_narrower(tmp_path: Path) -> None:
+    """Real models' heads are 64 wide, and MLX-CUDA 0.32.4 fails in batched decoding with
+    16-wide ones (../shared/gpu/README.md): the default follows the real models."""
+
+    def config(name: str, **params: int) -> dict[str, int]:
+        built = synthetic.build_lm(tmp_path / name, **params)
+        loaded: dict[str, int] = json.loads((built / "config.json").read_text())
+        return loaded
+
+    wide = config("wide", hidden=128)
+    assert wide["hidden_size"] // wide["num_attention_heads"] == 64
+    assert config("narrow", hidden=128, head_dim=16)["num_attention_heads"] == 8
+    with pytest.raises(ValueError, match="multiple of head_dim"):
+        synthetic.build_lm(tmp_path / "bad", hidden=96, head_dim=64)

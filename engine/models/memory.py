@@ -8,9 +8,11 @@ from typing import Any
 
 GIB = 1024**3
 # Share of memory models may use when no budget is configured. On unified-memory Macs
-# Metal recommends a working-set size; on CPU-only machines the models share RAM with
+# Metal recommends a working-set size; a CUDA device's memory is the models' own, less
+# what the runtime and activations need; on CPU-only machines the models share RAM with
 # everything else, so take half.
 METAL_SHARE = 0.9
+CUDA_SHARE = 0.9
 CPU_SHARE = 0.5
 
 
@@ -36,12 +38,21 @@ def default_budget_bytes() -> int:
         import mlx.core as mx
 
         info: dict[str, Any] = dict(mx.device_info())
-        working_set = info.get("max_recommended_working_set_size")
-        if working_set:
-            return int(working_set * METAL_SHARE)
     except Exception:  # no MLX: the budget still bounds what the registry accepts
-        pass
-    return int(system_memory_bytes() * CPU_SHARE)
+        info = {}
+    return budget_from_device(info, system_memory_bytes())
+
+
+def budget_from_device(info: dict[str, Any], system_bytes: int) -> int:
+    """The default budget from MLX's `device_info()`: Metal names its recommended working
+    set, CUDA its total memory; the CPU backend names neither."""
+    working_set = info.get("max_recommended_working_set_size")
+    if working_set:
+        return int(working_set * METAL_SHARE)
+    total = info.get("total_memory")
+    if total:
+        return int(total * CUDA_SHARE)
+    return int(system_bytes * CPU_SHARE)
 
 
 def gb(n: int | float) -> float:

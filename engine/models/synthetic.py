@@ -131,6 +131,8 @@ QWEN2_VL_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# The VLM keeps 16-wide heads (its mrope sections split each head's rotary half in three).
+_VLM_HEAD_DIM = 16
 # Image geometry of the tiny VLM: 14-pixel patches merged 2x2, at most 56x56 pixels, so an
 # image costs at most 4 tokens and the vision tower stays fast on CPU.
 _VLM_PATCH = 14
@@ -179,15 +181,23 @@ def build_lm(
     hidden: int = 64,
     layers: int = 2,
     context_length: int = 2048,
+    head_dim: int = 64,
 ) -> Path:
-    """Build a random-weight qwen2 chat model for `mlx_lm.load` into `path`."""
-    _heads(hidden)  # validate before touching the directory
-    params = {"hidden": hidden, "layers": layers, "context_length": context_length}
+    """Build a random-weight qwen2 chat model for `mlx_lm.load` into `path`. `head_dim`:
+    the attention heads' width, 64 like real models by default (MLX-CUDA 0.32.4 fails in
+    batched decoding with 16-wide heads: ../shared/gpu/README.md)."""
+    _heads(hidden, head_dim)  # validate before touching the directory
+    params = {
+        "hidden": hidden,
+        "layers": layers,
+        "context_length": context_length,
+        "head_dim": head_dim,
+    }
 
     def write(out: Path) -> None:
         tokenizer = _train_bpe(LM_SPECIAL_TOKENS)
         ids = _special_ids(tokenizer, LM_SPECIAL_TOKENS)
-        config = _qwen2_config(tokenizer, ids, hidden, layers, context_length)
+        config = _qwen2_config(tokenizer, ids, hidden, layers, context_length, head_dim)
         _write_json(out / "config.json", config)
         _save_weights(out / "model.safetensors", _qwen2_lm_shapes(config), seed)
         _write_chat_tokenizer(out, tokenizer, CHATML_TOOLS_TEMPLATE, context_length)
@@ -204,7 +214,7 @@ def build_vlm(path: str | os.PathLike[str], *, seed: int = 0) -> Path:
         specials = LM_SPECIAL_TOKENS + VISION_SPECIAL_TOKENS
         tokenizer = _train_bpe(specials)
         ids = _special_ids(tokenizer, specials)
-        text = _qwen2_config(tokenizer, ids, hidden, layers, context_length)
+        text = _qwen2_config(tokenizer, ids, hidden, layers, context_length, _VLM_HEAD_DIM)
         config = _qwen2_vl_config(text, ids)
         _write_json(out / "config.json", config)
         _save_weights(out / "model.safetensors", _qwen2_vl_shapes(config), seed)
@@ -349,9 +359,14 @@ def _lock(path: Path) -> Iterator[None]:
 
 
 def _qwen2_config(
-    tokenizer: Any, ids: Mapping[str, int], hidden: int, layers: int, context_length: int
+    tokenizer: Any,
+    ids: Mapping[str, int],
+    hidden: int,
+    layers: int,
+    context_length: int,
+    head_dim: int,
 ) -> dict[str, Any]:
-    heads, kv_heads = _heads(hidden)
+    heads, kv_heads = _heads(hidden, head_dim)
     return {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
@@ -433,11 +448,17 @@ def _bert_config(tokenizer: Any, hidden: int, layers: int, positions: int) -> di
 # --- weights ---------------------------------------------------------------------------------
 
 
-def _heads(hidden: int) -> tuple[int, int]:
-    """Attention heads of width 16 (and half as many key/value heads, grouped-query style)."""
-    if hidden < 32 or hidden % 16:
-        raise ValueError(f"hidden must be a multiple of 16 and at least 32, got {hidden}")
-    heads = hidden // 16
+def _heads(hidden: int, head_dim: int = 16) -> tuple[int, int]:
+    """Attention heads of width `head_dim` (and half as many key/value heads, grouped-query
+    style)."""
+    if head_dim < 8 or head_dim % 8:
+        raise ValueError(f"head_dim must be a multiple of 8, got {head_dim}")
+    if hidden < max(32, head_dim) or hidden % head_dim:
+        raise ValueError(
+            f"hidden must be a multiple of head_dim ({head_dim}) and at least "
+            f"{max(32, head_dim)}, got {hidden}"
+        )
+    heads = hidden // head_dim
     return heads, max(1, heads // 2)
 
 
