@@ -146,7 +146,11 @@ class FusionService:
         inline definition or input (400, `param` naming where), a named model that is
         not loaded (404 `model_not_found`), a required role no loaded model can fill (503
         `model_not_loaded`)."""
-        wf, source = self.resolve(workflow, definition)
+        if workflow == CUSTOM and definition is not None:
+            # A request's own definition (up to workflow_max_bytes) compiles off the loop.
+            wf, source = await asyncio.to_thread(self.resolve, workflow, definition)
+        else:
+            wf, source = self.resolve(workflow, definition)
         prepared_input = await prepare_input(wf.input_schema, input, self.runner.limits.schemas)
         if config is not None and not isinstance(config, Mapping):
             raise InvalidRequest("config must be an object", param="config")
