@@ -60,6 +60,11 @@ class Settings:
     model_memory_budget_gb: float | None = None
     model_max_concurrency: int = 1
     model_max_queue: int = 100
+    # Embedding requests that wait while a pass of their model runs share the next pass,
+    # up to this many texts in all (engine/models/batching.py); a larger request goes alone.
+    # An embeddings model admits at least this many requests at once (model_max_concurrency
+    # otherwise, or the load's max_concurrency): admitted requests are what passes group.
+    model_embed_batch_max_texts: int = 64
     # Longest model id a load may set or a request may name (engine/models/ids.py).
     model_id_max_chars: int = 256
     # Characters of text in one chat or warmup prompt, refused (400) before tokenizing.

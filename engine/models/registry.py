@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,8 @@ from engine.models.backends.base import (
     read_config,
     weight_file_bytes,
 )
+from engine.models.backends.embeddings import EmbeddingModel
+from engine.models.batching import Batcher
 from engine.models.ids import check_model_id
 from engine.models.images import ImagePolicy
 from engine.models.memory import active_bytes, gb, release_cached
@@ -104,6 +106,8 @@ class ModelEntry:
     unloading: bool = False
     stops: set[threading.Event] = field(default_factory=set)
     waiters: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Groups the embed requests of an embeddings model; made by its first one.
+    embed_batcher: Batcher[list[str], EmbedResult] | None = None
 
     @property
     def busy(self) -> bool:
@@ -131,6 +135,7 @@ class ModelRegistry:
         images: ImagePolicy | None = None,
         limits: ModelLimits | None = None,
         metrics: EngineMetrics | None = None,
+        embed_batch_max_texts: int | None = None,
     ) -> None:
         self.backends = dict(backends)
         # The engine's instruments; the services built on this registry record through it.
@@ -141,6 +146,7 @@ class ModelRegistry:
         self.worker = worker or MLXWorker()
         self.default_concurrency = default_concurrency
         self.default_queue = default_queue
+        self.embed_batch_max_texts = embed_batch_max_texts or Settings().model_embed_batch_max_texts
         self._entries: dict[str, ModelEntry] = {}
         self._loading: dict[str, tuple[LoadSpec, asyncio.Task[ModelEntry]]] = {}
         self._load_lock = asyncio.Lock()
@@ -254,7 +260,7 @@ class ModelRegistry:
                 memory_bytes=measured or model.weight_bytes,
                 load_time_ms=load_ms,
                 slots=Slots(
-                    spec.max_concurrency or self.default_concurrency,
+                    spec.max_concurrency or self._default_concurrency(spec.model_type),
                     self.default_queue if spec.max_queue is None else spec.max_queue,
                 ),
                 vocab_size=vocab_size(config),
@@ -465,11 +471,22 @@ class ModelRegistry:
         tokens: Callable[[T], int],
     ) -> T:
         """One blocking request on the worker thread, admitted and counted in the stats."""
+        return await self._admitted(
+            model_id, lambda entry, stop: self.worker.call(call, entry, stop), tokens
+        )
+
+    async def _admitted(
+        self,
+        model_id: str,
+        run: Callable[[ModelEntry, threading.Event], Awaitable[T]],
+        tokens: Callable[[T], int],
+    ) -> T:
+        """One request, admitted and counted in the stats."""
         started = time.perf_counter()
         async with self.use(model_id) as (entry, stop):
             try:
-                result = await self.worker.call(call, entry, stop)
-            except InvalidRequest:
+                result = await run(entry, stop)
+            except (InvalidRequest, ServiceUnavailable):
                 raise
             except Exception as exc:
                 entry.stats.record_error(f"{type(exc).__name__}: {exc}")
@@ -480,11 +497,43 @@ class ModelRegistry:
             return result
 
     async def embed(self, model_id: str, texts: Sequence[str]) -> EmbedResult:
-        return await self._serve(
-            model_id,
-            lambda entry, stop: entry.model.embed(list(texts), stop),
-            lambda r: r.prompt_tokens,
-        )
+        """The vectors of ``texts``, in order. An embeddings model's requests that wait
+        while one of its passes runs share the next pass (engine/models/batching.py);
+        each is admitted, answered and counted on its own."""
+
+        async def run(entry: ModelEntry, stop: threading.Event) -> EmbedResult:
+            if not isinstance(entry.model, EmbeddingModel):  # the base class's clear refusal
+                return await self.worker.call(entry.model.embed, list(texts), stop)
+            return await self._embed_batcher(entry).submit(list(texts))
+
+        return await self._admitted(model_id, run, lambda r: r.prompt_tokens)
+
+    def _embed_batcher(self, entry: ModelEntry) -> Batcher[list[str], EmbedResult]:
+        if entry.embed_batcher is None:
+            model = entry.model
+            assert isinstance(model, EmbeddingModel)
+
+            async def run(groups: list[list[str]], stop: threading.Event) -> list[EmbedResult]:
+                if entry.unloading:
+                    raise _unloaded(entry.id)
+                entry.stops.add(stop)  # a forced unload ends the pass at its next batch
+                try:
+                    results = await self.worker.call(model.embed_groups, groups, stop)
+                finally:
+                    entry.stops.discard(stop)
+                if stop.is_set() and entry.unloading:
+                    raise _unloaded(entry.id)
+                return results
+
+            entry.embed_batcher = Batcher(run, bound=self.embed_batch_max_texts, size=len)
+        return entry.embed_batcher
+
+    def _default_concurrency(self, model_type: str) -> int:
+        """Requests a model admits at once unless its load says: for an embeddings model
+        at least a full pass of one-text requests, since admitted requests share passes."""
+        if model_type == ModelType.EMBEDDINGS:
+            return max(self.default_concurrency, self.embed_batch_max_texts)
+        return self.default_concurrency
 
     async def relevance(
         self, model_id: str, query: str, documents: Sequence[str], instruction: str

@@ -112,17 +112,24 @@ class EmbeddingModel(LoadedModel):
             return len(self.tokenizer("")["input_ids"])
 
     def embed(self, texts: Sequence[str], stop: threading.Event) -> EmbedResult:
+        return self.embed_groups([texts], stop)[0]
+
+    def embed_groups(
+        self, groups: Sequence[Sequence[str]], stop: threading.Event
+    ) -> list[EmbedResult]:
+        """The texts of several requests in shared forward passes; one result per group,
+        in order, with its own token count and truncation flags. Stopped early, the texts
+        not reached have no vector (None)."""
         import mlx.core as mx
         import numpy as np
         from mlx_vlm.models.pooling import normalize_embeddings, pool_by_config
 
-        if not texts:
-            return EmbedResult([], 0, [])
-        counts = self.token_counts(texts)
+        texts = [text for group in groups for text in group]
+        counts = self.token_counts(texts) if texts else []
         # Similar lengths batched together waste less on padding; results keep input order.
         order = sorted(range(len(texts)), key=lambda i: counts[i])
         vectors: list[Any] = [None] * len(texts)
-        used = 0
+        used = [0] * len(texts)
         for start in range(0, len(order), BATCH):
             if stop.is_set():
                 break
@@ -147,14 +154,23 @@ class EmbeddingModel(LoadedModel):
             if self.normalize:
                 pooled = normalize_embeddings(pooled)
             rows = np.array(pooled.astype(mx.float32))
-            used += int(encoded["attention_mask"].sum())
-            for row, index in zip(rows, batch, strict=True):
+            tokens = encoded["attention_mask"].sum(axis=1)
+            for row, index, n in zip(rows, batch, tokens, strict=True):
                 vectors[index] = row.tolist()
-        return EmbedResult(
-            vectors=vectors,
-            prompt_tokens=used,
-            truncated=[n > self.max_seq_length for n in counts],
-        )
+                used[index] = int(n)
+        results = []
+        start = 0
+        for group in groups:
+            end = start + len(group)
+            results.append(
+                EmbedResult(
+                    vectors=vectors[start:end],
+                    prompt_tokens=sum(used[start:end]),
+                    truncated=[n > self.max_seq_length for n in counts[start:end]],
+                )
+            )
+            start = end
+        return results
 
     def close(self) -> None:
         self.model = None
