@@ -12,11 +12,15 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
+from api_helpers import load, running_server
 
 from engine.config import Settings
 from engine.errors import ErrorCode, QueueFull, ServiceUnavailable
@@ -258,3 +262,28 @@ async def test_minilm_grouped_vectors_match_solo(
     assert stats.passes == passes + 1
     for got, want in zip(results, alone, strict=True):
         assert_same(got, want)
+
+
+def test_concurrent_http_callers_get_their_own_vectors(
+    tmp_path: Path, tiny_embedder_dir: Path
+) -> None:
+    """Eight callers at once through POST /v1/embeddings (however the server groups them):
+    each answer is the one its input gets alone, in order, with its own usage."""
+
+    def post(client: httpx.Client, texts: list[str]) -> dict[str, Any]:
+        response = client.post("/v1/embeddings", json={"model": "e", "input": texts})
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    requests = [*TEXTS, ["one more"], ["and", "the", "last"]]
+    with running_server(tmp_path) as client:
+        load(client, tiny_embedder_dir, "embeddings", model_id="e")
+        alone = [post(client, t) for t in requests]
+        with ThreadPoolExecutor(len(requests)) as pool:
+            together = list(pool.map(lambda t: post(client, t), requests * 3))
+    for got, want in zip(together, alone * 3, strict=True):
+        assert got["usage"] == want["usage"]
+        assert [d["index"] for d in got["data"]] == [d["index"] for d in want["data"]]
+        for g, w in zip(got["data"], want["data"], strict=True):
+            assert np.allclose(g["embedding"], w["embedding"], rtol=1e-4, atol=1e-5)
