@@ -29,6 +29,7 @@ from engine.models.backends.base import EmbedResult
 from engine.models.batching import Batcher
 from engine.models.registry import ModelRegistry
 from engine.models.types import LoadSpec
+from engine.services import Engine
 
 BOUND_S = 30.0
 TEXTS = [
@@ -287,3 +288,16 @@ def test_concurrent_http_callers_get_their_own_vectors(
         assert [d["index"] for d in got["data"]] == [d["index"] for d in want["data"]]
         for g, w in zip(got["data"], want["data"], strict=True):
             assert np.allclose(g["embedding"], w["embedding"], rtol=1e-4, atol=1e-5)
+
+
+async def test_the_batch_bound_is_a_setting(tmp_path: Path, tiny_embedder_dir: Path) -> None:
+    model = {"model_path": str(tiny_embedder_dir), "model_type": "embeddings", "model_id": "e"}
+    settings = Settings(
+        data_dir=tmp_path, startup_models=[model], model_embed_batch_max_texts=5, jobs_enabled=False
+    )
+    engine = await Engine.start(settings, load_workflows=False)
+    try:
+        assert engine.models.embed_batch_max_texts == 5
+        assert engine.models.get("e").slots.concurrency == 5  # a full pass is admitted at once
+    finally:
+        await engine.stop()
