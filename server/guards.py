@@ -31,6 +31,7 @@ from litestar.types import ASGIApp, Receive, ReceiveMessage, Scope, Send
 from engine.config import Settings
 from engine.errors import ErrorCode, FusionError, InvalidRequest
 from engine.logging import get_logger
+from server.proxies import parse_networks, request_scheme
 
 log = get_logger("server.guards")
 
@@ -89,6 +90,7 @@ class EdgeGuardMiddleware(ASGIMiddleware):
         self.hosts = allowed_hosts(settings)
         self.cors = cors_config(settings)
         self.max_json_depth = settings.max_json_depth
+        self.proxies = parse_networks(settings.trusted_proxies)
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         headers = Headers.from_scope(scope)
@@ -122,7 +124,8 @@ class EdgeGuardMiddleware(ASGIMiddleware):
     def _check_origin(self, origin: str | None, scope: Scope, host: str) -> None:
         if origin is None:
             return  # not a browser, or a same-origin GET
-        if origin.lower() == f"{scope.get('scheme', 'http')}://{host}".lower():
+        # Behind a TLS proxy the browser's origin is https:// while the hop to us is not.
+        if origin.lower() == f"{request_scheme(scope, self.proxies)}://{host}".lower():
             return
         if self.cors is not None and self.cors.is_origin_allowed(origin):
             return

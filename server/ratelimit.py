@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import time
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage
@@ -36,6 +35,7 @@ from litestar.types import ASGIApp, ControllerRouterHandler, Receive, Scope, Sen
 from engine.config import Settings
 from engine.errors import RateLimited
 from engine.logging import get_logger
+from server.proxies import client_address, parse_networks
 from server.versioning import call_with_headers
 
 log = get_logger("server.ratelimit")
@@ -53,8 +53,6 @@ GROUPS: dict[str, tuple[str, ...]] = {
 
 # Where the request's client address is kept for the request log line (server/request_id.py).
 CLIENT_STATE_KEY = "client"
-
-Network = IPv4Network | IPv6Network
 
 
 def group_for(path: str) -> str | None:
@@ -86,50 +84,6 @@ def parse_limits(rate_limits: dict[str, str | None]) -> dict[str, RateLimitItem]
                 f"rate_limits.{group}: {text!r} is not a rate limit such as '10/minute'"
             ) from exc
     return parsed
-
-
-def parse_networks(entries: list[str]) -> tuple[Network, ...]:
-    """settings.trusted_proxies as networks (a bare address is a network of one)."""
-    networks: list[Network] = []
-    for entry in entries:
-        try:
-            networks.append(ip_network(entry, strict=False))
-        except ValueError as exc:
-            raise ValueError(f"trusted_proxies: {entry!r} is not an IP address or network") from exc
-    return tuple(networks)
-
-
-def _address(text: str) -> IPv4Address | IPv6Address | None:
-    try:
-        return ip_address(text.strip())
-    except ValueError:
-        return None
-
-
-def _trusted(text: str, networks: tuple[Network, ...]) -> bool:
-    address = _address(text)
-    return address is not None and any(address in network for network in networks)
-
-
-def client_address(scope: Scope, trusted_proxies: tuple[Network, ...]) -> str:
-    """The request's client: the peer, or behind trusted proxies the right-most untrusted
-    hop of X-Forwarded-For (the left-most hop when every one is trusted)."""
-    peer = scope.get("client")
-    address = peer[0] if peer else "unknown"
-    if not trusted_proxies or not _trusted(address, trusted_proxies):
-        return address
-    hops = [
-        hop.strip()
-        for name, value in scope.get("headers", ())
-        if name == b"x-forwarded-for"
-        for hop in value.decode("latin-1").split(",")
-        if hop.strip()
-    ]
-    for hop in reversed(hops):
-        address = hop
-        if not _trusted(hop, trusted_proxies):
-            break
-    return address
 
 
 class RateLimitMiddleware(ASGIMiddleware):

@@ -12,7 +12,8 @@ import httpx
 import pytest
 from api_helpers import running_server
 
-from server.ratelimit import client_address, group_for, parse_limits, parse_networks
+from server.proxies import client_address, parse_networks
+from server.ratelimit import group_for, parse_limits
 
 LIMIT_HEADERS = ("X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset")
 MESSAGE = re.compile(r"Rate limit exceeded\. Try again in (\d+) seconds\.")
@@ -210,3 +211,23 @@ def test_client_address_counts_untrusted_hops_from_the_right() -> None:
     assert client_address(scope("10.0.0.1", "1.2.3.4"), ()) == "10.0.0.1"
     no_peer: Any = {"client": None, "headers": []}  # a Unix socket
     assert client_address(no_peer, trusted) == "unknown"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("trusted", "forwarded_proto", "status"),
+    [
+        (["127.0.0.1"], "https", 200),  # a TLS proxy in front: the browser's origin is https
+        (["127.0.0.1"], None, 403),  # the hop is http: an https origin is another origin
+        ([], "https", 403),  # any other peer's X-Forwarded-Proto is its own word
+    ],
+)
+def test_the_origin_guard_takes_the_scheme_from_a_trusted_proxy(
+    tmp_path: Path, trusted: list[str], forwarded_proto: str | None, status: int
+) -> None:
+    with running_server(tmp_path, trusted_proxies=trusted) as client:
+        host = client.base_url.netloc.decode()
+        headers = {"Origin": f"https://{host}"}
+        if forwarded_proto is not None:
+            headers["X-Forwarded-Proto"] = forwarded_proto
+        assert client.get("/api/fusion/workflows", headers=headers).status_code == status
