@@ -21,17 +21,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from harness import free_port, machine
-from orchestrate import load, serve, wait_ready
+from harness import machine
+from orchestrate import load, serve, served
 
 JOB = {
     "operation": "workflow",
@@ -144,14 +141,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory(prefix="fusion-bench-jobs-") as tmp:
         ours_in, bare_in = in_process(args.requests, Path(tmp))
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "FUSION_CONFIG": str(Path(tmp) / "absent.yaml")}
-        log = (Path(tmp) / "server.log").open("wb")
-        command = [sys.executable, __file__, "--serve", str(port), tmp]
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(base, process)
+        with served(__file__, Path(tmp)) as (base, process):
             for path in ("/bench/bare", "/api/mcp/jobs"):  # warm connections and pages
                 asyncio.run(submit_load(base, path, 200, args.concurrency, process.pid))
             drain(base)
@@ -165,10 +155,6 @@ def main() -> None:
                     )
                 drain(base)
             job_times, direct_times = job_latency(base, args.latency)
-        finally:
-            process.terminate()
-            process.wait(30)
-            log.close()
 
     def medians(name: str) -> list[float]:
         return [statistics.median(row[k] for row in rounds[name]) for k in range(3)]

@@ -26,6 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +164,24 @@ async def load(
     return requests / elapsed, statistics.median(latencies) * 1000, cpu / requests * 1000
 
 
+@contextmanager
+def served(script: str, data_dir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """`script --serve PORT DATA_DIR` in a subprocess (its own interpreter, as `fusion
+    serve` would be), ready: its base URL and process; output in DATA_DIR/server.log."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "FUSION_CONFIG": str(data_dir / "absent.yaml")}
+    with (data_dir / "server.log").open("wb") as log:
+        command = [sys.executable, script, "--serve", str(port), str(data_dir)]
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_ready(base, process)
+            yield base, process
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
 def wait_ready(base: str, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -188,34 +208,25 @@ def main() -> None:
         return
 
     print(f"machine: {machine()}")
-    with tempfile.TemporaryDirectory(prefix="fusion-bench-") as tmp:
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "FUSION_CONFIG": str(Path(tmp) / "absent.yaml")}
-        log = (Path(tmp) / "server.log").open("wb")
-        command = [sys.executable, __file__, "--serve", str(port), tmp]
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_ready(base, process)
-            check = httpx.post(f"{base}/api/fusion/orchestrate", json=REQUEST).json()
-            assert check["result"] == bare_body()["result"], check
-            assert set(check) == set(bare_body()), sorted(check)
-            # Warm both paths (connections, caches, SQLite pages).
-            for path in ("/bench/bare", "/api/fusion/orchestrate"):
-                asyncio.run(load(base, path, 200, args.concurrency, process.pid))
-            results: dict[str, list[tuple[float, float, float]]] = {"bare": [], "orchestrate": []}
-            for _ in range(args.rounds):
-                for name, path in (
-                    ("bare", "/bench/bare"),
-                    ("orchestrate", "/api/fusion/orchestrate"),
-                ):
-                    results[name].append(
-                        asyncio.run(load(base, path, args.requests, args.concurrency, process.pid))
-                    )
-        finally:
-            process.terminate()
-            process.wait(30)
-            log.close()
+    with (
+        tempfile.TemporaryDirectory(prefix="fusion-bench-") as tmp,
+        served(__file__, Path(tmp)) as (base, process),
+    ):
+        check = httpx.post(f"{base}/api/fusion/orchestrate", json=REQUEST).json()
+        assert check["result"] == bare_body()["result"], check
+        assert set(check) == set(bare_body()), sorted(check)
+        # Warm both paths (connections, caches, SQLite pages).
+        for path in ("/bench/bare", "/api/fusion/orchestrate"):
+            asyncio.run(load(base, path, 200, args.concurrency, process.pid))
+        results: dict[str, list[tuple[float, float, float]]] = {"bare": [], "orchestrate": []}
+        for _ in range(args.rounds):
+            for name, path in (
+                ("bare", "/bench/bare"),
+                ("orchestrate", "/api/fusion/orchestrate"),
+            ):
+                results[name].append(
+                    asyncio.run(load(base, path, args.requests, args.concurrency, process.pid))
+                )
 
     def summary(name: str) -> tuple[float, float, float]:
         rows = results[name]
