@@ -99,8 +99,6 @@ class Workers:
         self._settings = env.settings
         self._worker_id = worker_id
         self._running: dict[str, _Running] = {}
-        self._per_model: Counter[str] = Counter()
-        self._workflows = 0
         self._orphans: tuple[str, ...] = ()  # models of queued jobs that are not loaded
         self._loaded: frozenset[str] | None = None  # the loaded models at the last look
         self._woken = asyncio.Event()
@@ -180,9 +178,9 @@ class Workers:
         """Claim at most one model job and one workflow job; whether any was claimed."""
         lease_s = self._settings.jobs_lease_s
         claimed = False
-        free = [
-            e.id for e in self._env.models.entries() if self._per_model[e.id] < e.slots.concurrency
-        ]
+        # model_id None: a workflow job.
+        in_flight = Counter(item.model_id for item in self._running.values())
+        free = [e.id for e in self._env.models.entries() if in_flight[e.id] < e.slots.concurrency]
         if (free or self._orphans) and not self._stopping:
             job = await asyncio.to_thread(
                 self._queue.claim,
@@ -194,7 +192,7 @@ class Workers:
             if job is not None:
                 self._launch(job, job.model_id)
                 claimed = True
-        if self._workflows < self._settings.jobs_workflow_concurrency and not self._stopping:
+        if in_flight[None] < self._settings.jobs_workflow_concurrency and not self._stopping:
             job = await asyncio.to_thread(
                 self._queue.claim, self._worker_id, lease_s, operations=OTHER_OPERATIONS
             )
@@ -206,19 +204,11 @@ class Workers:
     def _launch(self, job: Job, model_id: str | None) -> None:
         task = asyncio.create_task(self._execute(job), name=f"job:{job.id}")
         self._running[job.id] = _Running(job, task, model_id)
-        if model_id is None:
-            self._workflows += 1
-        else:
-            self._per_model[model_id] += 1
-        task.add_done_callback(lambda _: self._done(job.id, model_id))
+        task.add_done_callback(lambda _: self._done(job.id))
         log.info("job_started", job_id=job.id, operation=job.operation, attempt=job.attempts)
 
-    def _done(self, job_id: str, model_id: str | None) -> None:
+    def _done(self, job_id: str) -> None:
         self._running.pop(job_id, None)
-        if model_id is None:
-            self._workflows -= 1
-        else:
-            self._per_model[model_id] -= 1
         self._woken.set()
 
     # -- one job ----------------------------------------------------------------------
