@@ -16,6 +16,7 @@ from engine.jobs.queue import SqliteJobQueue
 from engine.jobs.types import (
     Job,
     JobPriority,
+    JobQuery,
     JobRequest,
     JobSort,
     JobStatus,
@@ -254,7 +255,7 @@ def test_recover_at_infinity_takes_back_every_lease(queue: SqliteJobQueue) -> No
     for _ in ids:
         _claimed(queue.claim("crashed-server", 3600))
     assert sorted(queue.recover(now=math.inf).requeued) == sorted(ids)
-    assert queue.list(status=JobStatus.PROCESSING).total == 0
+    assert queue.list(JobQuery(status=JobStatus.PROCESSING)).total == 0
 
 
 def test_release_requeues_without_using_an_attempt(queue: SqliteJobQueue) -> None:
@@ -322,13 +323,13 @@ def test_list_filters_sorts_and_pages(queue: SqliteJobQueue, clock: Clock) -> No
     page = queue.list()
     assert page.total == 6
     assert [j.id for j in page.items] == [j.id for j in reversed(made)]
-    assert [j.id for j in queue.list(order=SortOrder.ASC, limit=2, offset=1).items] == [
+    assert [j.id for j in queue.list(JobQuery(order=SortOrder.ASC, limit=2, offset=1)).items] == [
         made[1].id,
         made[2].id,
     ]
-    by_model = queue.list(model_id="a", status=JobStatus.QUEUED, order=SortOrder.ASC)
+    by_model = queue.list(JobQuery(model_id="a", status=JobStatus.QUEUED, order=SortOrder.ASC))
     assert (by_model.total, [j.id for j in by_model.items]) == (2, [made[2].id, made[4].id])
-    by_priority = queue.list(sort_by=JobSort.PRIORITY, order=SortOrder.ASC)
+    by_priority = queue.list(JobQuery(sort_by=JobSort.PRIORITY, order=SortOrder.ASC))
     assert [j.priority for j in by_priority.items] == [
         JobPriority.HIGH,
         JobPriority.HIGH,
@@ -337,15 +338,15 @@ def test_list_filters_sorts_and_pages(queue: SqliteJobQueue, clock: Clock) -> No
         JobPriority.LOW,
         JobPriority.LOW,
     ]
-    by_status = queue.list(sort_by=JobSort.STATUS, order=SortOrder.ASC)
+    by_status = queue.list(JobQuery(sort_by=JobSort.STATUS, order=SortOrder.ASC))
     assert by_status.items[0].status is JobStatus.CANCELLED
-    assert queue.list(offset=6).items == []
-    assert queue.list(offset=6).total == 6
+    assert queue.list(JobQuery(offset=6)).items == []
+    assert queue.list(JobQuery(offset=6)).total == 6
     for bad in ({"limit": 0}, {"limit": 1001}, {"offset": -1}):
         with pytest.raises(InvalidRequest) as caught:
-            queue.list(**bad)  # type: ignore[arg-type]
+            queue.list(JobQuery(**bad))  # type: ignore[arg-type]
         assert caught.value.param == next(iter(bad))
-    assert queue.list(limit=1000).total == 6
+    assert queue.list(JobQuery(limit=1000)).total == 6
 
 
 def test_purge_deletes_only_jobs_finished_before_the_retention(
@@ -392,8 +393,8 @@ def test_concurrent_claimers_never_get_the_same_job(store: Store, clock: Clock) 
     every = [job_id for mine in claimed for job_id in mine]
     assert len(every) == len(set(every)) == len(submitted)
     assert set(every) == submitted
-    assert queue.list(status=JobStatus.PROCESSING, limit=1000).total == 200
-    assert all(j.attempts == 1 for j in queue.list(limit=1000).items)
+    assert queue.list(JobQuery(status=JobStatus.PROCESSING, limit=1000)).total == 200
+    assert all(j.attempts == 1 for j in queue.list(JobQuery(limit=1000)).items)
 
 
 def test_counts_per_status_follow_every_change(queue: SqliteJobQueue, store: Store) -> None:
@@ -415,6 +416,6 @@ def test_counts_per_status_follow_every_change(queue: SqliteJobQueue, store: Sto
     queue.recover(now=math.inf)
     assert queue.counts() == truth()
     assert queue.list().total == sum(truth().values())
-    assert queue.list(status=JobStatus.QUEUED).total == truth()[JobStatus.QUEUED]
+    assert queue.list(JobQuery(status=JobStatus.QUEUED)).total == truth()[JobStatus.QUEUED]
     assert queue.purge(older_than_s=-1) == 3
     assert queue.counts() == truth()

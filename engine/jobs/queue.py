@@ -62,6 +62,7 @@ from engine.jobs.types import (
     JobEventName,
     JobPage,
     JobPriority,
+    JobQuery,
     JobRequest,
     JobSort,
     JobStatus,
@@ -72,7 +73,6 @@ from engine.jobs.types import (
 from engine.jobs.views import event_payload
 from engine.store import Store, register_migration
 
-DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 
 register_migration(
@@ -211,17 +211,9 @@ class JobQueue(Protocol):
         """The job, or NotFound."""
         ...
 
-    def list(
-        self,
-        *,
-        status: JobStatus | None = None,
-        model_id: str | None = None,
-        limit: int = DEFAULT_LIMIT,
-        offset: int = 0,
-        sort_by: JobSort = JobSort.CREATED_AT,
-        order: SortOrder = SortOrder.DESC,
-    ) -> JobPage:
-        """A page of jobs and the total matching the filters."""
+    def list(self, query: JobQuery | None = None) -> JobPage:
+        """A page of jobs and the total matching the filters (all jobs, newest first, when
+        None)."""
         ...
 
     def counts(self) -> dict[JobStatus, int]:
@@ -508,47 +500,39 @@ class SqliteJobQueue:
     def get(self, job_id: str) -> Job:
         return _found(self._store.query(_BY_ID_SQL, (job_id,)), job_id)
 
-    def list(
-        self,
-        *,
-        status: JobStatus | None = None,
-        model_id: str | None = None,
-        limit: int = DEFAULT_LIMIT,
-        offset: int = 0,
-        sort_by: JobSort = JobSort.CREATED_AT,
-        order: SortOrder = SortOrder.DESC,
-    ) -> JobPage:
-        if not 1 <= limit <= MAX_LIMIT:
+    def list(self, query: JobQuery | None = None) -> JobPage:
+        q = query or JobQuery()
+        if not 1 <= q.limit <= MAX_LIMIT:
             raise InvalidRequest(
-                f"limit must be between 1 and {MAX_LIMIT}, not {limit}",
+                f"limit must be between 1 and {MAX_LIMIT}, not {q.limit}",
                 param="limit",
             )
-        if offset < 0:
+        if q.offset < 0:
             raise InvalidRequest(
-                f"offset must be 0 or more, not {offset}",
+                f"offset must be 0 or more, not {q.offset}",
                 param="offset",
             )
         where: list[str] = []
         bindings: list[Any] = []
-        if status is not None:
+        if q.status is not None:
             where.append("status = ?")
-            bindings.append(status.value)
-        if model_id is not None:
+            bindings.append(q.status.value)
+        if q.model_id is not None:
             where.append("model_id = ?")
-            bindings.append(model_id)
+            bindings.append(q.model_id)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        direction = "DESC" if order is SortOrder.DESC else "ASC"
+        direction = "DESC" if q.order is SortOrder.DESC else "ASC"
         # Reads take no write lock, so workers are never held up by a listing; the total
         # may differ from the page by the jobs that changed between the two statements.
-        if model_id is None:
+        if q.model_id is None:
             counts = self.counts()
-            total = counts[status] if status is not None else sum(counts.values())
+            total = counts[q.status] if q.status is not None else sum(counts.values())
         else:
             ((total,),) = self._store.query(f"SELECT count(*) FROM jobs {clause}", bindings)
         rows = self._store.query(
             f"SELECT {_COLUMNS} FROM jobs {clause} "
-            f"ORDER BY {_SORT_SQL[sort_by]} {direction}, seq {direction} LIMIT ? OFFSET ?",
-            [*bindings, limit, offset],
+            f"ORDER BY {_SORT_SQL[q.sort_by]} {direction}, seq {direction} LIMIT ? OFFSET ?",
+            [*bindings, q.limit, q.offset],
         )
         return JobPage([_job(row) for row in rows], total)
 

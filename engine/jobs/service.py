@@ -31,17 +31,16 @@ import structlog
 from engine.config import Settings
 from engine.fusion.service import FusionService, RunOutcome
 from engine.jobs.operations import OperationEnv, operation
-from engine.jobs.queue import DEFAULT_LIMIT, JobQueue
+from engine.jobs.queue import JobQueue
 from engine.jobs.types import (
     Job,
     JobEvent,
     JobEventName,
     JobPage,
     JobPriority,
+    JobQuery,
     JobRequest,
-    JobSort,
     JobStatus,
-    SortOrder,
 )
 from engine.jobs.webhooks import check_metadata, check_secret, check_url
 from engine.jobs.workers import MODEL_OPERATIONS, Workers, wait_event
@@ -158,25 +157,8 @@ class JobService:
     async def get(self, job_id: str) -> JobState:
         return await self._state(await asyncio.to_thread(self._queue.get, job_id))
 
-    async def list(
-        self,
-        *,
-        status: JobStatus | None = None,
-        model_id: str | None = None,
-        limit: int = DEFAULT_LIMIT,
-        offset: int = 0,
-        sort_by: JobSort = JobSort.CREATED_AT,
-        order: SortOrder = SortOrder.DESC,
-    ) -> JobPage:
-        return await asyncio.to_thread(
-            self._queue.list,
-            status=status,
-            model_id=model_id,
-            limit=limit,
-            offset=offset,
-            sort_by=sort_by,
-            order=order,
-        )
+    async def list(self, query: JobQuery | None = None) -> JobPage:
+        return await asyncio.to_thread(self._queue.list, query)
 
     async def cancel(self, job_id: str) -> Job:
         """Cancel a queued or processing job (409 once finished); a running one stops at

@@ -139,6 +139,21 @@ class SortOrder(StrEnum):
     DESC = "desc"
 
 
+DEFAULT_LIMIT = 100
+
+
+@dataclass(frozen=True)
+class JobQuery:
+    """A listing (spec §5.3): its filters, page and order."""
+
+    status: JobStatus | None = None
+    model_id: str | None = None
+    limit: int = DEFAULT_LIMIT
+    offset: int = 0
+    sort_by: JobSort = JobSort.CREATED_AT
+    order: SortOrder = SortOrder.DESC
+
+
 class JobEventName(StrEnum):
     QUEUED = "job.queued"
     PROCESSING = "job.processing"

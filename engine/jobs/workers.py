@@ -37,7 +37,7 @@ import structlog
 from engine.errors import FusionError, InvalidRequest
 from engine.jobs.operations import OPERATIONS, OperationEnv
 from engine.jobs.queue import MAX_LIMIT, JobQueue
-from engine.jobs.types import Job, JobSort, JobStatus, SortOrder
+from engine.jobs.types import Job, JobQuery, JobStatus, SortOrder
 
 log = structlog.get_logger(__name__)
 
@@ -298,14 +298,10 @@ class Workers:
         orphans: set[str] = set()
         offset = 0
         while True:
-            page = await asyncio.to_thread(
-                self._queue.list,
-                status=JobStatus.QUEUED,
-                limit=MAX_LIMIT,
-                offset=offset,
-                sort_by=JobSort.CREATED_AT,
-                order=SortOrder.ASC,
+            query = JobQuery(
+                status=JobStatus.QUEUED, limit=MAX_LIMIT, offset=offset, order=SortOrder.ASC
             )
+            page = await asyncio.to_thread(self._queue.list, query)
             orphans.update(
                 j.model_id
                 for j in page.items

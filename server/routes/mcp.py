@@ -25,7 +25,7 @@ from msgspec import Meta
 
 from engine.clock import utc_iso
 from engine.jobs.service import JobService, JobState, JobSubmission
-from engine.jobs.types import JobPriority, JobSort, JobStatus, SortOrder
+from engine.jobs.types import JobPriority, JobQuery, JobSort, JobStatus, SortOrder
 from engine.jobs.views import job_body, job_summary
 from engine.jobs.webhooks import Webhook, WebhookInfo, WebhookStore
 from server.openapi_docs import error_responses
@@ -201,14 +201,7 @@ async def list_jobs(
     sort_by: Annotated[JobSort, QueryParameter()] = JobSort.CREATED_AT,
     order: Annotated[SortOrder, QueryParameter()] = SortOrder.DESC,
 ) -> dict[str, Any]:
-    page = await jobs.list(
-        status=status,
-        model_id=model_id,
-        limit=limit,
-        offset=offset,
-        sort_by=sort_by,
-        order=order,
-    )
+    page = await jobs.list(JobQuery(status, model_id, limit, offset, sort_by, order))
     return {
         "jobs": [job_summary(job) for job in page.items],
         "total": page.total,
