@@ -134,6 +134,8 @@ class Settings:
     webhook_backoff_max_s: float = 600.0
     webhook_disable_after_failures: int = 20
     webhook_max_concurrency: int = 4
+    # Registered webhooks at most (409 beyond): each job event writes a delivery per webhook.
+    webhook_max_count: int = 100
     # API keys (issue #11): name -> the key, or "sha256:<hex>" of it. Empty: no key needed;
     # otherwise every route but /health* needs `Authorization: Bearer <key>` (401).
     api_keys: dict[str, str] = field(default_factory=dict)

@@ -113,7 +113,9 @@ class Engine:
         settings = self.settings
         queue = SqliteJobQueue.from_settings(self.store, settings)
         self.webhooks = WebhookStore(
-            self.store, metadata_max_bytes=settings.jobs_metadata_max_bytes
+            self.store,
+            metadata_max_bytes=settings.jobs_metadata_max_bytes,
+            max_webhooks=settings.webhook_max_count,
         )
         self.deliverer = Deliverer(self.webhooks, DeliveryPolicy.from_settings(settings))
         deliverer = self.deliverer

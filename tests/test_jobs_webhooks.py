@@ -25,7 +25,7 @@ from manual_clock import Clock
 from webhook_receiver import STALL, WAIT_S, Receiver, serve_receiver
 
 from engine.config import Settings
-from engine.errors import ErrorCode, InvalidRequest, NotFound
+from engine.errors import Conflict, ErrorCode, InvalidRequest, NotFound
 from engine.jobs.queue import SqliteJobQueue
 from engine.jobs.types import Job, JobEventName, JobRequest
 from engine.jobs.webhooks import (
@@ -139,6 +139,18 @@ def _standard(key: bytes, headers: dict[str, str], body: bytes) -> str:
 
 
 # -- registrations ---------------------------------------------------------------------------
+
+
+def test_the_number_of_webhooks_is_bounded(store: Store) -> None:
+    webhooks = WebhookStore(store, max_webhooks=2)
+    first = webhooks.register("https://example.com/a", ["job.completed"])
+    webhooks.register("https://example.com/b", ["job.completed"])
+    with pytest.raises(Conflict) as caught:
+        webhooks.register("https://example.com/c", ["job.completed"])
+    assert "webhook_max_count" in caught.value.message
+    assert len(webhooks.list()) == 2
+    webhooks.delete(first.id)
+    webhooks.register("https://example.com/c", ["job.completed"])
 
 
 def test_register_list_get_and_delete(webhooks: WebhookStore, clock: Clock) -> None:

@@ -69,7 +69,7 @@ import httpx
 import structlog
 
 from engine.config import Settings
-from engine.errors import ErrorCode, FusionError, InvalidRequest, NotFound
+from engine.errors import Conflict, ErrorCode, FusionError, InvalidRequest, NotFound
 from engine.jobs.types import JobEvent, JobEventName
 from engine.net import FetchPolicy, fetch
 from engine.store import Store, register_migration
@@ -391,10 +391,13 @@ class WebhookStore:
         store: Store,
         *,
         metadata_max_bytes: int = 16_384,
+        max_webhooks: int = 100,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._metadata_max_bytes = metadata_max_bytes
+        # Every job event writes a delivery per subscribed webhook: the count bounds that.
+        self._max_webhooks = max_webhooks
         self._clock = clock
 
     @property
@@ -408,6 +411,13 @@ class WebhookStore:
         checked_secret = check_secret(secret)
         metadata_json = check_metadata(metadata, self._metadata_max_bytes)
         with self._store.transaction() as conn:
+            ((registered,),) = conn.execute("SELECT count(*) FROM webhooks").fetchall()
+            if registered >= self._max_webhooks:
+                raise Conflict(
+                    f"{registered} webhooks are registered, the most there may be (setting "
+                    "webhook_max_count); delete one first",
+                    param="url",
+                )
             (row,) = conn.execute(
                 "INSERT INTO webhooks (id, url, events, secret, metadata, status, created_at) "
                 f"VALUES (?, ?, ?, ?, ?, 'active', ?) RETURNING {_WEBHOOK_COLUMNS}",
