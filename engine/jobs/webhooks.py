@@ -411,7 +411,7 @@ class WebhookStore:
         checked_secret = check_secret(secret)
         metadata_json = check_metadata(metadata, self._metadata_max_bytes)
         with self._store.transaction() as conn:
-            ((registered,),) = conn.execute("SELECT count(*) FROM webhooks").fetchall()
+            registered = int(conn.execute("SELECT count(*) FROM webhooks").fetchall()[0][0] or 0)
             if registered >= self._max_webhooks:
                 raise Conflict(
                     f"{registered} webhooks are registered, the most there may be (setting "
