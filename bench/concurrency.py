@@ -1,44 +1,396 @@
-"""Serving many callers at once (issue #12). This file holds the embeddings part for now:
-the chat parts of issue #12 (aggregate tokens/s and time to first token at 1, 8 and 32
-clients against `mlx_lm.server`, and the summarisation wall time) come later.
+"""Serving many callers at once (issue #12): three parts, one entry point.
+
+Run from the repository root (the server finds workflows/ there):
+
+    .venv/bin/python bench/concurrency.py --part all
+    .venv/bin/python bench/concurrency.py --part chat [--clients 1,8,32] [--tokens 64]
+        [--requests-per-client 1] [--hidden 512 --layers 8 --head-dim 64]
+    .venv/bin/python bench/concurrency.py --part summary [--doc-tokens 8192]
+        [--piece-tokens 512] [--summary-tokens 64]
+    .venv/bin/python bench/concurrency.py --part embeddings [--passages 64] [--callers 8]
+        [--rounds 2] [--words N] [--max-concurrency N]
+
+Chat: aggregate completion tokens/s, p50/p95 time to first token and p50/p95 total latency
+of streamed `POST /v1/chat/completions` at each client count, Fusion against
+`mlx_lm.server` on the same synthetic qwen2 model (`build_lm`, random weights) in the same
+run, both started here with the same BLAS (`import engine.models` before MLX), alternating
+per client count. Every client sends the same system prompt and its own user message
+(requests share a prefix, as a workflow's do); greedy, every EOS id biased by -100 so each
+request yields `--tokens`; completion tokens are counted from the stream's usage chunk
+(`stream_options.include_usage`, which both servers honour). Time to first token: from
+sending to the first SSE chunk with non-empty content. Both servers are warmed (one short
+request, then one short request per top-count client) before anything is timed. Goals:
+tokens/s >= 0.95x the anchor at 1 client and >= 1.0x above; p95 latency at the top client
+count no worse than the anchor's.
+
+Summary: wall time of one `POST /api/fusion/orchestrate` of the predefined
+`sequential_summarization` on a synthetic document of about `--doc-tokens` tokens of the
+same model, greedy (config temperature 0, so runs repeat), on the same Fusion server. It
+has no in-run baseline: compare it before and after a change to the generation path.
 
 Embeddings: passages/s through `POST /v1/embeddings` of a `fusion serve` process, with 8
 concurrent callers each sending one passage per request (the server groups requests that
 wait while a pass runs: engine/models/batching.py), against one caller sending the same
 passages in requests of 32, measured in the same run, alternating. Goal: ratio >= 0.8.
 The model is the real all-MiniLM-L6-v2 when its wheel is installed, else the tiny
-synthetic embedder (the figures then say little about compute).
-
-    .venv/bin/python bench/concurrency.py [--passages 64] [--callers 8] [--rounds 2] [--words N]
-
-Passages are bench/embeddings.py's (~158 MiniLM tokens); `--words 8` cuts each to its first
-words, query-sized texts where the per-pass overhead, not the matmuls, dominates.
-
+synthetic embedder (the figures then say little about compute). Passages are
+bench/embeddings.py's (~158 MiniLM tokens); `--words 8` cuts each to its first words,
+query-sized texts where the per-pass overhead, not the matmuls, dominates.
 `--max-concurrency 1` loads the model admitting one request at a time, which turns the
 grouping off: the figure before it.
+
+Servers already running (e.g. on another machine, or to watch one under a profiler):
+`--fusion-url URL` (with the lm loaded as `--fusion-model`, default `bench`, and its
+max_concurrency at least the top client count) and `--anchor-url URL` (an mlx_lm.server);
+`--model DIR` names the model they serve (for its EOS ids and tokenizer; by default the
+synthetic model built here with the same sizes, whose ids are the same). `--no-anchor`
+measures Fusion alone. On the GPU machine (../shared/gpu/README.md) run it with the
+carried wheels on PYTHONPATH: it imports only httpx, tokenizers, numpy and the project.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import math
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 from embeddings import BATCH, passages
-from harness import fusion_server, machine
+from harness import READY_TIMEOUT_S, free_port, fusion_server, machine
 
 import engine.models  # noqa: F401  (chooses the BLAS before MLX loads)
 from engine.models.blas import loaded as blas_loaded
 from engine.models.minilm import minilm_path
-from engine.models.synthetic import build_embedder
+from engine.models.synthetic import build_embedder, build_lm
 
 MODEL = "embedder"
+LM = "bench"
+ANCHOR_MODEL = "default_model"  # mlx_lm.server's name for the model given on its command line
+SYSTEM = "You are a helpful assistant. Answer in plain prose and keep every key fact."
+WARM_TOKENS = 4
+# mlx_lm.server's own entry point, with the BLAS preloaded first as Fusion does it. Its
+# ThreadingHTTPServer listens with a backlog of 5: 32 clients connecting at once then get
+# connections reset (ReadError) before any generation, so it gets uvicorn's backlog (2048).
+ANCHOR_CODE = (
+    "import sys, engine.models, http.server; "
+    "http.server.ThreadingHTTPServer.request_queue_size = 2048; "
+    "from mlx_lm.server import main; sys.argv = ['mlx_lm.server'] + sys.argv[1:]; main()"
+)
 
 
+# -- chat --------------------------------------------------------------------------------------
+@dataclass
+class Sample:
+    tokens: int
+    ttft: float
+    latency: float
+
+
+@dataclass
+class Round:
+    wall: float
+    samples: list[Sample] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return sum(s.tokens for s in self.samples) / self.wall
+
+
+def tokens_range(r: Round) -> str:
+    counts = [s.tokens for s in r.samples] or [0]
+    return f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest rank: with few samples an interpolated p95 would invent a latency."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def eos_ids(model: Path) -> list[int]:
+    ids: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        file = model / name
+        if file.exists():
+            value = json.loads(file.read_text()).get("eos_token_id")
+            ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    return sorted(ids)
+
+
+def chat_body(model: str, client: int, tokens: int, eos: list[int]) -> dict[str, Any]:
+    return {
+        "model": model,
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"Caller {client}: tell me about unified memory."},
+        ],
+        "max_tokens": tokens,
+        "temperature": 0.0,
+        "logit_bias": {str(i): -100 for i in eos},
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+async def streamed(client: httpx.AsyncClient, body: dict[str, Any]) -> Sample:
+    start = time.perf_counter()
+    ttft: float | None = None
+    tokens: int | None = None
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            raise RuntimeError(f"{response.status_code}: {response.text[:300]}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            if "error" in chunk:
+                raise RuntimeError(f"stream error: {json.dumps(chunk)[:300]}")
+            choices = chunk.get("choices") or []
+            if ttft is None and choices and (choices[0].get("delta") or {}).get("content"):
+                ttft = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    latency = time.perf_counter() - start
+    if tokens is None:
+        raise RuntimeError("the stream carried no usage chunk (stream_options.include_usage)")
+    return Sample(tokens, latency if ttft is None else ttft, latency)
+
+
+async def chat_round(
+    client: httpx.AsyncClient,
+    model: str,
+    clients: int,
+    per_client: int,
+    tokens: int,
+    eos: list[int],
+) -> Round:
+    result = Round(wall=0.0)
+
+    async def caller(index: int) -> None:
+        for _ in range(per_client):
+            try:
+                result.samples.append(await streamed(client, chat_body(model, index, tokens, eos)))
+            except (httpx.HTTPError, RuntimeError) as exc:
+                result.errors.append(f"{type(exc).__name__}: {exc}"[:300])
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller(i) for i in range(clients)))
+    result.wall = time.perf_counter() - start
+    return result
+
+
+def async_client(base: str, connections: int) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    return httpx.AsyncClient(base_url=base, timeout=1800, limits=limits)
+
+
+async def warm(base: str, model: str, clients: int, eos: list[int]) -> None:
+    """Compile the kernels and size the caches: one request alone, then one batch."""
+    async with async_client(base, clients) as client:
+        await streamed(client, chat_body(model, 0, WARM_TOKENS, eos))
+        warm_round = await chat_round(client, model, clients, 1, WARM_TOKENS, eos)
+    if warm_round.errors:
+        raise RuntimeError(f"warm-up failed at {base}: {warm_round.errors[0]}")
+
+
+async def measure_chat(
+    servers: dict[str, tuple[str, str]], args: argparse.Namespace, eos: list[int]
+) -> dict[tuple[str, int], Round]:
+    top = max(args.clients)
+    for base, model in servers.values():
+        await warm(base, model, top, eos)
+    rounds: dict[tuple[str, int], Round] = {}
+    for n in args.clients:
+        for name, (base, model) in servers.items():
+            async with async_client(base, n) as client:
+                rounds[name, n] = r = await chat_round(
+                    client, model, n, args.requests_per_client, args.tokens, eos
+                )
+            print(
+                f"  {name} at {n} clients: {r.rate:.1f} tok/s over {r.wall:.1f} s, "
+                f"{len(r.samples)} requests of {tokens_range(r)} tokens, {len(r.errors)} errors",
+                flush=True,
+            )
+            for error in r.errors[:3]:
+                print(f"    error: {error}")
+    return rounds
+
+
+def chat_table(rounds: dict[tuple[str, int], Round], clients: list[int], anchor: bool) -> None:
+    top = max(clients)
+    rows: list[tuple[str, float, float | None, str]] = []
+
+    def value(name: str, n: int, figure: str) -> float | None:
+        r = rounds.get((name, n))
+        if r is None or not r.samples:
+            return None
+        if figure == "tok/s":
+            return r.rate
+        which = [s.ttft for s in r.samples] if "TTFT" in figure else [s.latency for s in r.samples]
+        return percentile(which, 0.5 if "p50" in figure else 0.95)
+
+    for n in clients:
+        for figure in ("tok/s", "TTFT p50 s", "TTFT p95 s", "latency p50 s", "latency p95 s"):
+            if figure == "tok/s":
+                goal = ">= 0.95x" if n == 1 else ">= 1.0x"
+            elif figure == "latency p95 s" and n == top:
+                goal = "<= 1.0x"
+            else:
+                goal = ""
+            fusion = value("fusion", n, figure)
+            rows.append(
+                (
+                    f"{figure} @ {n}",
+                    fusion or 0.0,
+                    value("mlx_lm", n, figure) if anchor else None,
+                    goal,
+                )
+            )
+    print(f"{'figure':<22}{'Fusion':>10}{'mlx_lm.server':>15}{'ratio':>8}  goal")
+    for figure, fusion, other, goal in rows:
+        ratio = fusion / other if other else None
+        met = ""
+        if goal and ratio is not None:
+            bound = float(goal.split()[1].rstrip("x"))
+            met = (
+                " met"
+                if (ratio >= bound if goal.startswith(">=") else ratio <= bound)
+                else " MISSED"
+            )
+        digits = 1 if figure.startswith("tok/s") else 3
+        print(
+            f"{figure:<22}{fusion:>10.{digits}f}"
+            f"{'' if other is None else f'{other:.{digits}f}':>15}"
+            f"{'' if ratio is None else f'{ratio:.2f}x':>8}  {goal}{met}"
+        )
+
+
+@contextmanager
+def anchor_server(model: Path, log_dir: Path) -> Iterator[str]:
+    """`mlx_lm.server` on `model` in a subprocess; yields its base URL."""
+    port = free_port()
+    command = [sys.executable, "-c", ANCHOR_CODE, "--model", str(model), "--port", str(port)]
+    log = (log_dir / "mlx_lm_server.log").open("wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"mlx_lm.server exited: see {log_dir / 'mlx_lm_server.log'}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("mlx_lm.server not ready")
+            time.sleep(0.2)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
+# -- summary -----------------------------------------------------------------------------------
+def document(model: Path, tokens: int) -> tuple[str, int]:
+    """Sentences that differ (so no two pieces are alike) up to about `tokens` tokens."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
+
+    def text(count: int) -> str:
+        return " ".join(
+            f"Section {i} records that the harbour handled {i * 7} ships in spring, "
+            f"and {i * 3 % 11} of them carried grain to the northern towns."
+            for i in range(count)
+        )
+
+    sample = 50
+    per_sentence = len(tokenizer.encode(text(sample)).ids) / sample
+    body = text(math.ceil(tokens / per_sentence))
+    return body, len(tokenizer.encode(body).ids)
+
+
+def summarise(base: str, model: str, path: Path, args: argparse.Namespace) -> None:
+    body, count = document(path, args.doc_tokens)
+    request = {
+        "workflow": "sequential_summarization",
+        "input": {"document": body, "max_summary_length": args.summary_tokens},
+        "models": {"generation": model},
+        "config": {"temperature": 0, "piece_tokens": args.piece_tokens},
+    }
+    with httpx.Client(base_url=base, timeout=3600) as client:
+        start = time.perf_counter()
+        response = client.post("/api/fusion/orchestrate", json=request)
+        wall = time.perf_counter() - start
+    response.raise_for_status()
+    run = response.json()
+    if run["status"] != "completed":
+        raise RuntimeError(f"summarisation {run['status']}: {run.get('error')}")
+    passes = next(s for s in run["execution_trace"] if s["step"] == "passes")
+    print(
+        f"sequential_summarization of a {count}-token document (pieces of {args.piece_tokens}, "
+        f"summary <= {args.summary_tokens} tokens, greedy): {wall:.2f} s wall, "
+        f"{run['result']['passes']} passes, summary {run['result']['summary_tokens']} tokens, "
+        f"step 'passes' {passes['duration_ms'] / 1000:.2f} s (no in-run baseline: compare "
+        "before/after the change)"
+    )
+
+
+def chat_and_summary(args: argparse.Namespace) -> None:
+    top = max(args.clients)
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        path = args.model or build_lm(
+            Path(tmp) / "lm", hidden=args.hidden, layers=args.layers, head_dim=args.head_dim
+        )
+        config = json.loads((path / "config.json").read_text())
+        eos = eos_ids(path)
+        print(
+            f"machine: {machine()}; BLAS: {blas_loaded or 'MLX bundled'}; model: {path.name} "
+            f"hidden {config['hidden_size']} x {config['num_hidden_layers']} layers, "
+            f"heads {config['num_attention_heads']}/{config['num_key_value_heads']}, "
+            f"EOS ids {eos} biased away",
+            flush=True,
+        )
+        fusion = args.fusion_url
+        if fusion is None:
+            load = {"model_path": str(path), "model_type": "lm", "model_id": args.fusion_model}
+            load["max_concurrency"] = top
+            fusion = stack.enter_context(fusion_server(Path(tmp), [load]))
+        if "chat" in args.parts:
+            servers = {"fusion": (fusion, args.fusion_model)}
+            if not args.no_anchor:
+                anchor = args.anchor_url or stack.enter_context(anchor_server(path, Path(tmp)))
+                servers["mlx_lm"] = (anchor, ANCHOR_MODEL)
+            rounds = asyncio.run(measure_chat(servers, args, eos))
+            print(
+                f"chat, streamed, greedy, {args.tokens} tokens/request, "
+                f"{args.requests_per_client} request(s)/client:"
+            )
+            chat_table(rounds, args.clients, not args.no_anchor)
+        if "summary" in args.parts:
+            if "chat" not in args.parts:
+                asyncio.run(warm(fusion, args.fusion_model, 1, eos))
+            summarise(fusion, args.fusion_model, path, args)
+
+
+# -- embeddings --------------------------------------------------------------------------------
 async def one_caller(client: httpx.AsyncClient, texts: list[str]) -> float:
     start = time.perf_counter()
     for i in range(0, len(texts), BATCH):
@@ -65,9 +417,10 @@ async def many_callers(client: httpx.AsyncClient, texts: list[str], callers: int
     return len(texts) / (time.perf_counter() - start)
 
 
-async def measure(base: str, texts: list[str], callers: int, rounds: int) -> tuple[float, float]:
-    limits = httpx.Limits(max_connections=callers, max_keepalive_connections=callers)
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+async def measure_embeddings(
+    base: str, texts: list[str], callers: int, rounds: int
+) -> tuple[float, float]:
+    async with async_client(base, callers) as client:
         await one_caller(client, texts[:BATCH])  # first calls compile kernels
         await many_callers(client, texts[:callers], callers)
         many, one = [], []
@@ -77,14 +430,7 @@ async def measure(base: str, texts: list[str], callers: int, rounds: int) -> tup
     return statistics.median(many), statistics.median(one)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--passages", type=int, default=64)
-    parser.add_argument("--callers", type=int, default=8)
-    parser.add_argument("--words", type=int, help="cut each passage to its first words")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--max-concurrency", type=int, help="the load's max_concurrency")
-    args = parser.parse_args()
+def embeddings_part(args: argparse.Namespace) -> None:
     texts = passages(args.passages)
     if args.words:
         texts = [" ".join(text.split()[: args.words]) for text in texts]
@@ -97,12 +443,47 @@ def main() -> None:
         if args.max_concurrency:
             load["max_concurrency"] = args.max_concurrency
         with fusion_server(Path(tmp), [load]) as base:
-            many, one = asyncio.run(measure(base, texts, args.callers, args.rounds))
+            many, one = asyncio.run(measure_embeddings(base, texts, args.callers, args.rounds))
     print(
         f"embeddings, {args.callers} concurrent callers x 1 passage/request: {many:.2f} "
         f"passages/s vs 1 caller x {BATCH} passages/request: {one:.2f} passages/s -> "
         f"ratio {many / one:.2f} (goal >= 0.8)"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=["chat", "summary", "embeddings", "all"], default="all")
+    chat = parser.add_argument_group("chat and summary")
+    chat.add_argument("--clients", default="1,8,32", help="client counts, comma-separated")
+    chat.add_argument("--tokens", type=int, default=64, help="completion tokens per request")
+    chat.add_argument("--requests-per-client", type=int, default=1)
+    chat.add_argument("--hidden", type=int, default=512)
+    chat.add_argument("--layers", type=int, default=8)
+    chat.add_argument("--head-dim", type=int, default=64)
+    chat.add_argument("--model", type=Path, help="an lm directory instead of a synthetic one")
+    chat.add_argument("--fusion-url", help="a running Fusion server instead of starting one")
+    chat.add_argument("--fusion-model", default=LM, help="the lm's model id on that server")
+    chat.add_argument("--anchor-url", help="a running mlx_lm.server instead of starting one")
+    chat.add_argument("--no-anchor", action="store_true", help="measure Fusion alone")
+    chat.add_argument("--doc-tokens", type=int, default=8192)
+    chat.add_argument("--piece-tokens", type=int, default=512)
+    chat.add_argument("--summary-tokens", type=int, default=64)
+    embed = parser.add_argument_group("embeddings")
+    embed.add_argument("--passages", type=int, default=64)
+    embed.add_argument("--callers", type=int, default=8)
+    embed.add_argument("--words", type=int, help="cut each passage to its first words")
+    embed.add_argument("--rounds", type=int, default=2)
+    embed.add_argument("--max-concurrency", type=int, help="the embedder load's max_concurrency")
+    args = parser.parse_args()
+    args.clients = [int(n) for n in args.clients.split(",")]
+    args.parts = {"chat", "summary", "embeddings"} if args.part == "all" else {args.part}
+    # mlx_lm.server inherits it: a local model must not send it looking at the hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.parts & {"chat", "summary"}:
+        chat_and_summary(args)
+    if "embeddings" in args.parts:
+        embeddings_part(args)
 
 
 if __name__ == "__main__":
