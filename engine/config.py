@@ -58,8 +58,20 @@ class Settings:
     schema_memory_mb: int = 256
     # Models. None budget: a share of device or system memory (engine.models.memory).
     model_memory_budget_gb: float | None = None
+    # Requests a model serves at once unless its load sets max_concurrency: language
+    # models decode up to model_max_batch sequences together (continuous batching,
+    # engine/models/decoding.py); other types take model_max_concurrency, and their
+    # requests share the one MLX worker thread in turn.
     model_max_concurrency: int = 1
+    model_max_batch: int = 32
     model_max_queue: int = 100
+    # A language model's prefix cache: KV caches of recent prompts and answers, which later
+    # prompts sharing a prefix start from (MB per model, least recently used evicted; 0
+    # turns it off).
+    model_prompt_cache_mb: float = 512
+    # Chunks a streaming reader may fall behind before its sequence leaves the batch (it
+    # rejoins, where it stopped, when the reader has caught up half of them).
+    model_stream_backlog_chunks: int = 64
     # Embedding requests that wait while a pass of their model runs share the next pass,
     # up to this many texts in all (engine/models/batching.py); a larger request goes alone.
     # An embeddings model admits at least this many requests at once (model_max_concurrency

@@ -23,7 +23,7 @@ from engine.models.backends import default_backends
 from engine.models.images import ImagePolicy
 from engine.models.memory import GIB, default_budget_bytes
 from engine.models.registry import ModelRegistry
-from engine.models.types import LoadSpec, ModelLimits
+from engine.models.types import BatchPolicy, LoadSpec, ModelLimits
 from engine.rag.service import IngestLimits, RagService
 from engine.runtime.executor import RunLimits, Runner
 from engine.sandbox import SandboxLimits, configure_shared_sandbox
@@ -83,6 +83,7 @@ class Engine:
             images=ImagePolicy.from_settings(settings),
             limits=ModelLimits.from_settings(settings),
             embed_batch_max_texts=settings.model_embed_batch_max_texts,
+            batching=BatchPolicy.from_settings(settings),
         )
         rag = RagService(store, models, IngestLimits.from_settings(settings))
         runner = Runner(

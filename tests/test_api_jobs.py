@@ -42,7 +42,13 @@ def client(
 ) -> Iterator[httpx.Client]:
     models = [
         {"model_path": str(tiny_lm_dir), "model_type": "lm", "model_id": LM},
-        {"model_path": str(long_lm_dir), "model_type": "lm", "model_id": LONG},
+        # One job at a time, so that later ones queue behind an endless one.
+        {
+            "model_path": str(long_lm_dir),
+            "model_type": "lm",
+            "model_id": LONG,
+            "max_concurrency": 1,
+        },
         {"model_path": str(tiny_embedder_dir), "model_type": "embeddings", "model_id": EMBED},
     ]
     with running_server(
@@ -372,6 +378,7 @@ def test_a_full_queue_answers_429_with_retry_after(
     tmp_path: Path, long_lm_dir: Path, endless: dict[str, Any]
 ) -> None:
     models = [{"model_path": str(long_lm_dir), "model_type": "lm", "model_id": LONG}]
+    models[0]["max_concurrency"] = 1  # a second job queues behind the first
     with running_server(tmp_path, startup_models=models, jobs_max_queued=1) as small:
         holder = accepted(small, {"model_id": LONG, "operation": "chat", "input": endless})
         processing(small, holder["job_id"])

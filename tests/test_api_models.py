@@ -242,7 +242,7 @@ def test_info(api: Api, path_id: str) -> None:
     assert info["vram_usage_gb"] == api.lm_load["vram_usage_gb"]
     assert info["priority"] == "high"
     assert info["pinned"] is False
-    assert info["queue"] == {"active": 0, "waiting": 0, "max_concurrency": 1, "max_queue": 100}
+    assert info["queue"] == {"active": 0, "waiting": 0, "max_concurrency": 32, "max_queue": 100}
     assert "chat" in info["capabilities"]
 
 

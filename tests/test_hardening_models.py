@@ -28,6 +28,8 @@ from engine.errors import InvalidRequest
 from engine.logging import configure_logging, get_logger
 from engine.models.backends import default_backends
 from engine.models.backends.base import ChatChunk, ChatParams
+from engine.models.backends.batch_decode import DecodeBatch
+from engine.models.decoding import Event, Generation
 from engine.models.images import ImagePolicy
 from engine.models.registry import ModelRegistry
 from engine.models.types import LoadSpec
@@ -116,16 +118,15 @@ def test_chat_prompt_over_the_character_limit_is_refused_before_tokenizing(
     assert_healthy(server)
 
 
-def test_health_answers_while_a_long_prompt_waits_to_be_tokenized(
+def test_a_long_prompt_is_tokenized_off_the_loop_and_the_worker(
     server: httpx.Client, tiny_lm_dir: Path
 ) -> None:
-    """Tokenizing happens on the model worker, not the event loop.
+    """Tokenizing happens on a thread of its own, before the request takes a slot.
 
-    Ordering, not speed: a generation that never ends by itself holds the one worker
-    thread, so the long prompt, once admitted to its model's slot, can only be tokenized
-    after that generation is dropped. /health answers while the request is admitted and
-    pending, and the request ends (400) only after the drop."""
-    load(server, tiny_lm_dir, "lm", model_id="hold-lm", context_length=200_000)
+    Ordering, not speed: a generation that never ends by itself holds the model's one
+    slot and keeps its batch decoding on the worker, yet a prompt over the context is
+    refused (400) while that generation still runs, and /health answers throughout."""
+    load(server, tiny_lm_dir, "lm", model_id="hold-lm", context_length=2_000, max_concurrency=1)
     hold_body = {
         "model": "hold-lm",
         "messages": USER,
@@ -133,31 +134,24 @@ def test_health_answers_while_a_long_prompt_waits_to_be_tokenized(
         "logit_bias": no_eos_bias(tiny_lm_dir),
     }
     hold = StreamReader(str(server.base_url), hold_body).start()
-    messages = [{"role": "user", "content": "hello world " * (MAX_PROMPT_CHARS // 12)}]
-    outcome: list[httpx.Response] = []
-    base = str(server.base_url)
-
-    def send() -> None:
-        with httpx.Client(base_url=base, timeout=60.0) as client:
-            outcome.append(
-                client.post("/v1/chat/completions", json={"model": "tiny-lm", "messages": messages})
-            )
-
-    sender = threading.Thread(target=send)
-    sender.start()
     try:
         wait_for(
-            lambda: server.get("/v1/models/tiny-lm/info").json()["queue"]["active"] == 1,
+            lambda: server.get("/v1/models/hold-lm/info").json()["queue"]["active"] == 1,
             BOUND_S,
-            "the long prompt to hold its model's slot",
+            "the endless generation to hold the model's slot",
         )
+        messages = [{"role": "user", "content": "hello world " * (MAX_PROMPT_CHARS // 12)}]
+        body = {"model": "hold-lm", "messages": messages}
+        error_of(server.post("/v1/chat/completions", json=body), 400, "context_length_exceeded")
         assert_healthy(server)
-        assert sender.is_alive()  # /health overtook it: its tokenizing waits for the worker
+        assert server.get("/v1/models/hold-lm/info").json()["queue"]["active"] == 1
     finally:
         hold.disconnect()
-        sender.join(BOUND_S)
-    assert not sender.is_alive()
-    error_of(outcome[0], 400, "context_length_exceeded")
+    wait_for(
+        lambda: server.get("/v1/models/hold-lm/info").json()["queue"]["active"] == 0,
+        BOUND_S,
+        "the disconnected stream to free its slot",
+    )
     assert server.delete("/v1/models/hold-lm/unload").status_code == 200
 
 
@@ -401,29 +395,42 @@ def test_the_image_deadline_is_the_setting() -> None:
 # --- cancellation: a cancelled request's task stops its generation ----------------------------
 
 LONG = 2000  # max_tokens of a generation that must still be running when it is cancelled
+SURVIVOR = 200  # max_tokens of one that runs beside it: long enough to still run meanwhile
 
 
 class Generations:
-    """Counts what each chat_stream run on the worker produced (instrumentation around
-    the real model's generator, which still does all the work)."""
+    """Counts what each request's generation in the model's batch produced
+    (instrumentation around the real batch's steps, which still do all the work)."""
 
     def __init__(self) -> None:
         self.runs: list[dict[str, Any]] = []
+        self.most = 0  # the most sequences seen decoding together
 
-    def wrap(self, model: Any) -> None:
-        real = model.chat_stream
+    def wrap(self, batch: DecodeBatch) -> None:
+        real = batch.run
+        by_seq: dict[int, dict[str, Any]] = {}
 
-        def counted(*args: Any) -> Iterator[ChatChunk]:
-            run: dict[str, Any] = {"chunks": 0, "ended": threading.Event()}
-            self.runs.append(run)
-            try:
-                for chunk in real(*args):
-                    run["chunks"] += 1
-                    yield chunk
-            finally:
-                run["ended"].set()
+        def counted(
+            incoming: list[Generation], deliver: Callable[[list[Event]], None], budget_s: float
+        ) -> bool:
+            for seq in incoming:
+                if not seq.stop.is_set():  # one cancelled while queued never joins
+                    by_seq[id(seq)] = run = {"chunks": 0, "ended": threading.Event()}
+                    self.runs.append(run)
 
-        model.chat_stream = counted
+            def observed(events: list[Event]) -> None:
+                self.most = max(self.most, batch.in_batch())
+                for seq, item in events:
+                    run = by_seq.get(id(seq))
+                    if run is not None and isinstance(item, ChatChunk):
+                        run["chunks"] += 1
+                        if item.finish_reason is not None:
+                            run["ended"].set()
+                deliver(events)
+
+            return real(incoming, observed, budget_s)
+
+        batch.run = counted  # type: ignore[method-assign]
 
 
 @pytest.fixture
@@ -431,7 +438,7 @@ async def two_slot_lm(tiny_lm_dir: Path) -> AsyncIterator[tuple[ModelRegistry, G
     registry = ModelRegistry(default_backends(Settings()), budget_bytes=1 << 34)
     entry = await registry.load(LoadSpec(str(tiny_lm_dir), "lm", model_id="m", max_concurrency=2))
     generations = Generations()
-    generations.wrap(entry.model)
+    generations.wrap(entry.model.batch)  # type: ignore[attr-defined]
     yield registry, generations
     await asyncio.wait_for(registry.close(), BOUND_S)
 
@@ -460,6 +467,8 @@ async def _consume(registry: ModelRegistry, params: ChatParams) -> list[ChatChun
 async def test_cancelling_a_request_task_stops_its_generation_and_frees_its_slot(
     two_slot_lm: tuple[ModelRegistry, Generations], streaming: bool
 ) -> None:
+    """Two requests decode together in one batch; one is cancelled mid-way, and leaves
+    the batch at the next step while the other finishes intact."""
     registry, generations = two_slot_lm
     slots = registry.get("m").slots
     long_params = forced(registry, LONG)
@@ -468,43 +477,47 @@ async def test_cancelling_a_request_task_stops_its_generation_and_frees_its_slot
     else:
         doomed = asyncio.create_task(registry.chat("m", USER, long_params))
     await until(lambda: generations.runs and generations.runs[0]["chunks"] >= 2, "A generates")
-    survivor = asyncio.create_task(registry.chat("m", USER, forced(registry, 8)))
-    await until(lambda: slots.active == 2, "both requests hold a slot")
+    survivor = asyncio.create_task(registry.chat("m", USER, forced(registry, SURVIVOR)))
+    await until(lambda: len(generations.runs) == 2 and generations.runs[1]["chunks"] >= 2, "B too")
+    assert slots.active == 2
+    assert generations.most == 2  # decoded together
 
     doomed.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(doomed, BOUND_S)
-    first = generations.runs[0]
-    assert first["ended"].is_set()  # stopped on the worker before the slot was given back
-    assert first["chunks"] < LONG
     assert slots.active == 1
+    first = generations.runs[0]
+    await until(lambda: first["ended"].is_set(), "A leaves the batch")
+    assert first["chunks"] < LONG
 
     result = await asyncio.wait_for(survivor, BOUND_S)
-    assert (result.completion_tokens, result.finish_reason) == (8, "length")
+    assert (result.completion_tokens, result.finish_reason) == (SURVIVOR, "length")
     assert isinstance(result.content, str)  # random weights: its tokens may decode to nothing
     assert slots.active == slots.waiting == 0
 
 
-async def test_a_request_cancelled_while_queued_behind_the_worker_frees_its_slot_at_once(
+async def test_a_request_cancelled_while_queued_frees_its_place_and_never_joins(
     two_slot_lm: tuple[ModelRegistry, Generations],
 ) -> None:
-    """Both requests hold a slot, but the one worker thread runs one generation at a
-    time: cancelling the second must not wait for the first to finish."""
+    """The batch is full (two slots): a third request queues, and cancelling it frees its
+    place in the queue at once; it never joins the batch."""
     registry, generations = two_slot_lm
     slots = registry.get("m").slots
-    running = asyncio.create_task(registry.chat("m", USER, forced(registry, LONG)))
-    await until(lambda: generations.runs and generations.runs[0]["chunks"] >= 2, "A generates")
+    running = [
+        asyncio.create_task(registry.chat("m", USER, forced(registry, LONG))) for _ in range(2)
+    ]
+    await until(lambda: len(generations.runs) == 2, "both requests decode")
     queued = asyncio.create_task(registry.chat("m", USER, forced(registry, LONG)))
-    await until(lambda: slots.active == 2, "both requests hold a slot")
+    await until(lambda: slots.waiting == 1, "the third request queues")
 
     queued.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(queued, BOUND_S)
-    assert slots.active == 1
-    assert not generations.runs[0]["ended"].is_set()  # the first is still generating
+    assert (slots.active, slots.waiting) == (2, 0)
+    assert not any(run["ended"].is_set() for run in generations.runs)  # both still decode
 
-    running.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(running, BOUND_S)
-    assert len(generations.runs) == 1  # the cancelled one never started on the worker
+    for task in running:
+        task.cancel()
+    await asyncio.wait_for(asyncio.gather(*running, return_exceptions=True), BOUND_S)
+    assert len(generations.runs) == 2  # the cancelled one never joined
     assert slots.active == 0

@@ -20,7 +20,12 @@ MAX_ATTEMPTS = 2
 
 
 def _env(data: Path, model_dir: Path) -> dict[str, str]:
-    model = {"model_path": str(model_dir), "model_type": "lm", "model_id": LONG}
+    model = {
+        "model_path": str(model_dir),
+        "model_type": "lm",
+        "model_id": LONG,
+        "max_concurrency": 1,
+    }
     return {
         "FUSION_DATA_DIR": str(data),
         "FUSION_WORKFLOWS_DIR": str(data / "wf"),

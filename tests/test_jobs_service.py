@@ -63,7 +63,13 @@ async def engine(
         data_dir=tmp_path / "data",
         workflows_dir=workflows,
         startup_models=[
-            {"model_path": str(tiny_lm_dir), "model_type": "lm", "model_id": LM},
+            # One job at a time: tests queue jobs behind a running one.
+            {
+                "model_path": str(tiny_lm_dir),
+                "model_type": "lm",
+                "model_id": LM,
+                "max_concurrency": 1,
+            },
             {
                 "model_path": str(tiny_embedder_dir),
                 "model_type": "embeddings",

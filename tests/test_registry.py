@@ -2,9 +2,9 @@
 measured memory, the budget and eviction, admission (concurrency, queue), unloading and
 cancellation, and statistics.
 
-The only test doubles are subclasses of the real lm backend and model that count loads and
-generations (and, for one test, fail on purpose); every model runs through MLX on the
-registry's worker thread. Waiting for state is bounded: events, ``asyncio.wait_for`` and
+The only test doubles are subclasses of the real lm backend, model and decode batch that
+count loads and generations (and, for one test, fail on purpose); every model runs through
+MLX on the registry's worker thread. Waiting for state is bounded: events, ``asyncio.wait_for`` and
 short polling loops under ``asyncio.timeout``.
 """
 
@@ -15,7 +15,7 @@ import gc
 import re
 import shutil
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,11 @@ from engine.errors import (
 )
 from engine.models.backends import default_backends
 from engine.models.backends.base import ChatChunk, ChatParams, weight_file_bytes
+from engine.models.backends.batch_decode import DecodeBatch
 from engine.models.backends.mlx_lm_backend import LmModel, MlxLmBackend
+from engine.models.decoding import Event, Generation
 from engine.models.registry import ModelRegistry
-from engine.models.types import LoadSpec
+from engine.models.types import BatchPolicy, LoadSpec
 
 MESSAGES = [{"role": "user", "content": "hello there"}]
 BOUND = 15.0  # seconds: an upper bound on any wait here, far above the expected time
@@ -45,8 +47,9 @@ LONG = 2000  # max_tokens for a generation that must still be running when we ac
 # --- test doubles: the real backend, counted ------------------------------------------------
 
 
-class Generation:
-    """One chat_stream run on the worker: chunks it produced, and whether it ended."""
+class Run:
+    """One request's generation in the batch: chunks it produced, and whether it ended
+    (left the batch)."""
 
     def __init__(self) -> None:
         self.chunks = 0
@@ -54,24 +57,51 @@ class Generation:
         self.ended = threading.Event()
 
 
-class CountingLmModel(LmModel):
-    generations: list[Generation]
-    fail_after: int | None = None  # raise after this many chunks (an inference failure)
+class CountingBatch(DecodeBatch):
+    """The real decode batch; records each request it admits and what it delivered."""
 
-    def chat_stream(
-        self, messages: Sequence[dict[str, Any]], params: ChatParams, stop: threading.Event
-    ) -> Iterator[ChatChunk]:
-        gen = Generation()
-        self.generations.append(gen)
-        try:
-            for chunk in super().chat_stream(messages, params, stop):
-                if self.fail_after is not None and gen.chunks >= self.fail_after:
+    generations: list[Run]
+    runs: dict[int, Run]
+    fail_after: int | None = None  # raise after this many chunks (an inference failure)
+    most = 0  # the most sequences seen in the batch when a step delivered
+
+    def run(
+        self,
+        incoming: Sequence[Generation],
+        deliver: Callable[[list[Event]], None],
+        budget_s: float,
+    ) -> bool:
+        for seq in incoming:
+            if not seq.stop.is_set():  # one cancelled while queued never starts
+                self.runs[id(seq)] = run = Run()
+                self.generations.append(run)
+
+        def counted(events: list[Event]) -> None:
+            self.most = max(self.most, self.in_batch())
+            for seq, item in events:
+                run = self.runs.get(id(seq))
+                if run is None or not isinstance(item, ChatChunk):
+                    continue
+                if self.fail_after is not None and run.chunks >= self.fail_after:
                     raise RuntimeError("inference exploded")
-                gen.chunks += 1
-                gen.last = chunk
-                yield chunk
-        finally:
-            gen.ended.set()
+                run.chunks += 1
+                run.last = item
+                if item.finish_reason is not None:
+                    run.ended.set()
+            deliver(events)
+
+        return super().run(incoming, counted, budget_s)
+
+
+class CountingLmModel(LmModel):
+    generations: list[Run]
+
+    def start_batching(self, max_batch: int, cache_bytes: int, park_backlog: int) -> DecodeBatch:
+        batch = super().start_batching(max_batch, cache_bytes, park_backlog)
+        batch.__class__ = CountingBatch  # same object, counted run
+        assert isinstance(batch, CountingBatch)
+        batch.generations, batch.runs = self.generations, {}
+        return batch
 
 
 class CountingLmBackend(MlxLmBackend):
@@ -79,7 +109,7 @@ class CountingLmBackend(MlxLmBackend):
 
     def __init__(self) -> None:
         self.loads = 0
-        self.generations: list[Generation] = []
+        self.generations: list[Run] = []
 
     def load(self, path: Path, context_length: int | None) -> LmModel:
         self.loads += 1
@@ -516,11 +546,18 @@ async def test_concurrency_limit_of_two_admits_two(registry: ModelRegistry, lm_p
 
 
 async def test_registry_defaults_apply_when_the_load_sets_no_limits(
-    make_registry: Callable[..., ModelRegistry], lm_path: str
+    make_registry: Callable[..., ModelRegistry], lm_path: str, tiny_vlm_dir: Path
 ) -> None:
-    registry = make_registry(default_concurrency=3, default_queue=7)
-    entry = await registry.load(LoadSpec(lm_path, "lm", model_id="m"))
-    assert (entry.slots.concurrency, entry.slots.max_queue) == (3, 7)
+    policy = BatchPolicy(max_batch=5, prompt_cache_bytes=0, stream_backlog_chunks=8)
+    registry = make_registry(default_concurrency=3, default_queue=7, batching=policy)
+    lm = await registry.load(LoadSpec(lm_path, "lm", model_id="m"))
+    # A language model's batch size is its concurrency; other types take the default.
+    assert (lm.slots.concurrency, lm.slots.max_queue) == (5, 7)
+    assert lm.model.batch is not None  # type: ignore[attr-defined]
+    assert lm.model.batch.max_batch == 5  # type: ignore[attr-defined]
+    vlm = await registry.load(LoadSpec(str(tiny_vlm_dir), "multimodal", model_id="v"))
+    assert (vlm.slots.concurrency, vlm.slots.max_queue) == (3, 7)
+    assert vlm.decoder is None  # vision requests run one at a time
 
 
 async def test_unload_while_busy_conflicts(registry: ModelRegistry, lm_path: str) -> None:
@@ -617,20 +654,28 @@ async def test_breaking_out_of_a_stream_stops_generation_on_the_worker(
     assert (entry.slots.active, entry.slots.waiting) == (0, 0)
 
 
-async def test_closing_a_stream_frees_the_worker_before_the_slot(
+async def test_closing_a_stream_frees_its_slot_and_its_place_in_the_batch(
     registry: ModelRegistry, counting: CountingLmBackend, lm_path: str
 ) -> None:
-    """Once aclose() returns, the generation on the worker has ended and the slot is free:
-    the next request never queues behind an abandoned generation."""
-    entry = await registry.load(LoadSpec(lm_path, "lm", model_id="m"))
+    """Once aclose() returns the slot is free; the abandoned sequence leaves the batch at
+    the next step, before the request that took its slot joins: the batch never decodes
+    more sequences than the model's concurrency."""
+    entry = await registry.load(LoadSpec(lm_path, "lm", model_id="m", max_concurrency=1))
     stream = registry.chat_stream("m", MESSAGES, params(registry, "m", LONG))
     await bounded(anext(stream))
     await bounded(anext(stream))
     await bounded(stream.aclose())
-    generation = counting.generations[0]
-    assert generation.ended.is_set(), "the slot was released while the worker still generated"
-    assert generation.chunks < LONG // 2
     assert entry.slots.active == 0
+    result = await bounded(registry.chat("m", MESSAGES, params(registry, "m", 3)))
+    assert (result.completion_tokens, result.finish_reason) == (3, "length")
+    abandoned, _ = counting.generations
+    assert abandoned.ended.is_set()
+    assert abandoned.last is not None
+    assert abandoned.last.finish_reason == "cancelled"
+    assert abandoned.chunks < LONG // 2
+    batch = entry.model.batch  # type: ignore[attr-defined]
+    assert batch.most == 1
+    assert batch.in_batch() == 0
 
 
 async def test_a_request_for_an_unknown_model_is_not_found(registry: ModelRegistry) -> None:
@@ -674,7 +719,7 @@ async def test_stats_record_requests_tokens_and_errors(
     assert summary["avg_latency_ms"] > 0
     assert stats.error_count == 0
 
-    entry.model.fail_after = 1  # type: ignore[attr-defined]
+    entry.model.batch.fail_after = 1  # type: ignore[attr-defined]
     with pytest.raises(RuntimeError, match="inference exploded"):
         await registry.chat("m", MESSAGES, params(registry, "m", 8))
     assert stats.error_count == 1

@@ -175,7 +175,7 @@ class ChatOperation:
         model, body, params = self._params(env, model_id, input)
         parts: list[str] = []
         finish_reason: str | None = None
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = cached_tokens = 0
         # aclosing: a cancelled job closes the stream here, which stops the generation and
         # gives the model slot back now, not when the generator is collected.
         stream = env.models.chat_stream(model, body.messages, params)
@@ -185,6 +185,7 @@ class ChatOperation:
                 if chunk.finish_reason is not None:
                     finish_reason = chunk.finish_reason
                     prompt_tokens, completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+                    cached_tokens = chunk.cached_tokens
                 elif chunk.text:
                     # A piece is a token, or a few held back while a stop string was possible.
                     completion_tokens += 1
@@ -196,6 +197,7 @@ class ChatOperation:
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
                 "total_tokens": prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cached_tokens},
             },
         }
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +37,9 @@ from engine.models.backends.base import (
     weight_file_bytes,
 )
 from engine.models.backends.embeddings import EmbeddingModel
+from engine.models.backends.mlx_lm_backend import LmModel
 from engine.models.batching import Batcher
+from engine.models.decoding import ContinuousDecoder
 from engine.models.ids import check_model_id
 from engine.models.images import ImagePolicy
 from engine.models.memory import active_bytes, gb, release_cached
@@ -45,7 +47,14 @@ from engine.models.messages import prompt_chars, text_messages, vision_prompt
 from engine.models.params import check_logit_bias, vocab_size
 from engine.models.paths import resolve_model_path
 from engine.models.stats import ModelStats
-from engine.models.types import PRIORITY_RANK, LoadSpec, ModelLimits, ModelType, Operation
+from engine.models.types import (
+    PRIORITY_RANK,
+    BatchPolicy,
+    LoadSpec,
+    ModelLimits,
+    ModelType,
+    Operation,
+)
 from engine.models.worker import MLXWorker
 
 log = structlog.get_logger(__name__)
@@ -108,6 +117,8 @@ class ModelEntry:
     waiters: set[asyncio.Task[Any]] = field(default_factory=set)
     # Groups the embed requests of an embeddings model; made by its first one.
     embed_batcher: Batcher[list[str], EmbedResult] | None = None
+    # Decodes a language model's requests together (None: one at a time on the worker).
+    decoder: ContinuousDecoder | None = None
 
     @property
     def busy(self) -> bool:
@@ -136,6 +147,7 @@ class ModelRegistry:
         limits: ModelLimits | None = None,
         metrics: EngineMetrics | None = None,
         embed_batch_max_texts: int | None = None,
+        batching: BatchPolicy | None = None,
     ) -> None:
         self.backends = dict(backends)
         # The engine's instruments; the services built on this registry record through it.
@@ -147,6 +159,7 @@ class ModelRegistry:
         self.default_concurrency = default_concurrency
         self.default_queue = default_queue
         self.embed_batch_max_texts = embed_batch_max_texts or Settings().model_embed_batch_max_texts
+        self.batching = batching or BatchPolicy.from_settings(Settings())
         self._entries: dict[str, ModelEntry] = {}
         self._loading: dict[str, tuple[LoadSpec, asyncio.Task[ModelEntry]]] = {}
         self._load_lock = asyncio.Lock()
@@ -252,6 +265,7 @@ class ModelRegistry:
             started = time.perf_counter()
             model, measured = await self.worker.call(_load_measured, backend, path, spec)
             load_ms = round((time.perf_counter() - started) * 1000, 3)
+            concurrency = spec.max_concurrency or self._default_concurrency(spec.model_type)
             entry = ModelEntry(
                 id=spec.model_id or "",
                 spec=spec,
@@ -260,10 +274,11 @@ class ModelRegistry:
                 memory_bytes=measured or model.weight_bytes,
                 load_time_ms=load_ms,
                 slots=Slots(
-                    spec.max_concurrency or self._default_concurrency(spec.model_type),
+                    concurrency,
                     self.default_queue if spec.max_queue is None else spec.max_queue,
                 ),
                 vocab_size=vocab_size(config),
+                decoder=await self._decoder(model, concurrency),
             )
             self._entries[entry.id] = entry
         note_model(entry.id)
@@ -276,6 +291,20 @@ class ModelRegistry:
             load_ms=load_ms,
         )
         return entry
+
+    async def _decoder(self, model: LoadedModel, max_batch: int) -> ContinuousDecoder | None:
+        """Continuous batching for a language model whose caches can batch: its
+        max_concurrency is the batch size."""
+        if not isinstance(model, LmModel) or not await self.worker.call(lambda: model.batchable):
+            return None
+        policy = self.batching
+        batch = await self.worker.call(
+            model.start_batching,
+            max_batch,
+            policy.prompt_cache_bytes,
+            policy.stream_backlog_chunks,
+        )
+        return ContinuousDecoder(batch, self.worker)
 
     async def _make_room(self, model_id: str, needed: int) -> None:
         """Evict idle, unpinned models, lowest priority then least recently used first,
@@ -328,6 +357,8 @@ class ModelRegistry:
         entry.unloading = True
         for stop in list(entry.stops):
             stop.set()
+        if entry.decoder is not None:
+            entry.decoder.poke()
         for waiter in list(entry.waiters):
             waiter.cancel()
         # Running work stops at its next token or batch. A request whose client stopped
@@ -338,6 +369,8 @@ class ModelRegistry:
         except TimeoutError:
             log.warning("model_release_without_idle", model_id=entry.id, active=entry.slots.active)
         self._entries.pop(entry.id, None)
+        if entry.decoder is not None:
+            entry.decoder.close()
         freed = await self.worker.call(_close_measured, entry.model)
         log.info("model_unloaded", model_id=entry.id, freed_gb=gb(freed))
         return freed or entry.memory_bytes
@@ -388,18 +421,16 @@ class ModelRegistry:
         entry = self.get(model_id)
         self._check_prompt_chars(prompt_chars(messages), "messages")
         check_logit_bias(entry.vocab_size, params)
-        prompt = await self._prepare(entry, messages)
+        generate = await self._generation(entry, messages, params)
         async with self.use(model_id) as (entry, stop):
             total = 0
             finished = False
             first = True
             try:
-                # aclosing: when this stream is closed early, the worker's generation is
-                # stopped and awaited here, before `use` gives the slot back (left to the
-                # garbage collector, it ran on after the next request was admitted).
-                async with aclosing(
-                    self.worker.stream(lambda: entry.model.chat_stream(prompt, params, stop), stop)
-                ) as chunks:
+                # aclosing: when this stream is closed early, the generation is stopped
+                # here, before `use` gives the slot back (left to the garbage collector,
+                # it ran on after the next request was admitted).
+                async with aclosing(generate(stop)) as chunks:
                     async for chunk in chunks:
                         if first:
                             first = False
@@ -438,12 +469,27 @@ class ModelRegistry:
                 code=ErrorCode.PROMPT_TOO_LONG,
             )
 
-    async def _prepare(self, entry: ModelEntry, messages: Sequence[dict[str, Any]]) -> Any:
-        """Text-only messages for a language model; for a multimodal one, the images are
-        fetched here, before the request takes a model slot."""
+    async def _generation(
+        self, entry: ModelEntry, messages: Sequence[dict[str, Any]], params: ChatParams
+    ) -> Callable[[threading.Event], AsyncGenerator[ChatChunk, None]]:
+        """What generates the answer once the request holds a slot, given its stop event.
+        The prompt is made ready first, before the request takes a slot: a multimodal
+        model's images fetched, a batching language model's prompt tokenized (off the
+        worker, which the batch's decoding needs)."""
+        model = entry.model
+        prompt: Any
         if entry.type == ModelType.MULTIMODAL:
-            return await vision_prompt(messages, self.images)
-        return text_messages(messages)
+            prompt = await vision_prompt(messages, self.images)
+        else:
+            prompt = text_messages(messages)
+        decoder = entry.decoder
+        if decoder is None:
+            return lambda stop: self.worker.stream(
+                lambda: model.chat_stream(prompt, params, stop), stop
+            )
+        assert isinstance(model, LmModel)
+        tokens, max_tokens = await asyncio.to_thread(model.generation_prompt, prompt, params)
+        return lambda stop: decoder.generate(tokens, params, max_tokens, stop)
 
     async def chat(
         self,
@@ -461,7 +507,11 @@ class ModelRegistry:
             if on_text is not None and chunk.text:
                 on_text(chunk.text)
         return ChatResult(
-            "".join(parts), last.finish_reason or "stop", last.prompt_tokens, last.completion_tokens
+            "".join(parts),
+            last.finish_reason or "stop",
+            last.prompt_tokens,
+            last.completion_tokens,
+            last.cached_tokens,
         )
 
     async def _serve(
@@ -529,8 +579,11 @@ class ModelRegistry:
         return entry.embed_batcher
 
     def _default_concurrency(self, model_type: str) -> int:
-        """Requests a model admits at once unless its load says: for an embeddings model
-        at least a full pass of one-text requests, since admitted requests share passes."""
+        """Requests a model admits at once unless its load says: a language model's batch;
+        for an embeddings model at least a full pass of one-text requests, since admitted
+        requests share passes."""
+        if model_type == ModelType.LM:
+            return self.batching.max_batch
         if model_type == ModelType.EMBEDDINGS:
             return max(self.default_concurrency, self.embed_batch_max_texts)
         return self.default_concurrency

@@ -87,3 +87,20 @@ class ModelLimits:
             max_prompt_chars=settings.model_max_prompt_chars,
             warmup_max_tokens=settings.model_warmup_max_tokens,
         )
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How a language model's requests share its batch; engine/config.py documents each."""
+
+    max_batch: int
+    prompt_cache_bytes: int
+    stream_backlog_chunks: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BatchPolicy:
+        return cls(
+            max_batch=settings.model_max_batch,
+            prompt_cache_bytes=int(settings.model_prompt_cache_mb * 2**20),
+            stream_backlog_chunks=settings.model_stream_backlog_chunks,
+        )

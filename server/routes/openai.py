@@ -34,7 +34,7 @@ from engine.errors import ErrorCode, FusionError, InternalError, InvalidRequest,
 from engine.logging import get_logger
 from engine.models.audio import decode_wav
 from engine.models.backends import serving
-from engine.models.backends.base import ChatChunk, ChatParams
+from engine.models.backends.base import ChatChunk, ChatParams, ChatResult
 from engine.models.params import openai_chat_params
 from engine.models.registry import ModelRegistry
 from engine.models.types import Operation as ModelOperation
@@ -83,10 +83,25 @@ class ChatChoice(msgspec.Struct):
     logprobs: None = None
 
 
+class PromptTokensDetails(msgspec.Struct):
+    # Prompt tokens served from the model's prefix cache, as OpenAI reports them.
+    cached_tokens: int
+
+
 class Usage(msgspec.Struct):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+    @classmethod
+    def of(cls, counts: ChatChunk | ChatResult) -> Usage:
+        return cls(
+            counts.prompt_tokens,
+            counts.completion_tokens,
+            counts.prompt_tokens + counts.completion_tokens,
+            PromptTokensDetails(counts.cached_tokens),
+        )
 
 
 class ChatCompletion(msgspec.Struct, kw_only=True):
@@ -164,7 +179,7 @@ async def chat_completions(
                     finish_reason=_finish_reason(result.finish_reason),
                 )
             ],
-            usage=Usage(result.prompt_tokens, result.completion_tokens, result.total_tokens),
+            usage=Usage.of(result),
         )
     )
 
@@ -230,12 +245,7 @@ async def _sse(
         reason = _finish_reason(last.finish_reason if last else None)
         yield _event(chunk({}, reason))
         if include_usage and last is not None:
-            usage = Usage(
-                last.prompt_tokens,
-                last.completion_tokens,
-                last.prompt_tokens + last.completion_tokens,
-            )
-            yield _event({**chunk({}), "choices": [], "usage": usage})
+            yield _event({**chunk({}), "choices": [], "usage": Usage.of(last)})
     except FusionError as exc:
         yield _event(exc.envelope())
     except Exception as exc:

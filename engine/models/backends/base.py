@@ -99,6 +99,7 @@ class ChatChunk:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV cache came from the prefix cache
 
 
 @dataclass
@@ -107,6 +108,7 @@ class ChatResult:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

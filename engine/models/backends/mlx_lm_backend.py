@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from engine.errors import ErrorCode, InvalidRequest
 from engine.models.backends.base import (
@@ -19,6 +19,9 @@ from engine.models.backends.base import (
 )
 from engine.models.backends.textgen import GenerativeBackend, parameter_bytes, stream_chunks
 from engine.models.types import Capability, ModelType, Operation
+
+if TYPE_CHECKING:
+    from engine.models.backends.batch_decode import DecodeBatch
 
 LONG_CONTEXT = 32_768
 RERANK_SYSTEM = (
@@ -60,6 +63,7 @@ class LmModel(LoadedModel):
         self.model = model
         self.tokenizer = tokenizer
         self.prefill_step_tokens = prefill_step_tokens
+        self.batch: DecodeBatch | None = None
         self.family = config.get("model_type")
         self.context_length = context_length or context_length_of(config)
         self.weight_bytes = parameter_bytes(model)
@@ -84,13 +88,11 @@ class LmModel(LoadedModel):
         text = "\n".join(f"{m.get('role')}: {m.get('content')}" for m in messages)
         return list(self.tokenizer.encode(text + "\nassistant:"))
 
-    def chat_stream(
-        self, messages: Sequence[dict[str, Any]], params: ChatParams, stop: threading.Event
-    ) -> Iterator[ChatChunk]:
-        import mlx.core as mx
-        from mlx_lm import stream_generate
-        from mlx_lm.sample_utils import make_logits_processors, make_sampler
-
+    def generation_prompt(
+        self, messages: Sequence[dict[str, Any]], params: ChatParams
+    ) -> tuple[list[int], int]:
+        """The prompt's tokens and how many tokens may follow them: ``max_tokens`` cut to
+        what the context leaves. Tokenizer work only, so any thread may run it."""
         prompt = self.prompt_tokens(messages, params.tools)
         limit = self.context_length
         if limit and len(prompt) >= limit:
@@ -99,7 +101,40 @@ class LmModel(LoadedModel):
                 param="messages",
                 code=ErrorCode.CONTEXT_LENGTH_EXCEEDED,
             )
-        max_tokens = min(params.max_tokens, limit - len(prompt)) if limit else params.max_tokens
+        return prompt, min(params.max_tokens, limit - len(prompt)) if limit else params.max_tokens
+
+    @property
+    def batchable(self) -> bool:
+        """Whether its requests can share a batch: every layer's cache can merge with
+        others (mlx_lm.server's test). Others are served one at a time."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return all(hasattr(c, "merge") for c in make_prompt_cache(self.model))
+
+    def start_batching(self, max_batch: int, cache_bytes: int, park_backlog: int) -> DecodeBatch:
+        """The batch its requests share from now on (engine/models/decoding.py); warmups
+        then keep their prefill in its prefix cache."""
+        from engine.models.backends.batch_decode import DecodeBatch
+
+        self.batch = DecodeBatch(
+            self.model,
+            self.tokenizer,
+            max_batch=max_batch,
+            prefill_step_tokens=self.prefill_step_tokens,
+            cache_bytes=cache_bytes,
+            park_backlog=park_backlog,
+        )
+        return self.batch
+
+    def chat_stream(
+        self, messages: Sequence[dict[str, Any]], params: ChatParams, stop: threading.Event
+    ) -> Iterator[ChatChunk]:
+        """One request alone (models whose caches cannot batch)."""
+        import mlx.core as mx
+        from mlx_lm import stream_generate
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+        prompt, max_tokens = self.generation_prompt(messages, params)
         if params.seed is not None:
             mx.random.seed(params.seed)
         sampler = make_sampler(
@@ -118,16 +153,14 @@ class LmModel(LoadedModel):
         yield from stream_chunks(responses, params.stop, stop, prompt_tokens=len(prompt))
 
     def warmup(self, prompt: str, max_length: int) -> int:
-        import mlx.core as mx
-        from mlx_lm.models.cache import make_prompt_cache
+        """Prefill the prompt's first tokens; with batching on, their KV cache stays in
+        the prefix cache for the prompts that start with them."""
+        from engine.models.backends.batch_decode import prefill
 
         tokens = list(self.tokenizer.encode(prompt))[: max(1, max_length)]
-        cache = make_prompt_cache(self.model)
-        # In steps, as mlx-lm's own prefill does (see GenerativeBackend).
-        step = self.prefill_step_tokens
-        for start in range(0, len(tokens), step):
-            logits = self.model(mx.array(tokens[start : start + step])[None], cache=cache)
-            mx.eval(logits, [c.state for c in cache])
+        cache = prefill(self.model, tokens, self.prefill_step_tokens)
+        if self.batch is not None:
+            self.batch.remember(tokens, cache)
         return len(tokens)
 
     def relevance(self, query: str, documents: Sequence[str], instruction: str) -> list[float]:
@@ -165,5 +198,8 @@ class LmModel(LoadedModel):
         return hf_token_offsets(getattr(self.tokenizer, "_tokenizer", self.tokenizer), text)
 
     def close(self) -> None:
+        if self.batch is not None:
+            self.batch.close()
+            self.batch = None
         self.model = None
         self.tokenizer = None
