@@ -117,6 +117,29 @@ def test_streaming_with_the_openai_client_matches_the_plain_answer(api: Api) -> 
     assert usage_chunk.usage.prompt_tokens == plain.usage.prompt_tokens  # type: ignore[union-attr]
 
 
+def test_usage_reports_prompt_tokens_served_from_the_prefix_cache(api: Api) -> None:
+    messages = [{"role": "user", "content": "a prompt no other test sends"}]
+    common: dict[str, Any] = {"model": CHAT_ID, "messages": messages, "max_tokens": 3}
+    cold = api.oai.chat.completions.create(**common)
+    assert cold.usage is not None
+    assert cold.usage.prompt_tokens_details is not None
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    warm = api.oai.chat.completions.create(**common)
+    assert warm.usage is not None
+    assert warm.usage.prompt_tokens_details is not None
+    # All but the last prompt token, which decoding starts from.
+    assert warm.usage.prompt_tokens_details.cached_tokens == cold.usage.prompt_tokens - 1
+    chunks = list(
+        api.oai.chat.completions.create(
+            **common, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    usage = chunks[-1].usage
+    assert usage is not None
+    assert usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens == cold.usage.prompt_tokens - 1
+
+
 def test_raw_event_stream_ends_with_done(api: Api) -> None:
     body = {"model": CHAT_ID, "messages": MESSAGES, "max_tokens": 5, "stream": True}
     with api.client.stream("POST", "/v1/chat/completions", json=body) as response:

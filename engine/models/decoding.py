@@ -30,9 +30,9 @@ STEP_BUDGET_S = 0.05
 @dataclass(eq=False)
 class Generation:
     """One request's generation. Made on the asyncio side; from then on its decoding
-    state is the worker's. ``produced`` and ``consumed`` count chunks handed to and taken
-    by the reader (both written on the event loop); their difference is the reader's
-    backlog, which backpressure watches."""
+    state is the worker's. ``produced`` counts the chunks the worker made for the reader
+    and ``consumed`` those the reader took (each written by one thread only); their
+    difference is the reader's backlog, which backpressure watches."""
 
     prompt: list[int]
     params: ChatParams
@@ -120,7 +120,6 @@ class ContinuousDecoder:
 
     def _deliver(self, events: list[Event]) -> None:
         for seq, item in events:
-            seq.produced += 1
             seq.sink.put_nowait(item)
             if isinstance(item, BaseException) or item.finish_reason is not None:
                 self._live.discard(seq)

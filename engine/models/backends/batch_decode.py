@@ -125,7 +125,7 @@ class DecodeBatch:
 
     def _admit(self, seq: Generation, events: list[Event]) -> None:
         if seq.stop.is_set():
-            events.append((seq, _final(seq, "cancelled")))
+            _emit(seq, events, _final(seq, "cancelled"))
             return
         try:
             cache, rest = self._cached_prefix(seq.prompt)
@@ -143,7 +143,7 @@ class DecodeBatch:
                 stop_sequences=[self.eos],
             )
         except Exception as exc:  # this sequence's failure; the batch goes on
-            events.append((seq, exc))
+            _emit(seq, events, exc)
             return
         self._active[seq.uid] = seq
 
@@ -200,9 +200,9 @@ class DecodeBatch:
             self._active.pop(seq.uid or 0, None)
             seq.uid = None
             self.remember(response.all_tokens, response.prompt_cache)
-            events.append((seq, _final(seq, reason, text + seq.scanner.flush())))
+            _emit(seq, events, _final(seq, reason, text + seq.scanner.flush()))
         elif text:
-            events.append((seq, ChatChunk(text)))
+            _emit(seq, events, ChatChunk(text))
 
     def _finish(self, seq: Generation, reason: str, events: list[Event], text: str = "") -> None:
         """End a sequence still in the batch or parked: a stop string or cancellation."""
@@ -220,7 +220,7 @@ class DecodeBatch:
             seq.parked = None
             if keep:
                 self.remember(tokens, cache)
-        events.append((seq, _final(seq, reason, text)))
+        _emit(seq, events, _final(seq, reason, text))
 
     def remember(self, tokens: list[int] | None, cache: list[Any] | None) -> None:
         """Keep the KV cache of ``tokens`` for later prompts that start with them."""
@@ -276,6 +276,11 @@ class DecodeBatch:
         self.fail_all()
         self.cache = None
         self.model = None
+
+
+def _emit(seq: Generation, events: list[Event], item: ChatChunk | BaseException) -> None:
+    seq.produced += 1
+    events.append((seq, item))
 
 
 def prefill(model: Any, tokens: list[int], step: int) -> list[Any]:
