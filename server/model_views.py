@@ -111,6 +111,8 @@ def info(entry: ModelEntry) -> dict[str, Any]:
             "max_concurrency": slots.concurrency,
             "max_queue": slots.max_queue,
         },
+        # A language model's continuous batch (null: it serves one request at a time).
+        "batch": entry.decoder.batch.state() if entry.decoder is not None else None,
     }
 
 

@@ -244,6 +244,10 @@ def test_info(api: Api, path_id: str) -> None:
     assert info["pinned"] is False
     assert info["queue"] == {"active": 0, "waiting": 0, "max_concurrency": 32, "max_queue": 100}
     assert "chat" in info["capabilities"]
+    batch = info["batch"]  # a language model decodes its requests in one batch
+    assert (batch["max_batch"], batch["decoding"], batch["parked"]) == (32, 0, 0)
+    assert batch["prompt_cache_max_bytes"] == 512 * 2**20
+    assert 0 <= batch["prompt_cache_bytes"] <= batch["prompt_cache_max_bytes"]
 
 
 def test_list_and_retrieve(api: Api) -> None:

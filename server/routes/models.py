@@ -78,6 +78,15 @@ class QueueInfo(msgspec.Struct):
     max_queue: int
 
 
+class BatchInfo(msgspec.Struct):
+    max_batch: int
+    decoding: int  # sequences in the batch now
+    parked: int  # sequences out of it while their readers catch up
+    prompt_cache_entries: int
+    prompt_cache_bytes: int
+    prompt_cache_max_bytes: int
+
+
 class InfoResponse(msgspec.Struct):
     model_id: str
     status: str
@@ -94,6 +103,7 @@ class InfoResponse(msgspec.Struct):
     capabilities: list[str]
     warmup_completed: bool
     queue: QueueInfo
+    batch: BatchInfo | None
 
 
 class StatsResponse(msgspec.Struct):

@@ -96,6 +96,19 @@ class DecodeBatch:
     def parked(self) -> int:
         return len(self._parked)
 
+    def state(self) -> dict[str, int]:
+        """What model info reports; read from the event loop, so each figure is a
+        moment's reading of state the worker changes."""
+        cache = self.cache
+        return {
+            "max_batch": self.max_batch,
+            "decoding": self.in_batch(),
+            "parked": self.parked(),
+            "prompt_cache_entries": len(cache) if cache is not None else 0,
+            "prompt_cache_bytes": cache.nbytes if cache is not None else 0,
+            "prompt_cache_max_bytes": cache.max_bytes if cache is not None else 0,
+        }
+
     def run(
         self,
         incoming: Sequence[Generation],
