@@ -14,8 +14,9 @@ Chat: aggregate completion tokens/s, p50/p95 time to first token and p50/p95 tot
 of streamed `POST /v1/chat/completions` at each client count, Fusion against
 `mlx_lm.server` on the same synthetic qwen2 model (`build_lm`, random weights) in the same
 run, both started here with the same BLAS (`import engine.models` before MLX), alternating
-per client count. Every client sends the same system prompt and its own user message
-(requests share a prefix, as a workflow's do); greedy, every EOS id biased by -100 so each
+per client count. Every request sends the same system prompt and a user message of its own
+(requests share a prefix, as a workflow's do, but no whole prompt repeats: a prompt cache
+reuses the prefix only); greedy, every EOS id biased by -100 so each
 request yields `--tokens`; completion tokens are counted from the stream's usage chunk
 (`stream_options.include_usage`, which both servers honour). Time to first token: from
 sending to the first SSE chunk with non-empty content. Both servers are warmed (one short
@@ -130,12 +131,12 @@ def eos_ids(model: Path) -> list[int]:
     return sorted(ids)
 
 
-def chat_body(model: str, client: int, tokens: int, eos: list[int]) -> dict[str, Any]:
+def chat_body(model: str, caller: str, tokens: int, eos: list[int]) -> dict[str, Any]:
     return {
         "model": model,
         "messages": [
             {"role": "system", "content": SYSTEM},
-            {"role": "user", "content": f"Caller {client}: tell me about unified memory."},
+            {"role": "user", "content": f"Caller {caller}: tell me about unified memory."},
         ],
         "max_tokens": tokens,
         "temperature": 0.0,
@@ -174,6 +175,7 @@ async def streamed(client: httpx.AsyncClient, body: dict[str, Any]) -> Sample:
 
 async def chat_round(
     client: httpx.AsyncClient,
+    label: str,
     model: str,
     clients: int,
     per_client: int,
@@ -183,9 +185,10 @@ async def chat_round(
     result = Round(wall=0.0)
 
     async def caller(index: int) -> None:
-        for _ in range(per_client):
+        for request in range(per_client):
             try:
-                result.samples.append(await streamed(client, chat_body(model, index, tokens, eos)))
+                body = chat_body(model, f"{label}.{index}.{request}", tokens, eos)
+                result.samples.append(await streamed(client, body))
             except (httpx.HTTPError, RuntimeError) as exc:
                 result.errors.append(f"{type(exc).__name__}: {exc}"[:300])
 
@@ -203,8 +206,8 @@ def async_client(base: str, connections: int) -> httpx.AsyncClient:
 async def warm(base: str, model: str, clients: int, eos: list[int]) -> None:
     """Compile the kernels and size the caches: one request alone, then one batch."""
     async with async_client(base, clients) as client:
-        await streamed(client, chat_body(model, 0, WARM_TOKENS, eos))
-        warm_round = await chat_round(client, model, clients, 1, WARM_TOKENS, eos)
+        await streamed(client, chat_body(model, "warm", WARM_TOKENS, eos))
+        warm_round = await chat_round(client, "warm", model, clients, 1, WARM_TOKENS, eos)
     if warm_round.errors:
         raise RuntimeError(f"warm-up failed at {base}: {warm_round.errors[0]}")
 
@@ -220,7 +223,7 @@ async def measure_chat(
         for name, (base, model) in servers.items():
             async with async_client(base, n) as client:
                 rounds[name, n] = r = await chat_round(
-                    client, model, n, args.requests_per_client, args.tokens, eos
+                    client, f"n{n}", model, n, args.requests_per_client, args.tokens, eos
                 )
             print(
                 f"  {name} at {n} clients: {r.rate:.1f} tok/s over {r.wall:.1f} s, "
