@@ -3,7 +3,7 @@
 Run from the repository root (the server finds workflows/ there):
 
     .venv/bin/python bench/concurrency.py [--part all]     # or parts: --part chat summary
-    .venv/bin/python bench/concurrency.py --part chat [--clients 1,8,32] [--tokens 64]
+    .venv/bin/python bench/concurrency.py --part chat [--clients 1,8,32] [--tokens 64] [--repeats 1]
         [--requests-per-client 1] [--hidden 512 --layers 8 --head-dim 64]
     .venv/bin/python bench/concurrency.py --part summary [--doc-tokens 8192]
         [--piece-tokens 512] [--summary-tokens 64]
@@ -61,7 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +146,17 @@ def chat_body(model: str, caller: str, tokens: int, eos: list[int]) -> dict[str,
     }
 
 
+async def sse_data(response: httpx.Response) -> AsyncIterator[str]:
+    """The data fields of an event stream, cut at its own line ends only: httpx's line
+    splitting also cuts at U+2028 and its kin, which a JSON string may hold raw."""
+    buffer = ""
+    async for text in response.aiter_text():
+        *lines, buffer = (buffer + text).split("\n")
+        for line in lines:
+            if line.startswith("data: "):
+                yield line[len("data: ") :].rstrip("\r")
+
+
 async def streamed(client: httpx.AsyncClient, body: dict[str, Any]) -> Sample:
     start = time.perf_counter()
     ttft: float | None = None
@@ -154,10 +165,10 @@ async def streamed(client: httpx.AsyncClient, body: dict[str, Any]) -> Sample:
         if response.status_code != 200:
             await response.aread()
             raise RuntimeError(f"{response.status_code}: {response.text[:300]}")
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        async for data in sse_data(response):
+            if data == "[DONE]":
                 continue
-            chunk = json.loads(line[len("data: ") :])
+            chunk = json.loads(data)
             if "error" in chunk:
                 raise RuntimeError(f"stream error: {json.dumps(chunk)[:300]}")
             choices = chunk.get("choices") or []
@@ -218,21 +229,31 @@ async def measure_chat(
     top = max(args.clients)
     for base, model in servers.values():
         await warm(base, model, top, eos)
-    rounds: dict[tuple[str, int], Round] = {}
+    runs: dict[tuple[str, int], list[Round]] = {}
     for n in args.clients:
-        for name, (base, model) in servers.items():
-            async with async_client(base, n) as client:
-                rounds[name, n] = r = await chat_round(
-                    client, f"n{n}", model, n, args.requests_per_client, args.tokens, eos
+        for repeat in range(args.repeats):
+            for name, (base, model) in servers.items():
+                async with async_client(base, n) as client:
+                    r = await chat_round(
+                        client,
+                        f"n{n}.{repeat}",
+                        model,
+                        n,
+                        args.requests_per_client,
+                        args.tokens,
+                        eos,
+                    )
+                runs.setdefault((name, n), []).append(r)
+                print(
+                    f"  {name} at {n} clients: {r.rate:.1f} tok/s over {r.wall:.1f} s, "
+                    f"{len(r.samples)} requests of {tokens_range(r)} tokens, "
+                    f"{len(r.errors)} errors",
+                    flush=True,
                 )
-            print(
-                f"  {name} at {n} clients: {r.rate:.1f} tok/s over {r.wall:.1f} s, "
-                f"{len(r.samples)} requests of {tokens_range(r)} tokens, {len(r.errors)} errors",
-                flush=True,
-            )
-            for error in r.errors[:3]:
-                print(f"    error: {error}")
-    return rounds
+                for error in r.errors[:3]:
+                    print(f"    error: {error}")
+    # Each figure from the round of median throughput (repeats alternate the servers).
+    return {key: sorted(rs, key=lambda r: r.rate)[len(rs) // 2] for key, rs in runs.items()}
 
 
 FIGURES = ("tok/s", "TTFT p50 s", "TTFT p95 s", "latency p50 s", "latency p95 s")
@@ -466,6 +487,9 @@ def main() -> None:
     chat.add_argument("--clients", default="1,8,32", help="client counts, comma-separated")
     chat.add_argument("--tokens", type=int, default=64, help="completion tokens per request")
     chat.add_argument("--requests-per-client", type=int, default=1)
+    chat.add_argument(
+        "--repeats", type=int, default=1, help="rounds per client count; the median is kept"
+    )
     chat.add_argument("--hidden", type=int, default=512)
     chat.add_argument("--layers", type=int, default=8)
     chat.add_argument("--head-dim", type=int, default=64)

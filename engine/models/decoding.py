@@ -89,8 +89,8 @@ class ContinuousDecoder:
                 if item.finish_reason is not None:
                     return
         finally:
-            if not stop.is_set():
-                stop.set()
+            stop.set()
+            if seq in self._live:  # still on the worker: it leaves at the next step
                 self.poke()
 
     def poke(self) -> None:
