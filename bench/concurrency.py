@@ -57,7 +57,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -69,7 +68,7 @@ from typing import Any
 
 import httpx
 from embeddings import BATCH, passages
-from harness import READY_TIMEOUT_S, free_port, fusion_server, machine
+from harness import free_port, fusion_server, machine, server_process
 
 import engine.models  # noqa: F401  (chooses the BLAS before MLX loads)
 from engine.models.blas import loaded as blas_loaded
@@ -311,27 +310,8 @@ def anchor_server(model: Path, log_dir: Path) -> Iterator[str]:
     """`mlx_lm.server` on `model` in a subprocess; yields its base URL."""
     port = free_port()
     command = [sys.executable, "-c", ANCHOR_CODE, "--model", str(model), "--port", str(port)]
-    log = (log_dir / "mlx_lm_server.log").open("wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"mlx_lm.server exited: see {log_dir / 'mlx_lm_server.log'}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("mlx_lm.server not ready")
-            time.sleep(0.2)
+    with server_process(command, port, log_dir / "mlx_lm_server.log") as base:
         yield base
-    finally:
-        process.terminate()
-        process.wait(30)
-        log.close()
 
 
 # -- summary -----------------------------------------------------------------------------------

@@ -47,21 +47,31 @@ def fusion_server(data_dir: Path, startup_models: list[dict[str, Any]]) -> Itera
         "HF_HUB_OFFLINE": "1",
     }
     command = [sys.executable, "-m", "engine.cli", "serve", "--port", str(port)]
-    log = (data_dir / "server.log").open("wb")
+    with server_process(command, port, data_dir / "server.log", env) as base:
+        yield base
+
+
+@contextmanager
+def server_process(
+    command: list[str], port: int, log_path: Path, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """A server started by `command` on `port`, once its /health answers 200; yields its
+    base URL and stops it afterwards. Its output goes to `log_path`."""
+    log = log_path.open("wb")
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"server exited: see {data_dir / 'server.log'}")
+                raise RuntimeError(f"{command[0]} exited: see {log_path}")
             try:
                 if httpx.get(f"{base}/health", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise TimeoutError("server not ready")
+                raise TimeoutError(f"not ready: {' '.join(command)[:200]}")
             time.sleep(0.1)
         yield base
     finally:

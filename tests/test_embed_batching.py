@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 from api_helpers import load, running_server
+from polling import until
 
 from engine.config import Settings
 from engine.errors import ErrorCode, QueueFull, ServiceUnavailable
@@ -40,13 +41,6 @@ TEXTS = [
     ["november oscar papa quebec romeo sierra tango uniform victor whiskey"],
     ["x-ray", "yankee zulu"],
 ]
-
-
-async def until(check: Callable[[], bool], what: str) -> None:
-    async with asyncio.timeout(BOUND_S):
-        while not check():  # noqa: ASYNC110 - the state changes on the loop and the worker
-            await asyncio.sleep(0.005)
-    assert check(), what
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from api_helpers import StreamReader, load, no_eos_bias, running_server, wait_for
+from polling import until
 
 from engine.config import Settings
 from engine.errors import InvalidRequest
@@ -448,15 +449,6 @@ def forced(registry: ModelRegistry, max_tokens: int) -> ChatParams:
     tokenizer = registry.get("m").model.tokenizer  # type: ignore[attr-defined]
     bias = {int(t): -1e9 for t in tokenizer.eos_token_ids}
     return ChatParams(max_tokens=max_tokens, temperature=0, logit_bias=bias)
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    try:
-        async with asyncio.timeout(BOUND_S):
-            while not condition():  # noqa: ASYNC110 - the state changes on another thread
-                await asyncio.sleep(0.002)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting until {what}") from None
 
 
 async def _consume(registry: ModelRegistry, params: ChatParams) -> list[ChatChunk]:

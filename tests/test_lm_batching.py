@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from polling import until
 
 from engine.config import Settings
 from engine.errors import ServiceUnavailable
@@ -80,16 +81,6 @@ def single_token(registry: ModelRegistry, text: str) -> int:
 
 async def bounded(awaitable: Awaitable[Any]) -> Any:
     return await asyncio.wait_for(awaitable, BOUND_S)
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    """Bounded polling for state the worker thread changes, which no event announces."""
-    try:
-        async with asyncio.timeout(BOUND_S):
-            while not condition():  # noqa: ASYNC110 - the state changes on another thread
-                await asyncio.sleep(0.002)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting until {what}") from None
 
 
 async def collect(stream: AsyncIterator[ChatChunk]) -> list[ChatChunk]:

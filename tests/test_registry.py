@@ -21,6 +21,7 @@ from typing import Any
 
 import mlx.core as mx
 import pytest
+from polling import until
 
 from engine.config import Settings
 from engine.errors import (
@@ -174,17 +175,6 @@ def params(registry: ModelRegistry, model_id: str, max_tokens: int = 4, **kw: An
     return ChatParams(
         max_tokens=max_tokens, temperature=0, logit_bias=no_eos(registry, model_id), **kw
     )
-
-
-async def until(condition: Callable[[], bool], what: str, limit_s: float = BOUND) -> None:
-    """Bounded polling for state another task or thread changes (slot counts, a worker
-    generation's progress), which no event announces."""
-    try:
-        async with asyncio.timeout(limit_s):
-            while not condition():  # noqa: ASYNC110 - nothing to wait on but the state itself
-                await asyncio.sleep(0.002)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting until {what}") from None
 
 
 async def bounded(awaitable: Awaitable[Any]) -> Any:
