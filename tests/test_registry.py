@@ -38,7 +38,7 @@ from engine.models.backends.batch_decode import DecodeBatch
 from engine.models.backends.mlx_lm_backend import LmModel, MlxLmBackend
 from engine.models.decoding import Event, Generation
 from engine.models.registry import ModelRegistry
-from engine.models.types import BatchPolicy, LoadSpec
+from engine.models.types import BatchPolicy, LoadSpec, ModelLimits
 
 MESSAGES = [{"role": "user", "content": "hello there"}]
 BOUND = 15.0  # seconds: an upper bound on any wait here, far above the expected time
@@ -774,3 +774,15 @@ async def test_models_chosen_for_eviction_admit_no_request_meanwhile(
     outcome = (await bounded(asyncio.gather(request, return_exceptions=True)))[0]
     # Refused up front (the model is already on its way out), never admitted and killed.
     assert isinstance(outcome, NotFound), repr(outcome)
+
+
+async def test_counting_tokens_is_bounded_like_a_prompt(
+    make_registry: Callable[..., ModelRegistry], lm_path: str
+) -> None:
+    limits = ModelLimits(id_max_chars=256, max_prompt_chars=100, warmup_max_tokens=64)
+    registry = make_registry(limits=limits)
+    await registry.load(LoadSpec(lm_path, "lm", model_id="m"))
+    assert await bounded(registry.count_tokens("m", "hello " * 16)) > 0
+    with pytest.raises(InvalidRequest) as info:
+        await registry.count_tokens("m", "x" * 101)
+    assert (info.value.code, info.value.param) == ("prompt_too_long", "input")

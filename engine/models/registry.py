@@ -622,8 +622,11 @@ class ModelRegistry:
             return round((time.perf_counter() - started) * 1000, 3), tokens
 
     async def count_tokens(self, model_id: str, text: str) -> int:
+        """Tokenizer work only: on a thread of its own, so that neither the event loop
+        nor a language model's batch on the worker waits for a long text."""
         entry = self.get(model_id)
-        return await self.worker.call(entry.model.count_tokens, text)
+        self._check_prompt_chars(len(text), "input")
+        return await asyncio.to_thread(entry.model.count_tokens, text)
 
 
 def _unloaded(model_id: str) -> ServiceUnavailable:

@@ -150,6 +150,7 @@ class LoadedModel:
         )
 
     def count_tokens(self, text: str) -> int:
+        """Tokens of ``text``. Tokenizer work only, so callers may run it in any thread."""
         raise InvalidRequest(
             f"a '{self.model_type}' model has no tokenizer", code=ErrorCode.UNSUPPORTED
         )

@@ -64,6 +64,10 @@ class LmModel(LoadedModel):
         self.tokenizer = tokenizer
         self.prefill_step_tokens = prefill_step_tokens
         self.batch: DecodeBatch | None = None
+        # Prompts are tokenized on threads of their own, beside the worker: one at a time,
+        # since a Hugging Face tokenizer refuses a call that overlaps a mutating one
+        # ("Already borrowed").
+        self._tokenizing = threading.Lock()
         self.family = config.get("model_type")
         self.context_length = context_length or context_length_of(config)
         self.weight_bytes = parameter_bytes(model)
@@ -76,6 +80,12 @@ class LmModel(LoadedModel):
         self.capabilities = frozenset(caps)
 
     def prompt_tokens(
+        self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> list[int]:
+        with self._tokenizing:
+            return self._prompt_tokens(messages, tools)
+
+    def _prompt_tokens(
         self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None
     ) -> list[int]:
         if getattr(self.tokenizer, "chat_template", None):
@@ -157,7 +167,8 @@ class LmModel(LoadedModel):
         the prefix cache for the prompts that start with them."""
         from engine.models.backends.batch_decode import prefill
 
-        tokens = list(self.tokenizer.encode(prompt))[: max(1, max_length)]
+        with self._tokenizing:
+            tokens = list(self.tokenizer.encode(prompt))[: max(1, max_length)]
         cache = prefill(self.model, tokens, self.prefill_step_tokens)
         if self.batch is not None:
             self.batch.remember(tokens, cache)
@@ -191,11 +202,13 @@ class LmModel(LoadedModel):
         return scores
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text))
+        with self._tokenizing:
+            return len(self.tokenizer.encode(text))
 
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
         # mlx-lm's TokenizerWrapper forwards attributes, not calls, to the HF tokenizer.
-        return hf_token_offsets(getattr(self.tokenizer, "_tokenizer", self.tokenizer), text)
+        with self._tokenizing:
+            return hf_token_offsets(getattr(self.tokenizer, "_tokenizer", self.tokenizer), text)
 
     def close(self) -> None:
         if self.batch is not None:
