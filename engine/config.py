@@ -79,7 +79,8 @@ class Settings:
     model_embed_batch_max_texts: int = 64
     # Longest model id a load may set or a request may name (engine/models/ids.py).
     model_id_max_chars: int = 256
-    # Characters of text in one chat or warmup prompt, refused (400) before tokenizing.
+    # Characters of text in one chat, warmup or count_tokens input, refused (400) before
+    # tokenizing.
     model_max_prompt_chars: int = 1_000_000
     # Largest warmup max_length; the prompt is also cut to the model's context length.
     model_warmup_max_tokens: int = 4096
