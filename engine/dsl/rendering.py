@@ -12,6 +12,8 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
+import structlog
+
 from engine.dsl.templating import Template, TemplateRenderError
 from engine.dsl.values import Value
 from engine.sandbox import (
@@ -23,13 +25,17 @@ from engine.sandbox import (
     shared_sandbox,
 )
 
+log = structlog.get_logger(__name__)
+
 _TARGET = "engine.dsl.rendering:render_batch"
 
 
 async def render(
     value: Value, scope: Mapping[str, Any], budget: Budget, timeout_s: float | None = None
 ) -> Any:
-    """``value`` rendered against ``scope``; ``timeout_s`` (a step's) tightens the budget."""
+    """``value`` rendered against ``scope``; ``timeout_s`` (a step's) tightens the budget.
+    Any failure is a TemplateRenderError, which fails the step reading the value: anything
+    else escaping would end the whole run unfinished and unstored."""
     if not value.sandboxed:
         return value.render(scope)
     templates = value.sandboxed
@@ -55,10 +61,21 @@ async def render(
             f"(setting template_memory_mb) in {_short(templates)}"
         ) from None
     except SandboxError as exc:
-        known = exc.type_name == "TemplateRenderError"
-        raise TemplateRenderError(exc.message if known else str(exc)) from None
+        if exc.type_name == "TemplateRenderError":
+            raise TemplateRenderError(exc.message) from None
+        # Raised in the worker outside Template.render: its result could not be sent back
+        # (an integer past 64 bits), or a fault in the worker's own code.
+        log.warning("template_sandbox_error", error_type=exc.type_name, error=exc.message)
+        raise TemplateRenderError(f"{exc} in {_short(templates)}") from None
     except (TypeError, OverflowError) as exc:  # the context is not plain data (msgpack)
         raise TemplateRenderError(f"the data read cannot be rendered: {exc}") from None
+    except Exception as exc:
+        # The sandbox itself failed (no worker could start, the pool is closed): the
+        # engine's fault, logged as such, but still this step's failure.
+        log.error("template_sandbox_failed", error_type=type(exc).__name__, exc_info=exc)
+        raise TemplateRenderError(
+            f"the template sandbox failed ({type(exc).__name__}: {exc}) in {_short(templates)}"
+        ) from None
     return value.render(scope, dict(zip(templates, results, strict=True)))
 
 

@@ -24,12 +24,15 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from jinja2 import StrictUndefined, TemplateSyntaxError, nodes
-from jinja2.exceptions import SecurityError, UndefinedError
+from jinja2.exceptions import SecurityError, TemplateError, UndefinedError
 from jinja2.runtime import Undefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from engine.dsl.hints import suggest
+
+log = structlog.get_logger(__name__)
 
 MAX_RANGE = 10_000
 MAX_REPEAT = 1_000_000  # longest string/list a `*` may build
@@ -401,10 +404,33 @@ class Template:
         except MemoryError:
             raise  # the sandbox's budget, reported as such by its worker
         except Exception as exc:
+            if not isinstance(exc, _DATA_ERRORS):
+                # Still the step's failure, not the run's crash; but one of these may be
+                # an engine bug rather than the template's, so it is seen in the log.
+                log.warning(
+                    "template_render_unexpected_error",
+                    error_type=type(exc).__name__,
+                    error=str(exc),
+                    template=self.source[:200],
+                )
             raise TemplateRenderError(f"{type(exc).__name__}: {exc} in {self.source!r}") from None
         finally:
             _range_budget.reset(budget)
         return result
+
+
+# What a template does to the data it reads can fail in these ways ('a' + 1, a missing
+# key, int('x'), 1 / 0, dictsort on a number, a filter's own checks): the template's
+# fault, not the engine's.
+_DATA_ERRORS = (
+    TemplateError,
+    TypeError,
+    ValueError,
+    LookupError,
+    ArithmeticError,
+    AttributeError,
+    NameError,
+)
 
 
 def _unknown_name(name: str, allowed: frozenset[str]) -> str:
@@ -434,7 +460,9 @@ def _as_data(value: Any, *, deep: bool) -> Any:
     if isinstance(value, Undefined):
         str(value)  # StrictUndefined raises with its own message
     if isinstance(value, dict):
-        return {k: _as_data(v, deep=True) for k, v in value.items()} if deep else value
+        if not deep:
+            return value
+        return {_as_key(k): _as_data(v, deep=True) for k, v in value.items()}
     if isinstance(value, list):
         return [_as_data(v, deep=True) for v in value] if deep else value
     if isinstance(
@@ -446,6 +474,14 @@ def _as_data(value: Any, *, deep: bool) -> Any:
             f"the expression gives a {type(value).__name__}, not a value (missing '()'?)"
         )
     return value
+
+
+def _as_key(key: Any) -> str | int | float:
+    """A mapping key the result can keep: JSON's keys are strings, and a number becomes
+    one when the result is stored or sent; anything else (``{(1, 2): 3}``) has no JSON form."""
+    if isinstance(key, str | int | float) and not isinstance(key, bool):
+        return key
+    raise TypeError(f"a mapping key must be a string or a number, not {type(key).__name__}")
 
 
 def _single_expression(ast: nodes.Template) -> nodes.Node | None:
@@ -482,11 +518,49 @@ def _scan(ast: nodes.Template) -> set[str]:
                     f"attribute '{name}' is not allowed: names starting with '_' are private",
                     node.lineno,
                 )
+        elif isinstance(node, nodes.Filter | nodes.Test):
+            _check_filter_or_test(node)
         elif isinstance(node, nodes.Name) and node.ctx in ("store", "param"):
             bound.add(node.name)
         elif isinstance(node, nodes.For):
             bound.add("loop")
     return bound
+
+
+# Filters that take another filter's or test's name as an argument: (its position, which).
+_NAME_ARGUMENTS = {
+    "map": (0, "filter"),
+    "select": (0, "test"),
+    "reject": (0, "test"),
+    "selectattr": (1, "test"),
+    "rejectattr": (1, "test"),
+}
+
+
+def _check_filter_or_test(node: nodes.Filter | nodes.Test) -> None:
+    """Jinja looks a filter or test up when it generates the code, which waits for the
+    first render here, and one under an ``if`` only when that line runs: an unknown name is
+    refused at load instead, wherever it is."""
+    kind = "filter" if isinstance(node, nodes.Filter) else "test"
+    _check_known(kind, node.name, node.lineno)
+    named = _NAME_ARGUMENTS.get(node.name) if kind == "filter" else None
+    if named is not None:
+        position, named_kind = named
+        # map(attribute='x') has no name argument; a name held in a variable is not known.
+        argument = node.args[position] if len(node.args) > position else None
+        if isinstance(argument, nodes.Const) and isinstance(argument.value, str):
+            _check_known(named_kind, argument.value, node.lineno)
+
+
+def _check_known(kind: str, name: str, lineno: int) -> None:
+    if kind == "filter":
+        known, other, other_use = ENV.filters, ENV.tests, f"a test ('value is {name}')"
+    else:
+        known, other, other_use = ENV.tests, ENV.filters, f"a filter ('value | {name}')"
+    if name in known:
+        return
+    hint = f": '{name}' is {other_use}" if name in other else suggest(name, known)
+    raise TemplateCompileError(f"unknown {kind} '{name}'{hint}", lineno)
 
 
 def _const_key(node: nodes.Node) -> str | int | None:

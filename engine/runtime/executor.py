@@ -493,9 +493,16 @@ class _Run:
             self.check_size(output, "output")
             state.update(status=COMPLETED, ran=True, output=output)
             record.status = COMPLETED
-        except StepFailed as exc:
+        except Exception as exc:
+            if isinstance(exc, StepFailed):
+                error = str(exc)
+            else:
+                # An engine fault, not the step's: logged with its traceback. The step fails
+                # with it all the same, or the exception would end the run unfinished (the
+                # step left 'running', the run unstored, the request a 500).
+                log.error("step_crashed", run_id=self.run_id, step_id=step.id, exc_info=exc)
+                error = f"internal error: {type(exc).__name__}: {exc}"
             record.status = FAILED
-            error = str(exc)
             try:
                 output = await self.fallback(step)
             except StepFailed as unusable:
