@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -18,7 +18,11 @@ from engine.dsl.catalog import WorkflowCatalog, compile_files, workflow_files
 from engine.dsl.compiled import CompiledWorkflow
 from engine.dsl.graph import mermaid
 from engine.dsl.issues import Issue, WorkflowInvalid, format_issues
+from engine.dsl.lint import Finding, Severity, lint
+from engine.dsl.lint.discovery import files_to_check
+from engine.dsl.lint.output import COMPILE_RULE, Summary, render
 from engine.dsl.schema import generate
+from engine.dsl.source import load_text
 from engine.dsl.types import from_schema
 from engine.errors import FusionError, InvalidRequest
 from engine.logging import configure_logging
@@ -34,22 +38,40 @@ def _out(stream: TextIO, text: str) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    files = workflow_files(args.paths)
+    files = files_to_check(args.paths, args.exclude or ())
     missing = [p for p in files if not p.exists()]
     registry = default_registry()
     extra = _catalog_ids(args.workflows_dir, registry, exclude=files)
-    _, issues = compile_files([p for p in files if p.exists()], registry, extra)
+    compiled, issues = compile_files([p for p in files if p.exists()], registry, extra)
     for path in missing:
         issues[path] = [Issue("no such file or directory", (), str(path))]
-    found = [i for path in files for i in issues.get(path, [])]
-    if found:
-        _out(sys.stdout, format_issues(found, args.format))
-    elif args.format == "json":
-        _out(sys.stdout, "[]")
-    bad = sum(1 for p in files if p in issues)
-    summary = f"{len(files)} file(s) checked, {len(found)} error(s) in {bad} file(s)"
-    _out(sys.stderr, summary)
-    return EXIT_INVALID if found or not files else EXIT_OK
+    findings = [Finding(COMPILE_RULE, Severity.ERROR, i) for p in files for i in issues.get(p, [])]
+    findings += _lint(compiled.values())
+    order = {str(p): i for i, p in enumerate(files)}
+    findings.sort(key=lambda f: order.get(f.issue.file or "", 0))  # stable: lines stay sorted
+    summary = Summary.of(len(files), findings)
+    report = render(findings, summary, args.format)
+    if report:
+        _out(sys.stdout, report)
+    bad = len({f.issue.file for f in findings if f.severity is Severity.ERROR})
+    _out(
+        sys.stderr,
+        f"{len(files)} file(s) checked, {summary.errors} error(s) in {bad} file(s), "
+        f"{summary.warnings} warning(s), {summary.infos} info(s)",
+    )
+    failed = summary.errors or (args.strict and summary.warnings) or not files
+    return EXIT_INVALID if failed else EXIT_OK
+
+
+def _lint(workflows: Iterable[CompiledWorkflow]) -> list[Finding]:
+    """Lint findings of the files that compiled, file by file in the order checked."""
+    found: list[Finding] = []
+    for workflow in workflows:
+        if workflow.file is not None:
+            # The compiled workflow keeps no positions or comments: the file is read again.
+            text = Path(workflow.file).read_text(encoding="utf-8")
+            found += lint(workflow, load_text(text, workflow.file), text)
+    return found
 
 
 def _catalog_ids(directory: str | None, registry: Any, exclude: Sequence[Path] = ()) -> list[str]:
@@ -57,7 +79,7 @@ def _catalog_ids(directory: str | None, registry: Any, exclude: Sequence[Path] =
     if not directory or not Path(directory).is_dir():
         return []
     excluded = {p.resolve() for p in exclude}
-    others = [p for p in workflow_files([directory]) if p.resolve() not in excluded]
+    others = [p for p in files_to_check([directory]) if p.resolve() not in excluded]
     compiled, _ = compile_files(others, registry)
     return list(compiled)
 
@@ -358,8 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check workflow files without running them")
     p.add_argument("paths", nargs="+", help="workflow files or directories")
-    p.add_argument("--format", choices=["text", "json", "github"], default="text")
+    p.add_argument("--format", choices=["text", "json", "github", "sarif"], default="text")
     p.add_argument("--workflows-dir", default="workflows", help="ids a workflow step may call")
+    p.add_argument("--strict", action="store_true", help="warnings fail too (exit 1)")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        metavar="GLOB",
+        help="skip matching files (repeatable), e.g. 'drafts/*' or '*.test.yaml'",
+    )
     p.set_defaults(func=cmd_validate)
 
     for name, func, text in (
