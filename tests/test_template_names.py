@@ -6,8 +6,6 @@ streamed) and stored runs."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from api_helpers import running_server, sse_payloads
+from cli_helpers import fusion
 
 from engine.dsl.compiler import compile_document
 from engine.dsl.issues import WorkflowInvalid
@@ -40,16 +39,6 @@ def compile_issues(text: str) -> list[Any]:
     with pytest.raises(WorkflowInvalid) as info:
         compile_document(load_text(text, file="names.yaml"), default_registry())
     return info.value.issues
-
-
-def fusion(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-    )
 
 
 # -- load time ---------------------------------------------------------------------------------
