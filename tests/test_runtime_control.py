@@ -333,6 +333,7 @@ async def test_repeat_stops_as_soon_as_until_is_true() -> None:
     assert result.output == {"grow": "xxx"}
     record = trace(result)["grow"]
     assert record.iterations == 3
+    assert record.until_met is True
     assert record.attempts == 3
     assert len(lab.order("start")) == 3
 
@@ -350,6 +351,7 @@ async def test_repeat_stops_at_max_with_the_last_output() -> None:
     )
     assert result.status == COMPLETED
     assert trace(result)["count"].iterations == 4
+    assert trace(result)["count"].until_met is False  # stopped at max: visible in the run
     assert result.output == {
         "count": {
             "iteration": 3,
@@ -454,3 +456,22 @@ def test_a_misspelt_iterations_is_reported_with_a_suggestion() -> None:
             """
         )
     assert "has no attribute 'iteratons' (did you mean 'iterations'?)" in str(info.value)
+
+
+async def test_a_step_can_tell_a_repeat_that_stopped_at_max() -> None:
+    result = await run_yaml(
+        """
+        id: bounded
+        steps:
+          - step_id: search
+            type: template
+            value: "{{ iteration }}"
+            repeat: {max: 2, until: "{{ output == 5 }}"}
+          - step_id: verdict
+            type: template
+            value: "{{ 'found' if steps.search.until_met else 'gave up' }}"
+        """
+    )
+    assert result.output == {"verdict": "gave up"}
+    assert trace(result)["search"].to_dict()["until_met"] is False
+    assert "until_met" not in trace(result)["verdict"].to_dict()

@@ -40,7 +40,7 @@ from engine.steps.base import CheckContext, StepPlugin
 from engine.steps.registry import StepRegistry
 
 BASE_NAMES = frozenset({"input", "config", "models", "steps"})
-STEP_ATTRIBUTES = ("output", "status", "ran", "error", "attempts", "iterations")
+STEP_ATTRIBUTES = ("output", "status", "ran", "error", "attempts", "iterations", "until_met")
 # What a step's state reveals about a skipped dependency: reading it means the step
 # handles the skip itself, so the skip does not propagate to it.
 GUARD_ATTRIBUTES = frozenset({"ran", "status"})

@@ -420,6 +420,7 @@ def step_state(output: Type, repeats: bool) -> Type:
             "error": ANY,  # a message, or null
             "attempts": INTEGER,
             "iterations": INTEGER if repeats else ANY,
+            "until_met": ANY,  # a boolean once a repeat step has run, else null
         }
     )
 

@@ -109,6 +109,8 @@ def _trace_item(record: StepRecord) -> dict[str, Any]:
         item["items"] = record.items
     if record.iterations is not None:
         item["iterations"] = record.iterations
+    if record.until_met is not None:
+        item["until_met"] = record.until_met
     return item
 
 
@@ -124,6 +126,7 @@ def _step_record(item: dict[str, Any]) -> StepRecord:
         started_at=item["started_at"],
         items=item.get("items"),
         iterations=item.get("iterations"),
+        until_met=item.get("until_met"),
     )
 
 

@@ -305,6 +305,7 @@ class _Run:
                 "error": None,
                 "attempts": 0,
                 "iterations": self.records[sid].iterations,
+                "until_met": None,
             }
             for sid in wf.steps
         }
@@ -517,6 +518,7 @@ class _Run:
             record.duration_ms = round((time.perf_counter() - started) * 1000, 3)
             state["attempts"] = record.attempts
             state["iterations"] = record.iterations
+            state["until_met"] = record.until_met
             if not skipped:
                 if self.runner.services.models is not None:
                     self.runner.services.models.metrics.observe_step(
@@ -529,6 +531,7 @@ class _Run:
                         "status": record.status,
                         "duration_ms": record.duration_ms,
                         "error": record.error,
+                        **({} if record.until_met is None else {"until_met": record.until_met}),
                     },
                 )
 
@@ -579,8 +582,13 @@ class _Run:
             if await self.control(
                 step, "repeat.until", step.repeat.until, {**scope, "output": output}
             ):
+                record.until_met = True
                 return output
             previous = output
+        # The output is the last pass's, which did not meet `until`: say so in the trace
+        # (the summariser's summary still too long, a search still without an answer).
+        record.until_met = False
+        log.info("repeat_stopped_at_max", run_id=self.run_id, step_id=step.id, max=step.repeat.max)
         return previous
 
     async def attempts(

@@ -26,6 +26,8 @@ class StepRecord:
     error: str | None = None
     items: int | None = None  # for_each: how many items ran
     iterations: int | None = None  # repeat: how many passes ran
+    # repeat: whether `until` was met (false: the passes stopped at `max` without it)
+    until_met: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None or k == "error"}

@@ -60,6 +60,7 @@ class TraceEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     started_at: str | None
     items: int | None = None  # for_each: how many items ran
     iterations: int | None = None  # repeat: how many passes ran
+    until_met: bool | None = None  # repeat: false when the passes stopped at max
 
 
 class RequestWarning(msgspec.Struct):
@@ -165,6 +166,7 @@ def _trace_entry(record: StepRecord) -> TraceEntry:
         started_at=record.started_at,
         items=record.items,
         iterations=record.iterations,
+        until_met=record.until_met,
     )
 
 
