@@ -82,7 +82,6 @@ class Engine:
             default_queue=settings.model_max_queue,
             images=ImagePolicy.from_settings(settings),
             limits=ModelLimits.from_settings(settings),
-            embed_batch_max_texts=settings.model_embed_batch_max_texts,
             batching=BatchPolicy.from_settings(settings),
         )
         rag = RagService(store, models, IngestLimits.from_settings(settings))

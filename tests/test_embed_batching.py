@@ -14,6 +14,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from engine.models.backends import default_backends
 from engine.models.backends.base import EmbedResult
 from engine.models.batching import Batcher
 from engine.models.registry import ModelRegistry
-from engine.models.types import LoadSpec
+from engine.models.types import BatchPolicy, LoadSpec
 from engine.services import Engine
 
 BOUND_S = 30.0
@@ -48,11 +49,12 @@ async def make_registry() -> AsyncIterator[Callable[..., Awaitable[ModelRegistry
     made: list[ModelRegistry] = []
 
     async def make(path: Path, **kwargs: object) -> ModelRegistry:
+        policy = BatchPolicy.from_settings(Settings())
         bound = kwargs.pop("embed_batch_max_texts", None)
+        if bound is not None:
+            policy = replace(policy, embed_max_texts=bound)  # type: ignore[arg-type]
         registry = ModelRegistry(
-            default_backends(Settings()),
-            budget_bytes=1 << 34,
-            embed_batch_max_texts=bound,  # type: ignore[arg-type]
+            default_backends(Settings()), budget_bytes=1 << 34, batching=policy
         )
         made.append(registry)
         await registry.load(LoadSpec(str(path), "embeddings", model_id="e", **kwargs))  # type: ignore[arg-type]
@@ -291,7 +293,7 @@ async def test_the_batch_bound_is_a_setting(tmp_path: Path, tiny_embedder_dir: P
     )
     engine = await Engine.start(settings, load_workflows=False)
     try:
-        assert engine.models.embed_batch_max_texts == 5
+        assert engine.models.batching.embed_max_texts == 5
         assert engine.models.get("e").slots.concurrency == 5  # a full pass is admitted at once
     finally:
         await engine.stop()

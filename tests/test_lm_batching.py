@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ pytestmark = pytest.mark.unit
 
 BOUND_S = 15.0  # an upper bound on any wait, far above the expected time
 USER = [{"role": "user", "content": "hello there"}]
-POLICY = BatchPolicy(max_batch=4, prompt_cache_bytes=64 << 20, stream_backlog_chunks=8)
+POLICY = BatchPolicy(
+    max_batch=4, prompt_cache_bytes=64 << 20, stream_backlog_chunks=8, embed_max_texts=64
+)
 
 Registry = Callable[..., Awaitable[ModelRegistry]]
 
@@ -282,9 +285,7 @@ async def test_the_prefix_cache_is_bounded_by_bytes_least_recently_used_first(
     one_entry = cache.nbytes
     assert one_entry > 0
     # Room for one entry and a half: a second prompt evicts the first.
-    registry = await make_registry(
-        BatchPolicy(max_batch=4, prompt_cache_bytes=one_entry * 3 // 2, stream_backlog_chunks=8)
-    )
+    registry = await make_registry(replace(POLICY, prompt_cache_bytes=one_entry * 3 // 2))
     other = [{"role": "user", "content": "something else entirely"}]
     await bounded(registry.chat("m", USER, forced(registry, 2)))
     await bounded(registry.chat("m", other, forced(registry, 2)))
@@ -299,9 +300,7 @@ async def test_the_prefix_cache_is_bounded_by_bytes_least_recently_used_first(
     assert evicted.cached_tokens == shared < evicted.prompt_tokens - 1
     assert batch_of(registry).cache.nbytes <= one_entry * 3 // 2  # type: ignore[union-attr]
 
-    off = await make_registry(
-        BatchPolicy(max_batch=4, prompt_cache_bytes=0, stream_backlog_chunks=8)
-    )
+    off = await make_registry(replace(POLICY, prompt_cache_bytes=0))
     await bounded(off.chat("m", USER, forced(off, 2)))
     assert (await bounded(off.chat("m", USER, forced(off, 2)))).cached_tokens == 0
 

@@ -538,7 +538,9 @@ async def test_concurrency_limit_of_two_admits_two(registry: ModelRegistry, lm_p
 async def test_registry_defaults_apply_when_the_load_sets_no_limits(
     make_registry: Callable[..., ModelRegistry], lm_path: str, tiny_vlm_dir: Path
 ) -> None:
-    policy = BatchPolicy(max_batch=5, prompt_cache_bytes=0, stream_backlog_chunks=8)
+    policy = BatchPolicy(
+        max_batch=5, prompt_cache_bytes=0, stream_backlog_chunks=8, embed_max_texts=64
+    )
     registry = make_registry(default_concurrency=3, default_queue=7, batching=policy)
     lm = await registry.load(LoadSpec(lm_path, "lm", model_id="m"))
     # A language model's batch size is its concurrency; other types take the default.

@@ -5,21 +5,22 @@ from __future__ import annotations
 import networkx as nx
 
 from engine.dsl.compiled import CompiledWorkflow
+from engine.dsl.values import Literal
 
 
 def _label(text: str) -> str:
     return text.replace('"', "#quot;")
 
 
-def _may_skip(wf: CompiledWorkflow) -> set[str]:
-    """Steps that can end skipped: those with `when`, and those downstream of one
-    through unguarded dependencies (the skip propagates)."""
+def may_skip(wf: CompiledWorkflow) -> set[str]:
+    """Steps that can end skipped: those with a `when` other than a true literal, and
+    those downstream of one through unguarded dependencies (the skip propagates)."""
     skippable: set[str] = set()
     for sid in nx.topological_sort(wf.graph):
         step = wf.steps[sid]
-        if step.when is not None or any(
-            d in skippable and d not in step.guarded for d in step.deps
-        ):
+        when = step.when
+        own = when is not None and not (isinstance(when, Literal) and when.value)
+        if own or any(d in skippable and d not in step.guarded for d in step.deps):
             skippable.add(sid)
     return skippable
 
@@ -28,7 +29,7 @@ def mermaid(wf: CompiledWorkflow) -> str:
     """Conditional steps are hexagons and the edges that may carry a skip are dashed;
     for_each and repeat are named on the node."""
     lines = ["flowchart TD"]
-    may_skip = _may_skip(wf)
+    skippable = may_skip(wf)
     for sid, step in wf.steps.items():
         notes = [step.type]
         if step.for_each is not None:
@@ -43,7 +44,7 @@ def mermaid(wf: CompiledWorkflow) -> str:
     for dep, sid in wf.graph.edges:
         if dep in wf.steps[sid].guarded:
             lines.append(f"  {dep} -. if ran .-> {sid}")
-        elif dep in may_skip:
+        elif dep in skippable:
             lines.append(f"  {dep} -. skip propagates .-> {sid}")
         else:
             lines.append(f"  {dep} --> {sid}")

@@ -81,7 +81,7 @@ class ContinuousDecoder:
             while True:
                 item = await seq.sink.get()
                 seq.consumed += 1
-                if seq.parked is not None and seq.backlog <= self.batch.park_backlog // 2:
+                if seq.parked is not None and self.batch.caught_up(seq):
                     self.poke()
                 if isinstance(item, BaseException):
                     raise item

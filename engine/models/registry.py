@@ -146,7 +146,6 @@ class ModelRegistry:
         images: ImagePolicy | None = None,
         limits: ModelLimits | None = None,
         metrics: EngineMetrics | None = None,
-        embed_batch_max_texts: int | None = None,
         batching: BatchPolicy | None = None,
     ) -> None:
         self.backends = dict(backends)
@@ -158,7 +157,6 @@ class ModelRegistry:
         self.worker = worker or MLXWorker()
         self.default_concurrency = default_concurrency
         self.default_queue = default_queue
-        self.embed_batch_max_texts = embed_batch_max_texts or Settings().model_embed_batch_max_texts
         self.batching = batching or BatchPolicy.from_settings(Settings())
         self._entries: dict[str, ModelEntry] = {}
         self._loading: dict[str, tuple[LoadSpec, asyncio.Task[ModelEntry]]] = {}
@@ -295,7 +293,7 @@ class ModelRegistry:
     async def _decoder(self, model: LoadedModel, max_batch: int) -> ContinuousDecoder | None:
         """Continuous batching for a language model whose caches can batch: its
         max_concurrency is the batch size."""
-        if not isinstance(model, LmModel) or not await self.worker.call(lambda: model.batchable):
+        if not isinstance(model, LmModel):
             return None
         policy = self.batching
         batch = await self.worker.call(
@@ -304,7 +302,7 @@ class ModelRegistry:
             policy.prompt_cache_bytes,
             policy.stream_backlog_chunks,
         )
-        return ContinuousDecoder(batch, self.worker)
+        return None if batch is None else ContinuousDecoder(batch, self.worker)
 
     async def _make_room(self, model_id: str, needed: int) -> None:
         """Evict idle, unpinned models, lowest priority then least recently used first,
@@ -575,7 +573,7 @@ class ModelRegistry:
                     raise _unloaded(entry.id)
                 return results
 
-            entry.embed_batcher = Batcher(run, bound=self.embed_batch_max_texts, size=len)
+            entry.embed_batcher = Batcher(run, bound=self.batching.embed_max_texts, size=len)
         return entry.embed_batcher
 
     def _default_concurrency(self, model_type: str) -> int:
@@ -585,7 +583,7 @@ class ModelRegistry:
         if model_type == ModelType.LM:
             return self.batching.max_batch
         if model_type == ModelType.EMBEDDINGS:
-            return max(self.default_concurrency, self.embed_batch_max_texts)
+            return max(self.default_concurrency, self.batching.embed_max_texts)
         return self.default_concurrency
 
     async def relevance(

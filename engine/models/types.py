@@ -91,11 +91,13 @@ class ModelLimits:
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    """How a language model's requests share its batch; engine/config.py documents each."""
+    """How concurrent requests share a model's passes: a language model's batch, and the
+    texts an embeddings pass groups; engine/config.py documents each."""
 
     max_batch: int
     prompt_cache_bytes: int
     stream_backlog_chunks: int
+    embed_max_texts: int
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BatchPolicy:
@@ -103,4 +105,5 @@ class BatchPolicy:
             max_batch=settings.model_max_batch,
             prompt_cache_bytes=int(settings.model_prompt_cache_mb * 2**20),
             stream_backlog_chunks=settings.model_stream_backlog_chunks,
+            embed_max_texts=settings.model_embed_batch_max_texts,
         )

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import networkx as nx
 from jinja2 import nodes
 
 from engine.dsl.compiled import CompiledWorkflow
 from engine.dsl.compiler import GUARD_ATTRIBUTES
+from engine.dsl.graph import may_skip
 from engine.dsl.lint.base import Finding, Located, Severity, finding, mentions_step, templates
 from engine.dsl.source import Document
 from engine.dsl.templating import Template
-from engine.dsl.values import Literal
 
 
 class SkippedRead:
@@ -47,20 +46,7 @@ class SkippedRead:
         return found
 
 
-def may_skip(workflow: CompiledWorkflow) -> set[str]:
-    """Steps that can end skipped, as engine.dsl.graph draws them, less those whose `when`
-    is a true literal (when-constant reports that one): they never skip."""
-    skippable: set[str] = set()
-    for sid in nx.topological_sort(workflow.graph):
-        step = workflow.steps[sid]
-        when = step.when
-        own = when is not None and not (isinstance(when, Literal) and when.value)
-        if own or any(d in skippable and d not in step.guarded for d in step.deps):
-            skippable.add(sid)
-    return skippable
-
-
-def _unguarded_reads(workflow: CompiledWorkflow, located: Located, may_skip: set[str]) -> set[str]:
+def _unguarded_reads(workflow: CompiledWorkflow, located: Located, skippable: set[str]) -> set[str]:
     if located.part in ("when", "default"):
         return set()  # `when` skips the step itself; `default` runs when the step did not
     if located.step is not None and located.part != "output":
@@ -74,7 +60,7 @@ def _unguarded_reads(workflow: CompiledWorkflow, located: Located, may_skip: set
         if ref.root == "steps"
         and len(ref.path) > 1
         and ref.path[1] == "output"
-        and str(ref.path[0]) in may_skip
+        and str(ref.path[0]) in skippable
         and str(ref.path[0]) in runs_anyway
         and not _guards(template, str(ref.path[0]))
     }

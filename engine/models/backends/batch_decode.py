@@ -180,9 +180,11 @@ class DecodeBatch:
                 events = []
             if not self._active or self.attention.is_set() or time.perf_counter() >= deadline:
                 break
-        return bool(self._active) or any(
-            s.stop.is_set() or s.backlog <= self.park_backlog // 2 for s in self._parked
-        )
+        return bool(self._active) or any(s.stop.is_set() or self.caught_up(s) for s in self._parked)
+
+    def caught_up(self, seq: Generation) -> bool:
+        """Whether a parked sequence's reader has taken half its backlog: it rejoins."""
+        return seq.backlog <= self.park_backlog // 2
 
     def _admit(self, seq: Generation, events: list[Event]) -> None:
         if seq.stop.is_set():
@@ -234,7 +236,7 @@ class DecodeBatch:
             if seq.backlog > self.park_backlog:
                 self._park(seq)
         for seq in list(self._parked):
-            if seq.backlog <= self.park_backlog // 2:
+            if self.caught_up(seq):
                 self._resume(seq)
         if not self._active:
             return

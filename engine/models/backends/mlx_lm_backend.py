@@ -82,21 +82,16 @@ class LmModel(LoadedModel):
     def prompt_tokens(
         self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None
     ) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            text = "\n".join(f"{m.get('role')}: {m.get('content')}" for m in messages)
+            return self.encode(text + "\nassistant:")
+        kwargs: dict[str, Any] = {"add_generation_prompt": True}
+        if tools:
+            kwargs["tools"] = tools
         with self._tokenizing:
-            return self._prompt_tokens(messages, tools)
-
-    def _prompt_tokens(
-        self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]] | None
-    ) -> list[int]:
-        if getattr(self.tokenizer, "chat_template", None):
-            kwargs: dict[str, Any] = {"add_generation_prompt": True}
-            if tools:
-                kwargs["tools"] = tools
             tokens = self.tokenizer.apply_chat_template(list(messages), **kwargs)
-            # transformers 5 may return a BatchEncoding-like mapping instead of a list
-            return list(tokens["input_ids"] if isinstance(tokens, dict) else tokens)
-        text = "\n".join(f"{m.get('role')}: {m.get('content')}" for m in messages)
-        return list(self.tokenizer.encode(text + "\nassistant:"))
+        # transformers 5 may return a BatchEncoding-like mapping instead of a list
+        return list(tokens["input_ids"] if isinstance(tokens, dict) else tokens)
 
     def generation_prompt(
         self, messages: Sequence[dict[str, Any]], params: ChatParams
@@ -121,10 +116,15 @@ class LmModel(LoadedModel):
 
         return all(hasattr(c, "merge") for c in make_prompt_cache(self.model))
 
-    def start_batching(self, max_batch: int, cache_bytes: int, park_backlog: int) -> DecodeBatch:
-        """The batch its requests share from now on (engine/models/decoding.py); warmups
-        then keep their prefill in its prefix cache."""
+    def start_batching(
+        self, max_batch: int, cache_bytes: int, park_backlog: int
+    ) -> DecodeBatch | None:
+        """The batch its requests share from now on (engine/models/decoding.py), None if
+        its caches cannot batch; warmups then keep their prefill in its prefix cache."""
         from engine.models.backends.batch_decode import DecodeBatch
+
+        if not self.batchable:
+            return None
 
         self.batch = DecodeBatch(
             self.model,
@@ -167,8 +167,7 @@ class LmModel(LoadedModel):
         the prefix cache for the prompts that start with them."""
         from engine.models.backends.batch_decode import prefill
 
-        with self._tokenizing:
-            tokens = list(self.tokenizer.encode(prompt))[: max(1, max_length)]
+        tokens = self.encode(prompt)[: max(1, max_length)]
         cache = prefill(self.model, tokens, self.prefill_step_tokens)
         if self.batch is not None:
             self.batch.remember(tokens, cache)
@@ -202,8 +201,12 @@ class LmModel(LoadedModel):
         return scores
 
     def count_tokens(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def encode(self, text: str) -> list[int]:
+        """The tokens of ``text`` (special ones as the tokenizer adds them)."""
         with self._tokenizing:
-            return len(self.tokenizer.encode(text))
+            return list(self.tokenizer.encode(text))
 
     def token_offsets(self, text: str) -> list[tuple[int, int]]:
         # mlx-lm's TokenizerWrapper forwards attributes, not calls, to the HF tokenizer.
