@@ -47,15 +47,17 @@ class Issue:
             where += f":{self.line}:{self.col or 1}"
         return f"{where}: {dotted(self.path)}: {self.message}"
 
-    def github(self) -> str:
+    def github(self, command: str = "error", note: str = "") -> str:
+        """A GitHub workflow command (``error``, ``warning`` or ``notice``) annotating the
+        issue's place; ``note`` is appended to the message."""
         # GitHub's workflow-command syntax: properties are comma separated and, like the
         # message, percent-encoded ('%' first, or a '%' in a template would be misread);
         # a property value also must not contain ':' or ','.
         props = [f"file={_gh_escape(self.file or 'workflow', prop=True)}"]
         if self.line is not None:
             props += [f"line={self.line}", f"col={self.col or 1}"]
-        message = _gh_escape(f"{dotted(self.path)}: {self.message}")
-        return f"::error {','.join(props)}::{message}"
+        message = _gh_escape(f"{dotted(self.path)}: {self.message}{note}")
+        return f"::{command} {','.join(props)}::{message}"
 
 
 def _gh_escape(text: str, *, prop: bool = False) -> str:

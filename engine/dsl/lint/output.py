@@ -42,10 +42,8 @@ def text(finding: Finding) -> str:
 
 
 def github(finding: Finding) -> str:
-    line = finding.issue.github()  # "::error props::message", escaped
-    if finding.rule != COMPILE_RULE:
-        line = f"{line} [{finding.rule}]"
-    return f"::{_GITHUB[finding.severity]}{line.removeprefix('::error')}"
+    note = "" if finding.rule == COMPILE_RULE else f" [{finding.rule}]"
+    return finding.issue.github(_GITHUB[finding.severity], note)
 
 
 def sarif(findings: Sequence[Finding]) -> dict[str, Any]:
