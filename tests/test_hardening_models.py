@@ -119,14 +119,14 @@ def test_chat_prompt_over_the_character_limit_is_refused_before_tokenizing(
     assert_healthy(server)
 
 
-def test_a_long_prompt_is_tokenized_off_the_loop_and_the_worker(
+def test_a_long_prompt_is_tokenized_and_refused_before_it_takes_a_slot(
     server: httpx.Client, tiny_lm_dir: Path
 ) -> None:
-    """Tokenizing happens on a thread of its own, before the request takes a slot.
+    """Tokenizing happens before the request takes a slot (on a thread of its own).
 
     Ordering, not speed: a generation that never ends by itself holds the model's one
-    slot and keeps its batch decoding on the worker, yet a prompt over the context is
-    refused (400) while that generation still runs, and /health answers throughout."""
+    slot, yet a prompt over the context is refused (400) while that generation still
+    runs, instead of queueing behind it; /health answers throughout."""
     load(server, tiny_lm_dir, "lm", model_id="hold-lm", context_length=2_000, max_concurrency=1)
     hold_body = {
         "model": "hold-lm",
