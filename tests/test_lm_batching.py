@@ -269,10 +269,9 @@ async def test_warmup_keeps_its_prefill_for_prompts_that_start_with_it(
         min(warmed, len(prompt)),
     )
     assert common > 20
-    first, second = await bounded(
-        asyncio.gather(*(registry.chat("m", messages, forced(registry, 2)) for _ in range(2)))
-    )
-    assert first.cached_tokens == second.cached_tokens == common
+    # One request: a second one could start from the first's finished entry, which shares more.
+    result = await bounded(registry.chat("m", messages, forced(registry, 2)))
+    assert result.cached_tokens == common
 
 
 async def test_the_prefix_cache_is_bounded_by_bytes_least_recently_used_first(
