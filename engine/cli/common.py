@@ -1,0 +1,85 @@
+"""What the commands share: exit codes, output, argument parsing and workflow lookup."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from engine.dsl.catalog import WorkflowCatalog, compile_files, workflow_files
+from engine.dsl.compiled import CompiledWorkflow
+from engine.dsl.issues import WorkflowInvalid
+from engine.dsl.lint.discovery import files_to_check
+from engine.errors import InvalidRequest
+from engine.steps.registry import default_registry
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+
+
+def out(stream: TextIO, text: str) -> None:
+    stream.write(text if text.endswith("\n") else text + "\n")
+
+
+def catalog_ids(directory: str | None, registry: Any, exclude: Sequence[Path] = ()) -> list[str]:
+    """Ids of the workflows in the workflows directory, so files may call them."""
+    if not directory or not Path(directory).is_dir():
+        return []
+    excluded = {p.resolve() for p in exclude}
+    others = [p for p in files_to_check([directory]) if p.resolve() not in excluded]
+    compiled, _ = compile_files(others, registry)
+    return list(compiled)
+
+
+def resolve(target: str, workflows_dir: str | None) -> tuple[CompiledWorkflow, WorkflowCatalog]:
+    registry = default_registry()
+    catalog = WorkflowCatalog(registry)
+    if workflows_dir and Path(workflows_dir).is_dir():
+        # Only to resolve `workflow` steps by id: a broken file there must not stop an
+        # unrelated run, so it is reported and left out (`fusion validate` shows it whole).
+        compiled, issues = compile_files(workflow_files([workflows_dir]), registry)
+        for path, found in issues.items():
+            out(sys.stderr, f"warning: {path} skipped: {len(found)} error(s)")
+        for workflow in compiled.values():
+            catalog.add(workflow)
+    path = Path(target)
+    if path.suffix in (".yaml", ".yml", ".json") and not path.exists():
+        raise InvalidRequest(f"no such workflow file: {target}", param="workflow")
+    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+        compiled, issues = compile_files([path], registry, catalog.ids())
+        if issues:
+            raise WorkflowInvalid(issues[path])
+        workflow = next(iter(compiled.values()))
+        catalog.add(workflow)
+        return workflow, catalog
+    return catalog.get(target), catalog
+
+
+def parse_pairs(pairs: Sequence[str], what: str, *, as_json: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            # A usage error (exit 2), not SystemExit's 1, which means "the run failed".
+            raise InvalidRequest(f"--{what} expects key=value, got {pair!r}", param=what)
+        if not as_json:
+            out[key] = raw
+            continue
+        try:  # numbers, booleans, lists and objects as JSON; anything else is a string
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def json_object(text: str | None, flag: str) -> dict[str, Any] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise InvalidRequest(f"--{flag} nests too deeply", param=flag) from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"--{flag} must be a JSON object", param=flag)
+    return value
