@@ -436,3 +436,20 @@ def test_steps_reading_the_last_step_twice_do_not_double_the_type_each_time() ->
     (issue,) = caught.value.issues
     assert issue.message.startswith("steps.s39.output.a ")
     assert len(issue.message) < 20_000
+
+
+def test_a_step_that_fails_to_compile_is_reported_when_a_later_step_reads_it() -> None:
+    # The failed step stays in the graph for its edges but has no compiled form to type.
+    text = """
+    id: broken_reader
+    steps:
+      - step_id: first
+        type: template
+        nonsense: 1
+      - step_id: second
+        type: template
+        template: "{{ steps.first.output }}"
+    """
+    with pytest.raises(WorkflowInvalid) as caught:
+        compile_yaml(text)
+    assert any("nonsense" in issue.message for issue in caught.value.issues)

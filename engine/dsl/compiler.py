@@ -229,7 +229,8 @@ class _Compiler:
         order = list(nx.topological_sort(graph)) if acyclic else list(steps)
         roles = {role: spec.optional for role, spec in models.items()}
         checker = WorkflowChecker(base_names(data.get("input_schema"), roles), self.report)
-        checker.check_steps((steps[sid], ("steps", ids[sid])) for sid in order)
+        # A step that failed to compile is in the graph (its edges are checked) but not typed.
+        checker.check_steps((steps[sid], ("steps", ids[sid])) for sid in order if sid in steps)
         sinks = [s for s in steps if graph.out_degree(s) == 0]
         return checker.check_output(output, sinks, output_schema)
 

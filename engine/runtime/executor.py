@@ -19,6 +19,7 @@ from jsonschema.exceptions import best_match
 from engine.clock import utc_iso
 from engine.config import Settings
 from engine.dsl.compiled import CompiledStep, CompiledWorkflow, RoleSpec
+from engine.dsl.hints import suggest
 from engine.dsl.issues import dotted
 from engine.dsl.rendering import render
 from engine.dsl.templating import TemplateRenderError
@@ -178,10 +179,13 @@ class Runner:
         self.limits = limits or RunLimits()
         self._validators: dict[str, Draft202012Validator] = {}
 
-    def bind_models(self, wf: CompiledWorkflow, given: Mapping[str, Any] | None) -> dict[str, Any]:
+    def bind_models(
+        self, wf: CompiledWorkflow, given: Mapping[str, Any] | None, *, lenient: bool = False
+    ) -> dict[str, Any]:
         """Role -> model id: the caller's choice; for a required role, else the selector's
         (a loaded model of its type); an optional role not given is None. A required role
-        nobody can fill is a 503."""
+        nobody can fill is a 503, unless `lenient` (a run with mocked steps, which may be
+        the only ones using it): then it is None and a step using it fails."""
         given = dict(given or {})
         for role in given:
             if role not in wf.models:
@@ -197,7 +201,7 @@ class Runner:
             # with whatever model is loaded would turn it on for everyone.
             if model is None and not spec.optional and self.select_model is not None:
                 model = self.select_model(role, spec)
-            if model is None and not spec.optional:
+            if model is None and not spec.optional and not lenient:
                 raise ServiceUnavailable(
                     f"no model bound to required role '{role}' (type '{spec.type}'): load a "
                     f"'{spec.type}' model or pass models.{role}",
@@ -219,23 +223,32 @@ class Runner:
         depth: int = 0,
         input_checked: bool = False,
         budget: _StepBudget | None = None,
+        mocks: Mapping[str, Any] | None = None,
     ) -> RunResult:
         """Validate input, bind models and execute. Request errors (bad input, unknown role,
-        missing model) raise before anything runs; step failures end in the result.
-        ``input_checked``: the caller already ran prepare_input against wf.input_schema
-        (the server checks every request error before it answers)."""
+        missing model, a mock of no step) raise before anything runs; step failures end in
+        the result. ``input_checked``: the caller already ran prepare_input against
+        wf.input_schema (the server checks every request error before it answers).
+        ``mocks``: step id -> the output that step has, without running it (its `when`
+        still decides whether it runs; for_each, repeat and retries do not apply)."""
+        for sid in mocks or {}:
+            if sid not in wf.steps:
+                raise InvalidRequest(
+                    f"workflow '{wf.id}' has no step '{sid}' to mock{suggest(sid, wf.steps)}",
+                    param=f"mocks.{sid}",
+                )
         prepared_input = (
             input
             if input_checked
             else await prepare_input(wf.input_schema, input, self.limits.schemas)
         )
-        bound = self.bind_models(wf, models)
+        bound = self.bind_models(wf, models, lenient=bool(mocks))
         if config is not None and not isinstance(config, Mapping):
             raise InvalidRequest("config must be an object", param="config")
         # A copy: a step mutating a rendered `{{ config.x }}` must not change the workflow.
         merged_config = copy.deepcopy({**wf.config, **(config or {})})
         budget = budget or _StepBudget(self.limits.max_steps)
-        run = _Run(self, wf, run_id or new_run_id(), depth, on_event, budget)
+        run = _Run(self, wf, run_id or new_run_id(), depth, on_event, budget, mocks or {})
         return await run.execute(prepared_input, bound, merged_config)
 
     async def run_child(
@@ -284,8 +297,10 @@ class _Run:
         depth: int,
         on_event: EventSink | None,
         budget: _StepBudget,
+        mocks: Mapping[str, Any],
     ) -> None:
         self.runner = runner
+        self.mocks = mocks
         self.limits = runner.limits
         self.budget = budget
         self.wf = wf
@@ -485,7 +500,11 @@ class _Run:
                 skipped = True
                 return
             self.budget.charge()
-            if step.for_each is not None:
+            if step.id in self.mocks:
+                # A copy: a later step mutating its input must not change the next run's mock.
+                output = copy.deepcopy(self.mocks[step.id])
+                record.mocked = True
+            elif step.for_each is not None:
                 output = await self.run_items(step, record)
             elif step.repeat is not None:
                 output = await self.run_repeat(step, record)
@@ -607,6 +626,14 @@ class _Run:
             errors = list(self.runner.validator(step).iter_errors(params))
             if errors:
                 error = best_match(errors)
+                if error.instance is None and list(error.absolute_path) == [
+                    step.plugin.model_param
+                ]:
+                    raise StepFailed(
+                        f"parameter {step.plugin.model_param} is null: no model is bound to "
+                        f"the role it names (load one, pass the role's model, or mock "
+                        f"step '{step.id}')"
+                    )
                 raise StepFailed(f"parameter {dotted(tuple(error.absolute_path))}: {error.message}")
         if step.plugin.model_param and record.model is None:
             record.model = params.get(step.plugin.model_param)

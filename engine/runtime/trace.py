@@ -28,6 +28,7 @@ class StepRecord:
     iterations: int | None = None  # repeat: how many passes ran
     # repeat: whether `until` was met (false: the passes stopped at `max` without it)
     until_met: bool | None = None
+    mocked: bool | None = None  # true: the output was given (a mock), the step did not run
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None or k == "error"}
