@@ -11,6 +11,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, ClassVar
 
+import msgspec
+
 
 class ErrorCode(StrEnum):
     """Every `code` of an error envelope: §7's and ours, each with its one HTTP status
@@ -136,6 +138,18 @@ def status_allows(code: ErrorCode, status: int) -> bool:
     return code.status == status or _ALSO.get(code) == status
 
 
+class ErrorDetail(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The §7 error object, where a body carries one (the envelope's `error`, a run's
+    storage `warning`)."""
+
+    type: str
+    message: str
+    param: str | None
+    code: str
+    # Validation errors list each failed field here (server/errors.py).
+    details: Any = None
+
+
 class FusionError(Exception):
     status: ClassVar[int] = 500
     default_code: ClassVar[ErrorCode] = ErrorCode.INTERNAL_ERROR
@@ -164,6 +178,15 @@ class FusionError(Exception):
     @property
     def type(self) -> str:
         return ERROR_TYPES[self.status]
+
+    def detail(self) -> ErrorDetail:
+        return ErrorDetail(
+            type=self.type,
+            message=self.message,
+            param=self.param,
+            code=self.code,
+            details=self.details,
+        )
 
     def envelope(self) -> dict[str, Any]:
         body: dict[str, Any] = {

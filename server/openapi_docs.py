@@ -14,7 +14,7 @@ clients and fuzzers send bodies the document allows and the server refuses.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -23,21 +23,12 @@ import msgspec
 from litestar._openapi.schema_generation.plugins.struct import StructSchemaPlugin
 from litestar.openapi import ResponseSpec
 
-from engine.errors import ERROR_TYPES
+from engine.errors import ERROR_TYPES, ErrorDetail
 
 if TYPE_CHECKING:
     from litestar._openapi.schema_generation import SchemaCreator
     from litestar.openapi.spec import Schema
     from litestar.typing import FieldDefinition
-
-
-class ErrorDetail(msgspec.Struct, kw_only=True, omit_defaults=True):
-    type: str
-    message: str
-    param: str | None
-    code: str
-    # Validation errors list each failed field here (server/errors.py).
-    details: Any = None
 
 
 class ErrorEnvelope(msgspec.Struct):

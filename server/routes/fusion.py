@@ -24,12 +24,13 @@ from msgspec import Meta
 
 from engine.errors import FusionError, InternalError
 from engine.fusion.capabilities import Capabilities
+from engine.fusion.run_body import RunFields, RunResponse, outcome_response, run_fields
+from engine.fusion.run_body import run_body as run_body  # a workflow job's result
 from engine.fusion.runs import StoredRun
-from engine.fusion.service import FusionService, PreparedRun, RunEvent, RunOutcome, WorkflowInfo
+from engine.fusion.service import FusionService, PreparedRun, RunEvent, WorkflowInfo
 from engine.logging import get_logger
-from engine.runtime.trace import StepRecord
 from server.errors import GENERIC_500_MESSAGE
-from server.openapi_docs import ErrorDetail, error_responses
+from server.openapi_docs import error_responses
 from server.sse import SSE_HEADERS, sse_event
 from server.versioning import deprecation_headers
 
@@ -47,50 +48,6 @@ class OrchestrateRequest(msgspec.Struct, forbid_unknown_fields=True):
     # Extensions (docs/api.md): the workflow document run by workflow "custom", and SSE.
     definition: dict[str, Any] | None = None
     stream: bool | None = None
-
-
-class TraceEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
-    step: str
-    type: str
-    model: str | None
-    status: str
-    duration_ms: float | None
-    attempts: int
-    error: str | None
-    started_at: str | None
-    items: int | None = None  # for_each: how many items ran
-    iterations: int | None = None  # repeat: how many passes ran
-    until_met: bool | None = None  # repeat: false when the passes stopped at max
-
-
-class RequestWarning(msgspec.Struct):
-    code: str
-    message: str
-    param: str
-
-
-class RunFields(msgspec.Struct, kw_only=True):
-    """What a run answers, run or fetched. `workflow_id` is the run's id (as §3.1 shows
-    it, "wf-..."); the workflow itself is `workflow` with its version and source."""
-
-    workflow_id: str
-    status: str
-    result: Any
-    execution_trace: list[TraceEntry]
-    total_latency_ms: float | None
-    created_at: str
-    completed_at: str | None
-    workflow: str
-    workflow_version: int | str | None
-    workflow_source: str | None
-    models: dict[str, str | None]
-    error: str | None
-
-
-class RunResponse(RunFields, kw_only=True, omit_defaults=True):
-    stored: bool  # False: a full or read-only database; `warning` says which
-    warning: ErrorDetail | None = None
-    warnings: list[RequestWarning] = []  # about the request (a deprecated role name)
 
 
 class StoredRunResponse(RunFields, kw_only=True):
@@ -154,70 +111,10 @@ class CapabilitiesResponse(msgspec.Struct):
 
 
 # -- shaping --------------------------------------------------------------------------------
-def _trace_entry(record: StepRecord) -> TraceEntry:
-    return TraceEntry(
-        step=record.step_id,
-        type=record.type,
-        model=record.model,
-        status=record.status,
-        duration_ms=record.duration_ms,
-        attempts=record.attempts,
-        error=record.error,
-        started_at=record.started_at,
-        items=record.items,
-        iterations=record.iterations,
-        until_met=record.until_met,
-    )
-
-
-def _run_fields(run: StoredRun) -> dict[str, Any]:
-    result = run.result
-    return {
-        "workflow_id": result.run_id,
-        "status": result.status,
-        "result": result.output,
-        "execution_trace": [_trace_entry(r) for r in result.trace],
-        "total_latency_ms": result.total_latency_ms,
-        "created_at": result.created_at,
-        "completed_at": result.completed_at,
-        "workflow": result.workflow_id,
-        "workflow_version": result.workflow_version,
-        "workflow_source": run.workflow_source,
-        "models": run.models,
-        "error": result.error,
-    }
-
-
-def _run_response(outcome: RunOutcome) -> RunResponse:
-    error = outcome.storage_error
-    return RunResponse(
-        **_run_fields(outcome.run),
-        stored=outcome.stored,
-        warning=(
-            ErrorDetail(
-                type=error.type,
-                message=error.message,
-                param=error.param,
-                code=error.code,
-                details=error.details,
-            )
-            if error
-            else None
-        ),
-        warnings=[RequestWarning(w.code, w.message, w.param) for w in outcome.warnings],
-    )
-
-
-def run_body(outcome: RunOutcome) -> dict[str, Any]:
-    """The §3.1 body of a run as JSON values: a workflow job's result (engine/jobs)."""
-    body: dict[str, Any] = msgspec.to_builtins(_run_response(outcome))
-    return body
-
-
 def _stored_run_response(run: StoredRun) -> StoredRunResponse:
     request = run.request
     return StoredRunResponse(
-        **_run_fields(run),
+        **run_fields(run.result, source=run.workflow_source, models=run.models),
         input=request.input,
         config=request.config,
         definition=request.definition,
@@ -272,7 +169,7 @@ async def _events(service: FusionService, run: PreparedRun) -> AsyncIterator[byt
             if isinstance(item, RunEvent):
                 yield sse_event(item.name, item.data)
             else:
-                yield sse_event("result", _run_response(item))
+                yield sse_event("result", outcome_response(item))
     except FusionError as exc:
         yield sse_event("error", exc.envelope())
     except Exception as exc:
@@ -302,7 +199,7 @@ async def orchestrate(
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **deprecated},
         )
-    return Response(_run_response(await fusion.execute(run)), headers=deprecated)
+    return Response(outcome_response(await fusion.execute(run)), headers=deprecated)
 
 
 @get(

@@ -1,0 +1,142 @@
+"""The §3.1 body of a run: what orchestrate answers (JSON and the stream's `result`), a
+workflow job's result, and what `fusion run` prints, so each names the same fields.
+
+`workflow_id` is the run's id (as §3.1 shows it, "wf-..."); the workflow itself is
+`workflow`, with its version and source. Only the runtime's RunResult is needed (no store),
+so a run made without the server's services is described the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from engine.errors import ErrorDetail, FusionError
+from engine.runtime.trace import RunResult, StepRecord
+
+if TYPE_CHECKING:
+    from engine.fusion import service
+    from engine.fusion.service import RunOutcome
+
+
+class TraceEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
+    step: str
+    type: str
+    model: str | None
+    status: str
+    duration_ms: float | None
+    attempts: int
+    error: str | None
+    started_at: str | None
+    items: int | None = None  # for_each: how many items ran
+    iterations: int | None = None  # repeat: how many passes ran
+    until_met: bool | None = None  # repeat: false when the passes stopped at max
+    mocked: bool | None = None  # `fusion run --mock`: the step was given its output
+
+
+class RequestWarning(msgspec.Struct):
+    code: str
+    message: str
+    param: str
+
+
+class RunFields(msgspec.Struct, kw_only=True):
+    """What a run answers, run or fetched."""
+
+    workflow_id: str
+    status: str
+    result: Any
+    execution_trace: list[TraceEntry]
+    total_latency_ms: float | None
+    created_at: str
+    completed_at: str | None
+    workflow: str
+    workflow_version: int | str | None
+    workflow_source: str | None
+    models: dict[str, str | None]
+    error: str | None
+
+
+class RunResponse(RunFields, kw_only=True, omit_defaults=True):
+    stored: bool  # False: not stored (a full or read-only database: `warning` says why)
+    warning: ErrorDetail | None = None
+    warnings: list[RequestWarning] = []  # about the request (a deprecated role name)
+
+
+def trace_entry(record: StepRecord) -> TraceEntry:
+    return TraceEntry(
+        step=record.step_id,
+        type=record.type,
+        model=record.model,
+        status=record.status,
+        duration_ms=record.duration_ms,
+        attempts=record.attempts,
+        error=record.error,
+        started_at=record.started_at,
+        items=record.items,
+        iterations=record.iterations,
+        until_met=record.until_met,
+        mocked=record.mocked,
+    )
+
+
+def run_fields(
+    result: RunResult, *, source: str | None, models: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The fields of RunFields for `result`; `source`: where the workflow came from,
+    `models`: the model bound to each role."""
+    return {
+        "workflow_id": result.run_id,
+        "status": result.status,
+        "result": result.output,
+        "execution_trace": [trace_entry(r) for r in result.trace],
+        "total_latency_ms": result.total_latency_ms,
+        "created_at": result.created_at,
+        "completed_at": result.completed_at,
+        "workflow": result.workflow_id,
+        "workflow_version": result.workflow_version,
+        "workflow_source": source,
+        "models": dict(models),
+        "error": result.error,
+    }
+
+
+def run_response(
+    result: RunResult,
+    *,
+    source: str | None,
+    models: Mapping[str, Any],
+    stored: bool,
+    storage_error: FusionError | None = None,
+    warnings: Sequence[service.RequestWarning] = (),
+) -> RunResponse:
+    return RunResponse(
+        **run_fields(result, source=source, models=models),
+        stored=stored,
+        warning=storage_error.detail() if storage_error else None,
+        warnings=[RequestWarning(w.code, w.message, w.param) for w in warnings],
+    )
+
+
+def outcome_response(outcome: RunOutcome) -> RunResponse:
+    """A run of the Fusion service, as stored (or not, and why)."""
+    return run_response(
+        outcome.result,
+        source=outcome.run.workflow_source,
+        models=outcome.run.models,
+        stored=outcome.stored,
+        storage_error=outcome.storage_error,
+        warnings=outcome.warnings,
+    )
+
+
+def run_body(outcome: RunOutcome) -> dict[str, Any]:
+    """The §3.1 body of a service run as JSON values: a workflow job's result."""
+    return as_json(outcome_response(outcome))
+
+
+def as_json(response: RunResponse) -> dict[str, Any]:
+    body: dict[str, Any] = msgspec.to_builtins(response)
+    return body
