@@ -28,6 +28,7 @@ def test_every_model_type_has_one_backend_registered_in_enum_order() -> None:
         "whisper",
         "image-generation",
         "image-edit",
+        "echo",
     ]
 
 
@@ -49,16 +50,16 @@ def test_default_backends_are_built_from_the_settings() -> None:
 
 def test_model_call_operations_are_served_by_the_declared_types() -> None:
     assert MODEL_TYPES == {
-        "chat": ("lm", "multimodal"),
+        "chat": ("lm", "multimodal", "echo"),
         "vision": ("multimodal",),
-        "embed": ("embeddings",),
-        "count_tokens": ("lm", "multimodal", "embeddings"),
+        "embed": ("embeddings", "echo"),
+        "count_tokens": ("lm", "multimodal", "embeddings", "echo"),
     }
     operation = ModelCallStep.params_schema["properties"]["operation"]
     assert operation == {"enum": ["chat", "vision", "embed", "count_tokens"]}
     assert serving(Operation.TRANSCRIBE) == ("whisper",)
     assert serving(Operation.RELEVANCE) == ("lm",)  # reranking
-    assert serving(Operation.TOKENIZE) == ("lm", "multimodal", "embeddings")  # chunking
+    assert serving(Operation.TOKENIZE) == ("lm", "multimodal", "embeddings", "echo")  # chunking
 
 
 def test_capabilities_and_tags_by_type() -> None:
@@ -70,6 +71,7 @@ def test_capabilities_and_tags_by_type() -> None:
         "whisper": ["transcription"],
         "image-generation": ["image_generation"],
         "image-edit": ["image_edit"],
+        "echo": ["chat", "embeddings"],
     }
     assert {t.value: type_tag(t) for t in ModelType} == {
         "lm": "chat",
@@ -78,6 +80,7 @@ def test_capabilities_and_tags_by_type() -> None:
         "whisper": "transcription",
         "image-generation": "image-generation",
         "image-edit": "image-edit",
+        "echo": "chat",
     }
 
 

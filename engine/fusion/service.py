@@ -38,8 +38,13 @@ CUSTOM = "custom"
 PREDEFINED, COMPOSED, INLINE = "predefined", "custom", "inline"
 # Runner events that describe the run as a whole: the stream's `result` event says it all.
 _RUN_EVENTS = frozenset({"run_started", "run_finished", "run_cancelled"})
-# A model type that can stand in for a role's type when the caller names it explicitly.
-_SERVES = {"lm": frozenset({"lm", "multimodal"})}
+# A model type that can stand in for a role's type when the caller names it explicitly;
+# echo (a fake model) for every type whose requests it serves, so tests and demos run
+# any workflow without weights.
+_SERVES = {
+    "lm": frozenset({"lm", "multimodal", "echo"}),
+    "embeddings": frozenset({"embeddings", "echo"}),
+}
 # The predefined workflows name their main model's role `generation`, so one `models`
 # mapping serves them all; the names they used before are still accepted, with a
 # deprecation warning, until ROLE_RENAMES_SUNSET (six months, spec §9's policy).

@@ -255,9 +255,12 @@ class ModelRegistry:
         return backend
 
     async def _load(self, spec: LoadSpec, backend: Backend) -> ModelEntry:
-        path = await asyncio.to_thread(resolve_model_path, spec.model_path)
-        config = await asyncio.to_thread(read_config, path)  # a clear 400 before any eviction
-        estimate = await asyncio.to_thread(weight_file_bytes, path)  # a directory scan
+        path, config, estimate = Path(spec.model_path), {}, 0
+        if backend.reads_files:
+            path = await asyncio.to_thread(resolve_model_path, spec.model_path)
+            # A clear 400 before any eviction.
+            config = await asyncio.to_thread(read_config, path)
+            estimate = await asyncio.to_thread(weight_file_bytes, path)  # a directory scan
         async with self._load_lock:
             await self._make_room(spec.model_id or "", estimate)
             started = time.perf_counter()

@@ -21,6 +21,7 @@ class ModelType(StrEnum):
     WHISPER = "whisper"
     IMAGE_GENERATION = "image-generation"
     IMAGE_EDIT = "image-edit"
+    ECHO = "echo"  # a fake model for tests and demos (engine/models/backends/echo.py)
 
 
 class Operation(StrEnum):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from engine.config import Settings
 from engine.models.backends.base import Backend
+from engine.models.backends.echo import EchoBackend
 from engine.models.backends.embeddings import EmbeddingsBackend
 from engine.models.backends.mflux import ImageEditBackend, ImageGenerationBackend
 from engine.models.backends.mlx_lm_backend import MlxLmBackend
@@ -21,6 +22,7 @@ BACKENDS: tuple[type[Backend], ...] = (
     WhisperBackend,
     ImageGenerationBackend,
     ImageEditBackend,
+    EchoBackend,
 )
 _BY_TYPE: dict[str, type[Backend]] = {backend.model_type: backend for backend in BACKENDS}
 

@@ -189,6 +189,8 @@ class Backend(ABC):
     operations: ClassVar[frozenset[Operation]] = frozenset()
     package: ClassVar[str]  # the pip package that provides it, named in 'backend_unavailable'
     module: ClassVar[str] = ""  # the module it imports; found without importing it
+    # Whether model_path names files the load reads; when not (echo), it is only a label.
+    reads_files: ClassVar[bool] = True
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Self:
