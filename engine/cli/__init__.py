@@ -7,13 +7,13 @@ import json
 import sys
 from collections.abc import Sequence
 
-from engine.cli import info, ingest, models, run, serve, validate
+from engine.cli import info, ingest, models, run, serve, validate, workflow_tests
 from engine.cli.common import EXIT_INVALID, EXIT_USAGE, out
 from engine.dsl.issues import WorkflowInvalid, format_issues
 from engine.errors import FusionError
 
 # Each command module adds its subcommands, in the order `fusion --help` lists them.
-COMMANDS = (validate, run, info, serve, ingest, models)
+COMMANDS = (validate, run, info, serve, ingest, models, workflow_tests)
 
 
 def build_parser() -> argparse.ArgumentParser:
