@@ -176,9 +176,16 @@ def _pretty(value: dict[str, Any], indent: str = "") -> list[str]:
             lines.append(f"{indent}{key}:")
             lines += _pretty(item, indent + "  ")
         else:
-            shown = ", ".join(map(str, item)) if isinstance(item, list) else item
-            lines.append(f"{indent}{key + ':':<{width}} {'-' if shown is None else shown}")
+            lines.append(f"{indent}{key + ':':<{width}} {_scalar(item)}")
     return lines
+
+
+def _scalar(item: Any) -> str:
+    if item is None:
+        return "-"
+    if isinstance(item, list):
+        return ", ".join(map(_scalar, item))
+    return item if isinstance(item, str) else json.dumps(item)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
