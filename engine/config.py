@@ -33,6 +33,9 @@ class Settings:
     # system's free space); with no room at all, or a failed write, it answers 503.
     store_min_free_mb: float = 64
     workflows_dir: Path = Path("workflows")
+    # Seconds between looks at workflows_dir for new, changed and deleted files while the
+    # engine runs (engine/fusion/reload.py); 0 turns reloading off.
+    workflows_reload_interval_s: float = 1.0
     log_format: str = "console"  # console | json
     log_level: str = "info"
     max_parallel_steps: int = 16

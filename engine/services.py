@@ -14,6 +14,7 @@ import structlog
 from engine.config import Settings
 from engine.dsl.catalog import WorkflowCatalog
 from engine.dsl.source import configure as configure_documents
+from engine.fusion.reload import WorkflowReloader
 from engine.fusion.runs import RunStore
 from engine.fusion.service import FusionService, RunOutcome
 from engine.jobs.queue import SqliteJobQueue
@@ -47,6 +48,7 @@ class Engine:
     jobs: JobService | None = None  # the job queue's workers (spec §5), when started
     webhooks: WebhookStore | None = None
     deliverer: Deliverer | None = None
+    reloader: WorkflowReloader | None = None  # follows workflows_dir, when workflows load
     # Epoch seconds when start() began: /internal/diagnostics' uptime.
     started_at: float = field(default_factory=time.time)
 
@@ -68,8 +70,12 @@ class Engine:
         store = Store(settings.db_path)
         steps = default_registry()
         catalog = WorkflowCatalog(steps)
-        if load_workflows and settings.workflows_dir.is_dir():
-            catalog.load_directory(settings.workflows_dir)
+        reloader = None
+        if load_workflows:
+            reloader = WorkflowReloader(
+                catalog, settings.workflows_dir, settings.workflows_reload_interval_s
+            )
+            reloader.load()
         budget = (
             int(settings.model_memory_budget_gb * GIB)
             if settings.model_memory_budget_gb
@@ -104,6 +110,10 @@ class Engine:
         await engine.load_startup_models()
         if run_body is not None and settings.jobs_enabled:
             await engine.start_jobs(run_body)
+        # Last: the composed workflows, which a reload must leave alone, are in the catalog.
+        if reloader is not None:
+            engine.reloader = reloader
+            reloader.start()
         return engine
 
     async def start_jobs(self, run_body: Callable[[RunOutcome], Any]) -> None:
@@ -134,6 +144,8 @@ class Engine:
             log.info("startup_model_loaded", model_id=entry.id, type=entry.type)
 
     async def stop(self) -> None:
+        if self.reloader is not None:
+            await self.reloader.stop()
         if self.jobs is not None:
             await self.jobs.stop()
         if self.deliverer is not None:

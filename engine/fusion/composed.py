@@ -119,9 +119,13 @@ class ComposedWorkflows:
         self.store = store
         self.steps = steps
         self.catalog = catalog
-        # Everything in the catalog before composed workflows are added came from files.
-        self.predefined = frozenset(catalog.ids())
         self.active: dict[str, ComposedInfo] = {}
+
+    @property
+    def predefined(self) -> frozenset[str]:
+        """Every workflow of the catalog that is not composed: the workflows directory's
+        files, as loaded now (they are reloaded while the server runs)."""
+        return self.catalog.ids() - self.active.keys()
 
     # -- start-up -------------------------------------------------------------------------
     def load(self) -> None:

@@ -13,15 +13,18 @@ during the run is an `error` event carrying the §7 envelope.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.di import NamedDependency
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import Stream
 from msgspec import Meta
 
+from engine.config import Settings
 from engine.errors import FusionError, InternalError
 from engine.fusion.capabilities import Capabilities
 from engine.fusion.run_body import RunFields, RunResponse, outcome_response, run_fields
@@ -33,6 +36,7 @@ from server.errors import GENERIC_500_MESSAGE
 from server.openapi_docs import error_responses
 from server.sse import SSE_HEADERS, sse_event
 from server.versioning import deprecation_headers
+from server.workflow_body import read_workflow_document
 
 log = get_logger("server.fusion")
 
@@ -257,17 +261,43 @@ async def capabilities(
     return _capabilities_response(fusion.capabilities(capability))
 
 
+@dataclass
+class ComposeOperation(Operation):
+    """The compose body is read by hand (JSON or YAML, server/workflow_body.py), so
+    Litestar cannot infer it."""
+
+    def __post_init__(self) -> None:
+        document = Schema(
+            type=OpenAPIType.OBJECT,
+            additional_properties=True,
+            description="A workflow document (docs/dsl.md)",
+        )
+        self.request_body = RequestBody(
+            content={
+                "application/json": OpenAPIMediaType(schema=document),
+                # application/x-yaml and text/yaml are read the same way.
+                "application/yaml": OpenAPIMediaType(schema=document),
+            },
+            required=True,
+        )
+
+
 @post(
     "/api/fusion/compose",
     status_code=201,
     tags=TAGS,
     summary="Compose a custom workflow (§3.4); the same name again stores a new version",
-    responses=error_responses(400, 409),
+    description="The workflow document as JSON, or as YAML (application/yaml, "
+    "application/x-yaml or text/yaml): the text a workflow file holds.",
+    operation_class=ComposeOperation,
+    responses=error_responses(400, 409, 415),
 )
 async def compose(
-    fusion: NamedDependency[FusionService], data: JSONBody[dict[str, Any]]
+    request: Request[Any, Any, Any],
+    fusion: NamedDependency[FusionService],
+    settings: NamedDependency[Settings],
 ) -> ComposeResponse:
-    info = fusion.compose(data)
+    info = fusion.compose(await read_workflow_document(request, settings.max_json_depth))
     return ComposeResponse(info.workflow_id, info.name, "created", info.created_at, info.version)
 
 
