@@ -97,7 +97,12 @@ def main() -> None:
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    serve(sys.stdin.buffer, answers)
+    try:
+        serve(sys.stdin.buffer, answers)
+    except BrokenPipeError:
+        # The parent went away (a CLI command that ends before its warmed workers were
+        # ready): nobody is left to answer, and the traceback would land on its terminal.
+        os._exit(0)
 
 
 if __name__ == "__main__":
