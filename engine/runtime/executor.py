@@ -156,6 +156,16 @@ def _flat(items: Iterable[Any]) -> bool:
 _JSON = msgspec.json.Encoder()
 
 
+def check_mocks(wf: CompiledWorkflow, mocks: Mapping[str, Any]) -> None:
+    """A mock of a step the workflow lacks is a request error, with a hint."""
+    for sid in mocks:
+        if sid not in wf.steps:
+            raise InvalidRequest(
+                f"workflow '{wf.id}' has no step '{sid}' to mock{suggest(sid, wf.steps)}",
+                param=f"mocks.{sid}",
+            )
+
+
 def new_run_id() -> str:
     return f"wf-{uuid.uuid4().hex[:12]}"
 
@@ -231,12 +241,7 @@ class Runner:
         wf.input_schema (the server checks every request error before it answers).
         ``mocks``: step id -> the output that step has, without running it (its `when`
         still decides whether it runs; for_each, repeat and retries do not apply)."""
-        for sid in mocks or {}:
-            if sid not in wf.steps:
-                raise InvalidRequest(
-                    f"workflow '{wf.id}' has no step '{sid}' to mock{suggest(sid, wf.steps)}",
-                    param=f"mocks.{sid}",
-                )
+        check_mocks(wf, mocks or {})
         prepared_input = (
             input
             if input_checked
