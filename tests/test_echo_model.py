@@ -259,3 +259,32 @@ def test_a_workflow_runs_its_model_calls_on_echo(client: httpx.Client) -> None:
         ("tokens", "echo", "completed"),
         ("vector", "echo", "completed"),
     ]
+
+
+def test_rag_ingests_and_answers_on_echo(client: httpx.Client) -> None:
+    """With no weights, retrieval finds the document sharing the query's words and the
+    answer is the question (echo answers with the last user message)."""
+    files = [
+        ("files", ("apples.txt", b"Red apples grow in the orchard.", "text/plain")),
+        ("files", ("sky.txt", b"The blue sky is clear today.", "text/plain")),
+    ]
+    ingested = client.post(
+        "/api/rag/ingest", data={"collection": "fruit", "embedding_model": "echo"}, files=files
+    )
+    assert ingested.status_code == 200, ingested.text
+    assert ingested.json()["chunks_created"] == 2
+    response = client.post(
+        "/api/rag/query",
+        json={
+            "collection": "fruit",
+            "query": "red apples",
+            "model_id": "echo",
+            # About shared words / sqrt(words of each): 2 / sqrt(2 * 5) here.
+            "similarity_threshold": 0.3,
+        },
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["answer"] == "red apples"
+    [source] = body["sources"]
+    assert source["text"] == "Red apples grow in the orchard."

@@ -186,7 +186,12 @@ class RagService:
         entry = self.models.get(requested, "embedding_model") if requested else None
         if entry is None:
             existing = self.db.find_collection(collection) if collection else None
-            default = existing.embedding_model if existing else self.models.select("embeddings")
+            # A real embedder first; else echo (tests and demos run RAG with no weights).
+            default = (
+                existing.embedding_model
+                if existing
+                else self.models.select("embeddings") or self.models.select("echo")
+            )
             if default is None:
                 raise ServiceUnavailable(
                     "no embedding model is loaded: load a model of type 'embeddings'",
@@ -201,9 +206,9 @@ class RagService:
                     param="embedding_model",
                     code=ErrorCode.MODEL_NOT_LOADED,
                 )
-        if entry.type != "embeddings":
+        if entry.type not in serving(Operation.EMBED):
             raise InvalidRequest(
-                f"model '{entry.id}' is a '{entry.type}' model, not an embeddings model",
+                f"model '{entry.id}' is a '{entry.type}' model, which does not embed",
                 param="embedding_model",
             )
         return entry.id
@@ -536,7 +541,7 @@ class RagService:
                 rerank_model, serving(Operation.RELEVANCE), "rerank_model", param="rerank_model"
             )
         if model_id:
-            self.models.require(model_id, ("lm",), "model_id")
+            self.models.require(model_id, serving(Operation.CHAT), "model_id")
         hits = await self.retriever.retrieve(
             collection,
             query,

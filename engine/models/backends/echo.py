@@ -28,7 +28,9 @@ from engine.models.backends.textgen import StopScanner
 from engine.models.types import Capability, ModelType, Operation
 
 DIMENSION = 64
+MAX_WORDS = 8192  # what an embedding reads when the load gives no context_length
 _WORD = re.compile(r"\S+")
+_FEATURE = re.compile(r"\w+")
 
 
 def words(text: str) -> list[re.Match[str]]:
@@ -42,10 +44,10 @@ def _word_vector(word: str) -> list[float]:
 
 
 def vector(text: str) -> list[float]:
-    """A unit vector: the sum of the vectors of its lower-cased words (of the whole text
-    when it has none)."""
+    """A unit vector: the sum of the vectors of its lower-cased words, punctuation left
+    out (of the whole text when it has none)."""
     total = [0.0] * DIMENSION
-    for word in [m.group().lower() for m in words(text)] or [text]:
+    for word in _FEATURE.findall(text.lower()) or [text]:
         total = [a + b for a, b in zip(total, _word_vector(word), strict=True)]
     norm = math.sqrt(sum(x * x for x in total)) or 1.0
     return [x / norm for x in total]
@@ -77,8 +79,14 @@ class EchoModel(LoadedModel):
     family = "echo"
     capabilities = frozenset(EchoBackend.capabilities)
 
+    # What RAG ingest reads of an embedder (EmbeddingModel's): the words a chunk may hold
+    # (the context length when the load gives one) and the tokens added around a text.
+    special_tokens = 0
+    dimension = DIMENSION
+
     def __init__(self, context_length: int | None) -> None:
         self.context_length = context_length
+        self.max_seq_length = context_length or MAX_WORDS
 
     def chat_stream(
         self, messages: Sequence[dict[str, Any]], params: ChatParams, stop: threading.Event
