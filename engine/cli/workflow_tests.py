@@ -43,7 +43,10 @@ def find_test_files(paths: Sequence[str]) -> list[Path] | str:
             found += beside
         else:
             return f"no such test file or directory: {path}"
-    return found
+    unique: dict[Path, Path] = {}
+    for path in found:  # a file named and also found in a directory named runs once
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 async def _run_all(files: list[Path], selector: str | None, workspace: Workspace) -> list[Outcome]:

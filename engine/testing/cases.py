@@ -87,8 +87,8 @@ def load_test_file(path: Path) -> TestFile:
         return TestFile(path, Document(None, str(path)), None, [], exc.issues)
     test = TestFile(path, doc, None, [], [])
     data = doc.data
-    if not isinstance(data, dict) or not isinstance(data.get("cases"), list):
-        message = "a test file is a mapping with a 'cases' list (docs/testing.md)"
+    if not isinstance(data, dict) or not isinstance(data.get("cases"), list) or not data["cases"]:
+        message = "a test file is a mapping with a non-empty 'cases' list (docs/testing.md)"
         test.issues.append(doc.issue(message, ("cases",) if isinstance(data, dict) else ()))
         return test
     test.issues += _unknown_keys(test, data, FILE_KEYS, (), "in a test file")
@@ -189,7 +189,7 @@ def _check_expect(test: TestFile, expect: dict[str, Any], at: KeyPath) -> list[I
         issues.append(test.issue(f"status must be one of {', '.join(STATUSES)}", (*at, "status")))
     for key in ("output", "error"):
         if key in expect:
-            issues += [test.issue(m, p) for m, p in check_expected(expect[key], (*at, key))]
+            issues += _matcher_issues(test, expect[key], (*at, key))
     steps = expect.get("steps", {})
     if not isinstance(steps, dict):
         return [*issues, test.issue("steps must be a mapping of step ids", (*at, "steps"))]
@@ -200,8 +200,14 @@ def _check_expect(test: TestFile, expect: dict[str, Any], at: KeyPath) -> list[I
             continue
         issues += _unknown_keys(test, checks, STEP_FIELDS, where, "in a step's expectation")
         for key, value in checks.items():
-            issues += [test.issue(m, p) for m, p in check_expected(value, (*where, key))]
+            issues += _matcher_issues(test, value, (*where, key))
     return issues
+
+
+def _matcher_issues(test: TestFile, expected: Any, where: KeyPath) -> list[Issue]:
+    # Every problem of a matcher is about one of its keys (the matcher's name, or a key
+    # of the schema it holds): placed there.
+    return [test.issue(m, p, at_key=True) for m, p in check_expected(expected, where)]
 
 
 async def check_against(test: TestFile, case: Case, wf: CompiledWorkflow) -> None:
@@ -225,4 +231,5 @@ async def check_against(test: TestFile, case: Case, wf: CompiledWorkflow) -> Non
         pointer = (exc.param or "input").removeprefix("input")
         parts = [p.replace("~1", "/").replace("~0", "~") for p in pointer.split("/")[1:]]
         inner = tuple(int(p) if p.isdigit() else p for p in parts)
-        case.issues.append(test.issue(exc.message, (*at, "input", *inner)))
+        message = exc.message.removeprefix(f"{exc.param}: ")  # the issue's path says where
+        case.issues.append(test.issue(message, (*at, "input", *inner)))

@@ -128,7 +128,7 @@ def match(expected: Any, actual: Any, path: Path, where: Path) -> list[Mismatch]
     if isinstance(expected, dict):
         if not isinstance(actual, dict):
             return [Mismatch(f"expected a mapping, got {show(actual)}", path, where)]
-        found = _missing(expected, actual, path, where)
+        found = _match_keys(expected, actual, path, where)
         extra = [k for k in actual if k not in expected]
         if extra:
             names = ", ".join(map(repr, extra))
@@ -151,7 +151,9 @@ def match(expected: Any, actual: Any, path: Path, where: Path) -> list[Mismatch]
     return [Mismatch(f"expected {show(expected)}, got {show(actual)}", path, where)]
 
 
-def _missing(expected: dict[str, Any], actual: dict[str, Any], path: Path, where: Path) -> list:
+def _match_keys(
+    expected: dict[str, Any], actual: dict[str, Any], path: Path, where: Path
+) -> list[Mismatch]:
     """Mismatches of ``expected``'s keys: each must be in ``actual`` and match there."""
     found: list[Mismatch] = []
     for key, value in expected.items():
@@ -195,7 +197,7 @@ def _match_matcher(name: str, argument: Any, actual: Any, path: Path, at: Path) 
     # $partial
     if not isinstance(actual, dict):
         return fail(f"expected a mapping, got {show(actual)}")
-    return _missing(argument, actual, path, at)
+    return _match_keys(argument, actual, path, at)
 
 
 def _same(expected: Any, actual: Any) -> bool:

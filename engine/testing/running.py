@@ -14,6 +14,7 @@ from engine.dsl.hints import suggest
 from engine.dsl.issues import Issue
 from engine.dsl.lint.discovery import files_to_check
 from engine.errors import FusionError
+from engine.models.types import ModelType
 from engine.runtime.executor import Runner
 from engine.runtime.trace import RunResult
 from engine.steps.registry import StepRegistry
@@ -21,6 +22,7 @@ from engine.testing.cases import Case, TestFile, check_against, workflow_stem
 from engine.testing.matchers import Mismatch, match
 
 PASSED, FAILED, ERROR = "passed", "failed", "error"
+ECHO = ModelType.ECHO.value
 
 
 @dataclass
@@ -119,6 +121,7 @@ async def run_file(test: TestFile, cases: list[Case], workspace: Workspace) -> l
     for case in cases:
         if not case.issues:
             await check_against(test, case, workflow)
+            case.issues += _models_to_load(test, case)
         if case.issues:
             outcomes.append(Outcome(test.path, case.name, ERROR, problems=case.issues))
             continue
@@ -143,6 +146,19 @@ async def run_case(test: TestFile, case: Case, wf: CompiledWorkflow, runner: Run
     mismatches = compare(case, result)
     problems = [_locate(test, m) for m in mismatches]
     return Outcome(test.path, case.name, FAILED if problems else PASSED, _ms(started), problems)
+
+
+def _models_to_load(test: TestFile, case: Case) -> list[Issue]:
+    """A `models` value that names a model to load rather than an id to bind."""
+    return [
+        test.issue(
+            f"'{model}' is a model to load: fusion test binds model ids only, without loading "
+            f"anything (mock the steps that use role '{role}', or give it an id)",
+            (*case.where, "models", role),
+        )
+        for role, model in case.models.items()
+        if model == ECHO or (test.path.parent / model).is_dir()
+    ]
 
 
 def compare(case: Case, result: RunResult) -> list[Mismatch]:
