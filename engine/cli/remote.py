@@ -247,6 +247,7 @@ def run_remote(args: argparse.Namespace) -> int:
                 out(sys.stdout, json.dumps(data, indent=2))
                 return RUN_EXIT.get(str(data.get("status")), EXIT_PARTIAL)
             if name == "error":
+                progress.end()
                 raise RemoteError(envelope_line(data.get("error") or {}))
             progress(name, data)
     raise RemoteError("the server's event stream ended before the run's result")
