@@ -28,6 +28,7 @@ from engine.cli.common import (
     out,
     parse_pairs,
 )
+from engine.dsl.catalog import WORKFLOW_SUFFIXES
 from engine.dsl.source import load_file
 from engine.errors import InvalidRequest
 
@@ -39,7 +40,6 @@ TIMEOUT = httpx.Timeout(60.0, connect=5.0)
 UNBOUNDED = httpx.Timeout(None, connect=5.0)
 # The server's workflow "custom" runs the document sent as `definition`.
 CUSTOM = "custom"
-WORKFLOW_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 class RemoteError(Exception):
