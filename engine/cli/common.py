@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from engine.dsl.catalog import WorkflowCatalog, compile_files, workflow_files
+from engine.dsl.catalog import WORKFLOW_SUFFIXES, WorkflowCatalog, compile_files, workflow_files
 from engine.dsl.compiled import CompiledWorkflow
-from engine.dsl.issues import WorkflowInvalid
+from engine.dsl.issues import WorkflowInvalid, format_issues
 from engine.dsl.lint.discovery import files_to_check
+from engine.dsl.source import load_text
 from engine.errors import InvalidRequest
 from engine.steps.registry import default_registry
 
@@ -32,6 +33,11 @@ def catalog_ids(directory: str | None, registry: Any, exclude: Sequence[Path] = 
     return list(compiled)
 
 
+def is_workflow_file(target: str) -> bool:
+    """Whether a command's WORKFLOW argument names a file (else a workflow id)."""
+    return Path(target).suffix in WORKFLOW_SUFFIXES or Path(target).exists()
+
+
 def resolve(target: str, workflows_dir: str | None) -> tuple[CompiledWorkflow, WorkflowCatalog]:
     registry = default_registry()
     catalog = WorkflowCatalog(registry)
@@ -44,9 +50,9 @@ def resolve(target: str, workflows_dir: str | None) -> tuple[CompiledWorkflow, W
         for workflow in compiled.values():
             catalog.add(workflow)
     path = Path(target)
-    if path.suffix in (".yaml", ".yml", ".json") and not path.exists():
+    if path.suffix in WORKFLOW_SUFFIXES and not path.exists():
         raise InvalidRequest(f"no such workflow file: {target}", param="workflow")
-    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+    if is_workflow_file(target):
         compiled, issues = compile_files([path], registry, catalog.ids())
         if issues:
             raise WorkflowInvalid(issues[path])
@@ -56,6 +62,15 @@ def resolve(target: str, workflows_dir: str | None) -> tuple[CompiledWorkflow, W
     return catalog.get(target), catalog
 
 
+def parse_value(raw: str) -> Any:
+    """A command-line value: JSON when it parses (numbers, booleans, lists, objects),
+    else the text itself."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
 def parse_pairs(pairs: Sequence[str], what: str, *, as_json: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -63,21 +78,44 @@ def parse_pairs(pairs: Sequence[str], what: str, *, as_json: bool = True) -> dic
         if not sep or not key:
             # A usage error (exit 2), not SystemExit's 1, which means "the run failed".
             raise InvalidRequest(f"--{what} expects key=value, got {pair!r}", param=what)
-        if not as_json:
-            out[key] = raw
-            continue
-        try:  # numbers, booleans, lists and objects as JSON; anything else is a string
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
+        out[key] = parse_value(raw) if as_json else raw
     return out
 
 
+def read_data_file(name: str, flag: str) -> Any:
+    """The value in the file an `@FILE` argument names: YAML for .yaml/.yml (the workflow
+    loader's safe types and limits), else JSON; `-` is standard input (JSON)."""
+    if name == "-":
+        text, where = sys.stdin.read(), "<stdin>"
+    else:
+        try:
+            text, where = Path(name).read_text(encoding="utf-8"), name
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise InvalidRequest(f"--{flag}: cannot read {name}: {reason}", param=flag) from None
+        if Path(name).suffix in (".yaml", ".yml"):
+            try:
+                return load_text(text, name).data
+            except WorkflowInvalid as exc:
+                raise InvalidRequest(
+                    f"--{flag}: {format_issues(exc.issues, 'text')}", param=flag
+                ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"--{flag}: {where}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}", param=flag
+        ) from None
+    except RecursionError:
+        raise InvalidRequest(f"--{flag}: {where} nests too deeply", param=flag) from None
+
+
 def json_object(text: str | None, flag: str) -> dict[str, Any] | None:
+    """The object an argument holds: inline JSON, or `@FILE` (read_data_file)."""
     if text is None:
         return None
     try:
-        value = json.loads(text)
+        value = read_data_file(text[1:], flag) if text.startswith("@") else json.loads(text)
     except RecursionError:
         raise InvalidRequest(f"--{flag} nests too deeply", param=flag) from None
     if not isinstance(value, dict):

@@ -1,0 +1,208 @@
+"""The models an in-process `fusion run` loads, and loading them.
+
+A role a step of the run uses needs a model: every required role when nothing is mocked
+(the runner binds them all), else only the roles that unmocked steps read
+(``{{ models.ROLE }}``); a workflow the run calls needs its own required roles, inherited
+by name from the caller or else picked by type. `--model ROLE=VALUE` names the model for a
+role (a model directory loaded as the role's type, `echo`, or a start-up model's id); every
+other type needed is filled by the first start-up model of that type (fusion.yaml's
+`startup_models`, else the demo setup). Nothing else is loaded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from engine.cli.common import out
+from engine.config import Settings
+from engine.dsl.catalog import WorkflowCatalog
+from engine.dsl.compiled import CompiledWorkflow
+from engine.dsl.hints import suggest
+from engine.dsl.lint.base import templates
+from engine.errors import FusionError, InvalidRequest, ServiceUnavailable
+from engine.models.types import LoadSpec, ModelType
+from engine.runtime.executor import check_mocks
+
+if TYPE_CHECKING:
+    from engine.services import Engine
+
+ECHO = ModelType.ECHO.value
+
+
+@dataclass
+class ModelPlan:
+    """role -> the model given for it; model type -> the start-up model filling it."""
+
+    given: dict[str, LoadSpec] = field(default_factory=dict)
+    by_type: dict[str, LoadSpec] = field(default_factory=dict)
+
+    def specs(self) -> list[LoadSpec]:
+        """Each model to load, once."""
+        unique: dict[tuple[str, str, str | None], LoadSpec] = {}
+        for spec in [*self.given.values(), *self.by_type.values()]:
+            unique.setdefault((spec.model_path, spec.model_type, spec.model_id), spec)
+        return list(unique.values())
+
+
+def needed_roles(
+    wf: CompiledWorkflow, mocks: Mapping[str, Any], catalog: WorkflowCatalog
+) -> tuple[set[str], set[str]]:
+    """(roles of `wf` whose models the run uses, model types the workflows it calls need
+    for roles they do not inherit from it)."""
+    return _needs(wf, mocks, catalog, frozenset())
+
+
+def _needs(
+    wf: CompiledWorkflow,
+    mocks: Mapping[str, Any],
+    catalog: WorkflowCatalog,
+    calling: frozenset[str],
+) -> tuple[set[str], set[str]]:
+    required = {role for role, spec in wf.models.items() if not spec.optional}
+    if not mocks:
+        roles = set(required)
+    else:  # the runner binds leniently: only what a running step reads is needed
+        roles = set()
+        for located in templates(wf):
+            if located.step is None or located.step in mocks:
+                continue
+            for ref in located.template.references:
+                if ref.root == "models":
+                    roles |= {str(ref.path[0])} if ref.path else set(wf.models)
+        roles &= required
+    types: set[str] = set()
+    for step in wf.steps.values():
+        if step.type != "workflow" or step.id in mocks:
+            continue
+        child = step.prepared
+        if isinstance(child, str):
+            child = catalog.get(child) if child in catalog.ids() else None
+        if not isinstance(child, CompiledWorkflow) or child.id in calling:
+            continue  # an unknown id fails at run time; a recursive call needs no more
+        child_roles, child_types = _needs(child, {}, catalog, calling | {wf.id})
+        types |= child_types
+        for role in child_roles:
+            if role in required:
+                roles.add(role)  # the child inherits the caller's binding
+            else:
+                types.add(child.models[role].type)
+    return roles, types
+
+
+class StartupModels:
+    """The configured start-up models' load bodies, read once when first needed (the demo
+    setup builds its chat model's files)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._bodies: list[dict[str, Any]] | None = None
+
+    @property
+    def bodies(self) -> list[dict[str, Any]]:
+        if self._bodies is None:
+            from engine.services import demo_models
+
+            configured = self.settings.startup_models
+            self._bodies = (
+                configured
+                if configured is not None
+                else demo_models(self.settings.data_dir / "models")
+            )
+        return self._bodies
+
+    def by_id(self, model_id: str) -> LoadSpec | None:
+        for body in self.bodies:
+            if model_id in (body.get("model_id"), body.get("model_path")):
+                return LoadSpec(**body)
+        return None
+
+    def of_type(self, model_type: str) -> LoadSpec | None:
+        for body in self.bodies:
+            if body.get("model_type") == model_type:
+                return LoadSpec(**body)
+        return None
+
+    def ids(self) -> list[str]:
+        return [str(b.get("model_id") or b.get("model_path")) for b in self.bodies]
+
+
+def plan_models(
+    wf: CompiledWorkflow,
+    mocks: Mapping[str, Any],
+    catalog: WorkflowCatalog,
+    given: Mapping[str, str],
+    settings: Settings,
+) -> ModelPlan:
+    """What to load for a run of `wf`; a usage error before anything loads when a mock
+    names no step, a role given is not the workflow's, a value names no model, or a type
+    needed has none."""
+    check_mocks(wf, mocks)  # before anything loads
+    startup = StartupModels(settings)
+    plan = ModelPlan()
+    for role, value in given.items():
+        spec = wf.models.get(role)
+        if spec is None:
+            declared = ", ".join(wf.models) or "none"
+            raise InvalidRequest(
+                f"--model {role}=...: workflow '{wf.id}' has no model role '{role}'"
+                f"{suggest(role, wf.models)} (roles: {declared})",
+                param="model",
+            )
+        plan.given[role] = _given_spec(role, value, spec.type, startup)
+    roles, types = needed_roles(wf, mocks, catalog)
+    types |= {wf.models[role].type for role in roles if role not in given}
+    # A role left to the runner gets a loaded model of exactly its type.
+    types -= {spec.model_type for spec in plan.given.values()}
+    for model_type in sorted(types):
+        found = startup.of_type(model_type)
+        if found is None:
+            wanting = sorted(r for r in roles if wf.models[r].type == model_type) or ["..."]
+            raise ServiceUnavailable(
+                f"no '{model_type}' model to run '{wf.id}': pass --model "
+                f"{wanting[0]}=DIR (a model directory), --model {wanting[0]}={ECHO}, or list "
+                f"a '{model_type}' model in startup_models (fusion.yaml)",
+                param="model",
+            )
+        plan.by_type[model_type] = found
+    return plan
+
+
+def _given_spec(role: str, value: str, role_type: str, startup: StartupModels) -> LoadSpec:
+    if value == ECHO:
+        return LoadSpec(model_path=ECHO, model_type=ECHO, model_id=ECHO)
+    if Path(value).expanduser().is_dir():
+        return LoadSpec(model_path=value, model_type=role_type)
+    found = startup.by_id(value)
+    if found is None:
+        ids = startup.ids()
+        raise InvalidRequest(
+            f"--model {role}={value}: not a model directory, '{ECHO}', or a start-up model"
+            f"{suggest(value, ids)} (start-up models: {', '.join(ids) or 'none'})",
+            param="model",
+        )
+    return found
+
+
+async def load_models(
+    engine: Engine, plan: ModelPlan, stream: TextIO, clock: Callable[[], float] = time.monotonic
+) -> dict[str, str]:
+    """Load the plan's models, one line each on `stream`; role -> id of each given role."""
+    ids: dict[tuple[str, str, str | None], str] = {}
+    for spec in plan.specs():
+        out(stream, f"loading {spec.model_type} model {spec.model_id or spec.model_path}")
+        started = clock()
+        try:
+            entry = await engine.models.load(spec)
+        except FusionError:
+            out(stream, f"cannot load {spec.model_path} as a {spec.model_type} model:")
+            raise
+        out(stream, f"loaded '{entry.id}' ({entry.type}) in {clock() - started:.1f} s")
+        ids[(spec.model_path, spec.model_type, spec.model_id)] = entry.id
+    return {
+        role: ids[(spec.model_path, spec.model_type, spec.model_id)]
+        for role, spec in plan.given.items()
+    }
