@@ -266,14 +266,15 @@ async def test_count_tokens(engine: Engine) -> None:
             "tiny-lm",
             "embed",
             "'text'",
-            "operation 'embed' needs a model of type 'embeddings'; 'tiny-lm' is a 'lm' model",
+            "operation 'embed' needs a model of type 'embeddings' or 'echo'; 'tiny-lm' is a "
+            "'lm' model",
         ),
         (
             "tiny-embedder",
             "chat",
             "{prompt: hi}",
-            "operation 'chat' needs a model of type 'lm' or 'multimodal'; 'tiny-embedder' is a "
-            "'embeddings' model",
+            "operation 'chat' needs a model of type 'lm' or 'multimodal' or 'echo'; "
+            "'tiny-embedder' is a 'embeddings' model",
         ),
         (
             "tiny-lm",
