@@ -13,8 +13,8 @@ import pytest
 from jsonschema import Draft202012Validator
 from spec_examples import COMPOSE_EXAMPLE
 
-from engine.dsl.catalog import workflow_files
 from engine.dsl.compiler import compile_document
+from engine.dsl.discovery import files_to_check
 from engine.dsl.issues import WorkflowInvalid
 from engine.dsl.schema import STEP_KEYS, WORKFLOW_KEYS
 from engine.dsl.source import from_object, load_file, load_text
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_FILE = ROOT / "schemas" / "workflow.schema.json"
 TESTS = Path(__file__).parent / "workflows"
 # workflows/ holds the shipped workflows (it may not exist yet in a fresh checkout).
-EXAMPLES = workflow_files([d for d in (ROOT / "workflows", TESTS / "valid") if d.is_dir()])
+EXAMPLES = files_to_check([d for d in (ROOT / "workflows", TESTS / "valid") if d.is_dir()])
 
 
 @pytest.fixture(scope="module")

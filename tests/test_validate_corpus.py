@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.dsl.catalog import compile_files, workflow_files
+from engine.dsl.catalog import compile_files
+from engine.dsl.discovery import candidates
 from engine.dsl.issues import Issue
 from engine.steps.registry import default_registry
 
@@ -342,7 +343,7 @@ def _issues(path: Path) -> list[Issue]:
 
 
 def test_every_corpus_file_has_expectations() -> None:
-    on_disk = {p.name for p in workflow_files([INVALID])}
+    on_disk = {p.name for p in candidates(INVALID)}
     assert on_disk == set(CASES), "add the new file to CASES (or remove the stale entry)"
 
 
@@ -393,8 +394,8 @@ def test_unknown_step_key_lists_what_is_allowed() -> None:
     assert all(STEP_KEYS_HINT in i.message and i.message.endswith(", value") for i in issues)
 
 
-@pytest.mark.parametrize("path", workflow_files([VALID]), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", candidates(VALID), ids=lambda p: p.name)
 def test_valid_examples_compile_without_issues(path: Path) -> None:
-    compiled, issues = compile_files(workflow_files([VALID]), default_registry())
+    compiled, issues = compile_files(candidates(VALID), default_registry())
     assert issues.get(path, []) == []
     assert any(wf.file == str(path) for wf in compiled.values())

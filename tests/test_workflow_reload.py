@@ -291,3 +291,24 @@ async def test_composed_workflows_and_callers_across_reloads(
     write(directory, "later.yaml", workflow("later", "file, changed", version=2))
     await until(lambda: listed(client)["later"]["version"] == 2, "the callee is reloaded")
     assert run(client, "caller") == "file, changed"
+
+
+async def test_files_that_are_not_workflows_are_neither_loaded_nor_reported(
+    tmp_path: Path,
+) -> None:
+    # Test cases beside a workflow, a compose file, a hidden directory: engine.dsl.discovery.
+    directory = tmp_path / "wf"
+    (directory / ".github").mkdir(parents=True)
+    write(directory, "hello.yaml", workflow("hello", "v1"))
+    write(directory, "hello.test.yaml", "cases:\n  - name: one\n    input: {}\n")
+    write(directory, "docker-compose.yml", "services: {}\n")
+    write(directory, ".github/ci.yaml", "steps: [1\n")
+    reloader = WorkflowReloader(WorkflowCatalog(default_registry()), directory, INTERVAL_S)
+    reloader.load()  # would raise on a file taken for a broken workflow
+    assert served(reloader) == {"hello": "v1"}
+    write(directory, "other.test.yaml", "cases: []\n")
+    write(directory, "hello.yaml", workflow("hello", "v2"))
+    with capture_logs() as logs:
+        await reloader.reload()
+    assert [e["event"] for e in logs] == ["workflow_reloaded"]
+    assert served(reloader) == {"hello": "v2"}

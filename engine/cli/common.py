@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from engine.dsl.catalog import WORKFLOW_SUFFIXES, WorkflowCatalog, compile_files, workflow_files
+from engine.dsl.catalog import WorkflowCatalog, compile_files
 from engine.dsl.compiled import CompiledWorkflow
+from engine.dsl.discovery import WORKFLOW_SUFFIXES, files_to_check
 from engine.dsl.issues import WorkflowInvalid, format_issues
-from engine.dsl.lint.discovery import files_to_check
 from engine.dsl.source import load_text
 from engine.errors import InvalidRequest
 from engine.steps.registry import default_registry
@@ -44,7 +44,7 @@ def resolve(target: str, workflows_dir: str | None) -> tuple[CompiledWorkflow, W
     if workflows_dir and Path(workflows_dir).is_dir():
         # Only to resolve `workflow` steps by id: a broken file there must not stop an
         # unrelated run, so it is reported and left out (`fusion validate` shows it whole).
-        compiled, issues = compile_files(workflow_files([workflows_dir]), registry)
+        compiled, issues = compile_files(files_to_check([workflows_dir]), registry)
         for path, found in issues.items():
             out(sys.stderr, f"warning: {path} skipped: {len(found)} error(s)")
         for workflow in compiled.values():

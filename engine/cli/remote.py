@@ -28,7 +28,7 @@ from engine.cli.common import (
     out,
     parse_pairs,
 )
-from engine.dsl.catalog import WORKFLOW_SUFFIXES
+from engine.dsl.discovery import WORKFLOW_SUFFIXES
 from engine.dsl.source import load_file
 from engine.errors import InvalidRequest
 

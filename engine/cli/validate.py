@@ -10,9 +10,9 @@ from pathlib import Path
 from engine.cli.common import EXIT_INVALID, EXIT_OK, catalog_ids, out
 from engine.dsl.catalog import compile_files
 from engine.dsl.compiled import CompiledWorkflow
+from engine.dsl.discovery import files_to_check
 from engine.dsl.issues import Issue
 from engine.dsl.lint import Finding, Severity, lint
-from engine.dsl.lint.discovery import files_to_check
 from engine.dsl.lint.output import COMPILE_RULE, Summary, render
 from engine.dsl.source import load_text
 from engine.steps.registry import default_registry

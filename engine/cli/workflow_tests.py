@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from engine.cli.common import EXIT_INVALID, EXIT_OK, EXIT_USAGE, out
-from engine.dsl.catalog import WORKFLOW_SUFFIXES
+from engine.dsl.discovery import WORKFLOW_SUFFIXES
 from engine.logging import configure_logging
 from engine.steps.registry import default_registry
 from engine.testing.cases import TEST_SUFFIXES, TestFile, is_test_file, load_test_file

@@ -7,26 +7,11 @@ from pathlib import Path
 
 from engine.dsl.compiled import CompiledWorkflow
 from engine.dsl.compiler import compile_document
+from engine.dsl.discovery import files_to_check
 from engine.dsl.issues import Issue, WorkflowInvalid
 from engine.dsl.source import Document, load_file
 from engine.errors import ErrorCode, NotFound
 from engine.steps.registry import StepRegistry
-
-WORKFLOW_SUFFIXES = (".yaml", ".yml", ".json")
-
-
-def workflow_files(paths: Iterable[str | Path]) -> list[Path]:
-    """The workflow files named, directories searched recursively, in a stable order."""
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            found.extend(
-                sorted(p for p in path.rglob("*") if p.suffix in WORKFLOW_SUFFIXES and p.is_file())
-            )
-        else:
-            found.append(path)
-    return found
 
 
 def document_id(doc: Document, path: Path | None) -> str | None:
@@ -93,8 +78,9 @@ class WorkflowCatalog:
         self._workflows: dict[str, CompiledWorkflow] = {}
 
     def load_directory(self, directory: str | Path) -> None:
-        """Load every workflow file; any invalid file fails the load with all its issues."""
-        compiled, issues = compile_files(workflow_files([directory]), self.registry, self.ids())
+        """Load every workflow file (engine.dsl.discovery's rule); any invalid file fails the
+        load with all its issues."""
+        compiled, issues = compile_files(files_to_check([directory]), self.registry, self.ids())
         if issues:
             raise WorkflowInvalid([i for found in issues.values() for i in found])
         self.update(add=compiled.values())

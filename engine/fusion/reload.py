@@ -26,8 +26,9 @@ from pathlib import Path
 
 import structlog
 
-from engine.dsl.catalog import WorkflowCatalog, compile_each, workflow_files
+from engine.dsl.catalog import WorkflowCatalog, compile_each
 from engine.dsl.compiled import CompiledWorkflow
+from engine.dsl.discovery import candidates, looks_like_workflow
 from engine.dsl.issues import Issue
 from engine.fusion.composed import callers_of
 
@@ -37,11 +38,12 @@ Stamp = tuple[int, int]  # modification time (ns), size
 
 
 def scan(directory: Path) -> dict[Path, Stamp]:
-    """The workflow files under `directory` with their stamps; none when it is missing."""
+    """The candidate files under `directory` (engine.dsl.discovery: none is read) with
+    their stamps; none when it is missing."""
     stamps: dict[Path, Stamp] = {}
     if not directory.is_dir():
         return stamps
-    for path in workflow_files([directory]):
+    for path in candidates(directory):
         with contextlib.suppress(OSError):  # deleted between the listing and the stat
             info = path.stat()
             stamps[path] = (info.st_mtime_ns, info.st_size)
@@ -115,8 +117,11 @@ class WorkflowReloader:
         stamps = scan(self.directory)
         changed = [path for path, stamp in stamps.items() if before.get(path) != stamp]
         removed = [path for path in before if path not in stamps]
+        # A file loaded before is compiled whatever it looks like now, so a broken edit is
+        # reported (and keeps the loaded version) rather than silently ignored.
+        changed = [path for path in changed if path in ids or looks_like_workflow(path)]
         if not changed and not removed:
-            return None
+            return Look(stamps, [], {}) if stamps != before else None
         leaving = {ids[p] for p in (*changed, *removed) if p in ids}
         taken = {wf_id: path for path, wf_id in ids.items() if wf_id not in leaving}
         results = compile_each(

@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.dsl.catalog import WORKFLOW_SUFFIXES, WorkflowCatalog, compile_files
+from engine.dsl.catalog import WorkflowCatalog, compile_files
 from engine.dsl.compiled import CompiledWorkflow
+from engine.dsl.discovery import WORKFLOW_SUFFIXES, files_to_check
 from engine.dsl.hints import suggest
 from engine.dsl.issues import Issue
-from engine.dsl.lint.discovery import files_to_check
 from engine.errors import FusionError
 from engine.models.types import ModelType
 from engine.runtime.executor import Runner

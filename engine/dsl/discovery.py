@@ -1,6 +1,7 @@
-"""Which files `fusion validate` checks: named files always; in a directory, only the
-files that look like workflows, so a repository's CI configuration (`.github/workflows`),
-`docker-compose.yml` or Helm charts are not reported as broken workflows."""
+"""Which files are workflows: named files always; in a directory, only the files that look
+like workflows, so a repository's CI configuration (`.github/workflows`),
+`docker-compose.yml`, Helm charts or `fusion test` cases (`*.test.yaml`) are neither
+reported as broken workflows by `fusion validate` nor loaded by the server."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from collections.abc import Iterable, Sequence
 from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
 
-from engine.dsl.catalog import WORKFLOW_SUFFIXES
 from engine.dsl.issues import WorkflowInvalid
 from engine.dsl.source import load_file
+
+WORKFLOW_SUFFIXES = (".yaml", ".yml", ".json")
 
 # A document the loader refuses (bad YAML, over a limit) is judged by its text.
 _STEPS_KEY = re.compile(r'^steps\s*:|^\s*"steps"\s*:', re.MULTILINE)
@@ -41,10 +43,22 @@ def excluded(path: Path, globs: Sequence[str], below: Path | None = None) -> boo
     )
 
 
-def files_to_check(paths: Iterable[str], exclude: Sequence[str] = ()) -> list[Path]:
+def candidates(directory: Path) -> list[Path]:
+    """The *.yaml, *.yml and *.json files below `directory`, hidden files and directories
+    skipped, in sorted order: the cheap listing, without reading any file."""
+    found: list[Path] = []
+    for candidate in sorted(directory.rglob("*")):
+        relative = candidate.relative_to(directory)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        if candidate.suffix in WORKFLOW_SUFFIXES and candidate.is_file():
+            found.append(candidate)
+    return found
+
+
+def files_to_check(paths: Iterable[str | Path], exclude: Sequence[str] = ()) -> list[Path]:
     """Named files as given (a missing one is the caller's to report); directories
-    searched recursively for workflow-looking *.yaml, *.yml and *.json files, hidden
-    files and directories skipped, in sorted order."""
+    searched for their candidates that look like workflows."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -52,13 +66,9 @@ def files_to_check(paths: Iterable[str], exclude: Sequence[str] = ()) -> list[Pa
             if not excluded(path, exclude):
                 found.append(path)
             continue
-        for candidate in sorted(path.rglob("*")):
-            relative = candidate.relative_to(path)
-            if any(part.startswith(".") for part in relative.parts):
-                continue
-            if candidate.suffix not in WORKFLOW_SUFFIXES or not candidate.is_file():
-                continue
-            if excluded(candidate, exclude, path) or not looks_like_workflow(candidate):
-                continue
-            found.append(candidate)
+        found.extend(
+            candidate
+            for candidate in candidates(path)
+            if not excluded(candidate, exclude, path) and looks_like_workflow(candidate)
+        )
     return found
