@@ -357,3 +357,20 @@ def test_interactive_empty_answers_take_defaults_and_a_required_field_must_be_an
     ended = _run_cli([str(path), "--interactive", *mock], tmp_path, "")
     assert ended.returncode == 2
     assert "input ended before a value for required 'topic'" in ended.stderr
+
+
+def test_a_run_that_calls_no_model_binds_model_names_as_labels(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "roles.yaml"
+    path.write_text(
+        "models: {generation: {type: lm}}\n"
+        "steps:\n  - {step_id: a, type: template, value: 'by {{ models.generation }}'}\n"
+    )
+    assert main(["run", str(path), "--model", "generation=qwen-0.5b"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""  # nothing loaded
+    body = json.loads(out)
+    assert body["result"] == {"a": "by qwen-0.5b"}
+    assert body["models"] == {"generation": "qwen-0.5b"}

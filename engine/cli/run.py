@@ -1,10 +1,11 @@
 """`fusion run` and `fusion graph`: a workflow run (in-process, or on a server with
 --server), or drawn.
 
-In-process, a run whose steps use models starts an engine that loads only those models
-(engine/cli/run_models.py); a run that uses none (no model roles, or its model steps
-mocked) runs on a plain runner and loads nothing. Loading and prompts go to stderr; stdout
-carries only the run's §3.1 body, the one POST /api/fusion/orchestrate answers."""
+In-process, a run whose steps call models starts an engine that loads only those models
+(engine/cli/run_models.py); a run that calls none (no model steps, or all of them mocked)
+runs on a plain runner and loads nothing, its roles bound to the --model names as labels.
+Loading and prompts go to stderr; stdout carries only the run's §3.1 body, the one POST
+/api/fusion/orchestrate answers."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from engine.cli.common import (
     read_data_file,
     resolve,
 )
-from engine.cli.run_models import ModelPlan, load_models, plan_models
+from engine.cli.run_models import ModelPlan, calls_models, load_models, plan_models
 from engine.config import Settings
 from engine.dsl.catalog import WorkflowCatalog
 from engine.dsl.compiled import CompiledWorkflow
@@ -84,9 +85,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = json_object(args.config_json, "config-json")
     mocks = parse_mocks(args.mock or [])
     given = parse_pairs(args.model or [], "model", as_json=False)  # paths and ids are strings
-    plan = plan_models(workflow, mocks, catalog, given, settings)
     run = LocalRun(workflow, catalog, settings, data, config, mocks)
-    result, bound = asyncio.run(run.with_models(plan) if plan.specs() else run.plain())
+    if calls_models(workflow, mocks, catalog):
+        plan = plan_models(workflow, mocks, catalog, given, settings)
+        result, bound = asyncio.run(run.with_models(plan))
+    else:
+        result, bound = asyncio.run(run.plain(given))
     source = FILE if is_workflow_file(args.workflow) else PREDEFINED
     body = as_json(run_response(result, source=source, models=bound, stored=False))
     out(sys.stdout, json.dumps(body, indent=2, default=str))
@@ -110,13 +114,16 @@ class LocalRun:
         self.workflow, self.catalog, self.settings = workflow, catalog, settings
         self.data, self.config, self.mocks = data, config, mocks
 
-    async def plain(self) -> tuple[RunResult, dict[str, Any]]:
+    async def plain(self, labels: dict[str, str]) -> tuple[RunResult, dict[str, Any]]:
+        """No step calls a model: `labels` binds roles to names no step loads."""
         runner = Runner(catalog=self.catalog, limits=RunLimits.from_settings(self.settings))
-        return await self._run(runner, {})
+        return await self._run(runner, labels)
 
     async def with_models(self, plan: ModelPlan) -> tuple[RunResult, dict[str, Any]]:
         from engine.services import Engine
 
+        if not plan.specs():  # the roles its model steps use are optional and not given
+            return await self.plain({})
         # The models are loaded here, one line each on stderr, not as start-up models.
         engine = await Engine.start(replace(self.settings, startup_models=[]), load_workflows=False)
         try:

@@ -1,12 +1,15 @@
 """The models an in-process `fusion run` loads, and loading them.
 
-A role a step of the run uses needs a model: every required role when nothing is mocked
-(the runner binds them all), else only the roles that unmocked steps read
-(``{{ models.ROLE }}``); a workflow the run calls needs its own required roles, inherited
-by name from the caller or else picked by type. `--model ROLE=VALUE` names the model for a
-role (a model directory loaded as the role's type, `echo`, or a start-up model's id); every
-other type needed is filled by the first start-up model of that type (fusion.yaml's
-`startup_models`, else the demo setup). Nothing else is loaded.
+Models are loaded only for a run that calls one: an unmocked step whose type uses a model
+(model_call, vector_search, rerank, chunk), in the workflow or one it calls. Then every
+required role needs a model when nothing is mocked (the runner binds them all), else only
+the roles that unmocked steps read (``{{ models.ROLE }}``); a workflow the run calls needs
+its own required roles, inherited by name from the caller or else picked by type.
+
+`--model ROLE=VALUE` names the model for a role (a model directory loaded as the role's
+type, `echo`, or a start-up model's id); every other type needed is filled by the first
+start-up model of that type (fusion.yaml's `startup_models`, else the demo setup). Nothing
+else is loaded.
 """
 
 from __future__ import annotations
@@ -48,20 +51,30 @@ class ModelPlan:
         return list(unique.values())
 
 
-def needed_roles(
-    wf: CompiledWorkflow, mocks: Mapping[str, Any], catalog: WorkflowCatalog
-) -> tuple[set[str], set[str]]:
-    """(roles of `wf` whose models the run uses, model types the workflows it calls need
-    for roles they do not inherit from it)."""
-    return _needs(wf, mocks, catalog, frozenset())
-
-
-def _needs(
+def calls_models(
     wf: CompiledWorkflow,
     mocks: Mapping[str, Any],
     catalog: WorkflowCatalog,
-    calling: frozenset[str],
+    calling: frozenset[str] = frozenset(),
+) -> bool:
+    """Whether a step that runs (not mocked; in `wf` or a workflow it calls) calls a
+    model. A run that calls none binds roles to the names given, as labels."""
+    if any(s.plugin.model_param and s.id not in mocks for s in wf.steps.values()):
+        return True
+    return any(
+        calls_models(child, {}, catalog, calling | {wf.id})
+        for child in _callees(wf, mocks, catalog, calling)
+    )
+
+
+def needed_roles(
+    wf: CompiledWorkflow,
+    mocks: Mapping[str, Any],
+    catalog: WorkflowCatalog,
+    calling: frozenset[str] = frozenset(),
 ) -> tuple[set[str], set[str]]:
+    """(roles of `wf` whose models the run uses, model types the workflows it calls need
+    for roles they do not inherit from it)."""
     required = {role for role, spec in wf.models.items() if not spec.optional}
     if not mocks:
         roles = set(required)
@@ -75,15 +88,8 @@ def _needs(
                     roles |= {str(ref.path[0])} if ref.path else set(wf.models)
         roles &= required
     types: set[str] = set()
-    for step in wf.steps.values():
-        if step.type != "workflow" or step.id in mocks:
-            continue
-        child = step.prepared
-        if isinstance(child, str):
-            child = catalog.get(child) if child in catalog.ids() else None
-        if not isinstance(child, CompiledWorkflow) or child.id in calling:
-            continue  # an unknown id fails at run time; a recursive call needs no more
-        child_roles, child_types = _needs(child, {}, catalog, calling | {wf.id})
+    for child in _callees(wf, mocks, catalog, calling):
+        child_roles, child_types = needed_roles(child, {}, catalog, calling | {wf.id})
         types |= child_types
         for role in child_roles:
             if role in required:
@@ -91,6 +97,26 @@ def _needs(
             else:
                 types.add(child.models[role].type)
     return roles, types
+
+
+def _callees(
+    wf: CompiledWorkflow,
+    mocks: Mapping[str, Any],
+    catalog: WorkflowCatalog,
+    calling: frozenset[str],
+) -> list[CompiledWorkflow]:
+    """The workflows that unmocked `workflow` steps of `wf` call, but not one already
+    being walked (a recursive call needs nothing more); an unknown id fails at run time."""
+    found = []
+    for step in wf.steps.values():
+        if step.type != "workflow" or step.id in mocks:
+            continue
+        child = step.prepared
+        if isinstance(child, str):
+            child = catalog.get(child) if child in catalog.ids() else None
+        if isinstance(child, CompiledWorkflow) and child.id not in calling | {wf.id}:
+            found.append(child)
+    return found
 
 
 class StartupModels:
