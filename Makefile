@@ -5,8 +5,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test install lint schema bench clean
 
-# The stamp is rebuilt whenever the dependency list changes.
-$(STAMP): pyproject.toml scripts/bootstrap.sh
+# The stamp is rebuilt whenever the dependency list changes. The venv holds the `local`
+# extra (server, models, audio, MLX on the CPU) and the dev tools: scripts/bootstrap.sh.
+$(STAMP): pyproject.toml scripts/bootstrap.sh scripts/repack_wheel.py
 	PYTHON=$(PYTHON) sh scripts/bootstrap.sh $(VENV)
 	touch $(STAMP)
 
@@ -16,6 +17,7 @@ run: $(STAMP)
 	$(BIN)/fusion serve --host 127.0.0.1 --port 8000
 
 test: $(STAMP)
+	$(BIN)/python -m pip check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy

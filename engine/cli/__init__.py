@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from engine.cli import info, ingest, models, run, serve, validate, workflow_tests
 from engine.cli.common import EXIT_INVALID, EXIT_USAGE, out
+from engine.cli.extras import MissingExtra, missing_extra
 from engine.dsl.issues import WorkflowInvalid, format_issues
 from engine.errors import FusionError
 
@@ -36,4 +37,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except json.JSONDecodeError as exc:
         out(sys.stderr, f"error: invalid JSON: {exc}")
+        return EXIT_USAGE
+    except MissingExtra as exc:
+        out(sys.stderr, f"error: {exc}")
+        return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        extra = missing_extra(exc)
+        if extra is None:
+            raise
+        out(sys.stderr, f"error: {MissingExtra(args.command, [extra])}")
         return EXIT_USAGE

@@ -6,10 +6,12 @@ import argparse
 import os
 
 from engine.cli.common import EXIT_OK
+from engine.cli.extras import require
 from engine.config import Settings
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    require("serve", "server", "models")
     import uvicorn
 
     # The app factory reads its settings from the environment, so the flags go there;

@@ -15,10 +15,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from engine.models.registry import ModelRegistry
-from engine.rag.store import RagStore
 from engine.rag.types import Hit
+
+if TYPE_CHECKING:  # both need the server extra (metrics, apsw); validation loads this module
+    from engine.models.registry import ModelRegistry
+    from engine.rag.store import RagStore
 
 RRF_K = 60
 CANDIDATES_PER_RESULT = 4

@@ -4,15 +4,17 @@ count_tokens) through the model registry."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from engine.errors import InvalidRequest
 from engine.models.backends import serving
 from engine.models.backends.base import ChatParams
 from engine.models.messages import has_image, prompt_messages
-from engine.models.registry import ModelRegistry
 from engine.models.types import Operation
 from engine.steps.base import CheckContext, StepContext, StepPlugin
+
+if TYPE_CHECKING:  # the registry needs the server extra (metrics); validation loads this module
+    from engine.models.registry import ModelRegistry
 
 OPERATIONS = (Operation.CHAT, Operation.VISION, Operation.EMBED, Operation.COUNT_TOKENS)
 # The model types that serve each operation, as their backends declare.

@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from engine.rag.retrieval import MAX_K
-from engine.rag.service import hit_json
 from engine.steps.base import CheckContext, StepContext, StepPlugin
 
 # Workflows usually rerank or filter the hits in a later step, so the default keeps every
@@ -88,6 +87,10 @@ class VectorSearchStep(StepPlugin):
             ctx.report("hybrid search matches the query's words: it needs 'query'", ("hybrid",))
 
     async def run(self, params: dict[str, Any], ctx: StepContext, prepared: Any = None) -> Any:
+        # Here, not at the top: the RAG service needs numpy (the server extra), and
+        # validation loads this module in the core install.
+        from engine.rag.service import hit_json
+
         rag = ctx.rag
         hits = await rag.search(
             params["collection"],

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import ErrorCode, InvalidRequest
 from engine.models.backends.base import Backend, LoadedModel, loader_errors, read_config
 from engine.models.backends.textgen import parameter_bytes
 from engine.models.types import Capability, ModelType, Operation
+
+if TYPE_CHECKING:
+    import numpy as np
 
 SAMPLE_RATE = 16_000
 MAX_WINDOW_TOKENS = 224  # Whisper's own default: half the text context of 448
@@ -88,6 +89,7 @@ class WhisperModel(LoadedModel):
         """Text of ``audio`` (float32, mono, 16 kHz). ``language`` is a code or name
         Whisper knows; None detects it (multilingual models) or assumes English."""
         import mlx.core as mx
+        import numpy as np  # here, not at the top: the core install (no audio extra) has no numpy
         from mlx_whisper.audio import N_FRAMES, N_SAMPLES, log_mel_spectrogram, pad_or_trim
         from mlx_whisper.decoding import DecodingOptions, decode
 
