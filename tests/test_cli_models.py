@@ -272,3 +272,18 @@ def test_run_errors_before_the_stream_are_one_line_and_exit_2(
     url = f"http://127.0.0.1:{closed_port}"
     assert run_remote(run_args("greeting", url)) == 2
     assert capsys.readouterr().err == f"error: no Fusion server at {url}\n"
+
+
+def test_fusion_run_with_server_as_a_user_runs_it(server: str, tmp_path: Path) -> None:
+    path = tmp_path / "greeting.yaml"
+    path.write_text(GREETING)
+    argv = ("run", path, "--server", server, "--input", "name=Ada", "--model", "generation=echo")
+    done = fusion(*argv, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines()[:2] == ["> answer (model_call)", "Hello Ada, nice to meet you"]
+    assert json.loads(done.stdout)["result"] == {"answer": "Hello Ada, nice to meet you"}
+    failing = tmp_path / "failing.yaml"
+    failing.write_text(FAILING)
+    done = fusion("run", failing, "--server", server, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert json.loads(done.stdout)["status"] == "failed"

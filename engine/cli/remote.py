@@ -24,11 +24,11 @@ from engine.cli.common import (
     EXIT_OK,
     EXIT_PARTIAL,
     EXIT_USAGE,
+    is_workflow_file,
     json_object,
     out,
     parse_pairs,
 )
-from engine.dsl.discovery import WORKFLOW_SUFFIXES
 from engine.dsl.source import load_file
 from engine.errors import InvalidRequest
 
@@ -173,7 +173,7 @@ def orchestrate_body(args: argparse.Namespace) -> dict[str, Any]:
     target: str = args.workflow
     path = Path(target)
     body: dict[str, Any] = {"workflow": target, "stream": True}
-    if path.suffix in WORKFLOW_SUFFIXES or path.is_file():
+    if is_workflow_file(target):
         if not path.is_file():
             raise InvalidRequest(f"no such workflow file: {target}", param="workflow")
         definition = load_file(path).data
