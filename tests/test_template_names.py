@@ -205,4 +205,4 @@ def test_fusion_run_prints_the_failed_run_without_a_traceback(
     assert result.returncode == 1, result.stderr
     run = json.loads(result.stdout)
     assert run["status"] == "failed"
-    assert error in run["trace"][0]["error"]
+    assert error in run["execution_trace"][0]["error"]
