@@ -1,6 +1,6 @@
 """Session-wide fixtures: tiny synthetic MLX models, built once per test session; and the
-markers `unit` and `e2e`, set on every test from what it uses, so `pytest -m unit` is the
-fast loop (no model, no server) and `pytest -m e2e` the rest."""
+markers `unit` and `e2e`, set on every test from what it uses (unless its module marks it),
+so `pytest -m unit` is the fast loop (no model, no server) and `pytest -m e2e` the rest."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ _SERVER_HELPERS = ("serve_app", "serve_factory_process", "serve_cli_process", "r
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
+        if item.get_closest_marker("e2e") or item.get_closest_marker("unit"):
+            continue  # marked by its module (a test that builds a venv, say)
         module = getattr(item, "module", None)
         starts_server = module is not None and any(
             hasattr(module, name) for name in _SERVER_HELPERS
