@@ -14,8 +14,8 @@ from api_helpers import running_server
 from cli_helpers import fusion
 
 from engine.cli.common import resolve
-from engine.cli.run_models import calls_models, plan_models
 from engine.config import Settings
+from engine.runtime.local_models import calls_models, plan_models
 
 WORKFLOW = """
 id: drafting

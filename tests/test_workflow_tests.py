@@ -4,6 +4,7 @@ files, the real compiler and runner); the predefined workflows' own cases all pa
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,6 @@ from cli_helpers import fusion
 
 from engine.cli import main
 from engine.testing.matchers import check_expected, match
-
-pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -132,6 +131,39 @@ cases:
     assert out.splitlines()[-1].startswith("0 passed, 1 failed in ")
 
 
+def test_a_steps_output_is_checked(greet: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    test = write(
+        greet,
+        "greet.test.yaml",
+        """\
+cases:
+  - name: outputs
+    input: {name: bob, loud: true}
+    expect:
+      steps:
+        lookup: {output: {score: 0.5, tags: {$contains: b}}}
+        shout: {status: completed, output: BOB}
+  - name: wrong output
+    input: {name: bob}
+    expect:
+      steps:
+        lookup: {output: {$partial: {score: 0.7}}}
+        shout: {output: null}
+        hello: {output: hello BOB}
+""",
+    )
+    code, out, _ = run_cli(capsys, test)
+    assert code == 1
+    lines = out.splitlines()
+    assert lines[0].startswith(f"PASS {test}::outputs (")
+    assert lines[1].startswith(f"FAIL {test}::wrong output (")
+    assert lines[2:4] == [
+        f"    {test}:12:45: steps.lookup.output.score: expected 0.7, got 0.5",
+        f'    {test}:14:25: steps.hello.output: expected "hello BOB", got "hello bob"',
+    ]
+    assert lines[-1].startswith("1 passed, 1 failed in ")
+
+
 def test_a_wrong_status_names_the_failing_step(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -231,7 +263,7 @@ cases:
     assert code == 0, out + err
 
 
-def test_models_bind_ids_and_loading_one_is_an_error(
+def test_models_bind_ids_where_no_step_calls_a_model(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     write(
@@ -248,7 +280,7 @@ steps:
 output: "{{ steps.rerank.output }}"
 """,
     )
-    test = write(
+    write(
         tmp_path,
         "opt.test.yaml",
         """\
@@ -258,19 +290,141 @@ cases:
     expect: {output: my-reranker}
   - name: unbound
     expect: {output: null, steps: {rerank: {status: skipped}}}
-  - name: echo
+  - name: echo is a label too when no step calls a model
     models: {rerank: echo}
+    expect: {output: echo}
 """,
     )
-    code, out, _ = run_cli(capsys, tmp_path)
-    assert code == 1
-    assert out.splitlines()[2:4] == [
-        f"ERROR {test}::echo",
-        f"    {test}:8:22: cases[2].models.rerank: 'echo' is a model to load: fusion test "
-        "binds model ids only, without loading anything (mock the steps that use role "
-        "'rerank', or give it an id)",
+    code, out, err = run_cli(capsys, tmp_path)
+    assert code == 0, out + err
+    assert err == ""  # no engine started, nothing loaded
+
+
+# -- cases that load models ----------------------------------------------------------------
+ASK = """\
+id: ask
+models:
+  generation: {type: lm}
+input_schema:
+  type: object
+  properties: {question: {type: string}}
+steps:
+  - step_id: answer
+    type: model_call
+    model_id: "{{ models.generation }}"
+    operation: chat
+    input:
+      messages:
+        - {role: system, content: Answer briefly.}
+        - {role: user, content: "{{ input.question }}"}
+      max_tokens: 8
+output: "{{ steps.answer.output.content }}"
+"""
+
+
+def test_cases_on_echo_share_one_engine_and_one_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(tmp_path, "ask.yaml", ASK)
+    write(
+        tmp_path,
+        "ask.test.yaml",
+        """\
+cases:
+  - name: first
+    input: {question: Tell me about MLX}
+    models: {generation: echo}
+    expect:
+      output: Tell me about MLX
+      steps:
+        answer:
+          status: completed
+          model: echo
+          output: {$partial: {content: Tell me about MLX, finish_reason: stop}}
+  - name: mocked, loads nothing
+    mocks: {answer: {content: hi, finish_reason: stop}}
+    expect: {output: hi}
+  - name: second
+    input: {question: And arrays}
+    models: {generation: echo}
+    expect: {output: And arrays}
+""",
+    )
+    write(tmp_path, "more/ask.yaml", ASK.replace("id: ask", "id: ask_again"))
+    write(
+        tmp_path,
+        "more/ask.test.yaml",
+        "cases:\n  - name: third\n    input: {question: Why not}\n"
+        "    models: {generation: echo}\n    expect: {output: Why not}\n",
+    )
+    code, out, err = run_cli(capsys, tmp_path)
+    assert code == 0, out + err
+    assert out.splitlines()[-1].startswith("4 passed, 0 failed")
+    # One engine for the whole command, the echo model loaded once for the three cases.
+    assert err.splitlines()[:2] == [
+        "starting an engine for the cases' models",
+        "loading echo model echo",
     ]
-    assert out.splitlines()[-1].startswith("2 passed, 0 failed, 1 error(s)")
+    assert err.count("starting an engine") == 1
+    assert err.count("loading ") == 1
+
+
+def test_a_case_on_a_model_directory(
+    tmp_path: Path, tiny_lm_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(tmp_path, "ask.yaml", ASK)
+    relative = os.path.relpath(tiny_lm_dir, tmp_path)  # as written: relative to the test file
+    write(
+        tmp_path,
+        "ask.test.yaml",
+        f"""\
+cases:
+  - name: a tiny random model answers in at most 8 tokens
+    input: {{question: Hello}}
+    models: {{generation: {relative}}}
+    expect:
+      output: {{$schema: {{type: string}}}}
+      steps:
+        answer:
+          status: completed
+          model: lm
+          output:
+            $partial:
+              usage:
+                $partial:
+                  completion_tokens: {{$schema: {{type: integer, minimum: 1, maximum: 8}}}}
+""",
+    )
+    code, out, err = run_cli(capsys, tmp_path)
+    assert code == 0, out + err
+    assert f"loading lm model {tmp_path / relative}" in err.splitlines()
+
+
+def test_a_required_role_without_a_model_is_a_case_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(
+        tmp_path,
+        "two.yaml",
+        ASK.replace("id: ask", "id: two").replace(
+            "  generation: {type: lm}\n", "  generation: {type: lm}\n  judge: {type: lm}\n"
+        ),
+    )
+    write(
+        tmp_path,
+        "two.test.yaml",
+        "cases:\n  - name: judge unbound\n    models: {generation: echo}\n",
+    )
+    code, out, err = run_cli(capsys, tmp_path)
+    assert code == 1, out + err
+    test = tmp_path / "two.test.yaml"
+    assert out.splitlines()[:2] == [
+        f"ERROR {test}::judge unbound",
+        f"    {test}:3:13: cases[0].models: no 'lm' model to run 'two': pass models: "
+        "{judge: DIR} (a model directory), models: {judge: echo}, or mock the steps that "
+        "use role 'judge'",
+    ]
+    assert "Traceback" not in out + err
 
 
 # -- which workflow, and the workflows it calls ---------------------------------------------

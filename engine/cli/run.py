@@ -2,7 +2,7 @@
 --server), or drawn.
 
 In-process, a run whose steps call models starts an engine that loads only those models
-(engine/cli/run_models.py); a run that calls none (no model steps, or all of them mocked)
+(engine/runtime/local_models.py); a run that calls none (no model steps, or all of them mocked)
 runs on a plain runner and loads nothing, its roles bound to the --model names as labels.
 Loading and prompts go to stderr; stdout carries only the run's §3.1 body, the one POST
 /api/fusion/orchestrate answers."""
@@ -29,7 +29,6 @@ from engine.cli.common import (
     read_data_file,
     resolve,
 )
-from engine.cli.run_models import ModelPlan, calls_models, load_models, plan_models
 from engine.config import Settings
 from engine.dsl.catalog import WorkflowCatalog
 from engine.dsl.compiled import CompiledWorkflow
@@ -38,6 +37,7 @@ from engine.errors import InvalidRequest
 from engine.fusion.run_body import as_json, run_response
 from engine.logging import configure_logging
 from engine.runtime.executor import RunLimits, Runner
+from engine.runtime.local_models import ModelPlan, calls_models, load_models, plan_models
 from engine.runtime.trace import COMPLETED, FAILED, RunResult
 
 # A run's workflow_source: a file given on the command line, or an id in --workflows-dir
@@ -129,7 +129,7 @@ class LocalRun:
         try:
             for workflow in self.catalog:
                 engine.catalog.add(workflow)
-            given = await load_models(engine, plan, sys.stderr)
+            given = await load_models(engine, plan, lambda line: out(sys.stderr, line))
             assert engine.fusion is not None
             engine.fusion.check_models(self.workflow, given)  # a given model serves its role
             return await self._run(engine.runner, given)

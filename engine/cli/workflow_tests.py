@@ -15,6 +15,7 @@ from engine.dsl.discovery import WORKFLOW_SUFFIXES
 from engine.logging import configure_logging
 from engine.steps.registry import default_registry
 from engine.testing.cases import TEST_SUFFIXES, TestFile, is_test_file, load_test_file
+from engine.testing.models import CaseModels
 from engine.testing.running import ERROR, FAILED, PASSED, Outcome, Workspace, run_file
 
 _LABELS = {PASSED: "PASS", FAILED: "FAIL", ERROR: "ERROR"}
@@ -51,11 +52,14 @@ def find_test_files(paths: Sequence[str]) -> list[Path] | str:
 
 async def _run_all(files: list[Path], selector: str | None, workspace: Workspace) -> list[Outcome]:
     outcomes: list[Outcome] = []
-    for path in files:
-        test: TestFile = load_test_file(path)
-        cases = [c for c in test.cases if selector is None or selector in f"{path}::{c.name}"]
-        if cases or test.issues:
-            outcomes += await run_file(test, cases, workspace)
+    try:
+        for path in files:
+            test: TestFile = load_test_file(path)
+            cases = [c for c in test.cases if selector is None or selector in f"{path}::{c.name}"]
+            if cases or test.issues:
+                outcomes += await run_file(test, cases, workspace)
+    finally:
+        await workspace.close()
     return outcomes
 
 
@@ -66,7 +70,9 @@ def cmd_test(args: argparse.Namespace) -> int:
         out(sys.stderr, f"error: {files}")
         return EXIT_USAGE
     workflows_dir = Path(args.workflows_dir) if args.workflows_dir else None
-    workspace = Workspace(default_registry(), workflows_dir)
+    # Loading lines go to stderr, as fusion run's do: stdout carries the report alone.
+    models = CaseModels(lambda line: out(sys.stderr, line))
+    workspace = Workspace(default_registry(), workflows_dir, models)
     started = time.perf_counter()
     outcomes = asyncio.run(_run_all(files, args.k, workspace))
     seconds = time.perf_counter() - started

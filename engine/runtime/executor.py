@@ -380,6 +380,7 @@ class _Run:
             created_at=created_at,
             completed_at=utc_iso(),
             total_latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            step_outputs={sid: state["output"] for sid, state in self.states.items()},
         )
         self.emit("run_finished", {"status": status, "error": error})
         return result

@@ -46,6 +46,10 @@ class RunResult:
     created_at: str = ""
     completed_at: str = ""
     total_latency_ms: float = 0.0
+    # step id -> its output (None for a step that did not run), for `fusion test`'s
+    # expect.steps.<id>.output. Not part of a run's body: to_dict, the API and stored
+    # runs leave it out, as a step's output may be large.
+    step_outputs: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -28,8 +28,8 @@ FILE_KEYS = ("workflow", "cases")
 CASE_KEYS = ("name", "description", "input", "config", "models", "mocks", "expect")
 EXPECT_KEYS = ("status", "output", "steps", "error")
 STATUSES = (COMPLETED, PARTIAL, FAILED)
-# What `expect.steps.<id>` may check: the fields of a step's trace entry.
-STEP_FIELDS = tuple(f.name for f in fields(StepRecord) if f.name != "step_id")
+# What `expect.steps.<id>` may check: the fields of a step's trace entry, and its output.
+STEP_FIELDS = (*(f.name for f in fields(StepRecord) if f.name != "step_id"), "output")
 _LIMITS = RunLimits()
 
 
@@ -196,7 +196,8 @@ def _check_expect(test: TestFile, expect: dict[str, Any], at: KeyPath) -> list[I
     for sid, checks in steps.items():
         where = (*at, "steps", sid)
         if not isinstance(checks, dict):
-            issues.append(test.issue(f"steps.{sid} must be a mapping of trace fields", where))
+            message = f"steps.{sid} must be a mapping of trace fields (or output)"
+            issues.append(test.issue(message, where))
             continue
         issues += _unknown_keys(test, checks, STEP_FIELDS, where, "in a step's expectation")
         for key, value in checks.items():

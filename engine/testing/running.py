@@ -1,4 +1,5 @@
-"""Run a test file's cases, one after another, in-process with the plain Runner, and compare
+"""Run a test file's cases, one after another, in-process with the plain Runner (or, for a
+case that names models to load, a runner on engine/testing/models.py's engine), and compare
 each run with what the case expects."""
 
 from __future__ import annotations
@@ -14,15 +15,14 @@ from engine.dsl.discovery import WORKFLOW_SUFFIXES, files_to_check
 from engine.dsl.hints import suggest
 from engine.dsl.issues import Issue
 from engine.errors import FusionError
-from engine.models.types import ModelType
 from engine.runtime.executor import Runner
 from engine.runtime.trace import RunResult
 from engine.steps.registry import StepRegistry
 from engine.testing.cases import Case, TestFile, check_against, workflow_stem
 from engine.testing.matchers import Mismatch, match
+from engine.testing.models import CaseModels
 
 PASSED, FAILED, ERROR = "passed", "failed", "error"
-ECHO = ModelType.ECHO.value
 
 
 @dataclass
@@ -42,11 +42,15 @@ class Outcome:
 
 class Workspace:
     """Compiled workflows of a test file's directory and of the workflows directory, so a
-    test's workflow resolves, and so do the ids its `workflow` steps call."""
+    test's workflow resolves, and so do the ids its `workflow` steps call; and the models
+    its cases load (close() stops their engine)."""
 
-    def __init__(self, registry: StepRegistry, workflows_dir: Path | None) -> None:
+    def __init__(
+        self, registry: StepRegistry, workflows_dir: Path | None, models: CaseModels | None = None
+    ) -> None:
         self.registry = registry
         self.workflows_dir = workflows_dir
+        self.models = models or CaseModels()
         self._compiled: dict[Path, tuple[dict[str, CompiledWorkflow], dict[Path, list[Issue]]]] = {}
 
     def compiled(
@@ -107,6 +111,9 @@ class Workspace:
         )
         return Issue(message, (), str(test.path), 1, 1)
 
+    async def close(self) -> None:
+        await self.models.close()
+
 
 async def run_file(test: TestFile, cases: list[Case], workspace: Workspace) -> list[Outcome]:
     """The outcomes of ``cases`` (those of ``test`` that were selected)."""
@@ -116,26 +123,38 @@ async def run_file(test: TestFile, cases: list[Case], workspace: Workspace) -> l
     if isinstance(resolved, list):
         return [Outcome(test.path, None, ERROR, problems=resolved)]
     workflow, catalog = resolved
-    runner = Runner(catalog=catalog)
+    plain = Runner(catalog=catalog)
     outcomes = []
     for case in cases:
         if not case.issues:
             await check_against(test, case, workflow)
-            case.issues += _models_to_load(test, case)
         if case.issues:
             outcomes.append(Outcome(test.path, case.name, ERROR, problems=case.issues))
             continue
-        outcomes.append(await run_case(test, case, workflow, runner))
+        base = test.path.parent
+        runner, models = plain, case.models
+        if CaseModels.needed(case.models, base, workflow, case.mocks, catalog):
+            try:
+                runner, models = await workspace.models.runner(
+                    case.models, base, workflow, case.mocks, catalog
+                )
+            except FusionError as exc:
+                issue = test.issue(exc.message, (*case.where, "models"))
+                outcomes.append(Outcome(test.path, case.name, ERROR, problems=[issue]))
+                continue
+        outcomes.append(await run_case(test, case, workflow, runner, models))
     return outcomes
 
 
-async def run_case(test: TestFile, case: Case, wf: CompiledWorkflow, runner: Runner) -> Outcome:
+async def run_case(
+    test: TestFile, case: Case, wf: CompiledWorkflow, runner: Runner, models: dict[str, str]
+) -> Outcome:
     started = time.perf_counter()
     try:
         result = await runner.run(
             wf,
             case.input,
-            models=case.models,
+            models=models,
             config=case.config,
             mocks=case.mocks,
             input_checked=True,
@@ -146,19 +165,6 @@ async def run_case(test: TestFile, case: Case, wf: CompiledWorkflow, runner: Run
     mismatches = compare(case, result)
     problems = [_locate(test, m) for m in mismatches]
     return Outcome(test.path, case.name, FAILED if problems else PASSED, _ms(started), problems)
-
-
-def _models_to_load(test: TestFile, case: Case) -> list[Issue]:
-    """A `models` value that names a model to load rather than an id to bind."""
-    return [
-        test.issue(
-            f"'{model}' is a model to load: fusion test binds model ids only, without loading "
-            f"anything (mock the steps that use role '{role}', or give it an id)",
-            (*case.where, "models", role),
-        )
-        for role, model in case.models.items()
-        if model == ECHO or (test.path.parent / model).is_dir()
-    ]
 
 
 def compare(case: Case, result: RunResult) -> list[Mismatch]:
@@ -174,7 +180,7 @@ def compare(case: Case, result: RunResult) -> list[Mismatch]:
             found += match(case.expect[key], actual, (key,), (*at, key))
     records = {r.step_id: r.to_dict() for r in result.trace}
     for sid, checks in (case.expect.get("steps") or {}).items():
-        record: dict[str, Any] = records.get(sid, {})
+        record: dict[str, Any] = {**records.get(sid, {}), "output": result.step_outputs.get(sid)}
         for key, expected in checks.items():
             where = (*at, "steps", sid, key)
             found += match(expected, record.get(key), ("steps", sid, key), where)
