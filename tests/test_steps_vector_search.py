@@ -197,7 +197,7 @@ async def test_hybrid_fuses_lexical_matches(engine: Engine) -> None:
             "the query vector has 32 dimensions; collection 'docs' holds 384-dimensional",
         ),
         ({"query": "tea", "model_id": "tiny-embedder"}, "was embedded with 'embedding-model'"),
-        ({"query": "tea", "model_id": "qwen-7b"}, "not an embeddings model"),
+        ({"query": "tea", "model_id": "qwen-7b"}, "which does not embed"),
         ({"query": '"{{ input.q }}"', "collection": "nope"}, "collection 'nope' not found"),
     ],
 )

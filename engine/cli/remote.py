@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -29,6 +29,7 @@ from engine.cli.common import (
     out,
     parse_pairs,
 )
+from engine.cli.progress import Progress
 from engine.dsl.source import load_file
 from engine.errors import InvalidRequest
 
@@ -190,45 +191,6 @@ def orchestrate_body(args: argparse.Namespace) -> dict[str, Any]:
     if models:
         body["models"] = models
     return body
-
-
-class Progress:
-    """A run's events as lines on a stream (stderr): each step as it starts and ends, and
-    the tokens of chat steps as they arrive."""
-
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
-        self.mid_line = False  # tokens were written since the last line ended
-
-    def __call__(self, name: str, data: dict[str, Any]) -> None:
-        if name == "token":
-            delta = str(data.get("delta", ""))
-            self.stream.write(delta)
-            self.mid_line = not delta.endswith("\n") if delta else self.mid_line
-        elif name == "step_started":
-            self.line(f"> {data.get('step_id')} ({data.get('type')})")
-        elif name == "step_finished":
-            self.line(self.finished(data))
-        self.stream.flush()
-
-    @staticmethod
-    def finished(data: dict[str, Any]) -> str:
-        text = f"< {data.get('step_id')} {data.get('status')}"
-        if data.get("duration_ms") is not None:
-            text += f" in {data['duration_ms']:.1f} ms"
-        why = data.get("error") or data.get("reason")
-        return f"{text}: {why}" if why else text
-
-    def line(self, text: str) -> None:
-        self.end()
-        self.stream.write(text + "\n")
-
-    def end(self) -> None:
-        """End a line of tokens."""
-        if self.mid_line:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.mid_line = False
 
 
 RUN_EXIT = {"completed": EXIT_OK, "failed": EXIT_INVALID}

@@ -29,6 +29,7 @@ from engine.cli.common import (
     read_data_file,
     resolve,
 )
+from engine.cli.progress import Progress
 from engine.config import Settings
 from engine.dsl.catalog import WorkflowCatalog
 from engine.dsl.compiled import CompiledWorkflow
@@ -138,9 +139,18 @@ class LocalRun:
 
     async def _run(self, runner: Runner, given: dict[str, str]) -> tuple[RunResult, dict[str, Any]]:
         bound = runner.bind_models(self.workflow, given, lenient=bool(self.mocks))
-        result = await runner.run(
-            self.workflow, self.data, models=bound, config=self.config, mocks=self.mocks
-        )
+        progress = Progress(sys.stderr)
+        try:
+            result = await runner.run(
+                self.workflow,
+                self.data,
+                models=bound,
+                config=self.config,
+                mocks=self.mocks,
+                on_event=lambda event: progress(event["event"], event),
+            )
+        finally:
+            progress.end()
         return result, bound
 
 
