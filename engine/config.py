@@ -47,10 +47,21 @@ class Settings:
     run_max_for_each_items: int = 10_000
     run_max_step_output_bytes: int = 16_777_216
     run_max_output_bytes: int = 16_777_216
+    # Children one trace entry records (a for_each step's items, a repeat step's passes, a
+    # workflow step's sub-run steps); beyond it they are counted in `children_omitted`,
+    # and send no step_started/step_finished events.
+    trace_max_children: int = 1000
     # Stored runs (GET /api/fusion/runs/{id}): how many are kept (oldest deleted first) and
     # the largest record one may have; a run over it is answered with stored: false.
     runs_max_stored: int = 10_000
     runs_max_stored_bytes: int = 33_554_432
+    # Live runs (engine/fusion/live.py): a running run's stored row is rewritten at most
+    # once per runs_update_interval_s (seconds) as its steps finish, plus once at its end;
+    # events kept in memory per run for late joiners of GET /api/fusion/runs/{id}/events
+    # (beyond it the oldest token events go first), which also bounds each subscriber's
+    # queue (a client that falls that far behind is dropped with an `error` event).
+    runs_update_interval_s: float = 0.5
+    run_events_max: int = 10_000
     # The sandbox (engine/sandbox.py): worker processes for templates outside the linear
     # subset, non-linear input schemas and document extraction, and the wall-clock seconds
     # and memory one template render / one input validation may use there.

@@ -34,6 +34,13 @@ class TraceEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     iterations: int | None = None  # repeat: how many passes ran
     until_met: bool | None = None  # repeat: false when the passes stopped at max
     mocked: bool | None = None  # `fusion run --mock`: the step was given its output
+    # Child entries (docs/api.md "Child steps"): a workflow step's sub-run steps, a for_each
+    # step's items, a repeat step's passes, each with its path from the top run; absent
+    # for a step without any (a flat workflow's body is as before).
+    path: list[str | int] | None = None
+    index: int | None = None  # an item's index or a pass's number, from 0
+    children: list[TraceEntry] | None = None
+    children_omitted: int | None = None  # children beyond the setting trace_max_children
 
 
 class RequestWarning(msgspec.Struct):
@@ -79,6 +86,10 @@ def trace_entry(record: StepRecord) -> TraceEntry:
         iterations=record.iterations,
         until_met=record.until_met,
         mocked=record.mocked,
+        path=record.path,
+        index=record.index,
+        children=None if record.children is None else [trace_entry(c) for c in record.children],
+        children_omitted=record.children_omitted,
     )
 
 

@@ -93,7 +93,8 @@ class StoredRun:
 
 
 # The trace column keeps one object per step under these names (those of §3.1's trace,
-# which it has held since runs were first stored); items/iterations only when they apply.
+# which it has held since runs were first stored); items/iterations and a child's
+# path/index/children/children_omitted only when they apply.
 def _trace_item(record: StepRecord) -> dict[str, Any]:
     item: dict[str, Any] = {
         "step": record.step_id,
@@ -111,6 +112,14 @@ def _trace_item(record: StepRecord) -> dict[str, Any]:
         item["iterations"] = record.iterations
     if record.until_met is not None:
         item["until_met"] = record.until_met
+    if record.path is not None:
+        item["path"] = record.path
+    if record.index is not None:
+        item["index"] = record.index
+    if record.children is not None:
+        item["children"] = [_trace_item(child) for child in record.children]
+    if record.children_omitted is not None:
+        item["children_omitted"] = record.children_omitted
     return item
 
 
@@ -127,6 +136,12 @@ def _step_record(item: dict[str, Any]) -> StepRecord:
         items=item.get("items"),
         iterations=item.get("iterations"),
         until_met=item.get("until_met"),
+        path=item.get("path"),
+        index=item.get("index"),
+        children=None
+        if item.get("children") is None
+        else [_step_record(child) for child in item["children"]],
+        children_omitted=item.get("children_omitted"),
     )
 
 

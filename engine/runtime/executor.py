@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,6 +32,7 @@ from engine.runtime.trace import (
     FAILED,
     PARTIAL,
     STEP_CANCELLED,
+    STEP_PENDING,
     STEP_RUNNING,
     STEP_SKIPPED,
     RunResult,
@@ -43,6 +45,11 @@ log = structlog.get_logger(__name__)
 
 EventSink = Callable[[dict[str, Any]], None]
 ModelSelector = Callable[[str, RoleSpec], str | None]
+# A step's or child's place from the top run: step ids and item / pass indexes.
+TracePath = tuple[str | int, ...]
+# A child run's own run events are not forwarded: its step's events say it all.
+_RUN_EVENTS = frozenset({"run_started", "run_finished", "run_cancelled"})
+_STEP_EVENTS = frozenset({"step_started", "step_finished"})
 
 
 class WorkflowSource(Protocol):
@@ -61,13 +68,15 @@ _SCHEMAS = Budget(_DEFAULTS.schema_timeout_s, _DEFAULTS.schema_memory_mb)
 @dataclass(frozen=True)
 class RunLimits:
     """Per-run budgets (Settings: run_max_steps, run_max_for_each_items,
-    run_max_step_output_bytes, run_max_output_bytes; sandboxed work: template_timeout_s,
-    template_memory_mb, schema_timeout_s, schema_memory_mb), Settings' defaults by default."""
+    run_max_step_output_bytes, run_max_output_bytes, trace_max_children; sandboxed work:
+    template_timeout_s, template_memory_mb, schema_timeout_s, schema_memory_mb), Settings'
+    defaults by default."""
 
     max_steps: int = _DEFAULTS.run_max_steps
     max_for_each_items: int = _DEFAULTS.run_max_for_each_items
     max_step_output_bytes: int = _DEFAULTS.run_max_step_output_bytes
     max_output_bytes: int = _DEFAULTS.run_max_output_bytes
+    max_trace_children: int = _DEFAULTS.trace_max_children
     render: Budget = _RENDER
     schemas: Budget = _SCHEMAS
 
@@ -78,6 +87,7 @@ class RunLimits:
             max_for_each_items=settings.run_max_for_each_items,
             max_step_output_bytes=settings.run_max_step_output_bytes,
             max_output_bytes=settings.run_max_output_bytes,
+            max_trace_children=settings.trace_max_children,
             render=Budget(settings.template_timeout_s, settings.template_memory_mb),
             schemas=Budget(settings.schema_timeout_s, settings.schema_memory_mb),
         )
@@ -234,13 +244,18 @@ class Runner:
         input_checked: bool = False,
         budget: _StepBudget | None = None,
         mocks: Mapping[str, Any] | None = None,
+        trace_path: TracePath = (),
+        trace_parent: StepRecord | None = None,
     ) -> RunResult:
         """Validate input, bind models and execute. Request errors (bad input, unknown role,
         missing model, a mock of no step) raise before anything runs; step failures end in
         the result. ``input_checked``: the caller already ran prepare_input against
         wf.input_schema (the server checks every request error before it answers).
         ``mocks``: step id -> the output that step has, without running it (its `when`
-        still decides whether it runs; for_each, repeat and retries do not apply)."""
+        still decides whether it runs; for_each, repeat and retries do not apply).
+        ``trace_path``, ``trace_parent``: a child run's place in its top run (the path of
+        the step, item or pass that runs it) and the trace record its steps' records
+        become children of (None: not recorded, beyond trace_max_children)."""
         check_mocks(wf, mocks or {})
         prepared_input = (
             input
@@ -254,6 +269,7 @@ class Runner:
         merged_config = copy.deepcopy({**wf.config, **(config or {})})
         budget = budget or _StepBudget(self.limits.max_steps)
         run = _Run(self, wf, run_id or new_run_id(), depth, on_event, budget, mocks or {})
+        run.place(trace_path, trace_parent)
         return await run.execute(prepared_input, bound, merged_config)
 
     async def run_child(
@@ -267,6 +283,8 @@ class Runner:
         depth: int,
         on_event: EventSink | None,
         budget: _StepBudget | None = None,
+        trace_path: TracePath = (),
+        trace_parent: StepRecord | None = None,
     ) -> RunResult:
         if depth > self.max_depth:
             raise InvalidRequest(f"workflow calls nest deeper than {self.max_depth} levels")
@@ -284,6 +302,8 @@ class Runner:
             depth=depth,
             on_event=on_event,
             budget=budget,
+            trace_path=trace_path,
+            trace_parent=trace_parent,
         )
 
     def validator(self, step: CompiledStep) -> Draft202012Validator:
@@ -330,6 +350,20 @@ class _Run:
             for sid in wf.steps
         }
         self.scope: dict[str, Any] = {}
+        self.prefix: TracePath = ()  # where this run is in its top run: () for the top run
+
+    def place(self, prefix: TracePath, parent: StepRecord | None) -> None:
+        """Make this run a child run at `prefix`: its steps' records carry their path and
+        become children of `parent` (when not None)."""
+        self.prefix = tuple(prefix)
+        for record in self.records.values():
+            if prefix:
+                record.path = [*prefix, record.step_id]
+            if parent is not None:
+                parent.add_child(record, self.limits.max_trace_children)
+
+    def step_path(self, sid: str) -> TracePath:
+        return (*self.prefix, sid)
 
     def emit(self, event: str, data: Mapping[str, Any]) -> None:
         if self.on_event is not None:
@@ -458,11 +492,17 @@ class _Run:
             record.error = str(exc)
             state.update(status=FAILED, ran=False, output=None, error=str(exc))
             log.info("step_failed", run_id=self.run_id, step_id=step.id, error=str(exc))
-            self.emit("step_finished", {"step_id": step.id, "status": FAILED, "error": str(exc)})
+            self.emit(
+                "step_finished",
+                {"step_id": step.id, **self.where(step.id), "status": FAILED, "error": str(exc)},
+            )
             return
         record.status = STEP_SKIPPED
         state.update(status=STEP_SKIPPED, ran=False, output=output)
-        self.emit("step_finished", {"step_id": step.id, "status": STEP_SKIPPED, "reason": reason})
+        self.emit(
+            "step_finished",
+            {"step_id": step.id, **self.where(step.id), "status": STEP_SKIPPED, "reason": reason},
+        )
 
     async def fallback(self, step: CompiledStep) -> Any:
         """The step's default, rendered now against the run's scope: its step references
@@ -498,7 +538,7 @@ class _Run:
         started = time.perf_counter()
         record.started_at = utc_iso()
         record.status = state["status"] = STEP_RUNNING
-        self.emit("step_started", {"step_id": step.id, "type": step.type})
+        self.emit("step_started", {"step_id": step.id, **self.where(step.id), "type": step.type})
         skipped = False  # finish_skipped sends the step's step_finished itself
         try:
             if step.when is not None and not await self.control(step, "when", step.when, {}):
@@ -553,6 +593,7 @@ class _Run:
                     "step_finished",
                     {
                         "step_id": step.id,
+                        **self.where(step.id),
                         "status": record.status,
                         "duration_ms": record.duration_ms,
                         "error": record.error,
@@ -580,11 +621,22 @@ class _Run:
         self.budget.charge(len(items))
         record.items = len(items)
         limit = asyncio.Semaphore(step.concurrency)
+        # One child record per item, the first trace_max_children of them: a record per
+        # item beyond would grow the trace with the list.
+        path = self.step_path(step.id)
+        kept = min(len(items), self.limits.max_trace_children)
+        children = [_child(step, path, i) for i in range(kept)]
+        record.children = list(children)
+        if len(items) > kept:
+            record.children_omitted = len(items) - kept
 
         async def one(index: int, item: Any) -> Any:
-            async with limit:
+            child = children[index] if index < kept else None
+            async with limit, self.tracked(step, child):
                 scope = {**self.scope, "item": item, "index": index}
-                return await self.attempts(step, record, scope, item=item, index=index)
+                return await self.attempts(
+                    step, record, scope, item=item, index=index, at=(child, (*path, index))
+                )
 
         try:
             async with asyncio.TaskGroup() as group:
@@ -593,16 +645,26 @@ class _Run:
             # TaskGroup wraps an item's failure in an ExceptionGroup, which run_step would
             # not catch: the step fails with the (first) failing item's error instead.
             raise failed.exceptions[0] from None
+        finally:
+            # Items cancelled before they started (a sibling failed, the run was cancelled)
+            for child in children:
+                if child.status in (STEP_PENDING, STEP_RUNNING):
+                    child.status = STEP_CANCELLED
         return [t.result() for t in tasks]
 
     async def run_repeat(self, step: CompiledStep, record: StepRecord) -> Any:
         assert step.repeat is not None
         previous: Any = None
+        path = self.step_path(step.id)
+        record.children = []
         for iteration in range(step.repeat.max):
             if iteration:
                 self.budget.charge()
+            made = _child(step, path, iteration)
+            child = made if record.add_child(made, self.limits.max_trace_children) else None
             scope = {**self.scope, "iteration": iteration, "previous": previous}
-            output = await self.attempts(step, record, scope)
+            async with self.tracked(step, child):
+                output = await self.attempts(step, record, scope, at=(child, (*path, iteration)))
             record.iterations = iteration + 1
             if await self.control(
                 step, "repeat.until", step.repeat.until, {**scope, "output": output}
@@ -616,6 +678,45 @@ class _Run:
         log.info("repeat_stopped_at_max", run_id=self.run_id, step_id=step.id, max=step.repeat.max)
         return previous
 
+    @contextlib.asynccontextmanager
+    async def tracked(self, step: CompiledStep, child: StepRecord | None) -> AsyncIterator[None]:
+        """Time one for_each item or repeat pass in its child record, with its events
+        (nothing for an item or pass beyond trace_max_children: `child` None)."""
+        if child is None:
+            yield
+            return
+        assert child.path is not None
+        where = {"step_id": step.id, "path": list(child.path), "index": child.index}
+        started = time.perf_counter()
+        child.started_at = utc_iso()
+        child.status = STEP_RUNNING
+        self.emit("step_started", {**where, "type": step.type})
+        try:
+            yield
+            child.status = COMPLETED
+        except asyncio.CancelledError:
+            child.status = STEP_CANCELLED
+            raise
+        except Exception as exc:
+            child.status = FAILED
+            child.error = str(exc) if isinstance(exc, StepFailed) else f"internal error: {exc!r}"
+            raise
+        finally:
+            child.duration_ms = round((time.perf_counter() - started) * 1000, 3)
+            self.emit(
+                "step_finished",
+                {
+                    **where,
+                    "status": child.status,
+                    "duration_ms": child.duration_ms,
+                    "error": child.error,
+                },
+            )
+
+    def where(self, sid: str) -> dict[str, Any]:
+        """The `path` of step `sid`'s events: none for the top run's own steps."""
+        return {"path": [*self.prefix, sid]} if self.prefix else {}
+
     async def attempts(
         self,
         step: CompiledStep,
@@ -623,7 +724,12 @@ class _Run:
         scope: Mapping[str, Any],
         item: Any = None,
         index: int | None = None,
+        at: tuple[StepRecord | None, TracePath] | None = None,
     ) -> Any:
+        """Run the step's attempts. `at`: for a for_each item or repeat pass, its child
+        record (None beyond trace_max_children) and path; otherwise the step's own."""
+        target, path = at if at is not None else (record, self.step_path(step.id))
+        where = {"path": list(path)} if len(path) > 1 else {}
         try:
             params = await render(step.params, scope, self.limits.render, step.timeout_s)
         except TemplateRenderError as exc:
@@ -641,17 +747,26 @@ class _Run:
                         f"step '{step.id}')"
                     )
                 raise StepFailed(f"parameter {dotted(tuple(error.absolute_path))}: {error.message}")
-        if step.plugin.model_param and record.model is None:
-            record.model = params.get(step.plugin.model_param)
+        if step.plugin.model_param:
+            model = params.get(step.plugin.model_param)
+            if record.model is None:
+                record.model = model
+            if target is not None and target is not record:
+                target.model = model
         error = "no attempt made"
         for attempt in range(1, step.retry.attempts + 1):
             record.attempts += 1
+            if target is not None:
+                if target is not record:
+                    target.attempts += 1
+                # A retried step's (item's, pass's) children: its last attempt's sub-run.
+                target.children = target.children_omitted = None
             ctx = StepContext(
                 step_id=step.id,
                 attempt=attempt,
                 services=self.runner.services,
-                emit=lambda event, data: self.emit(event, {"step_id": step.id, **data}),
-                run_workflow=self.child_runner(),
+                emit=lambda event, data: self.emit(event, {"step_id": step.id, **where, **data}),
+                run_workflow=self.child_runner(target, path),
                 item=item,
                 index=index,
             )
@@ -675,7 +790,20 @@ class _Run:
                 await asyncio.sleep(step.retry.delay(attempt))
         raise StepFailed(error)
 
-    def child_runner(self) -> Callable[..., Any]:
+    def child_runner(self, parent: StepRecord | None, path: TracePath) -> Callable[..., Any]:
+        """A step's `run_workflow`: the sub-run's steps become children of `parent` at
+        `path`, and their events go to this run's sink with their path (no step events
+        where `parent` is None: an item or pass beyond trace_max_children)."""
+        forward: EventSink | None = None
+        if self.on_event is not None:
+            sink = self.on_event
+
+            def forward(event: dict[str, Any]) -> None:
+                name = event.get("event")
+                if name in _RUN_EVENTS or (parent is None and name in _STEP_EVENTS):
+                    return
+                sink({**event, "run_id": self.run_id})  # the top run's id, not the sub-run's
+
         async def run_workflow(
             target: str | CompiledWorkflow,
             input: Any = None,
@@ -689,8 +817,15 @@ class _Run:
                 config=config,
                 parent_models=self.scope["models"],
                 depth=self.depth + 1,
-                on_event=None,
+                on_event=forward,
                 budget=self.budget,
+                trace_path=path,
+                trace_parent=parent,
             )
 
         return run_workflow
+
+
+def _child(step: CompiledStep, path: Sequence[str | int], index: int) -> StepRecord:
+    """The trace record of a for_each item or repeat pass."""
+    return StepRecord(step.id, step.type, path=[*path, index], index=index)

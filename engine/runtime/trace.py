@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 COMPLETED, FAILED, PARTIAL = "completed", "failed", "partial"
@@ -29,9 +29,38 @@ class StepRecord:
     # repeat: whether `until` was met (false: the passes stopped at `max` without it)
     until_met: bool | None = None
     mocked: bool | None = None  # true: the output was given (a mock), the step did not run
+    # A child's place from the top run: step ids and for_each item / repeat pass indexes
+    # (["passes", 0, "summarize_piece", 3]); None for the top run's own steps.
+    path: list[str | int] | None = None
+    index: int | None = None  # a for_each item's index or a repeat pass's number (from 0)
+    # A `workflow` step's sub-run steps, a for_each step's items, a repeat step's passes
+    # (each pass's or item's own children: its sub-run steps); None where there are none.
+    children: list[StepRecord] | None = None
+    # Children beyond the setting trace_max_children: counted, not recorded.
+    children_omitted: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None or k == "error"}
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "children" and value is not None:
+                value = [child.to_dict() for child in value]
+            elif f.name == "path" and value is not None:
+                value = list(value)
+            if value is not None or f.name == "error":
+                out[f.name] = value
+        return out
+
+    def add_child(self, child: StepRecord, limit: int) -> bool:
+        """Record `child` unless this record already holds `limit` children (then count it
+        in children_omitted): whether it was recorded."""
+        if self.children is None:
+            self.children = []
+        if len(self.children) >= limit:
+            self.children_omitted = (self.children_omitted or 0) + 1
+            return False
+        self.children.append(child)
+        return True
 
 
 @dataclass
