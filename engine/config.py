@@ -55,6 +55,13 @@ class Settings:
     # the largest record one may have; a run over it is answered with stored: false.
     runs_max_stored: int = 10_000
     runs_max_stored_bytes: int = 33_554_432
+    # A run's input or result (output) larger than this (bytes of JSON) is stored as a
+    # {"$truncated": true, ...} marker (docs/api.md); the orchestrate answer keeps it whole.
+    runs_max_field_bytes: int = 1_048_576
+    # Runs created more than runs_max_age_days ago are purged (0 keeps them forever), at
+    # start-up and every runs_purge_interval_s seconds (engine/fusion/run_history.py).
+    runs_max_age_days: float = 30
+    runs_purge_interval_s: float = 3600
     # Live runs (engine/fusion/live.py): a running run's stored row is rewritten at most
     # once per runs_update_interval_s (seconds) as its steps finish, plus once at its end;
     # events kept in memory per run for late joiners of GET /api/fusion/runs/{id}/events

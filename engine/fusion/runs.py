@@ -9,6 +9,7 @@ over HTTP is server/routes/fusion.py's business.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,26 @@ register_migration(
     """,
 )
 
+# The run history's listing (engine/fusion/run_history.py) finds a page from indexes alone:
+# each filter's index also holds the sort columns, and each sort column has its own index
+# for unfiltered listings (and the age-based purge), so no listing reads the rows of runs
+# outside its page (their summary columns sit after the large JSON ones).
+register_migration(
+    5,
+    "runs_history_indexes",
+    """
+    DROP INDEX runs_by_workflow;
+    DROP INDEX runs_by_status;
+    CREATE INDEX runs_by_workflow
+        ON runs (workflow_id, created_at, status, completed_at, total_latency_ms);
+    CREATE INDEX runs_by_status
+        ON runs (status, created_at, workflow_id, completed_at, total_latency_ms);
+    CREATE INDEX runs_by_created ON runs (created_at, completed_at, total_latency_ms);
+    CREATE INDEX runs_by_completed ON runs (completed_at);
+    CREATE INDEX runs_by_latency ON runs (total_latency_ms);
+    """,
+)
+
 _COLUMNS = (
     "id, workflow_id, workflow_version, status, input, result, trace, error, created_at, "
     "completed_at, total_latency_ms, workflow_source, models, config, definition"
@@ -69,6 +90,24 @@ def _json(value: Any) -> str | None:
     if value is None:
         return None
     return msgspec.json.encode(value, enc_hook=_encode_fallback).decode()
+
+
+# A stored input or result larger than the field limit is replaced by this marker
+# (docs/api.md): the run stays stored, and the answer of the call that ran it carried it whole.
+TRUNCATED = "$truncated"
+PREVIEW_CHARS = 1000
+
+
+def _bounded_json(value: Any, max_bytes: int) -> str | None:
+    """`_json(value)`, or the truncation marker when that is over `max_bytes` bytes."""
+    text = _json(value)
+    if text is None:
+        return None
+    size = _utf8_bytes(text)
+    if size <= max_bytes:
+        return text
+    marker = {TRUNCATED: True, "bytes": size, "preview": text[:PREVIEW_CHARS]}
+    return msgspec.json.encode(marker).decode()
 
 
 @dataclass(frozen=True)
@@ -149,7 +188,7 @@ def _step_record(item: dict[str, Any]) -> StepRecord:
 RunRow = tuple[Any, ...]
 
 
-def _row(run: StoredRun, *, max_bytes: int) -> RunRow:
+def _row(run: StoredRun, *, max_bytes: int, max_field_bytes: int) -> RunRow:
     result, request = run.result, run.request
     version = result.workflow_version
     if version is not None and not isinstance(version, int | str):
@@ -159,8 +198,8 @@ def _row(run: StoredRun, *, max_bytes: int) -> RunRow:
         result.workflow_id,
         version,
         result.status,
-        _json(request.input),
-        _json(result.output),
+        _bounded_json(request.input, max_field_bytes),
+        _bounded_json(result.output, max_field_bytes),
         _json([_trace_item(r) for r in result.trace]),
         result.error,
         result.created_at,
@@ -195,18 +234,26 @@ class RunStore:
     synchronous=NORMAL: no fsync per commit)."""
 
     def __init__(
-        self, store: Store, *, max_runs: int = 10_000, max_run_bytes: int = 33_554_432
+        self,
+        store: Store,
+        *,
+        max_runs: int = 10_000,
+        max_run_bytes: int = 33_554_432,
+        max_field_bytes: int = 1_048_576,
     ) -> None:
         """max_runs: runs kept, oldest deleted first (setting runs_max_stored);
-        max_run_bytes: largest record stored (setting runs_max_stored_bytes)."""
+        max_run_bytes: largest record stored (setting runs_max_stored_bytes);
+        max_field_bytes: largest input or result stored whole, a larger one is stored as
+        a truncation marker (setting runs_max_field_bytes)."""
         self.store = store
         self.max_runs = max_runs
         self.max_run_bytes = max_run_bytes
+        self.max_field_bytes = max_field_bytes
 
     def encode(self, run: StoredRun) -> RunRow:
         """The run's row, JSON encoded once: RecordTooLarge when it exceeds the limit.
         Pass it to `try_insert`, then (if that returns False) to `insert`."""
-        return _row(run, max_bytes=self.max_run_bytes)
+        return _row(run, max_bytes=self.max_run_bytes, max_field_bytes=self.max_field_bytes)
 
     def try_save(self, run: StoredRun) -> bool:
         """Save now, on this thread, if the database is free: False, having written
@@ -266,3 +313,69 @@ class RunStore:
         )
         request = RunRequest(input=row["input"], config=row["config"], definition=row["definition"])
         return StoredRun(result, row["workflow_source"], row["models"] or {}, request)
+
+
+# -- live runs (engine/fusion/live.py) -------------------------------------------------------
+# A run's row is written as it starts (status running, with `encode` and `insert`), its
+# trace rewritten as steps finish (`progress_row`, `update_progress`: a no-op once the run
+# has ended, so a late progress write never undoes the end), and written whole at its end
+# (`save_end`). A server that stops mid-run leaves rows `running`: the next start marks
+# them failed (`fail_interrupted`).
+INTERRUPTED = "interrupted: the server stopped during the run"
+_NAMES = [c.strip() for c in _COLUMNS.split(",")]
+_PROGRESS = "UPDATE runs SET trace = ? WHERE id = ? AND status = 'running'"
+_END = f"{_INSERT} ON CONFLICT (id) DO UPDATE SET " + ", ".join(
+    f"{name} = excluded.{name}" for name in _NAMES[1:]
+)
+_FAIL_INTERRUPTED = (
+    "UPDATE runs SET status = 'failed', error = ?, completed_at = ? WHERE status = 'running'"
+)
+ProgressRow = tuple[str | None, str]
+
+
+def progress_row(result: RunResult) -> ProgressRow:
+    """The UPDATE parameters of a running run's trace, encoded now (on the loop, where the
+    executor changes the records)."""
+    return (_json([_trace_item(r) for r in result.trace]), result.run_id)
+
+
+def try_now(runs: RunStore, write: Callable[[], None]) -> bool:
+    """Run `write` now if the database is free: False, having written nothing, when
+    another connection holds the write lock (then run it on a worker thread, where
+    waiting for the lock stalls nobody). Storage errors other than busy raise."""
+    conn = runs.store.connection()
+    if conn.in_transaction:
+        return False  # a caller's open transaction: do not write into it
+    conn.set_busy_timeout(0)
+    try:
+        write()
+    except StorageBusy:
+        return False
+    finally:
+        conn.set_busy_timeout(runs.store.busy_timeout_ms)
+    return True
+
+
+def update_progress(runs: RunStore, row: ProgressRow) -> None:
+    with runs.store.transaction() as conn:
+        conn.execute(_PROGRESS, row)
+
+
+def save_end(runs: RunStore, row: RunRow) -> None:
+    """The ended run's row (from `encode`), over its running one, or new if that one was
+    never written."""
+    with runs.store.transaction() as conn:
+        conn.execute(_END, row)
+
+
+def forget(runs: RunStore, run_id: str) -> None:
+    """Delete a run's row: one that could not be stored whole at its end."""
+    with runs.store.transaction() as conn:
+        conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+
+
+def fail_interrupted(runs: RunStore, now: str) -> int:
+    """Mark the runs a stopped server left `running` failed; how many there were."""
+    with runs.store.transaction() as conn:
+        conn.execute(_FAIL_INTERRUPTED, (INTERRUPTED, now))
+        return int(conn.changes())
