@@ -19,14 +19,14 @@ class Progress:
             self.stream.write(delta)
             self.mid_line = not delta.endswith("\n") if delta else self.mid_line
         elif name == "step_started":
-            self.line(f"> {data.get('step_id')} ({data.get('type')})")
+            self.line(f"{_indent(data)}> {_label(data)} ({data.get('type')})")
         elif name == "step_finished":
-            self.line(self.finished(data))
+            self.line(_indent(data) + self.finished(data))
         self.stream.flush()
 
     @staticmethod
     def finished(data: dict[str, Any]) -> str:
-        text = f"< {data.get('step_id')} {data.get('status')}"
+        text = f"< {_label(data)} {data.get('status')}"
         if data.get("duration_ms") is not None:
             text += f" in {data['duration_ms']:.1f} ms"
         why = data.get("error") or data.get("reason")
@@ -42,3 +42,18 @@ class Progress:
             self.stream.write("\n")
             self.stream.flush()
             self.mid_line = False
+
+
+def _indent(data: dict[str, Any]) -> str:
+    """Two spaces per level below the top run: a child step's `path` has its parents."""
+    path = data.get("path")
+    return "  " * (len(path) - 1) if isinstance(path, list) and path else ""
+
+
+def _label(data: dict[str, Any]) -> str:
+    """The step's id; a for_each item's or repeat pass's with its index (`split[2]`)."""
+    path = data.get("path")
+    label = str(data.get("step_id"))
+    if isinstance(path, list) and path and isinstance(path[-1], int):
+        return f"{label}[{path[-1]}]"
+    return label

@@ -344,9 +344,9 @@ class WorkflowOperation:
         finished: set[str] = set()
 
         def on_event(event: dict[str, Any]) -> None:
-            # Sub-workflows run without a sink, so these are the top-level steps; a step
-            # is counted once, whatever its repeats.
-            if event.get("event") == "step_finished":
+            # The top-level steps (a child step's event carries its `path`: a for_each
+            # item, a repeat pass, a sub-run's step); a step is counted once.
+            if event.get("event") == "step_finished" and "path" not in event:
                 finished.add(str(event.get("step_id")))
                 progress(min(1.0, len(finished) / steps))
 
