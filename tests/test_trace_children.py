@@ -15,6 +15,7 @@ import httpx
 import pytest
 from engine_helpers import WAIT_S, Lab, compile_yaml, make_registry, make_runner, trace
 from serverutil import serve_app
+from test_api_fusion import sse_events
 
 from engine.cli.progress import Progress
 from engine.config import Settings
@@ -373,3 +374,55 @@ def test_the_summarisers_passes_and_pieces_are_in_the_stored_run(client: httpx.C
     ]
     assert all(p["model"] == "echo" and p["status"] == COMPLETED for p in pieces["children"])
     assert "children" not in steps["joined"]
+
+
+def test_the_stream_sends_child_events_with_their_path(client: httpx.Client) -> None:
+    with client.stream(
+        "POST",
+        "/api/fusion/orchestrate",
+        json={
+            "workflow": "sequential_summarization",
+            "input": {"document": "one two three four five", "max_summary_length": 16},
+            "models": {"generation": "echo"},
+            "stream": True,
+        },
+    ) as response:
+        assert response.status_code == 200
+        events = sse_events(response)
+    assert events[-1][0] == "result"
+    run_id = events[-1][1]["workflow_id"]
+    assert all(data["run_id"] == run_id for _, data in events[:-1])
+    started = [data.get("path") for name, data in events if name == "step_started"]
+    assert started[:3] == [None, ["passes", 0], ["passes", 0, "split"]]
+    assert ["passes", 0, "summarize_piece", 0] in started
+    tokens = [data for name, data in events if name == "token"]
+    assert tokens
+    assert all(t["path"] == ["passes", 0, "summarize_piece", 0] for t in tokens)
+    assert "".join(t["delta"] for t in tokens).split() == ["one", "two", "three", "four", "five"]
+
+
+async def test_children_of_a_stopped_step_end_cancelled_not_running() -> None:
+    result = await run(
+        """
+        id: stopped
+        steps:
+          - step_id: each
+            type: workflow
+            for_each: [0, 1]
+            concurrency: 1
+            timeout_s: 0.05
+            workflow:
+              steps:
+                - {step_id: wait, type: hang}
+                - {step_id: after, type: template, value: "{{ steps.wait.output }}"}
+        """
+    )
+    each = trace(result)["each"]
+    assert each.status == FAILED
+    first, second = kids(each)
+    assert (first.status, first.error) == (FAILED, "timed out after 0.05s")
+    assert [(c.path, c.status) for c in kids(first)] == [
+        (["each", 0, "wait"], "cancelled"),
+        (["each", 0, "after"], "cancelled"),
+    ]
+    assert second.status == "cancelled"  # never started: its sibling failed the step
