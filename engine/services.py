@@ -15,6 +15,7 @@ from engine.config import Settings
 from engine.dsl.catalog import WorkflowCatalog
 from engine.dsl.source import configure as configure_documents
 from engine.fusion.reload import WorkflowReloader
+from engine.fusion.run_history import RunHistory, RunPurger
 from engine.fusion.runs import RunStore
 from engine.fusion.service import FusionService, RunOutcome
 from engine.jobs.queue import SqliteJobQueue
@@ -49,6 +50,7 @@ class Engine:
     webhooks: WebhookStore | None = None
     deliverer: Deliverer | None = None
     reloader: WorkflowReloader | None = None  # follows workflows_dir, when workflows load
+    run_purger: RunPurger | None = None  # deletes runs older than runs_max_age_days
     # Epoch seconds when start() began: /internal/diagnostics' uptime.
     started_at: float = field(default_factory=time.time)
 
@@ -105,8 +107,14 @@ class Engine:
             store,
             max_runs=settings.runs_max_stored,
             max_run_bytes=settings.runs_max_stored_bytes,
+            max_field_bytes=settings.runs_max_field_bytes,
         )
         engine.fusion = FusionService(store, steps, catalog, models, runner, runs)
+        engine.run_purger = RunPurger(
+            RunHistory(store),
+            max_age_days=settings.runs_max_age_days,
+            interval_s=settings.runs_purge_interval_s,
+        )
         await engine.load_startup_models()
         if run_body is not None and settings.jobs_enabled:
             await engine.start_jobs(run_body)
@@ -114,6 +122,7 @@ class Engine:
         if reloader is not None:
             engine.reloader = reloader
             reloader.start()
+        engine.run_purger.start()  # once now, then every runs_purge_interval_s
         return engine
 
     async def start_jobs(self, run_body: Callable[[RunOutcome], Any]) -> None:
@@ -144,6 +153,8 @@ class Engine:
             log.info("startup_model_loaded", model_id=entry.id, type=entry.type)
 
     async def stop(self) -> None:
+        if self.run_purger is not None:
+            await self.run_purger.stop()
         if self.reloader is not None:
             await self.reloader.stop()
         if self.jobs is not None:

@@ -40,6 +40,7 @@ from server.routes import mcp as mcp_routes
 from server.routes import models as model_routes
 from server.routes import openai as openai_routes
 from server.routes import rag as rag_routes
+from server.routes import runs_list
 from server.routes.health import health
 from server.versioning import ApiVersionMiddleware
 
@@ -93,6 +94,7 @@ def create_app(
             *model_routes.ROUTES,
             *openai_routes.ROUTES,
             *fusion_routes.ROUTES,
+            *runs_list.ROUTES,
             *rag_routes.ROUTES,
             # jobs_enabled false: /api/mcp/* answers 404, as for any unknown path.
             *(mcp_routes.ROUTES if settings.jobs_enabled else []),
