@@ -77,6 +77,7 @@ class ErrorCode(StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed", 405
     CONFLICT = "conflict", 409
     JOB_FINISHED = "job_finished", 409
+    RUN_NOT_CANCELLABLE = "run_not_cancellable", 409
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused", 409
     MODEL_ALREADY_LOADED = "model_already_loaded", 409
     MODEL_IN_USE = "model_in_use", 409

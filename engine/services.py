@@ -109,7 +109,21 @@ class Engine:
             max_run_bytes=settings.runs_max_stored_bytes,
             max_field_bytes=settings.runs_max_field_bytes,
         )
-        engine.fusion = FusionService(store, steps, catalog, models, runner, runs)
+        engine.fusion = FusionService(
+            store,
+            steps,
+            catalog,
+            models,
+            runner,
+            runs,
+            update_interval_s=settings.runs_update_interval_s,
+            max_events=settings.run_events_max,
+        )
+        if load_workflows:
+            # An engine that runs workflows (the server's) owns the runs table: runs a
+            # stopped server left `running` are marked failed. A command that runs none
+            # (`fusion ingest`) must not touch the rows of a server running beside it.
+            await engine.fusion.recover()
         engine.run_purger = RunPurger(
             RunHistory(store),
             max_age_days=settings.runs_max_age_days,
@@ -158,7 +172,9 @@ class Engine:
         if self.reloader is not None:
             await self.reloader.stop()
         if self.jobs is not None:
-            await self.jobs.stop()
+            await self.jobs.stop()  # first: a workflow job's run is cancelled with its job
+        if self.fusion is not None:
+            await self.fusion.stop()  # the runs left are cancelled, and stored so
         if self.deliverer is not None:
             await self.deliverer.stop()
         await self.models.close()

@@ -7,19 +7,30 @@ server/routes/fusion.py shapes them into HTTP bodies."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+import functools
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from engine.clock import utc_iso
 from engine.dsl.compiled import CompiledWorkflow
 from engine.dsl.compiler import compile_document
 from engine.dsl.issues import Issue, WorkflowInvalid
 from engine.dsl.source import from_object
-from engine.errors import ErrorCode, InvalidRequest, NotFound, StorageError
+from engine.errors import (
+    Conflict,
+    ErrorCode,
+    InvalidRequest,
+    NotFound,
+    RecordTooLarge,
+    StorageError,
+)
 from engine.fusion import capabilities as caps
+from engine.fusion import runs as stored_runs
 from engine.fusion.composed import ComposedInfo, ComposedWorkflows
+from engine.fusion.live import CANCELLED, Dropped, LiveRun, LiveRuns, RunEvent, Subscription
 from engine.fusion.runs import RunRequest, RunStore, StoredRun
 from engine.runtime.executor import EventSink, new_run_id
 from engine.runtime.inputs import prepare_input
@@ -86,8 +97,9 @@ class PreparedRun:
 
 @dataclass
 class RunOutcome:
-    """A run that ended (completed, failed or partial), as stored, and whether it was: a
-    full or read-only database leaves `stored` False with the error a write raised."""
+    """A run that ended (completed, failed, partial or cancelled), as stored, and whether
+    it was: a full or read-only database leaves `stored` False with the error a write
+    raised."""
 
     run: StoredRun
     stored: bool
@@ -100,12 +112,11 @@ class RunOutcome:
 
 
 @dataclass(frozen=True)
-class RunEvent:
-    """One event of a streamed run (step_started, step_finished, token, or one a step
-    plugin emits) with its data."""
+class Cancelled:
+    """A run stopped by POST /api/fusion/runs/{id}/cancel: as stored, and when."""
 
-    name: str
-    data: dict[str, Any]
+    outcome: RunOutcome
+    cancelled_at: str
 
 
 @dataclass(frozen=True)
@@ -129,12 +140,21 @@ class FusionService:
         models: ModelRegistry,
         runner: Runner,
         runs: RunStore,
+        *,
+        update_interval_s: float = 0.5,
+        max_events: int = 10_000,
     ) -> None:
+        """update_interval_s: least seconds between two writes of a running run's row
+        (setting runs_update_interval_s); max_events: events a running run keeps for the
+        clients that follow it, and the most one client may fall behind (run_events_max)."""
         self.steps = steps
         self.catalog = catalog
         self.models = models
         self.runner = runner
         self.runs = runs
+        self.live = LiveRuns()
+        self.update_interval_s = update_interval_s
+        self.max_events = max_events
         self.composed = ComposedWorkflows(store, steps, catalog)
         self.composed.load()
 
@@ -233,48 +253,154 @@ class FusionService:
                     code=ErrorCode.WRONG_MODEL_TYPE,
                 )
 
-    async def execute(self, run: PreparedRun, on_event: EventSink | None = None) -> RunOutcome:
+    # -- running a run ----------------------------------------------------------------------
+    # A run belongs to the engine, not to the request: it runs as a task of its own, kept
+    # in `self.live` while it runs; requests wait for it or follow its events.
+    def start(self, run: PreparedRun, on_event: EventSink | None = None) -> LiveRun:
+        """Start the run as the engine's task; `on_event` (if given) sees each runner
+        event as it happens, as well as the run's followers."""
+        live = LiveRun(run, max_events=self.max_events)
+        self.live.add(live)
+        live.task = asyncio.create_task(self._drive(live, on_event), name=f"run:{run.run_id}")
+        return live
+
+    async def execute(
+        self,
+        run: PreparedRun,
+        on_event: EventSink | None = None,
+        *,
+        detach: bool = False,
+        cancel_reason: str = "cancelled: what started it (a request or job) was cancelled",
+    ) -> RunOutcome:
         """Run and store the run. A run that ends failed or partial is a result like any
-        other, not an error."""
-        # Inline definitions choose their own ids: one label for all keeps the series bounded.
-        label = CUSTOM if run.source == INLINE else run.workflow.id
-        # Every log line of the run (its steps' tasks inherit the context) names it.
+        other, not an error. When the caller is cancelled (a client that went away, a job
+        that stopped), the run is cancelled too (stored `cancelled` with `cancel_reason`),
+        unless `detach`: then it runs on to its end and is stored."""
+        live = self.start(run, on_event)
+        assert live.task is not None
         try:
+            return await asyncio.shield(live.task)
+        except asyncio.CancelledError:
+            if not detach and live.cancel(cancel_reason):
+                await asyncio.gather(live.task, return_exceptions=True)
+            elif detach:
+                log.info("run_detached", run_id=run.run_id, workflow_id=run.workflow.id)
+            raise
+
+    async def _drive(self, live: LiveRun, on_event: EventSink | None) -> RunOutcome:
+        """The run's task: store it as started, run it (its row updated as steps finish),
+        store its end, and tell its followers."""
+        run = live.run
+        try:
+            await self._write(self._started_write(live), run.run_id)
+            progress = asyncio.create_task(self._write_progress(live))
+            try:
+                result = await self._execute(live, on_event)
+            finally:
+                live.phase = "finishing"
+                progress.cancel()
+            # Inline definitions choose their own ids: one label for all keeps the series
+            # bounded.
+            label = CUSTOM if run.source == INLINE else run.workflow.id
+            self.models.metrics.observe_run(label, result.status)
+            request = RunRequest(run.given_input, run.config, run.definition)
+            stored = StoredRun(result, run.source, run.models, request)
+            error = await self.store_run(stored)
+            outcome = RunOutcome(stored, error is None, error, run.warnings)
+            live.finish(outcome)
+            return outcome
+        finally:
+            self.live.remove(run.run_id)
+
+    async def _execute(self, live: LiveRun, on_event: EventSink | None) -> RunResult:
+        """The runner's result; a cancelled run's (cancel()) as it stopped."""
+        run = live.run
+        if live.cancel_reason is not None:  # cancelled while its row was being written
+            return live.cancelled()
+
+        def sink(event: dict[str, Any]) -> None:
+            name = event.get("event")
+            if isinstance(name, str) and name not in _RUN_EVENTS:
+                live.publish(RunEvent(name, {k: v for k, v in event.items() if k != "event"}))
+            if on_event is not None:
+                on_event(event)
+
+        live.phase = "executing"
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            # Every log line of the run (its steps' tasks inherit the context) names it.
             with structlog.contextvars.bound_contextvars(
                 run_id=run.run_id, workflow_id=run.workflow.id
             ):
-                result = await self.runner.run(
+                return await self.runner.run(
                     run.workflow,
                     run.input,
                     models=run.models,
                     config=run.config,
-                    on_event=on_event,
+                    on_event=sink,
                     run_id=run.run_id,
                     input_checked=True,
+                    trace_parent=live.root,
                 )
         except asyncio.CancelledError:
-            self.models.metrics.observe_run(label, "cancelled")
-            raise
-        self.models.metrics.observe_run(label, result.status)
-        request = RunRequest(run.given_input, run.config, run.definition)
-        stored = StoredRun(result, run.source, run.models, request)
-        error = await self.store_run(stored)
-        return RunOutcome(stored, error is None, error, run.warnings)
+            if live.cancel_reason is None:
+                raise  # not a cancel() (the loop itself is closing): stop here
+            # The cancellation was ours, and it is handled: the run is stored cancelled.
+            task.uncancel()
+            log.info("run_cancelled", run_id=run.run_id, reason=live.cancel_reason)
+            return live.cancelled()
+        except Exception as exc:
+            # An engine fault outside any step: the run fails with it, stored, and its
+            # followers get their `result`, rather than wait for an end that never comes.
+            log.error("run_crashed", run_id=run.run_id, exc_info=exc)
+            return live.failed(f"internal error: {type(exc).__name__}")
 
-    async def store_run(self, run: StoredRun) -> StorageError | None:
-        """Store the run; None once stored. A full or read-only database must not lose
-        the result the caller waited for: its error is returned, not raised."""
+    def _started_write(self, live: LiveRun) -> Callable[[], None]:
+        run = live.run
+        request = RunRequest(run.given_input, run.config, run.definition)
         try:
-            # On the loop when the database is free (a thread hop costs more than the
-            # insert); when another writer (a RAG ingest) holds the lock, wait for it in a
-            # worker thread rather than stall every request. Encoded once for both.
-            row = self.runs.encode(run)
-            if not self.runs.try_insert(row):
-                await asyncio.to_thread(self.runs.insert, row)
+            row = self.runs.encode(StoredRun(live.snapshot(), run.source, run.models, request))
+        except RecordTooLarge:
+            return lambda: None  # its end cannot be stored either: it says so then
+        return lambda: self.runs.insert(row)
+
+    async def _write_progress(self, live: LiveRun) -> None:
+        """Rewrite the running run's trace after steps start or finish: at most once per
+        update_interval_s, so a run of many short steps costs few writes."""
+        while True:
+            await live.changed.wait()
+            live.changed.clear()
+            write = functools.partial(
+                stored_runs.update_progress, self.runs, stored_runs.progress_row(live.snapshot())
+            )
+            await self._write(write, live.run_id)
+            await asyncio.sleep(self.update_interval_s)
+
+    async def _write(self, write: Callable[[], None], run_id: str) -> StorageError | None:
+        """Write now when the database is free (a thread hop costs more than the write);
+        when another writer (a RAG ingest) holds the lock, wait for it in a worker thread
+        rather than stall every request. A storage error is logged and returned."""
+        try:
+            if not stored_runs.try_now(self.runs, write):
+                await asyncio.to_thread(write)
         except StorageError as exc:
-            log.error("run_not_stored", run_id=run.result.run_id, code=exc.code, error=exc.message)
+            log.error("run_not_stored", run_id=run_id, code=exc.code, error=exc.message)
             return exc
         return None
+
+    async def store_run(self, run: StoredRun) -> StorageError | None:
+        """Store the ended run over its running row; None once stored. A full or
+        read-only database must not lose the result the caller waited for: its error is
+        returned, not raised. A record too large to keep leaves no row at all."""
+        run_id = run.result.run_id
+        try:
+            row = self.runs.encode(run)  # encoded once, on the loop
+        except RecordTooLarge as exc:
+            log.error("run_not_stored", run_id=run_id, code=exc.code, error=exc.message)
+            await self._write(lambda: stored_runs.forget(self.runs, run_id), run_id)
+            return exc
+        return await self._write(lambda: stored_runs.save_end(self.runs, row), run_id)
 
     async def orchestrate(
         self,
@@ -289,28 +415,85 @@ class FusionService:
             await self.prepare(workflow, input, models, config, definition), on_event
         )
 
-    async def stream(self, run: PreparedRun) -> AsyncIterator[RunEvent | RunOutcome]:
-        """The run's events in order: step_started, step_finished, token (and any other
-        event a step plugin emits), then its RunOutcome. Closing the iterator early (the
-        client went away) cancels the run; it is then not stored."""
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        task = asyncio.create_task(self.execute(run, on_event=queue.put_nowait))
-        task.add_done_callback(lambda _: queue.put_nowait(None))
+    def stream(
+        self, run: PreparedRun, *, cancel_on_disconnect: bool = False
+    ) -> AsyncIterator[RunEvent | Dropped | RunOutcome]:
+        """Start the run now, and its events in order: step_started, step_finished, token
+        (and any other event a step plugin emits), then its RunOutcome (or Dropped, if
+        the reader fell run_events_max events behind). Closing the iterator early (the
+        client went away) leaves the run running to its end, unless
+        `cancel_on_disconnect`."""
+        live = self.start(run)
+        return self._follow(live, live.subscribe(), cancel_on_disconnect=cancel_on_disconnect)
+
+    def follow(self, run_id: str) -> AsyncIterator[RunEvent | Dropped | RunOutcome] | StoredRun:
+        """A running run's events so far, then live ones, then its outcome; an ended run
+        (404 run_not_found if none) as stored."""
+        live = self.live.get(run_id)
+        if live is None or live.ended:
+            return self.runs.get(run_id)
+        return self._follow(live, live.subscribe(), cancel_on_disconnect=False)
+
+    async def _follow(
+        self, live: LiveRun, subscription: Subscription, *, cancel_on_disconnect: bool
+    ) -> AsyncIterator[RunEvent | Dropped | RunOutcome]:
+        finished = False
         try:
-            while (event := await queue.get()) is not None:
-                name = event.get("event")
-                if name in _RUN_EVENTS or not isinstance(name, str):
-                    continue
-                yield RunEvent(name, {k: v for k, v in event.items() if k != "event"})
-            yield task.result()
+            async for item in subscription.items():
+                yield item
+                if isinstance(item, Dropped):
+                    finished = True
+                    return
+            finished = True
+            assert live.outcome is not None
+            yield live.outcome
         finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                log.info("run_cancelled", run_id=run.run_id, workflow_id=run.workflow.id)
+            subscription.close()
+            reason = "cancelled: the client that streamed it disconnected"
+            if cancel_on_disconnect and not finished and live.cancel(reason):
+                assert live.task is not None
+                await asyncio.gather(live.task, return_exceptions=True)
+
+    async def cancel(self, run_id: str) -> Cancelled:
+        """Stop a running run: its running steps and model calls are cancelled, its
+        unfinished steps marked cancelled, and it is stored `cancelled`. 404
+        run_not_found; 409 run_not_cancellable when it has already ended."""
+        live = self.live.get(run_id)
+        if live is not None and live.task is not None:
+            if live.cancel(f"cancelled: POST /api/fusion/runs/{run_id}/cancel"):
+                log.info("run_cancel_requested", run_id=run_id)
+            outcome = await asyncio.shield(live.task)
+            if outcome.result.status == CANCELLED and live.cancelled_at is not None:
+                return Cancelled(outcome, live.cancelled_at)
+            status = outcome.result.status
+        else:
+            status = self.runs.get(run_id).result.status  # 404 run_not_found
+        raise Conflict(
+            f"run '{run_id}' has already ended ({status}): only a running run can be cancelled",
+            param="run_id",
+            code=ErrorCode.RUN_NOT_CANCELLABLE,
+        )
 
     def get_run(self, run_id: str) -> StoredRun:
-        return self.runs.get(run_id)
+        """The run as it stands: a running one from memory (its trace so far), an ended
+        one from the store."""
+        live = self.live.get(run_id)
+        if live is None or live.ended:
+            return self.runs.get(run_id)
+        run = live.run
+        request = RunRequest(run.given_input, run.config, run.definition)
+        return StoredRun(live.snapshot(), run.source, run.models, request)
+
+    # -- start and stop ---------------------------------------------------------------------
+    async def recover(self) -> None:
+        """At start: runs a stopped server left `running` are failed ("interrupted")."""
+        count = await asyncio.to_thread(stored_runs.fail_interrupted, self.runs, utc_iso())
+        if count:
+            log.warning("interrupted_runs_failed", count=count)
+
+    async def stop(self) -> None:
+        """Cancel the runs in progress, each stored `cancelled` before this returns."""
+        await self.live.cancel_all("cancelled: the server shut down during the run")
 
     # -- workflows ------------------------------------------------------------------------
     def source_of(self, wf_id: str) -> str:

@@ -8,6 +8,11 @@ not say `"stream": false`), answers with events `step_started`, `step_finished`,
 body, then the stream ends. Request errors (404 unknown workflow, 400 bad input, 503 model
 not loaded) are found before the stream starts and keep their status; an unexpected error
 during the run is an `error` event carrying the §7 envelope.
+
+A run is the engine's, not the request's (engine/fusion/live.py): a client that goes away
+stops waiting (or reading), not the run, unless a streamed request asked for
+`cancel_on_disconnect`. Any client may follow a run (`GET .../runs/{id}/events`) or cancel
+it (`POST .../runs/{id}/cancel`).
 """
 
 from __future__ import annotations
@@ -25,12 +30,19 @@ from litestar.response import Stream
 from msgspec import Meta
 
 from engine.config import Settings
-from engine.errors import FusionError, InternalError
+from engine.errors import FusionError, InternalError, ServiceUnavailable
 from engine.fusion.capabilities import Capabilities
-from engine.fusion.run_body import RunFields, RunResponse, outcome_response, run_fields
+from engine.fusion.live import Dropped, RunEvent
+from engine.fusion.run_body import (
+    RunFields,
+    RunResponse,
+    outcome_response,
+    run_fields,
+    run_response,
+)
 from engine.fusion.run_body import run_body as run_body  # a workflow job's result
 from engine.fusion.runs import StoredRun
-from engine.fusion.service import FusionService, PreparedRun, RunEvent, WorkflowInfo
+from engine.fusion.service import FusionService, RunOutcome, WorkflowInfo
 from engine.logging import get_logger
 from server.errors import GENERIC_500_MESSAGE
 from server.openapi_docs import error_responses
@@ -52,12 +64,20 @@ class OrchestrateRequest(msgspec.Struct, forbid_unknown_fields=True):
     # Extensions (docs/api.md): the workflow document run by workflow "custom", and SSE.
     definition: dict[str, Any] | None = None
     stream: bool | None = None
+    # A streamed run is cancelled when its client disconnects (by default it runs on).
+    cancel_on_disconnect: bool | None = None
 
 
 class StoredRunResponse(RunFields, kw_only=True):
     input: Any
     config: dict[str, Any] | None
     definition: dict[str, Any] | None = None
+
+
+class CancelResponse(msgspec.Struct):
+    workflow_id: str
+    status: str
+    cancelled_at: str
 
 
 class WorkflowSummary(msgspec.Struct, kw_only=True):
@@ -167,18 +187,36 @@ def _wants_stream(request: Request[Any, Any, Any], body: OrchestrateRequest) -> 
     return "text/event-stream" in request.headers.get("accept", "")
 
 
-async def _events(service: FusionService, run: PreparedRun) -> AsyncIterator[bytes]:
+async def _events(
+    run_id: str, items: AsyncIterator[RunEvent | Dropped | RunOutcome]
+) -> AsyncIterator[bytes]:
     try:
-        async for item in service.stream(run):
+        async for item in items:
             if isinstance(item, RunEvent):
                 yield sse_event(item.name, item.data)
+            elif isinstance(item, Dropped):
+                yield sse_event("error", _dropped(item).envelope())
             else:
                 yield sse_event("result", outcome_response(item))
     except FusionError as exc:
         yield sse_event("error", exc.envelope())
     except Exception as exc:
-        log.error("orchestrate stream failed", run_id=run.run_id, exc_info=exc)
+        log.error("run event stream failed", run_id=run_id, exc_info=exc)
         yield sse_event("error", InternalError(GENERIC_500_MESSAGE).envelope())
+
+
+def _dropped(item: Dropped) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"this client fell {item.behind} events behind run '{item.run_id}' and was dropped: "
+        f"reconnect to GET /api/fusion/runs/{item.run_id}/events, which sends the run's "
+        "events so far, then the live ones",
+        param="run_id",
+    )
+
+
+async def _stored_result(run: StoredRun) -> AsyncIterator[bytes]:
+    body = run_response(run.result, source=run.workflow_source, models=run.models, stored=True)
+    yield sse_event("result", body)
 
 
 @post(
@@ -198,12 +236,15 @@ async def orchestrate(
     # `warnings` says which.
     deprecated = deprecation_headers(run.sunset) if run.sunset is not None else {}
     if _wants_stream(request, data):
+        items = fusion.stream(run, cancel_on_disconnect=bool(data.cancel_on_disconnect))
         return Stream(  # type: ignore[return-value]
-            _events(fusion, run),
+            _events(run.run_id, items),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **deprecated},
         )
-    return Response(outcome_response(await fusion.execute(run)), headers=deprecated)
+    # The run is the engine's: a client that goes away stops waiting, not the run.
+    outcome = await fusion.execute(run, detach=True)
+    return Response(outcome_response(outcome), headers=deprecated)
 
 
 @get(
@@ -216,6 +257,32 @@ async def get_run(
     fusion: NamedDependency[FusionService], run_id: FromPath[str]
 ) -> StoredRunResponse:
     return _stored_run_response(fusion.get_run(run_id))
+
+
+@post(
+    "/api/fusion/runs/{run_id:str}/cancel",
+    status_code=200,
+    tags=TAGS,
+    summary="Cancel a running run: it stops at once and is stored `cancelled`",
+    responses=error_responses(400, 404, 409),
+)
+async def cancel_run(
+    fusion: NamedDependency[FusionService], run_id: FromPath[str]
+) -> CancelResponse:
+    cancelled = await fusion.cancel(run_id)
+    return CancelResponse(run_id, cancelled.outcome.result.status, cancelled.cancelled_at)
+
+
+@get(
+    "/api/fusion/runs/{run_id:str}/events",
+    tags=TAGS,
+    summary="A run's events (server-sent): those so far, the live ones, then `result`",
+    responses=error_responses(400, 404),
+)
+async def run_events(fusion: NamedDependency[FusionService], run_id: FromPath[str]) -> Stream:
+    found = fusion.follow(run_id)
+    body = _stored_result(found) if isinstance(found, StoredRun) else _events(run_id, found)
+    return Stream(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 @get("/api/fusion/workflows", tags=TAGS, summary="Predefined and composed workflows (§3.2)")
@@ -304,6 +371,8 @@ async def compose(
 ROUTES = [
     orchestrate,
     get_run,
+    cancel_run,
+    run_events,
     list_workflows,
     get_workflow,
     delete_workflow,
