@@ -26,9 +26,11 @@ from serverutil import RunningServer, serve_app
 from structlog.testing import capture_logs
 
 from engine.config import Settings
+from engine.fusion.live import Dropped, LiveRun, RunEvent
 from engine.fusion.runs import INTERRUPTED, RunRequest, RunStore, StoredRun
 from engine.models.backends.base import ChatParams
 from engine.runtime.trace import RunResult, StepRecord
+from engine.services import Engine
 from engine.steps.base import StepContext, StepPlugin
 from engine.store import Store
 from server.app import create_app
@@ -460,3 +462,50 @@ def test_shutdown_cancels_runs_and_a_restart_fails_those_a_crash_left(tmp_path: 
         assert failed["status"] == "failed"
         assert failed["error"] == INTERRUPTED
         assert failed["completed_at"] is not None
+
+
+# -- bounds ----------------------------------------------------------------------------------
+async def test_the_event_log_and_each_follower_stay_bounded(tmp_path: Path) -> None:
+    engine = await Engine.start(settings(tmp_path, startup_models=[]))
+    try:
+        assert engine.fusion is not None
+        definition = {"steps": [{"step_id": "a", "type": "template", "value": "x"}]}
+        prepared = await engine.fusion.prepare("custom", {}, definition=definition)
+        live = LiveRun(prepared, max_events=4)
+        slow = live.subscribe()  # never reads
+        live.publish(RunEvent("step_started", {"step_id": "a"}))
+        for i in range(3):
+            live.publish(RunEvent("token", {"delta": str(i)}))
+        # The fifth event: the log drops its oldest token; the slow follower is dropped.
+        live.publish(RunEvent("step_finished", {"step_id": "a"}))
+        late = live.subscribe().items()
+        backlog = [await anext(late) for _ in range(4)]
+        assert [(e.name, e.data) for e in backlog if isinstance(e, RunEvent)] == [
+            ("step_started", {"step_id": "a"}),
+            ("token", {"delta": "1"}),
+            ("token", {"delta": "2"}),
+            ("step_finished", {"step_id": "a"}),
+        ]
+        assert [item async for item in slow.items()] == [Dropped(prepared.run_id, 4)]
+        # With no token left to drop, the oldest step events go.
+        for i in range(3):
+            live.publish(RunEvent("step_started", {"step_id": f"s{i}"}))
+        assert [(e.name, e.data.get("step_id")) for e in await _backlog(live, 4)] == [
+            ("step_finished", "a"),  # the tokens went first, then the oldest step event
+            ("step_started", "s0"),
+            ("step_started", "s1"),
+            ("step_started", "s2"),
+        ]
+        live.publish(RunEvent("step_started", {"step_id": "s3"}))
+        assert all(e.name == "step_started" for e in await _backlog(live, 4))
+    finally:
+        await engine.stop()
+
+
+async def _backlog(live: LiveRun, count: int) -> list[RunEvent]:
+    subscription = live.subscribe()
+    items = subscription.items()
+    found = [await anext(items) for _ in range(count)]
+    subscription.close()
+    assert all(isinstance(e, RunEvent) for e in found)
+    return [e for e in found if isinstance(e, RunEvent)]
