@@ -64,3 +64,16 @@ if [ "$(uname -s)" = Linux ] && [ ! -e /usr/lib/x86_64-linux-gnu/openblas-pthrea
     || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libopenblas0-pthread >/dev/null 2>&1)) \
     || echo "note: libopenblas0-pthread not installed; MLX uses its slower bundled BLAS" >&2
 fi
+
+# The web UI's browser tests (tests/test_ui_browser.py) drive Debian's Chromium through
+# the `playwright` package (dev extra); no browser can be downloaded here. Installed as
+# root with apt-get when missing; otherwise those tests skip and say why.
+if [ "$(uname -s)" = Linux ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get install -y -qq chromium >/dev/null 2>&1 \
+      || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1)) \
+      || echo "note: chromium not installed; the browser tests of the web UI will skip" >&2
+  else
+    echo "note: no chromium (install it: apt-get install chromium); the web UI's browser tests will skip" >&2
+  fi
+fi

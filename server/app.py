@@ -42,6 +42,7 @@ from server.routes import openai as openai_routes
 from server.routes import rag as rag_routes
 from server.routes import runs_list
 from server.routes.health import health
+from server.ui import ROUTES as UI_ROUTES
 from server.versioning import ApiVersionMiddleware
 
 log = get_logger("server.app")
@@ -100,6 +101,7 @@ def create_app(
             *(mcp_routes.ROUTES if settings.jobs_enabled else []),
             *metrics.ROUTES,
             *diagnostics.ROUTES,
+            *UI_ROUTES,
             *extra_routes,
         ],
         lifespan=[lifespan],

@@ -7,6 +7,11 @@ balancers probe those without credentials) needs a valid key; /metrics, /interna
 the OpenAPI document need one too, as they tell about the server's operation. A refused
 request gets 401 `authentication_failed` in the §7 envelope with `WWW-Authenticate: Bearer`.
 
+The web UI (server/ui) cannot send a header from a plain link or an EventSource, so the key
+is also accepted from the `fusion_key` cookie that its login form sets (HttpOnly,
+SameSite=Strict: a cross-site page never sends it; server/ui/security.py). The header wins
+when both are present. The login page and the UI's static files are public.
+
 Keys are compared as SHA-256 digests with hmac.compare_digest, against every configured key
 whatever matched first, so the time taken tells nothing about which bytes or which key came
 close. A key is never logged, on success or failure; its name is: bound in the structlog
@@ -23,6 +28,7 @@ import hashlib
 import hmac
 import re
 from ipaddress import ip_address
+from urllib.parse import unquote
 
 import structlog
 from litestar.datastructures import Headers
@@ -39,6 +45,11 @@ log = get_logger("server.auth")
 ROUTES: list[ControllerRouterHandler] = []
 
 HASH_PREFIX = "sha256:"
+# The cookie the UI's login form sets (server/ui/security.py).
+KEY_COOKIE = "fusion_key"
+# Reachable without a key: the UI's login page and its own static files (no data in them).
+PUBLIC_UI_PATHS = ("/ui/login",)
+PUBLIC_UI_PREFIXES = ("/ui/static/",)
 # Where the authenticated key's name is kept for the request log line and the metrics.
 KEY_NAME_STATE_KEY = "api_key_name"
 _HEX_DIGEST = re.compile(r"[0-9a-fA-F]{64}")
@@ -78,6 +89,8 @@ def is_loopback(host: str) -> bool:
 
 
 def is_public(path: str) -> bool:
+    if path in PUBLIC_UI_PATHS or path.startswith(PUBLIC_UI_PREFIXES):
+        return True
     return path == "/health" or path.startswith("/health/")
 
 
@@ -93,6 +106,16 @@ def key_name(authorization: str | None, digests: dict[str, bytes]) -> str | None
         if hmac.compare_digest(presented, digest) and found is None:
             found = name
     return found
+
+
+def _cookie(header: str | None, name: str) -> str | None:
+    """The value of cookie `name` in a Cookie header, percent-decoded (the UI quotes the
+    key, which may hold characters a cookie cannot), or None."""
+    for part in (header or "").split(";"):
+        key, sep, value = part.strip().partition("=")
+        if sep and key == name:
+            return unquote(value.strip('"')) or None
+    return None
 
 
 class ApiKeyMiddleware(ASGIMiddleware):
@@ -113,7 +136,11 @@ class ApiKeyMiddleware(ASGIMiddleware):
         if not self.digests or is_public(scope["path"]):
             await next_app(scope, receive, send)
             return
-        authorization = Headers.from_scope(scope).get("authorization")
+        headers = Headers.from_scope(scope)
+        authorization = headers.get("authorization")
+        if authorization is None:
+            cookie = _cookie(headers.get("cookie"), KEY_COOKIE)
+            authorization = f"Bearer {cookie}" if cookie else None
         name = key_name(authorization, self.digests)
         if name is None:
             log.warning(
