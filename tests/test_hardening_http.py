@@ -350,13 +350,16 @@ def lm_requests(client: httpx.Client) -> int:
     return count
 
 
-def test_a_run_stops_when_its_client_disconnects(
+def test_a_run_stops_when_its_client_disconnects_if_asked(
     client: httpx.Client, server: RunningServer
 ) -> None:
+    # A run is the engine's: only a streamed one that asks for it stops with its client
+    # (tests/test_runs_live.py: the others run on).
     items = 400
     registry = server.app.state.engine.models
     before = lm_requests(client)
-    with closing(send_raw(server.base_url, "/api/fusion/orchestrate", json=long_run(items))):
+    body = {**long_run(items), "stream": True, "cancel_on_disconnect": True}
+    with closing(send_raw(server.base_url, "/api/fusion/orchestrate", json=body)):
         wait_for(lambda: lm_requests(client) >= before + 2, what="the run calling the model")
         assert_health(server.base_url)
     # The connection is closed: the run is cancelled within one item.
