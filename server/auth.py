@@ -10,7 +10,7 @@ request gets 401 `authentication_failed` in the §7 envelope with `WWW-Authentic
 The web UI (server/ui) cannot send a header from a plain link or an EventSource, so the key
 is also accepted from the `fusion_key` cookie that its login form sets (HttpOnly,
 SameSite=Strict: a cross-site page never sends it; server/ui/security.py). The header wins
-when both are present. The login page and the UI's static files are public.
+when both are present. The login and logout pages and the UI's static files are public.
 
 Keys are compared as SHA-256 digests with hmac.compare_digest, against every configured key
 whatever matched first, so the time taken tells nothing about which bytes or which key came
@@ -47,8 +47,9 @@ ROUTES: list[ControllerRouterHandler] = []
 HASH_PREFIX = "sha256:"
 # The cookie the UI's login form sets (server/ui/security.py).
 KEY_COOKIE = "fusion_key"
-# Reachable without a key: the UI's login page and its own static files (no data in them).
-PUBLIC_UI_PATHS = ("/ui/login",)
+# Reachable without a key: the UI's login and logout (which only clears the key's cookie)
+# and its own static files (no data in them).
+PUBLIC_UI_PATHS = ("/ui/login", "/ui/logout")
 PUBLIC_UI_PREFIXES = ("/ui/static/",)
 # Where the authenticated key's name is kept for the request log line and the metrics.
 KEY_NAME_STATE_KEY = "api_key_name"

@@ -13,13 +13,14 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
 import httpx
 import pytest
 from serverutil import serve_app
-from test_ui_pages import ECHO, SCRIPT, write_workflows
+from test_ui_pages import ECHO, KEY, SCRIPT, write_workflows
 
 from engine.config import Settings
 from engine.steps.base import StepContext, StepPlugin
@@ -105,9 +106,9 @@ GATED = {
 }
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    tmp = tmp_path_factory.mktemp("ui-browser")
+@contextmanager
+def serving(tmp: Path, **extra: Any) -> Iterator[httpx.Client]:
+    """A real server with the test workflows, the echo model and `gated` composed."""
     write_workflows(tmp / "wf")
     settings = Settings(
         data_dir=tmp,
@@ -115,14 +116,22 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
         startup_models=[ECHO],
         log_level="warning",
         rate_limit_enabled=False,
+        **extra,
     )
+    headers = {"Authorization": f"Bearer {KEY}"} if "api_keys" in extra else {}
     with (
         serve_app(create_app(settings)) as running,
-        httpx.Client(base_url=running.base_url, timeout=60.0) as client,
+        httpx.Client(base_url=running.base_url, timeout=60.0, headers=headers) as client,
     ):
         running.app.state.engine.steps.register(GateStep)
         composed = client.post("/api/fusion/compose", json=GATED)
         assert composed.status_code == 201, composed.text
+        yield client
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    with serving(tmp_path_factory.mktemp("ui-browser")) as client:
         yield client
 
 
@@ -136,11 +145,9 @@ def browser() -> Iterator[Any]:
         chromium.close()
 
 
-@pytest.fixture
-def page(browser: Any, server: httpx.Client) -> Iterator[Any]:
-    context = browser.new_context(
-        base_url=str(server.base_url), viewport={"width": 1280, "height": 900}
-    )
+@contextmanager
+def browsing(browser: Any, base_url: str) -> Iterator[Any]:
+    context = browser.new_context(base_url=base_url, viewport={"width": 1280, "height": 900})
     context.set_default_timeout(WAIT_MS)
     page = context.new_page()
     errors: list[str] = []
@@ -149,6 +156,12 @@ def page(browser: Any, server: httpx.Client) -> Iterator[Any]:
     yield page
     context.close()
     assert errors == [], errors  # no script error, no alert from the run's content
+
+
+@pytest.fixture
+def page(browser: Any, server: httpx.Client) -> Iterator[Any]:
+    with browsing(browser, str(server.base_url)) as page:
+        yield page
 
 
 def start_from_form(
@@ -238,3 +251,25 @@ def test_the_workflows_pages(page: Any) -> None:
         page.screenshot(path=str(Path(SHOTS) / "workflows.png"), full_page=True)
         page.goto("/ui/runs")
         page.screenshot(path=str(Path(SHOTS) / "runs.png"), full_page=True)
+
+
+def test_with_a_key_the_login_cookie_serves_pages_stream_and_cancel(
+    browser: Any, tmp_path: Path
+) -> None:
+    with (
+        serving(tmp_path, api_keys={"ui": KEY}) as keyed,
+        browsing(browser, str(keyed.base_url)) as page,
+    ):
+        page.goto("/ui/workflows/gated")
+        page.wait_for_url(re.compile(r"/ui/login\?next="))
+        page.fill('[name="key"]', KEY)
+        page.click('form[action="/ui/login"] button')
+        page.wait_for_url(re.compile(r"/ui/workflows/gated$"))
+        start_from_form(page, "gated", {"text": "keyed", "gate": "keyed"}, {"generation": "echo"})
+        # The event stream and the cancel call reach the API with the cookie.
+        page.wait_for_selector(node("hold", "running"))
+        sync_api.expect(page.locator('li.step[data-step="say"] pre.tokens')).to_contain_text(
+            "keyed"
+        )
+        page.click("#cancel")
+        page.wait_for_selector("#run-status.status-cancelled")

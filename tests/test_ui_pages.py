@@ -314,6 +314,8 @@ def test_with_a_key_set_pages_need_it(keyed: httpx.Client) -> None:
     assert page.headers["location"] == "/ui/login?next=%2Fui%2Fruns%3Fstatus%3Dcompleted"
     assert keyed.get("/ui/login").status_code == 200  # the login page and static files are open
     assert keyed.get("/ui/static/ui.css").status_code == 200
+    # Logging out only clears the cookie: no key needed.
+    assert keyed.post("/ui/logout", headers=origin(keyed)).status_code == 303
     # The header works as for the API.
     assert keyed.get("/ui/runs", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 

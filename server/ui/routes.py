@@ -279,7 +279,7 @@ async def start_run(
 async def login_page(request: Request[Any, Any, Any]) -> Response[str]:
     settings = _settings(request)
     target = security.safe_next(request.query_params.get("next"))
-    return page("login.html", settings, next=target, error=None)
+    return page("login.html", settings, section="login", next=target, error=None)
 
 
 @post("/login", name="ui_login_post")
@@ -291,7 +291,12 @@ async def login(request: Request[Any, Any, Any]) -> Response[Any]:
     key = str(form.get("key") or "")
     if security.keys_required(settings) and not security.valid_key(settings, key):
         return page(
-            "login.html", settings, status_code=401, next=target, error="That key is not valid."
+            "login.html",
+            settings,
+            status_code=401,
+            section="login",
+            next=target,
+            error="That key is not valid.",
         )
     response: Response[Any] = Redirect(target, status_code=HTTP_303_SEE_OTHER)
     if security.keys_required(settings):
