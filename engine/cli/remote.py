@@ -173,7 +173,8 @@ def orchestrate_body(args: argparse.Namespace) -> dict[str, Any]:
     else is a workflow id on the server."""
     target: str = args.workflow
     path = Path(target)
-    body: dict[str, Any] = {"workflow": target, "stream": True}
+    # The run is the terminal's: Ctrl-C (the stream closing) stops it on the server too.
+    body: dict[str, Any] = {"workflow": target, "stream": True, "cancel_on_disconnect": True}
     if is_workflow_file(target):
         if not path.is_file():
             raise InvalidRequest(f"no such workflow file: {target}", param="workflow")
