@@ -251,6 +251,33 @@ def test_user_content_is_escaped(client: httpx.Client) -> None:
     assert "<script" not in page.replace('<script src="/ui/static/run.js" defer></script>', "")
 
 
+def test_a_step_shows_its_rendered_input_and_output_escaped(client: httpx.Client) -> None:
+    run_id = start(client, "greet", {"input.text": SCRIPT, "model.generation": "echo"})
+    assert ended(client, run_id)["status"] == "completed"
+    page = client.get(f"/ui/runs/{run_id}").text
+    escaped = "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;"
+    step = page[page.index('data-step="shout" id="step-shout"') :]
+    shown = re.search(
+        r'<details class="input"><summary>[^<]*</summary><pre>(.*?)</pre></details>\s*'
+        r'<details class="output"><summary>[^<]*</summary><pre data-role="output">(.*?)</pre>',
+        step,
+        re.S,
+    )
+    assert shown is not None, step[:2000]
+    # The rendered parameters as pretty JSON (the template's value, not "{{ ... }}"), the
+    # output as text, both escaped; collapsed (no `open`).
+    assert shown.group(1) == "{\n  &#34;value&#34;: &#34;" + escaped + "&#34;\n}"
+    assert shown.group(2) == escaped
+    say = page[
+        page.index('data-step="say" id="step-say"') : page.index(
+            'data-step="shout" id="step-shout"'
+        )
+    ]
+    assert "&#34;max_tokens&#34;: 64" in say  # the model call's rendered input
+    assert "{{" not in say.split('class="input"')[1]
+    assert SCRIPT not in page
+
+
 def test_pages_carry_a_content_security_policy_without_inline_script(
     client: httpx.Client,
 ) -> None:

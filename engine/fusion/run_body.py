@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from engine.errors import ErrorDetail, FusionError
+from engine.errors import ErrorDetail, FusionError, InvalidRequest
 from engine.runtime.trace import RunResult, StepRecord
 
 if TYPE_CHECKING:
@@ -41,6 +41,31 @@ class TraceEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
     index: int | None = None  # an item's index or a pass's number, from 0
     children: list[TraceEntry] | None = None
     children_omitted: int | None = None  # children beyond the setting trace_max_children
+    # Only when asked for (GET /api/fusion/runs/{id}?include=io): the step's rendered
+    # parameters and its output; UNSET (left out) otherwise, so bodies stay as they were.
+    input: Any | msgspec.UnsetType = msgspec.UNSET
+    output: Any | msgspec.UnsetType = msgspec.UNSET
+
+
+# What GET /api/fusion/runs/{id}?include= may add to the body (docs/api.md).
+INCLUDE_IO = "io"
+INCLUDES = (INCLUDE_IO,)
+
+
+def parse_include(values: Sequence[str] | None) -> frozenset[str]:
+    """`include` given repeated and/or comma-separated; an unknown value is 400 naming the
+    parameter."""
+    found: set[str] = set()
+    for value in values or ():
+        for part in value.split(","):
+            part = part.strip()
+            if part not in INCLUDES:
+                raise InvalidRequest(
+                    f"unknown include {part!r}: expected one of {', '.join(INCLUDES)}",
+                    param="include",
+                )
+            found.add(part)
+    return frozenset(found)
 
 
 class RequestWarning(msgspec.Struct):
@@ -72,7 +97,8 @@ class RunResponse(RunFields, kw_only=True, omit_defaults=True):
     warnings: list[RequestWarning] = []  # about the request (a deprecated role name)
 
 
-def trace_entry(record: StepRecord) -> TraceEntry:
+def trace_entry(record: StepRecord, *, io: bool = False) -> TraceEntry:
+    """`record`'s trace entry; `io`: with its `input` and `output` (its children's too)."""
     return TraceEntry(
         step=record.step_id,
         type=record.type,
@@ -88,21 +114,26 @@ def trace_entry(record: StepRecord) -> TraceEntry:
         mocked=record.mocked,
         path=record.path,
         index=record.index,
-        children=None if record.children is None else [trace_entry(c) for c in record.children],
+        children=None
+        if record.children is None
+        else [trace_entry(c, io=io) for c in record.children],
         children_omitted=record.children_omitted,
+        input=record.input if io else msgspec.UNSET,
+        output=record.output if io else msgspec.UNSET,
     )
 
 
 def run_fields(
-    result: RunResult, *, source: str | None, models: Mapping[str, Any]
+    result: RunResult, *, source: str | None, models: Mapping[str, Any], io: bool = False
 ) -> dict[str, Any]:
     """The fields of RunFields for `result`; `source`: where the workflow came from,
-    `models`: the model bound to each role."""
+    `models`: the model bound to each role; `io`: trace entries with their input and
+    output."""
     return {
         "workflow_id": result.run_id,
         "status": result.status,
         "result": result.output,
-        "execution_trace": [trace_entry(r) for r in result.trace],
+        "execution_trace": [trace_entry(r, io=io) for r in result.trace],
         "total_latency_ms": result.total_latency_ms,
         "created_at": result.created_at,
         "completed_at": result.completed_at,

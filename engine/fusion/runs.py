@@ -74,11 +74,23 @@ register_migration(
     """,
 )
 
+# Each step's rendered input and output (StepRecord.input/output, children included), kept
+# apart from the trace so that reading a run (or its history's step counts) does not read
+# them unless asked (GET .../runs/{id}?include=io). Appended as the row's last column: the
+# listing's summary columns are read without walking past it. Written with the run's end
+# only (not in its running-trace updates); deleted with its row (count bound, purge).
+register_migration(
+    6,
+    "runs_steps_io",
+    "ALTER TABLE runs ADD COLUMN io TEXT CHECK (io IS NULL OR json_valid(io));",
+)
+
 _COLUMNS = (
     "id, workflow_id, workflow_version, status, input, result, trace, error, created_at, "
     "completed_at, total_latency_ms, workflow_source, models, config, definition"
 )
-_INSERT = f"INSERT INTO runs ({_COLUMNS}) VALUES ({', '.join('?' * 15)})"
+_WRITTEN = f"{_COLUMNS}, io"  # a row as written: the columns read by `get`, then io
+_INSERT = f"INSERT INTO runs ({_WRITTEN}) VALUES ({', '.join('?' * 16)})"
 _JSON_COLUMNS = ("input", "result", "trace", "models", "config", "definition")
 
 
@@ -123,12 +135,84 @@ class RunRequest:
 @dataclass(frozen=True)
 class StoredRun:
     """A run as it is kept: its result and trace, the workflow's source (None for runs
-    stored before sources were), the model bound to each role, and what it was asked."""
+    stored before sources were), the model bound to each role, and what it was asked.
+    `io_omitted`: read with its steps' IO (`RunStore.get(io=True)`) but it has none, and
+    why (too large to store, or stored before IO was)."""
 
     result: RunResult
     workflow_source: str | None
     models: dict[str, Any]
     request: RunRequest
+    io_omitted: str | None = None
+
+
+# The io column: {"steps": [node per trace entry]}, a node {"input", "output"} (each the
+# value or the truncation marker) plus "children" (nodes in the trace's children's order)
+# where the record has children; or {"omitted": why} for a run stored without its IO.
+IO_TOO_LARGE = (
+    "not stored: the steps' inputs and outputs (more than the {room} bytes left to the run's "
+    "record) would take it over the limit of {limit} bytes (setting runs_max_stored_bytes)"
+)
+IO_NOT_RECORDED = "not recorded: the run was stored without its steps' inputs and outputs"
+
+
+class _IOBudget:
+    """Bytes of IO text the record has room for: encoding stops once they are spent (the
+    run is then stored without IO), so a run of many large outputs costs its end write
+    no more than the record's bound in encoding."""
+
+    def __init__(self, room: int) -> None:
+        self.left = room
+
+    def value(self, value: Any, max_field_bytes: int) -> str:
+        text = _bounded_json(value, max_field_bytes) or "null"
+        self.left -= _utf8_bytes(text)
+        if self.left < 0:
+            raise _IOTooLarge
+        return text
+
+
+class _IOTooLarge(Exception):
+    """The steps' IO does not fit in the record."""
+
+
+def _io_node(record: StepRecord, max_field_bytes: int, budget: _IOBudget) -> str:
+    """`record`'s IO node as JSON text, built from each value's bounded encoding (encoded
+    once, not decoded again)."""
+    parts = [
+        '{"input":',
+        budget.value(record.input, max_field_bytes),
+        ',"output":',
+        budget.value(record.output, max_field_bytes),
+    ]
+    if record.children is not None:
+        nodes = ",".join(_io_node(child, max_field_bytes, budget) for child in record.children)
+        parts += [',"children":[', nodes, "]"]
+    parts.append("}")
+    return "".join(parts)
+
+
+def _io_text(trace: list[StepRecord], max_field_bytes: int, room: int, limit: int) -> str | None:
+    """The io column's text for `trace`, or the omitted marker when it would take more
+    than `room` bytes (of the record's `limit`); None when not even the marker fits."""
+    budget = _IOBudget(room)
+    try:
+        text = '{"steps":[' + ",".join(_io_node(r, max_field_bytes, budget) for r in trace) + "]}"
+        if _utf8_bytes(text) > room:  # the values fit, not with the JSON around them
+            raise _IOTooLarge
+    except _IOTooLarge:
+        # The run is kept, its IO not: a run's record matters more than its details.
+        marker = _json({"omitted": IO_TOO_LARGE.format(room=room, limit=limit)})
+        return marker if marker is not None and _utf8_bytes(marker) <= room else None
+    return text
+
+
+def _attach_io(records: list[StepRecord], nodes: list[dict[str, Any]]) -> None:
+    """Put the stored IO `nodes` back on the trace's `records` (the same tree)."""
+    for record, node in zip(records, nodes, strict=False):
+        record.input, record.output = node.get("input"), node.get("output")
+        if record.children and node.get("children"):
+            _attach_io(record.children, node["children"])
 
 
 # The trace column keeps one object per step under these names (those of §3.1's trace,
@@ -188,7 +272,9 @@ def _step_record(item: dict[str, Any]) -> StepRecord:
 RunRow = tuple[Any, ...]
 
 
-def _row(run: StoredRun, *, max_bytes: int, max_field_bytes: int) -> RunRow:
+def _row(run: StoredRun, *, max_bytes: int, max_field_bytes: int, io: bool) -> RunRow:
+    """`run`'s row; `io`: with its steps' IO (the run's end), which is left out (the io
+    column then says why) when it would take the record over `max_bytes`."""
     result, request = run.result, run.request
     version = result.workflow_version
     if version is not None and not isinstance(version, int | str):
@@ -217,7 +303,9 @@ def _row(run: StoredRun, *, max_bytes: int, max_field_bytes: int) -> RunRow:
             f"the limit of {max_bytes} bytes a stored run may have (setting runs_max_stored_bytes)",
             param="run",
         )
-    return row
+    room = max_bytes - size
+    steps_io = _io_text(result.trace, max_field_bytes, room, max_bytes) if io else None
+    return (*row, steps_io)
 
 
 def _utf8_bytes(text: str) -> int:
@@ -250,10 +338,11 @@ class RunStore:
         self.max_run_bytes = max_run_bytes
         self.max_field_bytes = max_field_bytes
 
-    def encode(self, run: StoredRun) -> RunRow:
+    def encode(self, run: StoredRun, *, io: bool = True) -> RunRow:
         """The run's row, JSON encoded once: RecordTooLarge when it exceeds the limit.
-        Pass it to `try_insert`, then (if that returns False) to `insert`."""
-        return _row(run, max_bytes=self.max_run_bytes, max_field_bytes=self.max_field_bytes)
+        Pass it to `try_insert`, then (if that returns False) to `insert`. `io`: with its
+        steps' inputs and outputs (an ended run's; a running run's first row has none)."""
+        return _row(run, max_bytes=self.max_run_bytes, max_field_bytes=self.max_field_bytes, io=io)
 
     def try_save(self, run: StoredRun) -> bool:
         """Save now, on this thread, if the database is free: False, having written
@@ -288,13 +377,16 @@ class RunStore:
             conn.execute(_INSERT, row)
             conn.execute(_PRUNE, (self.max_runs,))
 
-    def get(self, run_id: str) -> StoredRun:
-        rows = self.store.query(f"SELECT {_COLUMNS} FROM runs WHERE id = ?", (run_id,))
+    def get(self, run_id: str, *, io: bool = False) -> StoredRun:
+        """The stored run (404 run_not_found); `io`: its trace records with their stored
+        inputs and outputs (or `io_omitted` saying why there are none)."""
+        columns = _WRITTEN if io else _COLUMNS
+        rows = self.store.query(f"SELECT {columns} FROM runs WHERE id = ?", (run_id,))
         if not rows:
             raise NotFound(
                 f"run '{run_id}' not found", param="run_id", code=ErrorCode.RUN_NOT_FOUND
             )
-        names = [c.strip() for c in _COLUMNS.split(",")]
+        names = [c.strip() for c in columns.split(",")]
         row = dict(zip(names, rows[0], strict=True))
         for key in _JSON_COLUMNS:
             if row[key] is not None:
@@ -312,7 +404,15 @@ class RunStore:
             total_latency_ms=row["total_latency_ms"],
         )
         request = RunRequest(input=row["input"], config=row["config"], definition=row["definition"])
-        return StoredRun(result, row["workflow_source"], row["models"] or {}, request)
+        omitted: str | None = None
+        if io:
+            stored_io = None if row["io"] is None else msgspec.json.decode(row["io"])
+            if isinstance(stored_io, dict) and isinstance(stored_io.get("steps"), list):
+                _attach_io(result.trace, stored_io["steps"])
+            else:
+                omitted = stored_io.get("omitted") if isinstance(stored_io, dict) else None
+                omitted = omitted or IO_NOT_RECORDED
+        return StoredRun(result, row["workflow_source"], row["models"] or {}, request, omitted)
 
 
 # -- live runs (engine/fusion/live.py) -------------------------------------------------------
@@ -322,7 +422,7 @@ class RunStore:
 # (`save_end`). A server that stops mid-run leaves rows `running`: the next start marks
 # them failed (`fail_interrupted`).
 INTERRUPTED = "interrupted: the server stopped during the run"
-_NAMES = [c.strip() for c in _COLUMNS.split(",")]
+_NAMES = [c.strip() for c in _WRITTEN.split(",")]
 _PROGRESS = "UPDATE runs SET trace = ? WHERE id = ? AND status = 'running'"
 _END = f"{_INSERT} ON CONFLICT (id) DO UPDATE SET " + ", ".join(
     f"{name} = excluded.{name}" for name in _NAMES[1:]

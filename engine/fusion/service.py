@@ -360,7 +360,8 @@ class FusionService:
         run = live.run
         request = RunRequest(run.given_input, run.config, run.definition)
         try:
-            row = self.runs.encode(StoredRun(live.snapshot(), run.source, run.models, request))
+            started = StoredRun(live.snapshot(), run.source, run.models, request)
+            row = self.runs.encode(started, io=False)  # the steps' IO comes with its end
         except RecordTooLarge:
             return lambda: None  # its end cannot be stored either: it says so then
         return lambda: self.runs.insert(row)
@@ -474,15 +475,24 @@ class FusionService:
             code=ErrorCode.RUN_NOT_CANCELLABLE,
         )
 
-    def get_run(self, run_id: str) -> StoredRun:
-        """The run as it stands: a running one from memory (its trace so far), an ended
-        one from the store."""
+    def get_run(self, run_id: str, *, io: bool = False) -> StoredRun:
+        """The run as it stands: a running one from memory (its trace so far, its records
+        holding their IO), an ended one from the store (`io`: with its steps' IO)."""
         live = self.live.get(run_id)
         if live is None or live.ended:
-            return self.runs.get(run_id)
+            return self.runs.get(run_id, io=io)
         run = live.run
         request = RunRequest(run.given_input, run.config, run.definition)
         return StoredRun(live.snapshot(), run.source, run.models, request)
+
+    async def read_run(self, run_id: str, *, io: bool = False) -> StoredRun:
+        """`get_run` for a request: an ended run is read (and decoded: its IO may be large)
+        on a worker thread, not on the event loop; a running one from memory, on the loop,
+        where the executor changes its records."""
+        live = self.live.get(run_id)
+        if live is not None and not live.ended:
+            return self.get_run(run_id, io=io)
+        return await asyncio.to_thread(self.runs.get, run_id, io=io)
 
     # -- start and stop ---------------------------------------------------------------------
     async def recover(self) -> None:

@@ -414,7 +414,6 @@ class _Run:
             created_at=created_at,
             completed_at=utc_iso(),
             total_latency_ms=round((time.perf_counter() - started) * 1000, 3),
-            step_outputs={sid: state["output"] for sid, state in self.states.items()},
         )
         self.emit("run_finished", {"status": status, "error": error})
         return result
@@ -497,7 +496,7 @@ class _Run:
                 {"step_id": step.id, **self.where(step.id), "status": FAILED, "error": str(exc)},
             )
             return
-        record.status = STEP_SKIPPED
+        record.status, record.output = STEP_SKIPPED, output
         state.update(status=STEP_SKIPPED, ran=False, output=output)
         self.emit(
             "step_finished",
@@ -558,7 +557,7 @@ class _Run:
                 output = await self.attempts(step, record, self.scope)
             self.check_size(output, "output")
             state.update(status=COMPLETED, ran=True, output=output)
-            record.status = COMPLETED
+            record.status, record.output = COMPLETED, output
         except Exception as exc:
             if isinstance(exc, StepFailed):
                 error = str(exc)
@@ -573,7 +572,7 @@ class _Run:
                 output = await self.fallback(step)
             except StepFailed as unusable:
                 output, error = None, f"{error}; {unusable}"
-            record.error = error
+            record.error, record.output = error, output
             state.update(status=FAILED, ran=True, output=output, error=error)
             log.info("step_failed", run_id=self.run_id, step_id=step.id, error=error)
         except asyncio.CancelledError:
@@ -734,6 +733,8 @@ class _Run:
             params = await render(step.params, scope, self.limits.render, step.timeout_s)
         except TemplateRenderError as exc:
             raise StepFailed(f"parameters: {exc}") from None
+        if target is not None:
+            target.input = params  # the rendered parameters: what the step was given
         if not isinstance(step.params, Literal):
             errors = list(self.runner.validator(step).iter_errors(params))
             if errors:
@@ -772,9 +773,10 @@ class _Run:
             )
             try:
                 call = step.plugin.run(params, ctx, step.prepared)
-                if step.timeout_s:
-                    return await asyncio.wait_for(call, step.timeout_s)
-                return await call
+                output = await (asyncio.wait_for(call, step.timeout_s) if step.timeout_s else call)
+                if target is not None:
+                    target.output = output  # run_step sets a top step's own final output
+                return output
             except TimeoutError as exc:
                 # wait_for's own timeout, or one the plugin raised itself
                 error = (

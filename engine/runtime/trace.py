@@ -38,10 +38,19 @@ class StepRecord:
     children: list[StepRecord] | None = None
     # Children beyond the setting trace_max_children: counted, not recorded.
     children_omitted: int | None = None
+    # The step's (item's, pass's) parameters as rendered for its last attempt (None until
+    # rendered; a for_each or repeat step's own record has none: its children do) and its
+    # output (for a top step: what later steps see, a default after a skip or failure).
+    # In memory only: the §3.1 body, to_dict and the stored trace leave them out; they are
+    # asked for (GET .../runs/{id}?include=io) and stored apart (engine/fusion/runs.py).
+    input: Any = field(default=None, repr=False, compare=False)
+    output: Any = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in fields(self):
+            if f.name in _IO_FIELDS:
+                continue
             value = getattr(self, f.name)
             if f.name == "children" and value is not None:
                 value = [child.to_dict() for child in value]
@@ -63,6 +72,9 @@ class StepRecord:
         return True
 
 
+_IO_FIELDS = frozenset({"input", "output"})
+
+
 @dataclass
 class RunResult:
     run_id: str
@@ -75,10 +87,12 @@ class RunResult:
     created_at: str = ""
     completed_at: str = ""
     total_latency_ms: float = 0.0
-    # step id -> its output (None for a step that did not run), for `fusion test`'s
-    # expect.steps.<id>.output. Not part of a run's body: to_dict, the API and stored
-    # runs leave it out, as a step's output may be large.
-    step_outputs: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def step_outputs(self) -> dict[str, Any]:
+        """Step id -> its output (None for a step that did not run), for `fusion test`'s
+        expect.steps.<id>.output: the top steps' records' outputs (not part of to_dict)."""
+        return {record.step_id: record.output for record in self.trace}
 
     def to_dict(self) -> dict[str, Any]:
         return {

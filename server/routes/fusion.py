@@ -25,7 +25,7 @@ import msgspec
 from litestar import Request, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
-from litestar.params import FromPath, FromQuery, JSONBody
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import Stream
 from msgspec import Meta
 
@@ -34,9 +34,12 @@ from engine.errors import FusionError, InternalError, ServiceUnavailable
 from engine.fusion.capabilities import Capabilities
 from engine.fusion.live import Dropped, RunEvent
 from engine.fusion.run_body import (
+    INCLUDE_IO,
+    INCLUDES,
     RunFields,
     RunResponse,
     outcome_response,
+    parse_include,
     run_fields,
     run_response,
 )
@@ -72,6 +75,8 @@ class StoredRunResponse(RunFields, kw_only=True):
     input: Any
     config: dict[str, Any] | None
     definition: dict[str, Any] | None = None
+    # include=io on a run stored without its steps' IO: why (left out otherwise)
+    io_omitted: str | msgspec.UnsetType = msgspec.UNSET
 
 
 class CancelResponse(msgspec.Struct):
@@ -135,13 +140,15 @@ class CapabilitiesResponse(msgspec.Struct):
 
 
 # -- shaping --------------------------------------------------------------------------------
-def _stored_run_response(run: StoredRun) -> StoredRunResponse:
+def _stored_run_response(run: StoredRun, *, io: bool = False) -> StoredRunResponse:
     request = run.request
+    with_io = io and run.io_omitted is None
     return StoredRunResponse(
-        **run_fields(run.result, source=run.workflow_source, models=run.models),
+        **run_fields(run.result, source=run.workflow_source, models=run.models, io=with_io),
         input=request.input,
         config=request.config,
         definition=request.definition,
+        io_omitted=run.io_omitted if io and run.io_omitted is not None else msgspec.UNSET,
     )
 
 
@@ -254,9 +261,18 @@ async def orchestrate(
     responses=error_responses(400, 404),
 )
 async def get_run(
-    fusion: NamedDependency[FusionService], run_id: FromPath[str]
+    fusion: NamedDependency[FusionService],
+    run_id: FromPath[str],
+    include: Annotated[
+        list[str] | None,
+        QueryParameter(
+            description="More in the body: `io` adds each trace entry's rendered `input` "
+            f"and `output` (children too). One of: {', '.join(INCLUDES)}"
+        ),
+    ] = None,
 ) -> StoredRunResponse:
-    return _stored_run_response(fusion.get_run(run_id))
+    io = INCLUDE_IO in parse_include(include)
+    return _stored_run_response(await fusion.read_run(run_id, io=io), io=io)
 
 
 @post(

@@ -16,15 +16,21 @@ from engine.fusion.run_history import RunHistory, RunPage, RunQuery
 from engine.fusion.service import INLINE, FusionService, PreparedRun
 
 
-def run_body(fusion: FusionService, run_id: str) -> dict[str, Any]:
-    """GET /api/fusion/runs/{id}'s body (404 run_not_found), plus the definition of an
-    inline workflow's run (for its graph)."""
-    run = fusion.get_run(run_id)
+async def run_body(fusion: FusionService, run_id: str) -> dict[str, Any]:
+    """GET /api/fusion/runs/{id}?include=io's body (404 run_not_found): each step's
+    rendered input and output with its entry, or `io_omitted` saying why there are none;
+    plus the definition of an inline workflow's run (for its graph)."""
+    run = await fusion.read_run(run_id, io=True)
+    io = run.io_omitted is None
+    # A running step's output may hold what JSON has no type for (a YAML date, a set): as
+    # text, as the store writes it.
     body: dict[str, Any] = msgspec.to_builtins(
-        run_fields(run.result, source=run.workflow_source, models=run.models)
+        run_fields(run.result, source=run.workflow_source, models=run.models, io=io), enc_hook=str
     )
     body["input"] = run.request.input
     body["definition"] = run.request.definition
+    if not io:
+        body["io_omitted"] = run.io_omitted
     return body
 
 

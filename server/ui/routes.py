@@ -145,7 +145,7 @@ async def run_page(
     settings: NamedDependency[Settings],
     run_id: FromPath[str],
 ) -> Response[str]:
-    body = data.run_body(fusion, run_id)
+    body = await data.run_body(fusion, run_id)
     trace: list[dict[str, Any]] = body.get("execution_trace") or []
     # An inline run's definition compiles off the loop (it may be large).
     wf = await asyncio.to_thread(data.run_workflow, fusion, body)

@@ -72,8 +72,8 @@ class StepView:
     error: str | None
     notes: list[str]
     params: str | None  # the step's parameters as written in the workflow (templates)
-    input: str | None  # the rendered inputs, when the trace carries them
-    output: str | None  # the step's output, when the trace carries it
+    input: str | None  # the rendered inputs (include=io), once rendered
+    output: str | None  # the step's output (include=io), once it has one
     children: list[StepView] = field(default_factory=list)
     more_children: int = 0
 
@@ -91,6 +91,17 @@ def _notes(entry: dict[str, Any]) -> list[str]:
     if entry.get("mocked"):
         notes.append("mocked")
     return notes
+
+
+# A step in one of these has its output (which may be null); before, it has none to show.
+_ENDED = frozenset({"completed", "failed", "skipped"})
+
+
+def _has_output(entry: dict[str, Any]) -> bool:
+    """Whether the entry (from include=io) carries an output worth a <details>."""
+    if "output" not in entry:
+        return False
+    return entry["output"] is not None or entry.get("status") in _ENDED
 
 
 def step_view(
@@ -121,7 +132,7 @@ def step_view(
         notes=_notes(entry),
         params=shown(params) if params else None,
         input=shown(entry["input"]) if entry.get("input") is not None else None,
-        output=shown(entry["output"]) if "output" in entry else None,
+        output=shown(entry["output"]) if _has_output(entry) else None,
         children=[step_view(child, None, key, depth + 1) for child in raw_children[:MAX_CHILDREN]],
         more_children=max(0, len(raw_children) - MAX_CHILDREN)
         + int(entry.get("children_omitted") or 0),

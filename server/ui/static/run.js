@@ -9,6 +9,8 @@
   if (!run) return;
   const runId = run.dataset.runId;
   const base = "/api/fusion/runs/" + encodeURIComponent(runId);
+  // The run with its steps' inputs and outputs (the event stream does not carry them).
+  const withIO = base + "?include=io";
   const stepsList = document.getElementById("steps");
   const live = document.getElementById("live");
   const cancelButton = document.getElementById("cancel");
@@ -46,6 +48,17 @@
 
   function shown(value) {
     return typeof value === "string" ? value : JSON.stringify(value, null, 2);
+  }
+
+  // A step's input or output as the server draws it (views.shown): cut at this many
+  // characters so a large value cannot make the page slow.
+  const MAX_SHOWN_CHARS = 20000;
+  const ENDED_STEP = new Set(["completed", "failed", "skipped"]);
+
+  function shownCut(value) {
+    const text = shown(value);
+    if (text.length <= MAX_SHOWN_CHARS) return text;
+    return text.slice(0, MAX_SHOWN_CHARS) + "\n… (" + (text.length - MAX_SHOWN_CHARS) + " more characters)";
   }
 
   function setLive(text) {
@@ -102,6 +115,18 @@
     return li;
   }
 
+  // The step's collapsed <details class="input|output"> (made when missing), its text set
+  // as text (never markup).
+  function setIO(li, cls, summary, value) {
+    let details = li.querySelector(":scope > details." + cls);
+    if (!details) {
+      details = el("details", cls);
+      details.append(el("summary", "", summary), el("pre"));
+      li.insertBefore(details, part(li, "tokens"));
+    }
+    details.querySelector("pre").textContent = shownCut(value);
+  }
+
   function part(li, role) {
     return li.querySelector(':scope > [data-role="' + role + '"], :scope > * > [data-role="' + role + '"]');
   }
@@ -121,6 +146,13 @@
       const pre = part(li, "error");
       pre.textContent = data.error;
       pre.parentElement.hidden = false;
+    }
+    // Entries of GET ...?include=io carry the step's rendered input and its output.
+    if (data.input !== undefined && data.input !== null) {
+      setIO(li, "input", "Inputs (rendered)", data.input);
+    }
+    if (data.output !== undefined && (data.output !== null || ENDED_STEP.has(data.status))) {
+      setIO(li, "output", "Output", data.output);
     }
     if (key.indexOf("/") < 0 && data.status) {
       const node = byKey(document.querySelector("svg.dag"), "g.node", key);
@@ -290,8 +322,15 @@
     }
   }
 
+  function fetchIO() {
+    fetch(withIO, { credentials: "same-origin", headers: { Accept: "application/json" } })
+      .then((r) => (r.ok ? r.json() : null))
+      .then((body) => { if (body) applyEntries(body.execution_trace); })
+      .catch(() => {});
+  }
+
   function poll() {
-    fetch(base, { credentials: "same-origin", headers: { Accept: "application/json" } })
+    fetch(withIO, { credentials: "same-origin", headers: { Accept: "application/json" } })
       .then((r) => (r.ok ? r.json() : null))
       .then((body) => {
         if (body) applyRun(body);
@@ -309,6 +348,7 @@
     source.addEventListener("result", (e) => {
       source.close();
       applyRun(JSON.parse(e.data));
+      fetchIO();
     });
     source.addEventListener("error", (e) => {
       if (e.data) { // the run's own `error` event: the §7 envelope
