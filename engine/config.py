@@ -55,8 +55,9 @@ class Settings:
     # the largest record one may have; a run over it is answered with stored: false.
     runs_max_stored: int = 10_000
     runs_max_stored_bytes: int = 33_554_432
-    # A run's input or result (output) larger than this (bytes of JSON) is stored as a
-    # {"$truncated": true, ...} marker (docs/api.md); the orchestrate answer keeps it whole.
+    # A run's input or result (output), or a step's stored rendered input or output
+    # (`?include=io`), larger than this (bytes of JSON) is stored as a {"$truncated": true,
+    # ...} marker (docs/api.md); the orchestrate answer keeps it whole.
     runs_max_field_bytes: int = 1_048_576
     # Runs created more than runs_max_age_days ago are purged (0 keeps them forever), at
     # start-up and every runs_purge_interval_s seconds (engine/fusion/run_history.py).
