@@ -77,3 +77,17 @@ if [ "$(uname -s)" = Linux ] && ! command -v chromium >/dev/null 2>&1; then
     echo "note: no chromium (install it: apt-get install chromium); the web UI's browser tests will skip" >&2
   fi
 fi
+
+# The same tests in Firefox (tests/test_ui_firefox.py) drive Debian's Firefox ESR over
+# Marionette, its own remote protocol, with the `marionette-driver` package (dev extra):
+# playwright drives only its own Firefox builds. Same best effort as for chromium.
+if [ "$(uname -s)" = Linux ] && ! command -v firefox-esr >/dev/null 2>&1 \
+   && ! command -v firefox >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get install -y -qq firefox-esr >/dev/null 2>&1 \
+      || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq firefox-esr >/dev/null 2>&1)) \
+      || echo "note: firefox-esr not installed; the Firefox tests of the web UI will skip" >&2
+  else
+    echo "note: no firefox-esr (install it: apt-get install firefox-esr); the web UI's Firefox tests will skip" >&2
+  fi
+fi

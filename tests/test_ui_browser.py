@@ -8,131 +8,32 @@ FUSION_UI_SCREENSHOTS=DIR also saves the run and workflows pages' screenshots th
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import httpx
 import pytest
-from serverutil import serve_app
-from test_ui_pages import ECHO, KEY, SCRIPT, write_workflows
-
-from engine.config import Settings
-from engine.steps.base import StepContext, StepPlugin
-from server.app import create_app
+from test_ui_pages import KEY, SCRIPT
+from ui_helpers import GATES, node, server_fixture, serving  # noqa: F401 - a fixture
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 
 CHROMIUM = os.environ.get("FUSION_CHROMIUM") or shutil.which("chromium")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="no Chromium: install Debian's `chromium` (scripts/bootstrap.sh does as root) "
-    "or set FUSION_CHROMIUM to a Chromium executable",
-)
+pytestmark = [
+    pytest.mark.e2e,  # a real server (started by ui_helpers, which conftest does not see)
+    pytest.mark.skipif(
+        CHROMIUM is None,
+        reason="no Chromium: install Debian's `chromium` (scripts/bootstrap.sh does as root) "
+        "or set FUSION_CHROMIUM to a Chromium executable",
+    ),
+]
 WAIT_MS = 30_000  # a bound on each wait for the page to reach a state
 SHOTS = os.environ.get("FUSION_UI_SCREENSHOTS")
-
-
-class Gates:
-    """asyncio events on the server's loop, opened from the test's thread: a step held
-    at a gate is running for as long as the test wants, so the page sees it change."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def event(self, name: str) -> asyncio.Event:
-        """On the server's loop."""
-        self._loop = asyncio.get_running_loop()
-        return self._events.setdefault(name, asyncio.Event())
-
-    def open(self, name: str) -> None:
-        assert self._loop is not None, "no step has waited on a gate yet"
-        self._loop.call_soon_threadsafe(lambda: self.event(name).set())
-
-
-GATES = Gates()
-
-
-class GateStep(StepPlugin):
-    """Test-only: waits until the test opens gate `gate`; outputs its name."""
-
-    type_name = "test_ui_gate"
-    params_schema: ClassVar[dict[str, Any]] = {
-        "type": "object",
-        "properties": {"gate": {"type": "string"}},
-        "required": ["gate"],
-    }
-
-    async def run(self, params: dict[str, Any], ctx: StepContext, prepared: Any = None) -> Any:
-        await GATES.event(params["gate"]).wait()
-        return params["gate"]
-
-
-# `say` answers at once through echo (a token stream), `hold` waits at the gate the
-# input names, `done` follows.
-GATED = {
-    "id": "gated",
-    "name": "Gated",
-    "description": "A quick model step, then one held until the test lets it go",
-    "models": {"generation": {"type": "lm"}},
-    "input_schema": {
-        "type": "object",
-        "properties": {"text": {"type": "string"}, "gate": {"type": "string"}},
-        "required": ["text", "gate"],
-    },
-    "steps": [
-        {
-            "step_id": "say",
-            "type": "model_call",
-            "model_id": "{{ models.generation }}",
-            "operation": "chat",
-            "input": {"messages": [{"role": "user", "content": "{{ input.text }}"}]},
-        },
-        # After `say` (it reads say's output), so the graph has two columns.
-        {
-            "step_id": "hold",
-            "type": "test_ui_gate",
-            "gate": "{{ input.gate if steps.say.output else '' }}",
-        },
-        {"step_id": "done", "type": "template", "value": "{{ steps.say.output.content }}"},
-    ],
-    "output": {"said": "{{ steps.done.output }}", "gate": "{{ steps.hold.output }}"},
-}
-
-
-@contextmanager
-def serving(tmp: Path, **extra: Any) -> Iterator[httpx.Client]:
-    """A real server with the test workflows, the echo model and `gated` composed."""
-    write_workflows(tmp / "wf")
-    settings = Settings(
-        data_dir=tmp,
-        workflows_dir=tmp / "wf",
-        startup_models=[ECHO],
-        log_level="warning",
-        rate_limit_enabled=False,
-        **extra,
-    )
-    headers = {"Authorization": f"Bearer {KEY}"} if "api_keys" in extra else {}
-    with (
-        serve_app(create_app(settings)) as running,
-        httpx.Client(base_url=running.base_url, timeout=60.0, headers=headers) as client,
-    ):
-        running.app.state.engine.steps.register(GateStep)
-        composed = client.post("/api/fusion/compose", json=GATED)
-        assert composed.status_code == 201, composed.text
-        yield client
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    with serving(tmp_path_factory.mktemp("ui-browser")) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
@@ -175,10 +76,6 @@ def start_from_form(
     page.click("#start")
     page.wait_for_url(re.compile(r"/ui/runs/wf-"))
     return str(page.url).rsplit("/", 1)[1]
-
-
-def node(step: str, status: str) -> str:
-    return f'svg.dag g.node.status-{status}[data-step="{step}"]'
 
 
 def test_a_run_started_from_the_form_turns_green_live(page: Any) -> None:
