@@ -16,8 +16,9 @@ from typing import Any
 import httpx
 import pytest
 from api_helpers import wait_for
+from gates import GATES
 from serverutil import RunningServer
-from test_runs_live import GATES, Orchestrate, gated, serving
+from test_runs_live import Orchestrate, gated, serving
 
 from engine.fusion.run_history import RunHistory
 from engine.fusion.runs import TRUNCATED, RunRequest, RunStore, StoredRun

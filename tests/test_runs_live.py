@@ -10,7 +10,6 @@ the echo model and, after the first token, waits for its gate with the model's s
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import threading
@@ -22,6 +21,7 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 from api_helpers import wait_for
+from gates import GATES, GateStep
 from serverutil import RunningServer, serve_app
 from structlog.testing import capture_logs
 
@@ -36,41 +36,6 @@ from engine.store import Store
 from server.app import create_app
 
 ECHO = {"model_path": "echo", "model_type": "echo", "model_id": "echo"}
-
-
-class Gates:
-    """asyncio events on the server's loop, opened from the test's thread."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def event(self, name: str) -> asyncio.Event:
-        """On the server's loop."""
-        self._loop = asyncio.get_running_loop()
-        return self._events.setdefault(name, asyncio.Event())
-
-    def open(self, name: str) -> None:
-        assert self._loop is not None, "no step has waited on a gate yet"
-        self._loop.call_soon_threadsafe(lambda: self.event(name).set())
-
-
-GATES = Gates()
-
-
-class GateStep(StepPlugin):
-    """Test-only: waits until the test opens gate `gate`; outputs its name."""
-
-    type_name = "test_gate"
-    params_schema: ClassVar[dict[str, Any]] = {
-        "type": "object",
-        "properties": {"gate": {"type": "string"}},
-        "required": ["gate"],
-    }
-
-    async def run(self, params: dict[str, Any], ctx: StepContext, prepared: Any = None) -> Any:
-        await GATES.event(params["gate"]).wait()
-        return params["gate"]
 
 
 class HeldChat(StepPlugin):

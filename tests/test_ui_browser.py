@@ -18,8 +18,9 @@ from typing import Any
 
 import httpx
 import pytest
+from gates import GATES
 from test_ui_pages import KEY, SCRIPT
-from ui_helpers import GATES, node, server_fixture, serving  # noqa: F401 - a fixture
+from ui_helpers import node, server_fixture, serving  # noqa: F401 - a fixture
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 

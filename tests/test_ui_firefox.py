@@ -26,8 +26,9 @@ from typing import Any
 
 import httpx
 import pytest
+from gates import GATES
 from test_ui_pages import KEY, SCRIPT
-from ui_helpers import GATES, node, server_fixture, serving  # noqa: F401 - the `server` fixture
+from ui_helpers import node, server_fixture, serving  # noqa: F401 - the `server` fixture
 
 marionette = pytest.importorskip(
     "marionette_driver.marionette",

@@ -4,58 +4,19 @@ the `gated` workflow composed, whose `hold` step runs until the test opens its g
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import httpx
 import pytest
+from gates import GateStep
 from serverutil import serve_app
 from test_ui_pages import ECHO, KEY, write_workflows
 
 from engine.config import Settings
-from engine.steps.base import StepContext, StepPlugin
 from server.app import create_app
-
-
-class Gates:
-    """asyncio events on the server's loop, opened from the test's thread: a step held
-    at a gate is running for as long as the test wants, so the page sees it change.
-    One set for the whole session: each test names its own gates."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def event(self, name: str) -> asyncio.Event:
-        """On the server's loop."""
-        self._loop = asyncio.get_running_loop()
-        return self._events.setdefault(name, asyncio.Event())
-
-    def open(self, name: str) -> None:
-        assert self._loop is not None, "no step has waited on a gate yet"
-        self._loop.call_soon_threadsafe(lambda: self.event(name).set())
-
-
-GATES = Gates()
-
-
-class GateStep(StepPlugin):
-    """Test-only: waits until the test opens gate `gate`; outputs its name."""
-
-    type_name = "test_ui_gate"
-    params_schema: ClassVar[dict[str, Any]] = {
-        "type": "object",
-        "properties": {"gate": {"type": "string"}},
-        "required": ["gate"],
-    }
-
-    async def run(self, params: dict[str, Any], ctx: StepContext, prepared: Any = None) -> Any:
-        await GATES.event(params["gate"]).wait()
-        return params["gate"]
-
 
 # `say` answers at once through echo (a token stream), `hold` waits at the gate the
 # input names, `done` follows.
@@ -80,7 +41,7 @@ GATED = {
         # After `say` (it reads say's output), so the graph has two columns.
         {
             "step_id": "hold",
-            "type": "test_ui_gate",
+            "type": "test_gate",
             "gate": "{{ input.gate if steps.say.output else '' }}",
         },
         {"step_id": "done", "type": "template", "value": "{{ steps.say.output.content }}"},
