@@ -427,12 +427,14 @@ class FusionService:
         live = self.start(run)
         return self._follow(live, live.subscribe(), cancel_on_disconnect=cancel_on_disconnect)
 
-    def follow(self, run_id: str) -> AsyncIterator[RunEvent | Dropped | RunOutcome] | StoredRun:
+    async def follow(
+        self, run_id: str
+    ) -> AsyncIterator[RunEvent | Dropped | RunOutcome] | StoredRun:
         """A running run's events so far, then live ones, then its outcome; an ended run
-        (404 run_not_found if none) as stored."""
+        (404 run_not_found if none) as stored, read as `read_run` reads it."""
         live = self.live.get(run_id)
         if live is None or live.ended:
-            return self.runs.get(run_id)
+            return await self.read_run(run_id)
         return self._follow(live, live.subscribe(), cancel_on_disconnect=False)
 
     async def _follow(

@@ -296,7 +296,7 @@ async def cancel_run(
     responses=error_responses(400, 404),
 )
 async def run_events(fusion: NamedDependency[FusionService], run_id: FromPath[str]) -> Stream:
-    found = fusion.follow(run_id)
+    found = await fusion.follow(run_id)
     body = _stored_result(found) if isinstance(found, StoredRun) else _events(run_id, found)
     return Stream(body, media_type="text/event-stream", headers=SSE_HEADERS)
 
