@@ -3,6 +3,8 @@
 # Debian ships `venv` without ensurepip unless python3-venv is installed: install it
 # when we can (root with apt-get), otherwise say what is missing.
 set -eu
+# apt-get must never stop to ask (a package wanting debconf answers on a fresh machine).
+export DEBIAN_FRONTEND=noninteractive
 VENV=${1:-.venv}
 PYTHON=${PYTHON:-python3}
 
