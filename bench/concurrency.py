@@ -68,7 +68,16 @@ from typing import Any
 
 import httpx
 from embeddings import BATCH, passages
-from harness import free_port, fusion_server, machine, server_process
+from harness import (
+    Goal,
+    Row,
+    add_json_option,
+    free_port,
+    fusion_server,
+    machine,
+    server_process,
+    write_rows,
+)
 
 import engine.models  # noqa: F401  (chooses the BLAS before MLX loads)
 from engine.models.blas import loaded as blas_loaded
@@ -305,6 +314,30 @@ def chat_table(rounds: dict[tuple[str, int], Round], clients: list[int]) -> None
             )
 
 
+def chat_rows(rounds: dict[tuple[str, int], Round], clients: list[int], tokens: int) -> list[Row]:
+    """The table's ratios as rows: tok/s at each client count, p95 latency at the top one."""
+    rows = []
+    for n in clients:
+        fusion = figures(rounds["fusion", n])
+        anchor = figures(rounds["mlx_lm", n]) if ("mlx_lm", n) in rounds else {}
+        for figure in FIGURES:
+            target = goal(figure, n, max(clients))
+            if target is None:
+                continue
+            rows.append(
+                Row(
+                    "concurrency",
+                    f"chat {figure} @ {n} clients, {tokens} tokens each",
+                    fusion.get(figure),
+                    figure.split()[-1],
+                    anchor.get(figure),
+                    "mlx_lm.server",
+                    Goal(*target),
+                )
+            )
+    return rows
+
+
 @contextmanager
 def anchor_server(model: Path, log_dir: Path) -> Iterator[str]:
     """`mlx_lm.server` on `model` in a subprocess; yields its base URL."""
@@ -334,7 +367,7 @@ def document(model: Path, tokens: int) -> tuple[str, int]:
     return body, len(tokenizer.encode(body).ids)
 
 
-def summarise(base: str, model: str, path: Path, args: argparse.Namespace) -> None:
+def summarise(base: str, model: str, path: Path, args: argparse.Namespace) -> Row:
     body, count = document(path, args.doc_tokens)
     request = {
         "workflow": "sequential_summarization",
@@ -358,10 +391,17 @@ def summarise(base: str, model: str, path: Path, args: argparse.Namespace) -> No
         f"step 'passes' {passes['duration_ms'] / 1000:.2f} s (no in-run baseline: compare "
         "before/after the change)"
     )
+    return Row(
+        "concurrency",
+        f"sequential_summarization of {count} tokens, wall time (no in-run baseline)",
+        wall,
+        "s",
+    )
 
 
-def chat_and_summary(args: argparse.Namespace) -> None:
+def chat_and_summary(args: argparse.Namespace) -> list[Row]:
     top = max(args.clients)
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         path = args.model or build_lm(
             Path(tmp) / "lm", hidden=args.hidden, layers=args.layers, head_dim=args.head_dim
@@ -391,10 +431,12 @@ def chat_and_summary(args: argparse.Namespace) -> None:
                 f"{args.requests_per_client} request(s)/client:"
             )
             chat_table(rounds, args.clients)
+            rows += chat_rows(rounds, args.clients, args.tokens)
         if "summary" in args.parts:
             if "chat" not in args.parts:
                 asyncio.run(warm(fusion, args.fusion_model, 1, eos))
-            summarise(fusion, args.fusion_model, path, args)
+            rows.append(summarise(fusion, args.fusion_model, path, args))
+    return rows
 
 
 # -- embeddings --------------------------------------------------------------------------------
@@ -437,7 +479,7 @@ async def measure_embeddings(
     return statistics.median(many), statistics.median(one)
 
 
-def embeddings_part(args: argparse.Namespace) -> None:
+def embeddings_part(args: argparse.Namespace) -> Row:
     texts = passages(args.passages)
     if args.words:
         texts = [" ".join(text.split()[: args.words]) for text in texts]
@@ -455,6 +497,16 @@ def embeddings_part(args: argparse.Namespace) -> None:
         f"embeddings, {args.callers} concurrent callers x 1 passage/request: {many:.2f} "
         f"passages/s vs 1 caller x {BATCH} passages/request: {one:.2f} passages/s -> "
         f"ratio {many / one:.2f} (goal >= 0.8)"
+    )
+    words = f", {args.words}-word texts" if args.words else ""
+    return Row(
+        "concurrency",
+        f"embeddings, {args.callers} callers x 1 passage{words} ({name})",
+        many,
+        "passages/s",
+        one,
+        f"1 caller x {BATCH} passages",
+        Goal(">=", 0.8),
     )
 
 
@@ -487,15 +539,18 @@ def main() -> None:
     embed.add_argument("--words", type=int, help="cut each passage to its first words")
     embed.add_argument("--rounds", type=int, default=2)
     embed.add_argument("--max-concurrency", type=int, help="the embedder load's max_concurrency")
+    add_json_option(parser)
     args = parser.parse_args()
     args.clients = [int(n) for n in args.clients.split(",")]
     args.parts = {"chat", "summary", "embeddings"} if "all" in args.part else set(args.part)
     # mlx_lm.server inherits it: a local model must not send it looking at the hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    rows: list[Row] = []
     if args.parts & {"chat", "summary"}:
-        chat_and_summary(args)
+        rows += chat_and_summary(args)
     if "embeddings" in args.parts:
-        embeddings_part(args)
+        rows.append(embeddings_part(args))
+    write_rows(args.json, rows)
 
 
 if __name__ == "__main__":

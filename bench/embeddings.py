@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import httpx
-from harness import fusion_server, machine
+from harness import Goal, Row, add_json_option, fusion_server, machine, skipped, write_rows
 
 import engine.models  # noqa: F401  (chooses the BLAS before MLX loads)
 from engine.models.backends.embeddings import EmbeddingsBackend
@@ -168,6 +168,12 @@ def main() -> None:
         "--st-python",
         help="a Python with torch and sentence-transformers, e.g. a separate venv's",
     )
+    parser.add_argument(
+        "--no-bundled",
+        action="store_true",
+        help="skip MLX's bundled BLAS (~0.3 passages/s here: minutes for a batch)",
+    )
+    add_json_option(parser)
     args = parser.parse_args()
     texts = passages(args.passages)
     if args.direct_only:
@@ -182,19 +188,53 @@ def main() -> None:
         f"server /v1/embeddings: {served:.1f} passages/s vs encoder called directly "
         f"{direct:.1f} passages/s -> ratio {served / direct:.2f}"
     )
-    bundled = bundled_blas_rate(min(32, args.passages))
-    print(
-        f"encoder with OpenBLAS: {direct:.1f} passages/s vs MLX bundled BLAS {bundled:.2f} "
-        f"passages/s -> ratio {direct / bundled:.1f}x"
-    )
+    bench = "embeddings"
+    rows = [
+        Row(
+            bench,
+            "POST /v1/embeddings, batches of 32",
+            served,
+            "passages/s",
+            direct,
+            "encoder called directly",
+        ),
+    ]
+    blas_figure = "encoder with Debian OpenBLAS"
+    if args.no_bundled:
+        print("MLX bundled BLAS: skipped (--no-bundled)")
+        rows.append(skipped(bench, blas_figure, "--no-bundled (minutes at ~0.3 passages/s)"))
+    else:
+        bundled = bundled_blas_rate(min(32, args.passages))
+        print(
+            f"encoder with OpenBLAS: {direct:.1f} passages/s vs MLX bundled BLAS {bundled:.2f} "
+            f"passages/s -> ratio {direct / bundled:.1f}x"
+        )
+        rows.append(
+            Row(bench, blas_figure, direct, "passages/s", bundled, "same, MLX's bundled BLAS")
+        )
+    st_figure = "encoder on MLX CPU (OpenBLAS)"
     st = sentence_transformers_rate(args.st_python, texts)
     if st is None:
         print("sentence-transformers: no --st-python given, comparison skipped")
+        rows.append(skipped(bench, st_figure, "no --st-python (a venv with torch)"))
     else:
         print(
             f"encoder (MLX, OpenBLAS): {direct:.1f} passages/s vs sentence-transformers "
             f"(PyTorch CPU) {st:.1f} passages/s -> ratio {direct / st:.2f}"
         )
+        # Issue #15's goal for MLX's CPU backend against PyTorch.
+        rows.append(
+            Row(
+                bench,
+                st_figure,
+                direct,
+                "passages/s",
+                st,
+                "sentence-transformers (PyTorch CPU)",
+                Goal(">=", 0.7),
+            )
+        )
+    write_rows(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
-from harness import fusion_server, machine, median
+from harness import Goal, Row, add_json_option, fusion_server, machine, median, write_rows
 
 import engine.models  # noqa: F401  (chooses the BLAS before MLX loads)
 from engine.models.blas import loaded as blas_loaded
@@ -95,6 +95,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    add_json_option(parser)
     args = parser.parse_args()
     print(f"machine: {machine()}; BLAS: {blas_loaded or 'MLX bundled reference BLAS'}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,6 +115,24 @@ def main() -> None:
     print(
         f"server streaming:     {streamed:.1f} tok/s vs mlx_lm direct {direct:.1f} tok/s "
         f"-> ratio {streamed / direct:.3f} (goal >= 0.95)"
+    )
+    write_rows(
+        args.json,
+        [
+            Row(
+                "generation",
+                f"{name}, {args.tokens} tokens",
+                rate,
+                "tok/s",
+                direct,
+                "mlx_lm.stream_generate direct",
+                Goal(">=", 0.95),
+            )
+            for name, rate in (
+                ("/v1/chat/completions non-streaming", plain),
+                ("/v1/chat/completions streaming", streamed),
+            )
+        ],
     )
 
 

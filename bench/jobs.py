@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import httpx
-from harness import machine
+from harness import Goal, Row, add_json_option, machine, write_rows
 from orchestrate import load, serve, served
 
 JOB = {
@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--latency", type=int, default=200, help="sequential jobs timed")
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "DATA_DIR"), help=argparse.SUPPRESS)
+    add_json_option(parser)
     args = parser.parse_args()
     if args.serve:
         serve(
@@ -186,6 +187,38 @@ def main() -> None:
     print(
         f"  added by the queue: {job_p50 - direct_p50:.2f} ms (ratio {job_p50 / direct_p50:.2f}); "
         "goal <= 20 ms"
+    )
+    bench = "jobs"
+    write_rows(
+        args.json,
+        [
+            Row(
+                bench,
+                "durable submits over HTTP (POST /api/mcp/jobs)",
+                jobs_rps,
+                "submits/s",
+                bare_rps,
+                "bare Litestar POST route",
+                Goal(">=", 500, "ours"),
+            ),
+            Row(
+                bench,
+                "durable submits in-process (SqliteJobQueue.submit)",
+                ours_in,
+                "submits/s",
+                bare_in,
+                "bare apsw INSERT + commit",
+            ),
+            Row(
+                bench,
+                "trivial job, submit -> job.completed, p50",
+                job_p50,
+                "ms",
+                direct_p50,
+                "orchestrate, same workflow",
+                Goal("<=", 20, "difference"),
+            ),
+        ],
     )
 
 

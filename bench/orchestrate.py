@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from harness import free_port, machine
+from harness import Goal, Row, add_json_option, free_port, machine, write_rows
 
 WORKFLOW = """
 id: trivial
@@ -202,6 +202,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "DATA_DIR"), help=argparse.SUPPRESS)
+    add_json_option(parser)
     args = parser.parse_args()
     if args.serve:
         serve(int(args.serve[0]), Path(args.serve[1]))
@@ -250,6 +251,31 @@ def main() -> None:
     print(
         f"ratio orchestrate/bare, server capacity (CPU per request, bare/orchestrate): "
         f"{bare_cpu / orch_cpu:.2f} (goal >= 0.5)"
+    )
+    bench = "orchestrate"
+    write_rows(
+        args.json,
+        [
+            Row(
+                bench,
+                "POST /api/fusion/orchestrate, requests/s",
+                orch_rps,
+                "req/s",
+                bare_rps,
+                "bare Litestar route",
+                Goal(">=", 0.5),
+            ),
+            # Requests per server CPU-second: the capacity ratio, whatever the client manages.
+            Row(
+                bench,
+                "server capacity, requests per CPU-second",
+                1000 / orch_cpu,
+                "req/CPU-s",
+                1000 / bare_cpu,
+                "bare Litestar route",
+                Goal(">=", 0.5),
+            ),
+        ],
     )
 
 
