@@ -137,6 +137,11 @@ class Settings:
     # Ingest `metadata` (copied onto every document): its JSON nesting depth and size.
     rag_metadata_max_depth: int = 16
     rag_metadata_max_bytes: int = 16_384
+    # Memory for exact vector search (engine/rag/exact_index.py): all collections' in-memory
+    # float32 matrices together stay under this many MiB (n vectors x dimension x 4 bytes,
+    # plus 8 per vector); a collection that cannot fit is searched through sqlite-vec
+    # (slower), and least recently searched matrices make room. 0: always sqlite-vec.
+    rag_index_max_mb: int = 1024
     # /v1/audio/transcriptions: the size limit of the uploaded file (OpenAI's is 25 MB).
     audio_max_file_mb: float = 25
     # Workflow documents (files, compose bodies, custom definitions): the most bytes of

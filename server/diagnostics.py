@@ -60,6 +60,7 @@ from engine.rag.service import RagService
 from engine.recent_errors import RecentErrors, RecordedError
 from engine.services import Engine
 from server.request_id import request_id_for
+from server.routes.rag import IndexDetail
 
 log = get_logger("server.diagnostics")
 
@@ -189,6 +190,14 @@ class RagDiagnostics(msgspec.Struct):
     total_chunks: int
 
 
+class RagIndexDiagnostics(msgspec.Struct):
+    """Memory of exact vector search (extension; beside `rag`, whose keys are the spec's)."""
+
+    max_bytes: int  # rag_index_max_mb
+    total_bytes: int
+    collections: dict[str, IndexDetail]  # those with a matrix in memory
+
+
 class ErrorItem(msgspec.Struct):
     timestamp: str
     error: str
@@ -213,6 +222,7 @@ class Diagnostics(msgspec.Struct, omit_defaults=True):
     models: ModelsDiagnostics
     queues: dict[str, QueueDiagnostics]
     rag: RagDiagnostics
+    rag_index: RagIndexDiagnostics
     errors: ErrorsDiagnostics
     # Jobs per status; absent when the job queue is off.
     jobs: dict[str, int] | None = None
@@ -282,7 +292,7 @@ def _resources() -> Resources:
 
 def _stored_readings(
     jobs: JobService | None, rag: RagService
-) -> tuple[dict[str, int] | None, RagDiagnostics]:
+) -> tuple[dict[str, int] | None, RagDiagnostics, RagIndexDiagnostics]:
     """The readings that query the database (run in a thread)."""
     per_status = None
     if jobs is not None:
@@ -294,7 +304,13 @@ def _stored_readings(
         total_documents=counted["documents"],
         total_chunks=counted["chunks"],
     )
-    return per_status, totals
+    held = rag.db.index_usage()
+    index = RagIndexDiagnostics(
+        max_bytes=rag.db.index.max_bytes,
+        total_bytes=sum(info.bytes for info in held.values()),
+        collections={name: IndexDetail.of(info) for name, info in held.items()},
+    )
+    return per_status, totals, index
 
 
 def _error_item(error: RecordedError) -> ErrorItem:
@@ -319,7 +335,7 @@ async def diagnostics(
     request: Request[Any, Any, Any], engine: NamedDependency[Engine]
 ) -> Diagnostics:
     state = request.app.state
-    system, resources, (jobs, totals) = await asyncio.gather(
+    system, resources, (jobs, totals, index) = await asyncio.gather(
         asyncio.to_thread(system_info),
         asyncio.to_thread(_resources),
         asyncio.to_thread(_stored_readings, engine.jobs, engine.rag),
@@ -358,6 +374,7 @@ async def diagnostics(
         },
         jobs=jobs,
         rag=totals,
+        rag_index=index,
         errors=ErrorsDiagnostics(last_24h=count, recent_errors=[_error_item(e) for e in kept]),
     )
 

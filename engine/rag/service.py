@@ -28,7 +28,7 @@ from engine.rag.extract import extract_limits, extracted_from_payload
 from engine.rag.formats.common import ExtractLimits
 from engine.rag.prompt import answer_messages
 from engine.rag.retrieval import Retriever
-from engine.rag.store import RagStore
+from engine.rag.store import MIB, RagStore
 from engine.rag.types import Chunk, Extracted, Hit, IngestResult, NewDocument, QueryResult
 from engine.sandbox import SandboxError, SandboxMemoryError, SandboxTimeout, shared_sandbox
 from engine.store import Store
@@ -57,6 +57,8 @@ class IngestLimits:
     embed_batch: int
     metadata_max_depth: int
     metadata_max_bytes: int
+    # Not an ingest budget, but the service's other memory setting from the same Settings.
+    index_max_mb: int = Settings.rag_index_max_mb
 
     @classmethod
     def from_settings(cls, settings: Settings) -> IngestLimits:
@@ -68,6 +70,7 @@ class IngestLimits:
             embed_batch=max(1, settings.rag_embed_batch),
             metadata_max_depth=settings.rag_metadata_max_depth,
             metadata_max_bytes=settings.rag_metadata_max_bytes,
+            index_max_mb=settings.rag_index_max_mb,
         )
 
 
@@ -173,10 +176,10 @@ class RagService:
         self, store: Store, models: ModelRegistry, limits: IngestLimits | None = None
     ) -> None:
         self.store = store
-        self.db = RagStore(store)
+        self.limits = limits or IngestLimits.from_settings(Settings())
+        self.db = RagStore(store, index_max_bytes=self.limits.index_max_mb * MIB)
         self.models = models
         self.retriever = Retriever(self.db, models)
-        self.limits = limits or IngestLimits.from_settings(Settings())
 
     # -- models ---------------------------------------------------------------------------
     def embedding_model(self, collection: str | None, requested: str | None) -> str:

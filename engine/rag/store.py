@@ -22,6 +22,15 @@ Vectors
     L2² = 2 - 2·cos, so the ranking equals cosine's and `cos = 1 - L2²/2`; sqlite-vec's
     L2 is faster than its cosine.
 
+Exact search from memory (engine/rag/exact_index.py)
+    `knn` and `similarities` use a resident float32 matrix of the collection when one is
+    current, else build it (lazily, on the searching worker thread), else fall back to
+    sqlite-vec (over `rag_index_max_mb`). `rag_generations` holds one counter per collection
+    rowid, bumped by triggers in the transaction of every document insert or delete and
+    every collection delete, so no writer (this process, another one, a cascade) can change
+    a collection's vectors without the next search seeing it. Its rows are never deleted: a
+    collection rowid reused after a delete keeps counting up, so an old matrix never matches.
+
 Transactions
     Every mutating method is one `BEGIN IMMEDIATE ... COMMIT`: an exception or a SIGKILL in
     the middle leaves the database as it was before the call. Methods are synchronous; the
@@ -33,6 +42,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,9 +50,12 @@ from typing import Any
 
 import apsw
 import numpy as np
+import structlog
 
 from engine.clock import utc_iso
+from engine.config import Settings
 from engine.errors import ErrorCode, InvalidRequest, NotFound
+from engine.rag.exact_index import ExactIndex, IndexInfo, Snapshot, aligned_matrix
 from engine.rag.types import CollectionInfo, DocumentInfo, Hit, NewDocument
 from engine.store import Store, register_migration
 
@@ -54,8 +67,10 @@ MAX_DIMENSION = 8192
 _MIN_NORM = 1e-12
 # Bound the FTS5 expression: a pasted essay as a query must not become a 10k-term OR.
 MAX_QUERY_TERMS = 64
+MIB = 1024 * 1024
 
 ProgressFn = Callable[[int, int], None]
+log = structlog.get_logger(__name__)
 
 _SCHEMA_SQL = """
 CREATE TABLE collections (
@@ -124,6 +139,28 @@ END;
 register_migration(100, "rag_tables", _SCHEMA_SQL)
 register_migration(101, "rag_chunks_fts", _FTS_SQL)
 
+# No foreign key on purpose: the row outlives its collection (see the module doc).
+_GENERATIONS_SQL = """
+CREATE TABLE rag_generations (
+    collection_id INTEGER PRIMARY KEY,
+    generation INTEGER NOT NULL
+) STRICT;
+CREATE TRIGGER rag_generation_document_insert AFTER INSERT ON documents BEGIN
+    INSERT INTO rag_generations (collection_id, generation) VALUES (new.collection_id, 1)
+    ON CONFLICT (collection_id) DO UPDATE SET generation = generation + 1;
+END;
+CREATE TRIGGER rag_generation_document_delete AFTER DELETE ON documents BEGIN
+    INSERT INTO rag_generations (collection_id, generation) VALUES (old.collection_id, 1)
+    ON CONFLICT (collection_id) DO UPDATE SET generation = generation + 1;
+END;
+CREATE TRIGGER rag_generation_collection_delete AFTER DELETE ON collections BEGIN
+    INSERT INTO rag_generations (collection_id, generation) VALUES (old.id, 1)
+    ON CONFLICT (collection_id) DO UPDATE SET generation = generation + 1;
+END;
+"""
+
+register_migration(102, "rag_generations", _GENERATIONS_SQL)
+
 
 @dataclass(frozen=True)
 class _Collection:
@@ -131,13 +168,17 @@ class _Collection:
     name: str
     embedding_model: str
     dimension: int
+    generation: int = 0  # rag_generations' value when read
 
 
 class RagStore:
     """Synchronous access to the RAG tables of `store` (see the module doc)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(
+        self, store: Store, *, index_max_bytes: int = Settings.rag_index_max_mb * MIB
+    ) -> None:
         self._store = store
+        self.index = ExactIndex(index_max_bytes)
 
     # -- ingest --------------------------------------------------------------------------
 
@@ -166,6 +207,8 @@ class RagStore:
         # Validated and converted before taking the write lock: a bad vector fails fast and
         # the lock is held only for writing.
         matrices = [_document_matrix(doc, dimension) for doc in documents]
+        outermost = not self._store.connection().in_transaction
+        added: list[tuple[list[int], np.ndarray]] = []
         with self._store.transaction() as conn:
             coll = self._ensure_collection(
                 conn,
@@ -182,13 +225,24 @@ class RagStore:
             for done, (doc, matrix) in enumerate(zip(documents, matrices, strict=True), 1):
                 existing = _existing_document(conn, coll.id, doc.content_hash)
                 if existing is None:
-                    _insert_document(conn, coll.id, vec_table, doc, matrix)
+                    added.append((_insert_document(conn, coll.id, vec_table, doc, matrix), matrix))
                     wrote = True
                 ids.append(existing or doc.document_id)
                 if on_progress is not None:
                     on_progress(done, len(documents))
             if wrote:
                 _touch(conn, coll.id)
+                after = _generation(conn, coll.id)
+        # Committed: patch this process's matrix (a savepoint inside a caller's transaction
+        # may still roll back, so then the generation check rebuilds instead).
+        if wrote and outermost:
+            self.index.append(
+                coll.id,
+                coll.generation,
+                after,
+                np.fromiter((r for rowids, _ in added for r in rowids), dtype=np.int64),
+                np.concatenate([rows for _, rows in added]),
+            )
         return ids
 
     def _ensure_collection(
@@ -209,7 +263,8 @@ class RagStore:
                 " metadata, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (name, embedding_model, dimension, chunk_size, overlap, _json(metadata), now, now),
             )
-            return _Collection(conn.last_insert_rowid(), name, embedding_model, dimension)
+            rowid = conn.last_insert_rowid()
+            return _Collection(rowid, name, embedding_model, dimension, _generation(conn, rowid))
         _check_same_model(coll, embedding_model, dimension)
         return coll
 
@@ -221,7 +276,12 @@ class RagStore:
         coll = _require_collection(conn, collection)
         query = _unit_vector(vector, coll.dimension, "vector")
         k = min(k, MAX_K)
-        if k <= 0 or not _vec_table_exists(conn, coll.dimension):
+        if k <= 0:
+            return []
+        snapshot = self._exact(conn, coll)
+        if snapshot is not None:
+            return snapshot.top(query, k)
+        if not _vec_table_exists(conn, coll.dimension):
             return []
         rows: list[tuple[Any, ...]] = conn.execute(
             f"SELECT chunk_rowid, distance FROM {_vec_table(coll.dimension)}"
@@ -236,9 +296,14 @@ class RagStore:
         """Cosine similarity of given chunks to `vector` (for matches found lexically)."""
         conn = self._store.connection()
         coll = _require_collection(conn, collection)
-        if not rowids or not _vec_table_exists(conn, coll.dimension):
+        if not rowids:
             return {}
         query = _unit_vector(vector, coll.dimension, "vector")
+        snapshot = self._exact(conn, coll)
+        if snapshot is not None:
+            return snapshot.similarities(rowids, query)
+        if not _vec_table_exists(conn, coll.dimension):
+            return {}
         marks = ",".join("?" * len(rowids))
         rows: list[tuple[Any, ...]] = conn.execute(
             f"SELECT chunk_rowid, vec_distance_l2(embedding, ?) FROM {_vec_table(coll.dimension)}"
@@ -246,6 +311,55 @@ class RagStore:
             (query.tobytes(), coll.id, *rowids),
         ).fetchall()
         return {int(rowid): 1.0 - float(distance) ** 2 / 2.0 for rowid, distance in rows}
+
+    def _exact(self, conn: apsw.Connection, coll: _Collection) -> Snapshot | None:
+        """The collection's current matrix, built now if missing or stale; None when it
+        cannot fit the bound (search through sqlite-vec)."""
+        snapshot = self.index.current(coll.id, coll.generation)
+        if snapshot is not None or self.index.refused(coll.id, coll.generation):
+            return snapshot
+        with self.index.build_lock(coll.id):
+            # Another thread may have built it while this one waited for the lock.
+            with _snapshot(conn):
+                generation = _generation(conn, coll.id)
+                snapshot = self.index.current(coll.id, generation)
+                if snapshot is not None or self.index.refused(coll.id, generation):
+                    return snapshot
+                count = _scalar(
+                    conn, "SELECT count(*) FROM chunks WHERE collection_id = ?", coll.id
+                )
+                if not self.index.admit(coll.id, generation, count * (coll.dimension * 4 + 8)):
+                    return None
+                started = time.perf_counter()
+                snapshot = _read_snapshot(conn, coll, generation, count)
+            log.info(
+                "rag exact index built",
+                collection=coll.name,
+                vectors=len(snapshot.ids),
+                bytes=snapshot.nbytes,
+                generation=generation,
+                seconds=round(time.perf_counter() - started, 3),
+            )
+            return self.index.put(coll.id, snapshot)
+
+    def index_info(self, name: str) -> IndexInfo:
+        """How `name` is searched now (collection info's `index`)."""
+        coll = _require_collection(self._store.connection(), name)
+        return self.index.info(coll.id, coll.generation)
+
+    def index_usage(self) -> dict[str, IndexInfo]:
+        """Every collection with a resident matrix, by name (diagnostics)."""
+        held = self.index.usage()
+        if not held:
+            return {}
+        rows = self._store.query(
+            f"{_FIND_COLLECTION_SQL} WHERE c.id IN (SELECT value FROM json_each(?))",
+            (json.dumps(list(held)),),
+        )
+        return {
+            coll.name: self.index.info(coll.id, coll.generation)
+            for coll in (_Collection(*row) for row in rows)
+        }
 
     def lexical(self, collection: str, query: str, k: int) -> list[tuple[int, float]]:
         """The `k` chunks of `collection` best matching `query`'s words by BM25.
@@ -338,6 +452,7 @@ class RagStore:
 
     def delete_document(self, collection: str, document_id: str) -> int:
         """Delete one document with its chunks, FTS and vector rows; returns chunks deleted."""
+        outermost = not self._store.connection().in_transaction
         with self._store.transaction() as conn:
             coll = _require_collection(conn, collection)
             row = conn.execute(
@@ -350,11 +465,17 @@ class RagStore:
                     param="document_id",
                     code=ErrorCode.DOCUMENT_NOT_FOUND,
                 )
-            chunks = _scalar(conn, "SELECT count(*) FROM chunks WHERE document_id = ?", row[0])
+            gone = np.array(
+                [r[0] for r in conn.execute("SELECT id FROM chunks WHERE document_id = ?", row)],
+                dtype=np.int64,
+            )
             # Chunks, FTS rows and vectors follow by cascade and triggers.
             conn.execute("DELETE FROM documents WHERE id = ?", (row[0],))
             _touch(conn, coll.id)
-        return chunks
+            after = _generation(conn, coll.id)
+        if outermost:
+            self.index.remove(coll.id, coll.generation, after, gone)
+        return len(gone)
 
     def delete_collection(self, name: str) -> tuple[int, int]:
         """Delete a collection and everything in it; returns (documents, chunks) deleted."""
@@ -365,6 +486,8 @@ class RagStore:
             )
             chunks = _scalar(conn, "SELECT count(*) FROM chunks WHERE collection_id = ?", coll.id)
             conn.execute("DELETE FROM collections WHERE id = ?", (coll.id,))
+        # Another process sees the delete through the generation; this one frees the memory.
+        self.index.drop(coll.id)
         return documents, chunks
 
     # -- diagnostics ---------------------------------------------------------------------
@@ -529,7 +652,8 @@ def _existing_document(conn: apsw.Connection, collection_id: int, content_hash: 
 
 def _insert_document(
     conn: apsw.Connection, collection_id: int, vec_table: str, doc: NewDocument, matrix: np.ndarray
-) -> None:
+) -> list[int]:
+    """Insert the document, its chunks and vectors; returns the chunks' rowids in row order."""
     conn.execute(
         "INSERT INTO documents (document_id, collection_id, filename, content_hash, format,"
         " title, metadata, chunk_count, ingested_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -568,6 +692,7 @@ def _insert_document(
         f"INSERT INTO {vec_table} (chunk_rowid, collection_id, embedding) VALUES (?, ?, ?)",
         ((rowid, collection_id, matrix[row].tobytes()) for row, rowid in enumerate(rowids)),
     )
+    return rowids
 
 
 def _chunk_rowids(conn: apsw.Connection, document_rowid: int, indexes: list[int]) -> list[int]:
@@ -578,6 +703,38 @@ def _chunk_rowids(conn: apsw.Connection, document_rowid: int, indexes: list[int]
         ).fetchall()
     )
     return [by_index[index] for index in indexes]
+
+
+def _generation(conn: apsw.Connection, collection_id: int) -> int:
+    row = conn.execute(
+        "SELECT generation FROM rag_generations WHERE collection_id = ?", (collection_id,)
+    ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _read_snapshot(
+    conn: apsw.Connection, coll: _Collection, generation: int, count: int
+) -> Snapshot:
+    """The collection's vectors from SQLite, inside the caller's read transaction, in which
+    the collection has `count` chunks."""
+    ids = np.zeros(count, dtype=np.int64)
+    matrix = aligned_matrix(count, coll.dimension)
+    if not count or not _vec_table_exists(conn, coll.dimension):
+        return Snapshot(generation, ids[:0], matrix[:0])
+    # Through chunks' collection index and vec0's rowid lookups: a scan of vec0 by its
+    # partition key measured slower. Rows are copied as they come, so the blobs are never
+    # all in memory beside the matrix.
+    cursor = conn.execute(
+        f"SELECT v.chunk_rowid, v.embedding FROM chunks c"
+        f" JOIN {_vec_table(coll.dimension)} v ON v.chunk_rowid = c.id"
+        " WHERE c.collection_id = ? ORDER BY c.id",
+        (coll.id,),
+    )
+    read = 0
+    for read, (rowid, blob) in enumerate(cursor, 1):
+        ids[read - 1] = rowid
+        matrix[read - 1] = np.frombuffer(blob, dtype="<f4")
+    return Snapshot(generation, ids[:read], matrix[:read])
 
 
 def _touch(conn: apsw.Connection, collection_id: int) -> None:
@@ -671,10 +828,15 @@ def _hit(row: Sequence[Any], score: float, rerank_score: float | None = None) ->
     )
 
 
+# The collection and its generation in one indexed read: a search checks both every time.
+_FIND_COLLECTION_SQL = """
+SELECT c.id, c.name, c.embedding_model, c.dimension, coalesce(g.generation, 0)
+FROM collections c LEFT JOIN rag_generations g ON g.collection_id = c.id
+"""
+
+
 def _find_collection(conn: apsw.Connection, name: str) -> _Collection | None:
-    row = conn.execute(
-        "SELECT id, name, embedding_model, dimension FROM collections WHERE name = ?", (name,)
-    ).fetchone()
+    row = conn.execute(f"{_FIND_COLLECTION_SQL} WHERE c.name = ?", (name,)).fetchone()
     return None if row is None else _Collection(*row)
 
 

@@ -31,6 +31,7 @@ from msgspec import Meta
 
 from engine.config import Settings
 from engine.errors import InvalidRequest
+from engine.rag.exact_index import IndexInfo
 from engine.rag.service import (
     COLLECTION_NAME,
     MIN_CHUNK,
@@ -130,6 +131,26 @@ class DocumentSummary(msgspec.Struct, kw_only=True):
     ingested_at: str
 
 
+class IndexDetail(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """How a collection's vectors are searched (extension; docs/rag.md "Exact search")."""
+
+    kind: str  # "exact": an in-memory matrix; "sqlite-vec": none now
+    bytes: int
+    vectors: int
+    generation: int
+    reason: str | None = None  # why "sqlite-vec"
+
+    @classmethod
+    def of(cls, info: IndexInfo) -> IndexDetail:
+        return cls(
+            kind=info.kind,
+            bytes=info.bytes,
+            vectors=info.vectors,
+            generation=info.generation,
+            reason=info.reason,
+        )
+
+
 class CollectionDetail(msgspec.Struct, kw_only=True):
     name: str
     document_count: int
@@ -142,6 +163,7 @@ class CollectionDetail(msgspec.Struct, kw_only=True):
     overlap: int
     metadata: dict[str, Any]
     documents: list[DocumentSummary]
+    index: IndexDetail  # extension
 
 
 class DocumentDeleted(msgspec.Struct, kw_only=True):
@@ -348,6 +370,7 @@ async def collection_info(
         # One thread, so info and documents come from the same connection.
         info = db.collection(collection_name)
         documents = db.documents(collection_name)
+        index = db.index_info(collection_name)
         return CollectionDetail(
             name=info.name,
             document_count=info.document_count,
@@ -368,6 +391,7 @@ async def collection_info(
                 )
                 for d in documents
             ],
+            index=IndexDetail.of(index),
         )
 
     return await asyncio.to_thread(read)
