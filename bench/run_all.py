@@ -212,14 +212,30 @@ def summary(rows: list[Row]) -> str:
     return f"{counts['pass']} pass, {counts['miss']} miss, {counts['skipped']} skipped"
 
 
-def section(rows: list[Row], mode: str, when: str, where: str, load: str) -> str:
+def commit() -> str:
+    """The checked-out commit (with `+` when the tree has changes), so a table says what
+    code it measured; empty outside a git checkout."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True)
+    except OSError:
+        return ""
+    if head.returncode != 0:
+        return ""
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+
+
+def section(rows: list[Row], mode: str, when: str, where: str, load: str, code: str) -> str:
     command = "make bench" if mode == "quick" else "make bench-full"
+    at = f" at {code}" if code else ""
     return "\n".join(
         [
             BEGIN,
             f"## Latest `{command}` — {when}",
             "",
-            f"Machine: {where}; load average before the run {load}. Mode: {mode} "
+            f"Code{at}. Machine: {where}; load average before the run {load}. Mode: {mode} "
             f"(bench/run_all.py; {summary(rows)}). Quick runs measure the same things as full "
             "ones on fewer requests, repeats and documents: compare quick with quick. "
             "Ratio = ours / baseline.",
@@ -264,7 +280,7 @@ def main() -> None:
     if args.markdown is not None:
         document = args.markdown.read_text() if args.markdown.exists() else ""
         args.markdown.write_text(
-            replace_section(document, section(rows, args.mode, when, where, load))
+            replace_section(document, section(rows, args.mode, when, where, load, commit()))
         )
         print(f"table written to {args.markdown}")
 
