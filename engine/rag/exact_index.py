@@ -194,10 +194,8 @@ class ExactIndex:
         to a matrix that was current at `before`; any other state is left to the next
         search's generation check."""
         with self.build_lock(collection_id):
-            with self._lock:
-                old = self._snapshots.get(collection_id)
-            if old is None or old.generation != before:
-                self.drop(collection_id, below=after)
+            old = self._current(collection_id, before, after)
+            if old is None:
                 return
             needed = old.nbytes + int(rows.nbytes + ids.nbytes)
             if not self.admit(collection_id, after, needed):
@@ -211,14 +209,23 @@ class ExactIndex:
     def remove(self, collection_id: int, before: int, after: int, ids: np.ndarray) -> None:
         """Drop committed deletions from a matrix that was current at `before`."""
         with self.build_lock(collection_id):
-            with self._lock:
-                old = self._snapshots.get(collection_id)
-            if old is None or old.generation != before:
-                self.drop(collection_id, below=after)
+            old = self._current(collection_id, before, after)
+            if old is None:
                 return
             keep = ~np.isin(old.ids, ids)
             # A new array: searches may still be reading the old one.
             self.put(collection_id, Snapshot(after, old.ids[keep], aligned_copy(old.matrix[keep])))
+
+    def _current(self, collection_id: int, before: int, after: int) -> Snapshot | None:
+        """The matrix a commit from `before` to `after` may patch: None (and any older
+        matrix dropped) when it was not current at `before`, as after another writer's
+        change, which the next search's generation check rebuilds. Under the build lock."""
+        with self._lock:
+            old = self._snapshots.get(collection_id)
+        if old is None or old.generation != before:
+            self.drop(collection_id, below=after)
+            return None
+        return old
 
     def drop(self, collection_id: int, below: int | None = None) -> None:
         """Forget a collection's matrix (only one older than `below`, when given)."""
