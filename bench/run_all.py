@@ -87,7 +87,9 @@ BENCHMARKS = (
     Benchmark("orchestrate", "orchestrate.py", ["--requests", "500", "--rounds", "1"]),
     Benchmark("jobs", "jobs.py", ["--requests", "500", "--rounds", "1", "--latency", "50"]),
     Benchmark(
-        "vector_search", "vector_search.py", ["--sizes", "10000", "100000", "--queries", "50"]
+        "vector_search",
+        "vector_search.py",
+        ["--sizes", "10000", "100000", "--queries", "50", "--hnsw", "100000"],
     ),
     Benchmark("generation", "generation.py", ["--tokens", "64", "--repeats", "1"]),
     Benchmark(

@@ -314,6 +314,7 @@ def test_embedding_model_field(api: Api) -> None:
         ({"collection": ""}, "collection"),
         ({"collection": "bad name!"}, "collection"),
         ({"chunksize": "100"}, "chunksize"),
+        ({"index": "ivf"}, "index"),
     ],
 )
 def test_bad_parameters_are_400(api: Api, fields: dict[str, str], param: str) -> None:
@@ -447,6 +448,31 @@ def test_hybrid_rerank(api: Api, corpus: dict[str, Any]) -> None:
     assert all(-1 <= s["score"] <= 1 for s in sources)
     # The one chunk that has the query's words ranks first in both lists.
     assert "Explosive eruptions" in sources[0]["text"]
+
+
+def test_hnsw_collection_through_the_api(api: Api) -> None:
+    """`index: hnsw` from the ingest form: collection info says so once searched, and
+    vector and hybrid queries answer from the graph (docs/rag.md "Approximate search")."""
+    docs = {name: DOCS[name] for name in ("rivers.txt", "volcanoes.md", "bees.html")}
+    response = api.ingest("graph", docs, index="hnsw")
+    assert response.status_code == 200, response.text
+    for rerank in (False, True):
+        response = api.query(
+            query="Explosive eruptions ash",
+            collection="graph",
+            top_k=3,
+            rerank=rerank,
+            similarity_threshold=-1,
+        )
+        assert response.status_code == 200, response.text
+        sources = response.json()["sources"]
+        assert len(sources) == 3
+        assert all(-1 <= s["score"] <= 1 for s in sources)
+    # Hybrid (the last query): the one chunk with the query's words ranks first.
+    assert "Explosive eruptions" in sources[0]["text"]
+    info = api.info("graph")
+    assert (info["index"]["kind"], info["index"]["setting"]) == ("hnsw", "hnsw")
+    assert info["index"]["vectors"] == info["chunk_count"]
 
 
 def test_model_rerank(api: Api, corpus: dict[str, Any]) -> None:

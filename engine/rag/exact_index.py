@@ -22,6 +22,12 @@ Memory
     All matrices together stay under `max_bytes`: a build that would not fit evicts the
     least recently used matrices of other collections; one that cannot fit at all is
     refused and that collection is searched through sqlite-vec (`kind` "sqlite-vec").
+
+Index kinds
+    The cache holds `Resident` indexes: this module's exact `Snapshot`, or an approximate
+    HNSW graph (engine/rag/hnsw_index.py). Both follow the same generation check, bound
+    and post-commit patching here; only how a patch is applied differs (`with_rows`,
+    `without_rows`), so the consistency rules live in one place.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import structlog
@@ -37,7 +44,41 @@ import structlog
 log = structlog.get_logger(__name__)
 
 EXACT = "exact"
+HNSW = "hnsw"
 SQLITE_VEC = "sqlite-vec"
+
+
+class Resident(Protocol):
+    """A collection's in-memory search index at one generation (see "Index kinds")."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def generation(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    @property
+    def vectors(self) -> int: ...
+
+    def top(self, query: np.ndarray, k: int) -> list[tuple[int, float]]: ...
+
+    def similarities(self, rowids: Sequence[int], query: np.ndarray) -> dict[int, float]: ...
+
+    def added_bytes(self, rows: int) -> int:
+        """Memory `rows` more vectors would take."""
+        ...
+
+    def with_rows(self, generation: int, ids: np.ndarray, rows: np.ndarray) -> Resident:
+        """The index at `generation`, with committed rows added (rowids above every
+        existing one)."""
+        ...
+
+    def without_rows(self, generation: int, ids: np.ndarray) -> Resident:
+        """The index at `generation`, without committed deletions."""
+        ...
 
 
 # BLAS's matrix-vector product measured ~10% faster on 64-byte aligned rows than on the
@@ -67,9 +108,29 @@ class Snapshot:
     ids: np.ndarray  # int64 chunk rowids, ascending
     matrix: np.ndarray  # float32 (len(ids), dimension), unit rows, C-contiguous
 
+    kind = EXACT
+
     @property
     def nbytes(self) -> int:
         return int(self.matrix.nbytes + self.ids.nbytes)
+
+    @property
+    def vectors(self) -> int:
+        return len(self.ids)
+
+    def added_bytes(self, rows: int) -> int:
+        return rows * (self.matrix.shape[1] * 4 + 8)
+
+    def with_rows(self, generation: int, ids: np.ndarray, rows: np.ndarray) -> Snapshot:
+        matrix = aligned_matrix(len(self.ids) + len(ids), self.matrix.shape[1])
+        matrix[: len(self.ids)] = self.matrix
+        matrix[len(self.ids) :] = rows
+        return Snapshot(generation, np.concatenate([self.ids, ids.astype(np.int64)]), matrix)
+
+    def without_rows(self, generation: int, ids: np.ndarray) -> Snapshot:
+        keep = ~np.isin(self.ids, ids)
+        # A new array: searches may still be reading the old one.
+        return Snapshot(generation, self.ids[keep], aligned_copy(self.matrix[keep]))
 
     def top(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
         """The `k` rows most similar to the unit vector `query`: (rowid, cosine), best
@@ -101,11 +162,13 @@ class Snapshot:
 class IndexInfo:
     """How one collection is searched now, for collection info and diagnostics."""
 
-    kind: str  # EXACT: a resident matrix; SQLITE_VEC: none (not built yet, or over the bound)
-    bytes: int  # memory held by the matrix and its rowids
-    vectors: int  # rows in the matrix
+    kind: str  # EXACT: a resident matrix; HNSW: a graph; SQLITE_VEC: none (not built yet,
+    # or over the bound)
+    bytes: int  # memory held by the index (matrix and rowids, or graph and vectors)
+    vectors: int  # vectors in the index
     generation: int  # the matrix's generation (SQLite's when there is no matrix)
     reason: str | None = None  # why SQLITE_VEC
+    setting: str | None = None  # the collection's `index_kind` option: exact, hnsw or auto
 
 
 @dataclass(frozen=True)
@@ -121,13 +184,13 @@ class ExactIndex:
         self.max_bytes = max(0, int(max_bytes))
         self._lock = threading.Lock()
         # Least recently used first.
-        self._snapshots: OrderedDict[int, Snapshot] = OrderedDict()
+        self._snapshots: OrderedDict[int, Resident] = OrderedDict()
         self._refused: dict[int, _Refused] = {}
         self._build_locks: dict[int, threading.Lock] = {}
 
     # -- searching -----------------------------------------------------------------------
 
-    def current(self, collection_id: int, generation: int) -> Snapshot | None:
+    def current(self, collection_id: int, generation: int) -> Resident | None:
         """The collection's matrix if it is at `generation` (marked recently used)."""
         with self._lock:
             snapshot = self._snapshots.get(collection_id)
@@ -174,7 +237,7 @@ class ExactIndex:
                 log.info("rag exact index evicted", collection_id=victim, bytes=evicted.nbytes)
             return True
 
-    def put(self, collection_id: int, snapshot: Snapshot) -> Snapshot:
+    def put(self, collection_id: int, snapshot: Resident) -> Resident:
         """Install `snapshot` unless a newer generation is already there; returns the one
         kept."""
         with self._lock:
@@ -197,14 +260,9 @@ class ExactIndex:
             old = self._current(collection_id, before, after)
             if old is None:
                 return
-            needed = old.nbytes + int(rows.nbytes + ids.nbytes)
-            if not self.admit(collection_id, after, needed):
+            if not self.admit(collection_id, after, old.nbytes + old.added_bytes(len(ids))):
                 return
-            matrix = aligned_matrix(len(old.ids) + len(ids), old.matrix.shape[1])
-            matrix[: len(old.ids)] = old.matrix
-            matrix[len(old.ids) :] = rows
-            snapshot = Snapshot(after, np.concatenate([old.ids, ids.astype(np.int64)]), matrix)
-            self.put(collection_id, snapshot)
+            self.put(collection_id, old.with_rows(after, ids.astype(np.int64), rows))
 
     def remove(self, collection_id: int, before: int, after: int, ids: np.ndarray) -> None:
         """Drop committed deletions from a matrix that was current at `before`."""
@@ -212,11 +270,9 @@ class ExactIndex:
             old = self._current(collection_id, before, after)
             if old is None:
                 return
-            keep = ~np.isin(old.ids, ids)
-            # A new array: searches may still be reading the old one.
-            self.put(collection_id, Snapshot(after, old.ids[keep], aligned_copy(old.matrix[keep])))
+            self.put(collection_id, old.without_rows(after, ids))
 
-    def _current(self, collection_id: int, before: int, after: int) -> Snapshot | None:
+    def _current(self, collection_id: int, before: int, after: int) -> Resident | None:
         """The matrix a commit from `before` to `after` may patch: None (and any older
         matrix dropped) when it was not current at `before`, as after another writer's
         change, which the next search's generation check rebuilds. Under the build lock."""
@@ -243,7 +299,7 @@ class ExactIndex:
             snapshot = self._snapshots.get(collection_id)
             refusal = self._refused.get(collection_id)
         if snapshot is not None and snapshot.generation == generation:
-            return IndexInfo(EXACT, snapshot.nbytes, len(snapshot.ids), snapshot.generation)
+            return IndexInfo(snapshot.kind, snapshot.nbytes, snapshot.vectors, snapshot.generation)
         if refusal is not None and refusal.generation == generation:
             return IndexInfo(
                 SQLITE_VEC,

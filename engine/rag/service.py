@@ -59,6 +59,7 @@ class IngestLimits:
     metadata_max_bytes: int
     # Not an ingest budget, but the service's other memory setting from the same Settings.
     index_max_mb: int = Settings.rag_index_max_mb
+    hnsw_min_vectors: int = Settings.rag_hnsw_min_vectors
 
     @classmethod
     def from_settings(cls, settings: Settings) -> IngestLimits:
@@ -71,6 +72,7 @@ class IngestLimits:
             metadata_max_depth=settings.rag_metadata_max_depth,
             metadata_max_bytes=settings.rag_metadata_max_bytes,
             index_max_mb=settings.rag_index_max_mb,
+            hnsw_min_vectors=settings.rag_hnsw_min_vectors,
         )
 
 
@@ -177,7 +179,11 @@ class RagService:
     ) -> None:
         self.store = store
         self.limits = limits or IngestLimits.from_settings(Settings())
-        self.db = RagStore(store, index_max_bytes=self.limits.index_max_mb * MIB)
+        self.db = RagStore(
+            store,
+            index_max_bytes=self.limits.index_max_mb * MIB,
+            hnsw_min_vectors=self.limits.hnsw_min_vectors,
+        )
         self.models = models
         self.retriever = Retriever(self.db, models)
 
@@ -252,6 +258,7 @@ class RagService:
         embedding_model: str | None = None,
         metadata: dict[str, Any] | None = None,
         on_progress: ProgressFn | None = None,
+        index: str = "auto",
     ) -> IngestResult:
         """Extract and chunk every file, embed the chunks in bounded batches, then store
         everything in one short transaction: a bad file, a budget overrun, a crash or the
@@ -302,6 +309,7 @@ class RagService:
             collection_metadata=metadata,
             documents=documents,
             on_progress=progress.stage("store"),
+            index_kind=index,
         )
         stored = dict(zip((d.content_hash for d in documents), ids, strict=True))
         document_ids = []

@@ -31,6 +31,12 @@ Exact search from memory (engine/rag/exact_index.py)
     a collection's vectors without the next search seeing it. Its rows are never deleted: a
     collection rowid reused after a delete keeps counting up, so an old matrix never matches.
 
+Approximate search (engine/rag/hnsw_index.py)
+    A collection's `index_kind` (migration 103) picks what `knn` builds: `exact` (the
+    matrix), `hnsw` (a usearch graph, saved under `<db dir>/rag-index/`) or `auto` (the
+    default: the graph from `rag_hnsw_min_vectors` vectors up, the matrix below). Both are
+    cached, bounded and patched by the same `ExactIndex`, under the same generation rule.
+
 Transactions
     Every mutating method is one `BEGIN IMMEDIATE ... COMMIT`: an exception or a SIGKILL in
     the middle leaves the database as it was before the call. Methods are synchronous; the
@@ -45,7 +51,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import apsw
@@ -55,7 +61,16 @@ import structlog
 from engine.clock import utc_iso
 from engine.config import Settings
 from engine.errors import ErrorCode, InvalidRequest, NotFound
-from engine.rag.exact_index import ExactIndex, IndexInfo, Snapshot, aligned_matrix
+from engine.rag import hnsw_index
+from engine.rag.exact_index import (
+    EXACT,
+    HNSW,
+    ExactIndex,
+    IndexInfo,
+    Resident,
+    Snapshot,
+    aligned_matrix,
+)
 from engine.rag.types import CollectionInfo, DocumentInfo, Hit, NewDocument
 from engine.store import Store, register_migration
 
@@ -161,6 +176,15 @@ END;
 
 register_migration(102, "rag_generations", _GENERATIONS_SQL)
 
+INDEX_KINDS = (EXACT, HNSW, "auto")
+# Existing collections get `auto`, which keeps them exact below the size the graph pays at.
+_INDEX_KIND_SQL = """
+ALTER TABLE collections ADD COLUMN index_kind TEXT NOT NULL DEFAULT 'auto'
+    CHECK (index_kind IN ('exact', 'hnsw', 'auto'));
+"""
+
+register_migration(103, "rag_collection_index_kind", _INDEX_KIND_SQL)
+
 
 @dataclass(frozen=True)
 class _Collection:
@@ -169,16 +193,24 @@ class _Collection:
     embedding_model: str
     dimension: int
     generation: int = 0  # rag_generations' value when read
+    index_kind: str = "auto"  # one of INDEX_KINDS
 
 
 class RagStore:
     """Synchronous access to the RAG tables of `store` (see the module doc)."""
 
     def __init__(
-        self, store: Store, *, index_max_bytes: int = Settings.rag_index_max_mb * MIB
+        self,
+        store: Store,
+        *,
+        index_max_bytes: int = Settings.rag_index_max_mb * MIB,
+        hnsw_min_vectors: int = Settings.rag_hnsw_min_vectors,
     ) -> None:
         self._store = store
         self.index = ExactIndex(index_max_bytes)
+        self.hnsw_min_vectors = hnsw_min_vectors
+        # Beside the database, so a copy or backup of the data directory carries it along.
+        self.hnsw_directory = store.path.parent / "rag-index"
 
     # -- ingest --------------------------------------------------------------------------
 
@@ -193,17 +225,24 @@ class RagStore:
         collection_metadata: dict[str, Any],
         documents: list[NewDocument],
         on_progress: ProgressFn | None = None,
+        index_kind: str = "auto",
     ) -> list[str]:
         """Store `documents` in `collection` (created if absent) in one transaction.
 
         Returns the document ids in input order; a document whose content hash is already
         in the collection is not stored again and its existing id is returned.
         A new collection records `embedding_model`, `dimension`, `chunk_size`, `overlap` and
-        `collection_metadata`; an existing one keeps what it was created with, and a
-        different model or dimension is refused (nothing written).
+        `collection_metadata` and `index_kind` (exact, hnsw or auto: see the module doc); an
+        existing one keeps what it was created with, and a different model or dimension is
+        refused (nothing written).
         `on_progress(done, total)` is called inside the transaction after each document.
         """
         _check_dimension(dimension)
+        if index_kind not in INDEX_KINDS:
+            raise InvalidRequest(
+                f"index must be one of {', '.join(INDEX_KINDS)}, not {index_kind!r}",
+                param="index",
+            )
         # Validated and converted before taking the write lock: a bad vector fails fast and
         # the lock is held only for writing.
         matrices = [_document_matrix(doc, dimension) for doc in documents]
@@ -218,6 +257,7 @@ class RagStore:
                 chunk_size,
                 overlap,
                 collection_metadata,
+                index_kind,
             )
             vec_table = _ensure_vec_table(conn, dimension)
             ids: list[str] = []
@@ -254,17 +294,31 @@ class RagStore:
         chunk_size: int,
         overlap: int,
         metadata: dict[str, Any],
+        index_kind: str,
     ) -> _Collection:
         coll = _find_collection(conn, name)
         if coll is None:
             now = utc_iso()
             conn.execute(
                 "INSERT INTO collections (name, embedding_model, dimension, chunk_size, overlap,"
-                " metadata, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, embedding_model, dimension, chunk_size, overlap, _json(metadata), now, now),
+                " metadata, index_kind, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    embedding_model,
+                    dimension,
+                    chunk_size,
+                    overlap,
+                    _json(metadata),
+                    index_kind,
+                    now,
+                    now,
+                ),
             )
             rowid = conn.last_insert_rowid()
-            return _Collection(rowid, name, embedding_model, dimension, _generation(conn, rowid))
+            return _Collection(
+                rowid, name, embedding_model, dimension, _generation(conn, rowid), index_kind
+            )
         _check_same_model(coll, embedding_model, dimension)
         return coll
 
@@ -278,7 +332,7 @@ class RagStore:
         k = min(k, MAX_K)
         if k <= 0:
             return []
-        snapshot = self._exact(conn, coll)
+        snapshot = self._resident(conn, coll)
         if snapshot is not None:
             return snapshot.top(query, k)
         if not _vec_table_exists(conn, coll.dimension):
@@ -299,7 +353,7 @@ class RagStore:
         if not rowids:
             return {}
         query = _unit_vector(vector, coll.dimension, "vector")
-        snapshot = self._exact(conn, coll)
+        snapshot = self._resident(conn, coll)
         if snapshot is not None:
             return snapshot.similarities(rowids, query)
         if not _vec_table_exists(conn, coll.dimension):
@@ -312,9 +366,10 @@ class RagStore:
         ).fetchall()
         return {int(rowid): 1.0 - float(distance) ** 2 / 2.0 for rowid, distance in rows}
 
-    def _exact(self, conn: apsw.Connection, coll: _Collection) -> Snapshot | None:
-        """The collection's current matrix, built now if missing or stale; None when it
-        cannot fit the bound (search through sqlite-vec)."""
+    def _resident(self, conn: apsw.Connection, coll: _Collection) -> Resident | None:
+        """The collection's current index (matrix or graph), built now (or loaded from its
+        file) if missing or stale; None when it cannot fit the bound (search through
+        sqlite-vec)."""
         snapshot = self.index.current(coll.id, coll.generation)
         if snapshot is not None or self.index.refused(coll.id, coll.generation):
             return snapshot
@@ -328,24 +383,56 @@ class RagStore:
                 count = _scalar(
                     conn, "SELECT count(*) FROM chunks WHERE collection_id = ?", coll.id
                 )
-                if not self.index.admit(coll.id, generation, count * (coll.dimension * 4 + 8)):
+                kind = self.index_kind(coll.index_kind, count)
+                needed = (
+                    hnsw_index.estimated_bytes(count, coll.dimension)
+                    if kind == HNSW
+                    else count * (coll.dimension * 4 + 8)
+                )
+                if not self.index.admit(coll.id, generation, needed):
                     return None
                 started = time.perf_counter()
-                snapshot = _read_snapshot(conn, coll, generation, count)
+                resident: Resident | None = None
+                read: Snapshot | None = None
+                if kind == HNSW:
+                    resident = hnsw_index.load(
+                        self.hnsw_directory, coll.id, generation, coll.dimension
+                    )
+                source = "file"
+                if resident is None:
+                    source = "sqlite"
+                    read = _read_snapshot(conn, coll, generation, count)
+            if read is not None and kind == HNSW:
+                # Outside the read transaction: the graph build is the long part and must
+                # not hold back WAL checkpoints.
+                resident = hnsw_index.build(
+                    self.hnsw_directory, coll.id, generation, read.ids, read.matrix
+                )
+            elif read is not None:
+                resident = read
+            assert resident is not None  # loaded from its file, or read from SQLite
             log.info(
-                "rag exact index built",
+                "rag vector index built",
                 collection=coll.name,
-                vectors=len(snapshot.ids),
-                bytes=snapshot.nbytes,
+                kind=kind,
+                source=source,
+                vectors=resident.vectors,
+                bytes=resident.nbytes,
                 generation=generation,
                 seconds=round(time.perf_counter() - started, 3),
             )
-            return self.index.put(coll.id, snapshot)
+            return self.index.put(coll.id, resident)
+
+    def index_kind(self, setting: str, vectors: int) -> str:
+        """The index a collection with this `index_kind` setting and size gets."""
+        if setting == "auto":
+            return HNSW if vectors >= self.hnsw_min_vectors else EXACT
+        return setting
 
     def index_info(self, name: str) -> IndexInfo:
         """How `name` is searched now (collection info's `index`)."""
         coll = _require_collection(self._store.connection(), name)
-        return self.index.info(coll.id, coll.generation)
+        return replace(self.index.info(coll.id, coll.generation), setting=coll.index_kind)
 
     def index_usage(self) -> dict[str, IndexInfo]:
         """Every collection with a resident matrix, by name (diagnostics)."""
@@ -357,7 +444,7 @@ class RagStore:
             (json.dumps(list(held)),),
         )
         return {
-            coll.name: self.index.info(coll.id, coll.generation)
+            coll.name: replace(self.index.info(coll.id, coll.generation), setting=coll.index_kind)
             for coll in (_Collection(*row) for row in rows)
         }
 
@@ -486,8 +573,10 @@ class RagStore:
             )
             chunks = _scalar(conn, "SELECT count(*) FROM chunks WHERE collection_id = ?", coll.id)
             conn.execute("DELETE FROM collections WHERE id = ?", (coll.id,))
-        # Another process sees the delete through the generation; this one frees the memory.
+        # Another process sees the delete through the generation; this one frees the memory
+        # and the disk.
         self.index.drop(coll.id)
+        hnsw_index.remove_files(self.hnsw_directory, coll.id)
         return documents, chunks
 
     # -- diagnostics ---------------------------------------------------------------------
@@ -832,7 +921,8 @@ def _hit(row: Sequence[Any], score: float, rerank_score: float | None = None) ->
 # (A correlated subquery: ~3.5 us a query here, a LEFT JOIN ~10.)
 _FIND_COLLECTION_SQL = """
 SELECT c.id, c.name, c.embedding_model, c.dimension,
-       coalesce((SELECT g.generation FROM rag_generations g WHERE g.collection_id = c.id), 0)
+       coalesce((SELECT g.generation FROM rag_generations g WHERE g.collection_id = c.id), 0),
+       c.index_kind
 FROM collections c
 """
 

@@ -45,7 +45,9 @@ from server.uploads import UploadLimits, read_multipart
 
 TAGS = ["rag"]
 FILE_FIELDS = frozenset({"files", "files[]"})
-TEXT_FIELDS = frozenset({"collection", "chunk_size", "overlap", "embedding_model", "metadata"})
+TEXT_FIELDS = frozenset(
+    {"collection", "chunk_size", "overlap", "embedding_model", "metadata", "index"}
+)
 MAX_TOP_K = 1000
 
 
@@ -134,11 +136,12 @@ class DocumentSummary(msgspec.Struct, kw_only=True):
 class IndexDetail(msgspec.Struct, kw_only=True, omit_defaults=True):
     """How a collection's vectors are searched (extension; docs/rag.md "Exact search")."""
 
-    kind: str  # "exact": an in-memory matrix; "sqlite-vec": none now
+    kind: str  # "exact": an in-memory matrix; "hnsw": an approximate graph; "sqlite-vec": none now
     bytes: int
     vectors: int
     generation: int
     reason: str | None = None  # why "sqlite-vec"
+    setting: str | None = None  # the collection's `index` option: exact, hnsw or auto
 
     @classmethod
     def of(cls, info: IndexInfo) -> IndexDetail:
@@ -148,6 +151,7 @@ class IndexDetail(msgspec.Struct, kw_only=True, omit_defaults=True):
             vectors=info.vectors,
             generation=info.generation,
             reason=info.reason,
+            setting=info.setting,
         )
 
 
@@ -206,6 +210,12 @@ _INGEST_FORM = Schema(
         ),
         "embedding_model": _property(OpenAPIType.STRING, "Embeddings model id"),
         "metadata": _property(OpenAPIType.STRING, "A JSON object, kept on every document"),
+        "index": _property(
+            OpenAPIType.STRING,
+            "A new collection's vector index: exact, hnsw (approximate) or auto (hnsw from"
+            " rag_hnsw_min_vectors vectors up)",
+            default="auto",
+        ),
     },
     # Another field is refused (400), as the JSON bodies refuse theirs.
     additional_properties=False,
@@ -290,6 +300,7 @@ async def ingest(
         overlap=_int_field(fields, "overlap", 64),
         embedding_model=fields.get("embedding_model", "").strip() or None,
         metadata=_metadata_field(fields.get("metadata"), rag.limits.metadata_max_depth),
+        index=fields.get("index", "").strip() or "auto",
     )
     return IngestResponse(**asdict(result), status="completed")
 
