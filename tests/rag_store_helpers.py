@@ -36,6 +36,22 @@ def unit_vectors(rng: np.random.Generator, n: int, dimension: int) -> np.ndarray
     return matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
 
 
+def vector_document(name: str, rows: np.ndarray) -> NewDocument:
+    """A document of one chunk per row of `rows` (unit vectors the test chose)."""
+    return NewDocument(
+        document_id=name,
+        filename=f"{name}.txt",
+        content_hash=name,
+        format="text",
+        title=None,
+        metadata={},
+        chunks=[
+            Chunk(index=i, text=f"{name} passage {i}", token_count=3) for i in range(len(rows))
+        ],
+        vectors=rows,
+    )
+
+
 def make_documents(
     rng: np.random.Generator,
     *,

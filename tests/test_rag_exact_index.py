@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from rag_store_helpers import vector_document
 from serverutil import serve_app
 from step_helpers import start_engine
 
@@ -18,7 +19,7 @@ from engine.config import Settings
 from engine.rag.exact_index import EXACT, SQLITE_VEC, ExactIndex, Snapshot
 from engine.rag.service import Upload
 from engine.rag.store import RagStore
-from engine.rag.types import Chunk, NewDocument
+from engine.rag.types import NewDocument
 from engine.store import Store
 from server.app import create_app
 
@@ -30,21 +31,6 @@ SCORE_TOLERANCE = 1e-6  # float32 dot product versus sqlite-vec's float32 L2 dis
 def store(tmp_path: Path) -> Iterator[Store]:
     with Store(tmp_path / "rag.sqlite3") as opened:
         yield opened
-
-
-def document(name: str, rows: np.ndarray) -> NewDocument:
-    return NewDocument(
-        document_id=name,
-        filename=f"{name}.txt",
-        content_hash=name,
-        format="text",
-        title=None,
-        metadata={},
-        chunks=[
-            Chunk(index=i, text=f"{name} passage {i}", token_count=3) for i in range(len(rows))
-        ],
-        vectors=rows,
-    )
 
 
 def ingest(rag: RagStore, collection: str, documents: list[NewDocument]) -> None:
@@ -65,7 +51,7 @@ def fill(rag: RagStore, collection: str, docs: int, per_doc: int, seed: int) -> 
         rag,
         collection,
         [
-            document(f"{collection}-{seed}-{d}", rng.standard_normal((per_doc, DIMENSION)))
+            vector_document(f"{collection}-{seed}-{d}", rng.standard_normal((per_doc, DIMENSION)))
             for d in range(docs)
         ],
     )
@@ -177,7 +163,7 @@ def test_a_rolled_back_ingest_leaves_the_matrix_alone(store: Store) -> None:
             chunk_size=64,
             overlap=0,
             collection_metadata={},
-            documents=[document("x", rows), document("y", rows + 1)],
+            documents=[vector_document("x", rows), vector_document("y", rows + 1)],
             on_progress=fail_after_first,
         )
     assert rag.index_info("a") == before

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rag_store_helpers import vector_document
 
 from engine.errors import InvalidRequest
 from engine.rag.exact_index import EXACT, HNSW
 from engine.rag.store import RagStore
-from engine.rag.types import Chunk, NewDocument
 from engine.store import Store
 
 DIMENSION = 64
@@ -27,21 +27,6 @@ SCORE_TOLERANCE = 5e-3  # the graph stores f16 vectors
 def store(tmp_path: Path) -> Iterator[Store]:
     with Store(tmp_path / "rag.sqlite3") as opened:
         yield opened
-
-
-def document(name: str, rows: np.ndarray) -> NewDocument:
-    return NewDocument(
-        document_id=name,
-        filename=f"{name}.txt",
-        content_hash=name,
-        format="text",
-        title=None,
-        metadata={},
-        chunks=[
-            Chunk(index=i, text=f"{name} passage {i}", token_count=3) for i in range(len(rows))
-        ],
-        vectors=rows,
-    )
 
 
 def fill(
@@ -56,7 +41,7 @@ def fill(
         overlap=0,
         collection_metadata={},
         documents=[
-            document(f"{collection}-{d}", rng.standard_normal((PER_DOC, DIMENSION)))
+            vector_document(f"{collection}-{d}", rng.standard_normal((PER_DOC, DIMENSION)))
             for d in range(start, start + docs)
         ],
         index_kind=index_kind,
