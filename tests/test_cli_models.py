@@ -15,9 +15,8 @@ from typing import Any
 
 import pytest
 from api_helpers import running_server
-from cli_helpers import fusion
+from cli_helpers import fusion, run_main
 
-from engine.cli import main
 from engine.cli.models import Elapsed
 from engine.cli.remote import run_remote
 
@@ -71,10 +70,7 @@ def closed_port() -> Iterator[int]:
         yield sock.getsockname()[1]
 
 
-def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+cli = run_main
 
 
 def rows(text: str) -> list[list[str]]:

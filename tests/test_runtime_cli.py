@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import structlog
+from cli_helpers import run_main
 
 from engine.cli import main
 
@@ -143,8 +144,9 @@ def test_invalid_input_is_refused_with_exit_2_naming_the_pointer(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     path = _workflow_file(tmp_path)
-    code = main(["run", str(path), "--input", "query=hello", "--input", "n=three"])
-    out, err = capsys.readouterr()
+    code, out, err = run_main(
+        capsys, "run", str(path), "--input", "query=hello", "--input", "n=three"
+    )
     assert code == 2
     assert out == ""
     assert err.startswith("error: input/n:")
@@ -154,8 +156,7 @@ def test_a_malformed_input_pair_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    code = main(["run", str(_workflow_file(tmp_path)), "--input", "query"])
-    out, err = capsys.readouterr()
+    code, out, err = run_main(capsys, "run", str(_workflow_file(tmp_path)), "--input", "query")
     assert code == 2
     assert out == ""
     assert "--input expects key=value" in err
@@ -213,8 +214,9 @@ def test_mocking_every_model_step_runs_without_loading_a_model(
     monkeypatch.chdir(tmp_path)
     path = _model_workflow(tmp_path)
     (tmp_path / "draft.yaml").write_text("content: four\nfinish_reason: stop\n")
-    code = main(["run", str(path), "--input", "topic=x", "--mock", "draft=@draft.yaml"])
-    out, err = capsys.readouterr()
+    code, out, err = run_main(
+        capsys, "run", str(path), "--input", "topic=x", "--mock", "draft=@draft.yaml"
+    )
     assert code == 0, err
     assert "loading" not in err  # nothing loaded; the steps' progress only
     assert "> draft (model_call)\n< draft completed in " in err
@@ -251,8 +253,7 @@ def test_a_mock_of_no_step_is_refused_with_a_hint_before_anything_loads(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     path = _model_workflow(tmp_path)
-    code = main(["run", str(path), "--input", "topic=x", "--mock", "drafts=1"])
-    out, err = capsys.readouterr()
+    code, out, err = run_main(capsys, "run", str(path), "--input", "topic=x", "--mock", "drafts=1")
     assert code == 2
     assert out == ""
     assert (
@@ -285,8 +286,7 @@ def test_bad_run_arguments_are_usage_errors(
     path = _model_workflow(tmp_path)
     (tmp_path / "in.json").write_text('{"topic": }')
     (tmp_path / "in.yaml").write_text("{a: [1, }\n")
-    code = main(["run", str(path), "--input", "topic=x", *args])
-    out, err = capsys.readouterr()
+    code, out, err = run_main(capsys, "run", str(path), "--input", "topic=x", *args)
     assert code == 2
     assert out == ""
     assert message in err

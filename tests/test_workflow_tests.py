@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import fusion
+from cli_helpers import fusion, run_main
 
-from engine.cli import main
 from engine.testing.matchers import check_expected, match
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,9 +48,7 @@ def write(directory: Path, name: str, text: str) -> Path:
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
-    code = main(["test", *map(str, args), "--workflows-dir", ""])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    return run_main(capsys, "test", *args, "--workflows-dir", "")
 
 
 @pytest.fixture
