@@ -470,7 +470,8 @@ class FusionService:
                 return Cancelled(outcome, live.cancelled_at)
             status = outcome.result.status
         else:
-            status = self.runs.get(run_id).result.status  # 404 run_not_found
+            # 404 run_not_found; read off the loop (the row's JSON may be large)
+            status = (await asyncio.to_thread(self.runs.get, run_id)).result.status
         raise Conflict(
             f"run '{run_id}' has already ended ({status}): only a running run can be cancelled",
             param="run_id",
