@@ -14,9 +14,16 @@ from engine.dsl.discovery import WORKFLOW_SUFFIXES, files_to_check
 from engine.dsl.issues import WorkflowInvalid, format_issues
 from engine.dsl.source import load_text
 from engine.errors import InvalidRequest
+from engine.runtime.trace import COMPLETED, FAILED
 from engine.steps.registry import default_registry
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
+_RUN_EXIT = {COMPLETED: EXIT_OK, FAILED: EXIT_INVALID}
+
+
+def run_exit(status: Any) -> int:
+    """A run's exit code: 0 completed, 1 failed, 3 partial (in-process or on a server)."""
+    return _RUN_EXIT.get(str(status), EXIT_PARTIAL)
 
 
 def out(stream: TextIO, text: str) -> None:
@@ -69,6 +76,18 @@ def parse_value(raw: str) -> Any:
         return json.loads(raw)
     except json.JSONDecodeError:
         return raw
+
+
+def run_input(args: Any) -> dict[str, Any]:
+    """A run's input: --input-json (inline or @FILE), then each --input KEY=VALUE over it."""
+    data = json_object(args.input_json, "input-json") or {}
+    data.update(parse_pairs(args.input or [], "input"))
+    return data
+
+
+def run_models(args: Any) -> dict[str, str]:
+    """A run's --model ROLE=MODEL pairs (paths and ids are strings, not JSON)."""
+    return parse_pairs(args.model or [], "model", as_json=False)
 
 
 def parse_pairs(pairs: Sequence[str], what: str, *, as_json: bool = True) -> dict[str, Any]:

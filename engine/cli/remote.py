@@ -20,14 +20,13 @@ from urllib.parse import quote
 import httpx
 
 from engine.cli.common import (
-    EXIT_INVALID,
-    EXIT_OK,
-    EXIT_PARTIAL,
     EXIT_USAGE,
     is_workflow_file,
     json_object,
     out,
-    parse_pairs,
+    run_exit,
+    run_input,
+    run_models,
 )
 from engine.cli.progress import Progress
 from engine.dsl.source import load_file
@@ -182,19 +181,14 @@ def orchestrate_body(args: argparse.Namespace) -> dict[str, Any]:
         if not isinstance(definition, dict):
             raise InvalidRequest(f"{target}: a workflow file holds a mapping", param="workflow")
         body.update(workflow=CUSTOM, definition=definition)
-    data = json_object(args.input_json, "input-json") or {}
-    data.update(parse_pairs(args.input or [], "input"))
-    body["input"] = data
+    body["input"] = run_input(args)
     config = json_object(args.config_json, "config-json")
     if config is not None:
         body["config"] = config
-    models = parse_pairs(args.model or [], "model", as_json=False)  # model ids are strings
+    models = run_models(args)
     if models:
         body["models"] = models
     return body
-
-
-RUN_EXIT = {"completed": EXIT_OK, "failed": EXIT_INVALID}
 
 
 @handled
@@ -208,7 +202,7 @@ def run_remote(args: argparse.Namespace) -> int:
             if name == "result":
                 progress.end()
                 out(sys.stdout, json.dumps(data, indent=2))
-                return RUN_EXIT.get(str(data.get("status")), EXIT_PARTIAL)
+                return run_exit(data.get("status"))
             if name == "error":
                 progress.end()
                 raise RemoteError(envelope_line(data.get("error") or {}))

@@ -18,16 +18,16 @@ from dataclasses import replace
 from typing import Any
 
 from engine.cli.common import (
-    EXIT_INVALID,
     EXIT_OK,
-    EXIT_PARTIAL,
     is_workflow_file,
     json_object,
     out,
-    parse_pairs,
     parse_value,
     read_data_file,
     resolve,
+    run_exit,
+    run_input,
+    run_models,
 )
 from engine.cli.progress import Progress
 from engine.config import Settings
@@ -39,7 +39,7 @@ from engine.fusion.run_body import as_json, run_response
 from engine.logging import configure_logging
 from engine.runtime.executor import RunLimits, Runner
 from engine.runtime.local_models import ModelPlan, calls_models, load_models, plan_models
-from engine.runtime.trace import COMPLETED, FAILED, RunResult
+from engine.runtime.trace import RunResult
 
 # A run's workflow_source: a file given on the command line, or an id in --workflows-dir
 # (the server's "predefined" workflows are the files of its workflows directory).
@@ -77,15 +77,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise InvalidRequest("standard input can be read once: by one @- or --interactive")
     settings = Settings.load(data_dir=args.data_dir)
     workflow, catalog = resolve(args.workflow, args.workflows_dir)
-    data = json_object(args.input_json, "input-json") or {}
-    data.update(parse_pairs(args.input or [], "input"))
+    data = run_input(args)
     if args.interactive:
         from engine.cli.prompt import ask_inputs
 
         data = ask_inputs(workflow.input_schema, data, sys.stdin, sys.stderr)
     config = json_object(args.config_json, "config-json")
     mocks = parse_mocks(args.mock or [])
-    given = parse_pairs(args.model or [], "model", as_json=False)  # paths and ids are strings
+    given = run_models(args)
     run = LocalRun(workflow, catalog, settings, data, config, mocks)
     if calls_models(workflow, mocks, catalog):
         plan = plan_models(workflow, mocks, catalog, given, settings)
@@ -95,9 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     source = FILE if is_workflow_file(args.workflow) else PREDEFINED
     body = as_json(run_response(result, source=source, models=bound, stored=False))
     out(sys.stdout, json.dumps(body, indent=2, default=str))
-    if result.status == COMPLETED:
-        return EXIT_OK
-    return EXIT_INVALID if result.status == FAILED else EXIT_PARTIAL
+    return run_exit(result.status)
 
 
 class LocalRun:
