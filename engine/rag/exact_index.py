@@ -94,6 +94,11 @@ def aligned_matrix(rows: int, dimension: int) -> np.ndarray:
     return raw[start : start + size].view("<f4").reshape(rows, dimension)
 
 
+def exact_bytes(rows: int, dimension: int) -> int:
+    """Memory a `Snapshot` of `rows` vectors takes: float32 rows and int64 rowids."""
+    return rows * (dimension * 4 + 8)
+
+
 def aligned_copy(source: np.ndarray) -> np.ndarray:
     matrix = aligned_matrix(*source.shape)
     matrix[...] = source
@@ -119,7 +124,7 @@ class Snapshot:
         return len(self.ids)
 
     def added_bytes(self, rows: int) -> int:
-        return rows * (self.matrix.shape[1] * 4 + 8)
+        return exact_bytes(rows, self.matrix.shape[1])
 
     def with_rows(self, generation: int, ids: np.ndarray, rows: np.ndarray) -> Snapshot:
         matrix = aligned_matrix(len(self.ids) + len(ids), self.matrix.shape[1])

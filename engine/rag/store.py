@@ -70,6 +70,7 @@ from engine.rag.exact_index import (
     Resident,
     Snapshot,
     aligned_matrix,
+    exact_bytes,
 )
 from engine.rag.types import CollectionInfo, DocumentInfo, Hit, NewDocument
 from engine.store import Store, register_migration
@@ -387,7 +388,7 @@ class RagStore:
                 needed = (
                     hnsw_index.estimated_bytes(count, coll.dimension)
                     if kind == HNSW
-                    else count * (coll.dimension * 4 + 8)
+                    else exact_bytes(count, coll.dimension)
                 )
                 if not self.index.admit(coll.id, generation, needed):
                     return None
