@@ -355,20 +355,10 @@ class RunStore:
         self.insert(self.encode(run))
 
     def try_insert(self, row: RunRow) -> bool:
-        """`try_save` for a row from `encode`."""
-        conn = self.store.connection()
-        if conn.in_transaction:
-            return False  # a caller's open transaction: do not write into it
-        conn.set_busy_timeout(0)
-        try:
-            # The insert and the pruning commit together or not at all (a busy database
-            # then has nothing of this run, and `insert` writes it whole).
-            self.insert(row)
-        except StorageBusy:
-            return False
-        finally:
-            conn.set_busy_timeout(self.store.busy_timeout_ms)
-        return True
+        """`try_save` for a row from `encode`: the insert and the pruning commit together
+        or not at all (a busy database then has nothing of this run, and `insert` writes
+        it whole)."""
+        return try_now(self, lambda: self.insert(row))
 
     def insert(self, row: RunRow) -> None:
         """`save` for a row from `encode`: waits for the write lock (within the
