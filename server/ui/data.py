@@ -11,8 +11,10 @@ import msgspec
 
 from engine.dsl.compiled import CompiledWorkflow
 from engine.errors import FusionError
+from engine.fusion.live import RUNNING
 from engine.fusion.run_body import run_fields
 from engine.fusion.run_history import RunHistory, RunPage, RunQuery
+from engine.fusion.runs import StoredRun
 from engine.fusion.service import INLINE, FusionService, PreparedRun
 
 
@@ -21,6 +23,13 @@ async def run_body(fusion: FusionService, run_id: str) -> dict[str, Any]:
     rendered input and output with its entry, or `io_omitted` saying why there are none;
     plus the definition of an inline workflow's run (for its graph)."""
     run = await fusion.read_run(run_id, io=True)
+    if run.result.status == RUNNING:
+        return _run_body(run)  # a live run's records change on the loop: shaped there
+    # An ended run's values may be large (up to runs_max_stored_bytes): off the loop.
+    return await asyncio.to_thread(_run_body, run)
+
+
+def _run_body(run: StoredRun) -> dict[str, Any]:
     io = run.io_omitted is None
     # A running step's output may hold what JSON has no type for (a YAML date, a set): as
     # text, as the store writes it.
