@@ -97,7 +97,8 @@ class EchoModel(LoadedModel):
         spans = words(text)
         prompt = sum(self.count_tokens(str(m.get("content") or "")) for m in messages)
         scanner = StopScanner(params.stop)
-        finish, sent, start = "stop", "", 0
+        finish, start = "stop", 0
+        sent: list[str] = []  # joined once: adding each word to a string is quadratic
         for i, match in enumerate(spans):
             if stop.is_set():
                 finish = "cancelled"
@@ -107,13 +108,14 @@ class EchoModel(LoadedModel):
                 break
             end = len(text) if i == len(spans) - 1 else match.end()
             piece, hit = scanner.feed(text[start:end])
-            start, sent = end, sent + piece
+            start = end
+            sent.append(piece)
             if piece:
                 yield ChatChunk(piece)
             if hit:
                 break
         rest = scanner.flush() if finish != "cancelled" else ""
-        yield ChatChunk(rest, finish, prompt, self.count_tokens(sent + rest))
+        yield ChatChunk(rest, finish, prompt, self.count_tokens("".join(sent) + rest))
 
     def count_tokens(self, text: str) -> int:
         return len(words(text))
