@@ -28,7 +28,7 @@ from engine.rag.extract import extract_limits, extracted_from_payload
 from engine.rag.formats.common import ExtractLimits
 from engine.rag.prompt import answer_messages
 from engine.rag.retrieval import Retriever
-from engine.rag.store import MIB, RagStore
+from engine.rag.store import MIB, RagStore, check_index_kind
 from engine.rag.types import Chunk, Extracted, Hit, IngestResult, NewDocument, QueryResult
 from engine.sandbox import SandboxError, SandboxMemoryError, SandboxTimeout, shared_sandbox
 from engine.store import Store
@@ -278,6 +278,8 @@ class RagService:
             raise InvalidRequest(f"chunk_size must be at least {MIN_CHUNK}", param="chunk_size")
         if not 0 <= overlap < chunk_size:
             raise InvalidRequest("overlap must be >= 0 and below chunk_size", param="overlap")
+        # Before extraction and embedding, not only at the store's write.
+        check_index_kind(index)
         metadata = check_metadata(metadata or {}, self.limits)
         model_id = await asyncio.to_thread(self.embedding_model, collection, embedding_model)
         model = self.models.get(model_id).model

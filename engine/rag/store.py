@@ -239,11 +239,7 @@ class RagStore:
         `on_progress(done, total)` is called inside the transaction after each document.
         """
         _check_dimension(dimension)
-        if index_kind not in INDEX_KINDS:
-            raise InvalidRequest(
-                f"index must be one of {', '.join(INDEX_KINDS)}, not {index_kind!r}",
-                param="index",
-            )
+        check_index_kind(index_kind)
         # Validated and converted before taking the write lock: a bad vector fails fast and
         # the lock is held only for writing.
         matrices = [_document_matrix(doc, dimension) for doc in documents]
@@ -793,6 +789,13 @@ def _chunk_rowids(conn: apsw.Connection, document_rowid: int, indexes: list[int]
         ).fetchall()
     )
     return [by_index[index] for index in indexes]
+
+
+def check_index_kind(index_kind: str) -> None:
+    if index_kind not in INDEX_KINDS:
+        raise InvalidRequest(
+            f"index must be one of {', '.join(INDEX_KINDS)}, not {index_kind!r}", param="index"
+        )
 
 
 def _generation(conn: apsw.Connection, collection_id: int) -> int:
