@@ -146,6 +146,11 @@ class Settings:
     # graph (engine/rag/hnsw_index.py) from this many vectors up, exactly below: an exact
     # top-10 over 200k x 384 float32 takes ~10-30 ms on 2 cores, the graph ~1 ms.
     rag_hnsw_min_vectors: int = 200_000
+    # An HNSW graph patched by an ingest or delete is saved to its file (rag-index/ beside
+    # the database) at most this many seconds after its first unsaved change, and when the
+    # server stops: writing a million-vector graph takes seconds. A crash loses only the
+    # file's recent changes, which the next load takes from SQLite. 0: after every change.
+    rag_hnsw_save_delay_s: float = 30.0
     # /v1/audio/transcriptions: the size limit of the uploaded file (OpenAI's is 25 MB).
     audio_max_file_mb: float = 25
     # Workflow documents (files, compose bodies, custom definitions): the most bytes of

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -178,6 +179,9 @@ class Engine:
         if self.deliverer is not None:
             await self.deliverer.stop()
         await self.models.close()
+        # Graphs patched since their last save; a crash skips this and the next load takes
+        # the difference from SQLite.
+        await asyncio.to_thread(self.rag.db.flush_index)
         self.store.close()
 
 

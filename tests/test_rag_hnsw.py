@@ -146,7 +146,7 @@ def test_a_missing_index_file_is_rebuilt_on_restart(tmp_path: Path) -> None:
     assert list((tmp_path / "rag-index").glob("*.usearch"))
 
 
-def test_a_change_through_another_connection_rebuilds_the_stale_graph(tmp_path: Path) -> None:
+def test_a_change_through_another_connection_updates_the_stale_graph(tmp_path: Path) -> None:
     path = tmp_path / "shared.sqlite3"
     with Store(path) as ours_store, Store(path) as theirs_store:
         ours, theirs = RagStore(ours_store), RagStore(theirs_store)
@@ -171,7 +171,9 @@ def test_a_change_through_another_connection_rebuilds_the_stale_graph(tmp_path: 
             (DOCS - 1) * PER_DOC,
             built + 1,
         )
-        # The stale file was replaced by the current generation's.
+        # Saved at the next flush (the server's stop; a timer after `hnsw_save_delay_s`),
+        # the stale file replaced by the current generation's.
+        ours.flush_index()
         names = [p.name for p in (tmp_path / "rag-index").glob("*.usearch")]
         assert len(names) == 1
         assert names[0].endswith(f"-{built + 1}.usearch")
@@ -204,11 +206,13 @@ def test_mlx_still_compiles_after_an_hnsw_index_is_used(tmp_path: Path) -> None:
     a fresh process, as a server that searches before its first compiled model call."""
     pytest.importorskip("mlx.core")
     script = (
+        "import threading\n"
         "import numpy as np\n"
         "from pathlib import Path\n"
         "from engine.rag import hnsw_index\n"
         "v = np.eye(4, dtype='float32')\n"
-        f"hnsw_index.build(Path({str(tmp_path)!r}), 1, 1, np.arange(4), v)\n"
+        "saver = hnsw_index.Saver(0, lambda _: threading.Lock())\n"
+        f"hnsw_index.build(Path({str(tmp_path)!r}), 1, 1, np.arange(4), v, saver)\n"
         "import mlx.core as mx\n"
         "print(mx.compile(lambda a: mx.exp(a) * 2 + 1)(mx.ones((2,))).tolist())\n"
     )

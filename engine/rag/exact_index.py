@@ -204,6 +204,12 @@ class ExactIndex:
             self._snapshots.move_to_end(collection_id)
             return snapshot
 
+    def held(self, collection_id: int) -> Resident | None:
+        """The collection's index whatever its generation (a stale graph is brought up to
+        date rather than rebuilt)."""
+        with self._lock:
+            return self._snapshots.get(collection_id)
+
     def refused(self, collection_id: int, generation: int) -> bool:
         """True when a build at this generation was refused for the bound: search through
         sqlite-vec without counting the rows again."""

@@ -13,13 +13,19 @@ moment ago (harmless) or miss ones deleted a moment ago (`RagStore.hits` drops r
 longer in SQLite, so a deleted chunk is never served).
 
 Persistence
-    Building the graph is the slow part (minutes at a million vectors), so it is saved
-    beside the database as `<db dir>/rag-index/<collection rowid>-<generation>.usearch`
-    after every build and patch. A file is used only when its generation is SQLite's
-    current one; any other (missing, stale after another process's write, left from a
-    deleted collection whose rowid was reused: generations never go back) means a rebuild
-    from SQLite. Files are written to a temporary name and renamed, so a crash leaves
-    either the old file or the new one, never half of one.
+    Building the graph is the slow part (minutes at a million vectors), so it is kept beside
+    the database as `<db dir>/rag-index/<collection rowid>-<generation>.usearch`. Writing a
+    million-vector graph takes about a second, too much for every ingest: a patched graph
+    is saved by a `Saver` at most `rag_hnsw_save_delay_s` after its first unsaved change
+    (and when the server stops), so a crash loses at most that window of the file, never
+    of SQLite. A file of any generation is a starting point: on load it is brought up to
+    SQLite's rows (`reconciled`: rows SQLite no longer has are removed, rows it gained are
+    added) instead of rebuilt. This is sound because a chunk's rowid is never reused
+    (AUTOINCREMENT) and its vector never changes, so the key sets alone tell the
+    difference. A graph too far from SQLite (more than half changed, e.g. a file left by a
+    deleted collection whose rowid was reused) is rebuilt instead. Files are written to a
+    temporary `.partial` name and renamed, so a crash leaves the old file or the new one,
+    never half of one; partial files of processes that no longer run are deleted.
 
 Scores
     The graph uses usearch's cosine metric, so a hit's score is `1 - distance`: the same
@@ -31,8 +37,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,12 +72,42 @@ def index_path(directory: Path, collection_id: int, generation: int) -> Path:
     return directory / f"{collection_id}-{generation}{_SUFFIX}"
 
 
+def saved_generations(directory: Path, collection_id: int) -> list[int]:
+    """Generations of the collection's saved graphs, newest first."""
+    found = []
+    for path in directory.glob(f"{collection_id}-*{_SUFFIX}"):
+        generation = path.name[len(f"{collection_id}-") : -len(_SUFFIX)]
+        if generation.isdigit():
+            found.append(int(generation))
+    return sorted(found, reverse=True)
+
+
 def remove_files(directory: Path, collection_id: int, keep: Path | None = None) -> None:
     """Delete the collection's saved graphs other than `keep` (stale generations)."""
     for path in directory.glob(f"{collection_id}-*{_SUFFIX}"):
         if path != keep:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+    remove_dead_partials(directory, collection_id)
+
+
+def remove_dead_partials(directory: Path, collection_id: int) -> None:
+    """Delete the collection's partial files whose writers no longer run (killed mid-save)."""
+    for path in directory.glob(f"{collection_id}-*{_SUFFIX}.*.partial"):
+        writer = path.name.split(".")[-3]
+        if writer.isdigit() and not _running(int(writer)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _new_index(dimension: int) -> Index:
@@ -92,6 +129,73 @@ def _new_index(dimension: int) -> Index:
     )
 
 
+class Saver:
+    """Writes patched graphs to their files, at most `delay_s` after each one's first
+    unsaved change (see "Persistence"); 0 writes at once, in the patching thread.
+
+    A save holds the collection's build lock (`lock_for`), the lock patches hold, so a
+    graph is never written while it changes."""
+
+    def __init__(self, delay_s: float, lock_for: Callable[[int], threading.Lock]) -> None:
+        self.delay_s = max(0.0, float(delay_s))
+        self._lock_for = lock_for
+        self._cond = threading.Condition()
+        # collection rowid -> (the latest snapshot to write, when it is due)
+        self._pending: dict[int, tuple[HnswSnapshot, float]] = {}
+        self._thread: threading.Thread | None = None
+
+    def schedule(self, snapshot: HnswSnapshot) -> None:
+        """Save `snapshot` (its collection's newest) once due. Called under the build lock."""
+        if self.delay_s == 0:
+            snapshot.save()
+            return
+        with self._cond:
+            due = self._pending.get(snapshot.collection_id, (snapshot, 0.0))[1]
+            self._pending[snapshot.collection_id] = (
+                snapshot,
+                due or time.monotonic() + self.delay_s,
+            )
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="rag-hnsw-saver", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def discard(self, collection_id: int) -> None:
+        """Forget an unsaved graph (its collection was deleted)."""
+        with self._cond:
+            self._pending.pop(collection_id, None)
+
+    def pending(self) -> list[int]:
+        with self._cond:
+            return list(self._pending)
+
+    def flush(self) -> None:
+        """Save every pending graph now (at shutdown)."""
+        for collection_id in self.pending():
+            self._save(collection_id)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                due = [c for c, (_, at) in self._pending.items() if at <= now]
+                if not due:
+                    soonest = min((at for _, at in self._pending.values()), default=None)
+                    self._cond.wait(None if soonest is None else soonest - now)
+                    continue
+            for collection_id in due:
+                self._save(collection_id)
+
+    def _save(self, collection_id: int) -> None:
+        with self._lock_for(collection_id):
+            with self._cond:
+                entry = self._pending.pop(collection_id, None)
+            if entry is not None:
+                entry[0].save()
+
+
 @dataclass(frozen=True)
 class HnswSnapshot:
     """A collection's graph at one generation, and the file it is saved in."""
@@ -101,6 +205,7 @@ class HnswSnapshot:
     directory: Path
     collection_id: int
     dimension: int
+    saver: Saver
 
     kind = HNSW
 
@@ -148,18 +253,47 @@ class HnswSnapshot:
     def with_rows(self, generation: int, ids: np.ndarray, rows: np.ndarray) -> HnswSnapshot:
         if len(ids):
             self.index.add(ids.astype(np.uint64), rows)
-        return self._saved(generation)
+        return self._scheduled(generation)
 
     def without_rows(self, generation: int, ids: np.ndarray) -> HnswSnapshot:
         if len(ids):
             self.index.remove(ids.astype(np.uint64))
-        return self._saved(generation)
+        return self._scheduled(generation)
 
-    def _saved(self, generation: int) -> HnswSnapshot:
-        snapshot = HnswSnapshot(
-            generation, self.index, self.directory, self.collection_id, self.dimension
+    def changes(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """What brings this graph to SQLite's rows (`ids`: every chunk rowid of the
+        collection, ascending): (rowids to remove, rowids to add), or None when more than
+        half would change and a rebuild gives the better graph."""
+        keys = np.sort(np.asarray(self.index.keys, dtype=np.int64))
+        gone = np.setdiff1d(keys, ids, assume_unique=True)
+        new = np.setdiff1d(ids, keys, assume_unique=True)
+        if len(gone) + len(new) > max(len(ids), 1) / 2:
+            return None
+        return gone, new
+
+    def reconciled(
+        self, generation: int, gone: np.ndarray, new: np.ndarray, rows: np.ndarray
+    ) -> HnswSnapshot:
+        """The graph at `generation` after `changes`: `new`'s unit vectors are `rows`."""
+        if len(gone):
+            self.index.remove(gone.astype(np.uint64))
+        if len(new):
+            self.index.add(new.astype(np.uint64), rows)
+        if not len(gone) and not len(new) and generation == self.generation:
+            return self
+        log.info(
+            "rag hnsw index reconciled with sqlite",
+            collection_id=self.collection_id,
+            from_generation=self.generation,
+            generation=generation,
+            added=len(new),
+            removed=len(gone),
         )
-        snapshot.save()
+        return self._scheduled(generation)
+
+    def _scheduled(self, generation: int) -> HnswSnapshot:
+        snapshot = replace(self, generation=generation)
+        self.saver.schedule(snapshot)
         return snapshot
 
     def save(self) -> None:
@@ -167,6 +301,8 @@ class HnswSnapshot:
         write is logged, not raised: the graph in memory is right, and a restart rebuilds
         from SQLite."""
         path = index_path(self.directory, self.collection_id, self.generation)
+        if any(g > self.generation for g in saved_generations(self.directory, self.collection_id)):
+            return  # another writer (or a rebuild) saved a newer graph: keep that one
         # Unique per writer: two processes (or threads) saving the same generation must
         # not write into one temporary file.
         partial = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.partial")
@@ -182,24 +318,22 @@ class HnswSnapshot:
         remove_files(self.directory, self.collection_id, keep=path)
 
 
-def load(
-    directory: Path, collection_id: int, generation: int, dimension: int
-) -> HnswSnapshot | None:
-    """The saved graph of this generation, or None when there is none (or it is unreadable:
-    the caller rebuilds it)."""
-    path = index_path(directory, collection_id, generation)
-    if not path.exists():
-        return None
-    index = _new_index(dimension)
-    try:
-        index.load(str(path))
-    except (OSError, RuntimeError, ValueError) as exc:
-        log.warning("rag hnsw index unreadable, rebuilding", path=str(path), error=str(exc))
-        return None
-    # The search beam is not part of the file: `_new_index` set it and loading keeps it.
-    if index.ndim != dimension:
-        return None
-    return HnswSnapshot(generation, index, directory, collection_id, dimension)
+def load(directory: Path, collection_id: int, dimension: int, saver: Saver) -> HnswSnapshot | None:
+    """The collection's newest saved graph, at the generation it was saved at (the caller
+    reconciles it with SQLite), or None when there is none readable (the caller rebuilds)."""
+    remove_dead_partials(directory, collection_id)
+    for generation in saved_generations(directory, collection_id):
+        path = index_path(directory, collection_id, generation)
+        index = _new_index(dimension)
+        try:
+            index.load(str(path))
+        except (OSError, RuntimeError, ValueError) as exc:
+            log.warning("rag hnsw index unreadable", path=str(path), error=str(exc))
+            continue
+        # The search beam is not part of the file: `_new_index` set it and loading keeps it.
+        if index.ndim == dimension:
+            return HnswSnapshot(generation, index, directory, collection_id, dimension, saver)
+    return None
 
 
 def build(
@@ -208,11 +342,14 @@ def build(
     generation: int,
     ids: np.ndarray,
     matrix: np.ndarray,
+    saver: Saver,
 ) -> HnswSnapshot:
-    """A new graph of the given unit vectors (keys: chunk rowids), saved."""
+    """A new graph of the given unit vectors (keys: chunk rowids), saved at once: a
+    rebuild is the costly thing a file saves."""
+    saver.discard(collection_id)  # an older graph's pending save would be stale
     index = _new_index(matrix.shape[1])
     if len(ids):
         index.add(ids.astype(np.uint64), matrix)
-    snapshot = HnswSnapshot(generation, index, directory, collection_id, matrix.shape[1])
+    snapshot = HnswSnapshot(generation, index, directory, collection_id, matrix.shape[1], saver)
     snapshot.save()
     return snapshot

@@ -60,6 +60,7 @@ class IngestLimits:
     # Not an ingest budget, but the service's other memory setting from the same Settings.
     index_max_mb: int = Settings.rag_index_max_mb
     hnsw_min_vectors: int = Settings.rag_hnsw_min_vectors
+    hnsw_save_delay_s: float = Settings.rag_hnsw_save_delay_s
 
     @classmethod
     def from_settings(cls, settings: Settings) -> IngestLimits:
@@ -73,6 +74,7 @@ class IngestLimits:
             metadata_max_bytes=settings.rag_metadata_max_bytes,
             index_max_mb=settings.rag_index_max_mb,
             hnsw_min_vectors=settings.rag_hnsw_min_vectors,
+            hnsw_save_delay_s=settings.rag_hnsw_save_delay_s,
         )
 
 
@@ -183,6 +185,7 @@ class RagService:
             store,
             index_max_bytes=self.limits.index_max_mb * MIB,
             hnsw_min_vectors=self.limits.hnsw_min_vectors,
+            hnsw_save_delay_s=self.limits.hnsw_save_delay_s,
         )
         self.models = models
         self.retriever = Retriever(self.db, models)

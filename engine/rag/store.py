@@ -52,7 +52,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import apsw
 import numpy as np
@@ -206,12 +206,18 @@ class RagStore:
         *,
         index_max_bytes: int = Settings.rag_index_max_mb * MIB,
         hnsw_min_vectors: int = Settings.rag_hnsw_min_vectors,
+        hnsw_save_delay_s: float = Settings.rag_hnsw_save_delay_s,
     ) -> None:
         self._store = store
         self.index = ExactIndex(index_max_bytes)
         self.hnsw_min_vectors = hnsw_min_vectors
         # Beside the database, so a copy or backup of the data directory carries it along.
         self.hnsw_directory = store.path.parent / "rag-index"
+        self.hnsw_saver = hnsw_index.Saver(hnsw_save_delay_s, self.index.build_lock)
+
+    def flush_index(self) -> None:
+        """Save the HNSW graphs patched since their last save (at shutdown)."""
+        self.hnsw_saver.flush()
 
     # -- ingest --------------------------------------------------------------------------
 
@@ -389,25 +395,28 @@ class RagStore:
                 if not self.index.admit(coll.id, generation, needed):
                     return None
                 started = time.perf_counter()
-                resident: Resident | None = None
-                read: Snapshot | None = None
+                source, update = "sqlite", None
                 if kind == HNSW:
-                    resident = hnsw_index.load(
-                        self.hnsw_directory, coll.id, generation, coll.dimension
-                    )
-                source = "file"
-                if resident is None:
-                    source = "sqlite"
-                    read = _read_snapshot(conn, coll, generation, count)
-            if read is not None and kind == HNSW:
-                # Outside the read transaction: the graph build is the long part and must
-                # not hold back WAL checkpoints.
+                    source, update = self._graph_update(conn, coll)
+                read = None if update else _read_snapshot(conn, coll, generation, count)
+            # Outside the read transaction: adding to a graph is the long part and must not
+            # hold back WAL checkpoints.
+            resident: Resident | None
+            if update is not None:
+                resident = update.base.reconciled(generation, *update.changes)
+            elif kind == HNSW:
+                assert read is not None
                 resident = hnsw_index.build(
-                    self.hnsw_directory, coll.id, generation, read.ids, read.matrix
+                    self.hnsw_directory,
+                    coll.id,
+                    generation,
+                    read.ids,
+                    read.matrix,
+                    self.hnsw_saver,
                 )
-            elif read is not None:
+            else:
                 resident = read
-            assert resident is not None  # loaded from its file, or read from SQLite
+            assert resident is not None  # updated, built, or read from SQLite
             log.info(
                 "rag vector index built",
                 collection=coll.name,
@@ -419,6 +428,30 @@ class RagStore:
                 seconds=round(time.perf_counter() - started, 3),
             )
             return self.index.put(coll.id, resident)
+
+    def _graph_update(
+        self, conn: apsw.Connection, coll: _Collection
+    ) -> tuple[str, _GraphUpdate | None]:
+        """A graph to bring up to SQLite instead of building one: the stale one in memory
+        (another process changed the collection), else the newest saved file. Inside the
+        caller's read transaction; None when there is neither or it is too far behind."""
+        held = self.index.held(coll.id)
+        base: hnsw_index.HnswSnapshot | None
+        if isinstance(held, hnsw_index.HnswSnapshot) and held.dimension == coll.dimension:
+            source, base = "memory", held
+        else:
+            source = "file"
+            base = hnsw_index.load(self.hnsw_directory, coll.id, coll.dimension, self.hnsw_saver)
+        if base is None:
+            return "sqlite", None
+        ids = np.fromiter(
+            (r for (r,) in conn.execute(_CHUNK_ROWIDS_SQL, (coll.id,))), dtype=np.int64
+        )
+        changes = base.changes(ids)
+        if changes is None:
+            return "sqlite", None
+        gone, new = changes
+        return source, _GraphUpdate(base, (gone, new, _read_vectors(conn, coll.dimension, new)))
 
     def index_kind(self, setting: str, vectors: int) -> str:
         """The index a collection with this `index_kind` setting and size gets."""
@@ -573,7 +606,9 @@ class RagStore:
         # Another process sees the delete through the generation; this one frees the memory
         # and the disk.
         self.index.drop(coll.id)
-        hnsw_index.remove_files(self.hnsw_directory, coll.id)
+        with self.index.build_lock(coll.id):  # not while the saver writes its graph
+            self.hnsw_saver.discard(coll.id)
+            hnsw_index.remove_files(self.hnsw_directory, coll.id)
         return documents, chunks
 
     # -- diagnostics ---------------------------------------------------------------------
@@ -828,6 +863,25 @@ def _read_snapshot(
         ids[read - 1] = rowid
         matrix[read - 1] = np.frombuffer(blob, dtype="<f4")
     return Snapshot(generation, ids[:read], matrix[:read])
+
+
+_CHUNK_ROWIDS_SQL = "SELECT id FROM chunks WHERE collection_id = ? ORDER BY id"
+
+
+@dataclass(frozen=True)
+class _GraphUpdate:
+    base: hnsw_index.HnswSnapshot
+    changes: tuple[np.ndarray, np.ndarray, np.ndarray]  # rowids gone, rowids new, their rows
+
+
+def _read_vectors(conn: apsw.Connection, dimension: int, rowids: np.ndarray) -> np.ndarray:
+    """The stored unit vectors of `rowids`, in order (point lookups: few, as a rule)."""
+    rows = aligned_matrix(len(rowids), dimension)
+    sql = f"SELECT embedding FROM {_vec_table(dimension)} WHERE chunk_rowid = ?"
+    for i, rowid in enumerate(rowids.tolist()):
+        (blob,) = conn.execute(sql, (rowid,)).fetchall()[0]
+        rows[i] = np.frombuffer(cast(bytes, blob), dtype="<f4")
+    return rows
 
 
 def _touch(conn: apsw.Connection, collection_id: int) -> None:
