@@ -1,6 +1,7 @@
 """Exact vector search from a resident matrix (engine/rag/exact_index.py) against the
 sqlite-vec path on the same real database: same chunks, order and scores; never a deleted
-chunk, whoever deleted it; the memory bound falls back to sqlite-vec."""
+chunk, whoever deleted it; the memory bound falls back to sqlite-vec. Vector and hybrid
+search give the same answers on every index kind (matrix, HNSW graph, sqlite-vec)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from rag_store_helpers import vector_document
+from rag_store_helpers import HNSW_TOLERANCE, assert_index_agrees, vector_document
 from serverutil import serve_app
 from step_helpers import start_engine
 
 from engine.config import Settings
-from engine.rag.exact_index import EXACT, SQLITE_VEC, ExactIndex, Snapshot
+from engine.rag.exact_index import EXACT, HNSW, SQLITE_VEC, ExactIndex, Snapshot
 from engine.rag.service import Upload
 from engine.rag.store import RagStore
-from engine.rag.types import NewDocument
+from engine.rag.types import Hit, NewDocument
 from engine.store import Store
 from server.app import create_app
 
@@ -33,7 +34,9 @@ def store(tmp_path: Path) -> Iterator[Store]:
         yield opened
 
 
-def ingest(rag: RagStore, collection: str, documents: list[NewDocument]) -> None:
+def ingest(
+    rag: RagStore, collection: str, documents: list[NewDocument], index_kind: str = "auto"
+) -> None:
     rag.ingest(
         collection,
         embedding_model="test",
@@ -42,10 +45,13 @@ def ingest(rag: RagStore, collection: str, documents: list[NewDocument]) -> None
         overlap=0,
         collection_metadata={},
         documents=documents,
+        index_kind=index_kind,
     )
 
 
-def fill(rag: RagStore, collection: str, docs: int, per_doc: int, seed: int) -> None:
+def fill(
+    rag: RagStore, collection: str, docs: int, per_doc: int, seed: int, index_kind: str = "auto"
+) -> None:
     rng = np.random.default_rng(seed)
     ingest(
         rag,
@@ -54,6 +60,7 @@ def fill(rag: RagStore, collection: str, docs: int, per_doc: int, seed: int) -> 
             vector_document(f"{collection}-{seed}-{d}", rng.standard_normal((per_doc, DIMENSION)))
             for d in range(docs)
         ],
+        index_kind,
     )
 
 
@@ -84,6 +91,25 @@ def test_exact_search_matches_sqlite_vec(store: Store) -> None:
     assert len(by_exact) == len(some) - 1
     for rowid, score in by_vec.items():
         assert by_exact[rowid] == pytest.approx(score, abs=SCORE_TOLERANCE)
+
+
+@pytest.mark.parametrize("kind", [EXACT, HNSW, SQLITE_VEC])
+def test_knn_on_every_index_kind_matches_numpy(store: Store, kind: str) -> None:
+    """Top-k from each index kind equals numpy's exact search over the vectors read back
+    from SQLite, before and after this process's own ingest and delete patch it. 120
+    vectors: below the graph's search beam, so HNSW is exact too (up to f16 scores)."""
+    rag = RagStore(store, index_max_bytes=0 if kind == SQLITE_VEC else 1 << 30)
+    setting = EXACT if kind == SQLITE_VEC else kind
+    fill(rag, "a", docs=4, per_doc=30, seed=21, index_kind=setting)
+    fill(rag, "b", docs=1, per_doc=30, seed=22, index_kind=setting)  # never leaks into "a"
+    for k in (1, 10, 120, 500):
+        assert_index_agrees(rag, "a", kind, queries=5, k=k, seed=k)
+    fill(rag, "a", docs=1, per_doc=7, seed=23)
+    assert_index_agrees(rag, "a", kind)
+    rag.delete_document("a", "a-21-2")
+    assert_index_agrees(rag, "a", kind, k=200)
+    assert_index_agrees(rag, "b", kind)
+    rag.flush_index()  # as the server's shutdown: no save left pending after the test
 
 
 def test_deleted_documents_and_collections_are_never_served(store: Store) -> None:
@@ -242,36 +268,78 @@ def test_index_object_rejects_stale_installs() -> None:
     assert index.current(1, 4) is None
 
 
+# Picked so that no two chunks' cosines to a query, and no cosine and a threshold, are
+# within HNSW_TOLERANCE (asserted below): the graph's f16 rounding may swap such a near-tie,
+# which is no error but would move the chunks' RRF ranks. "matches river" has no word in
+# the collection: hybrid search is then the vector ranking alone.
+HYBRID_QUERIES = ("item 3", "about here 2", "matches river")
+THRESHOLDS = (-1.0, 0.2)
+
+
 @pytest.mark.asyncio
-async def test_hybrid_search_is_unchanged(tmp_path: Path) -> None:
+async def test_hybrid_search_is_the_same_on_every_index_kind(tmp_path: Path) -> None:
+    """Vector and hybrid (BM25 + vector RRF) search through the service: a collection with
+    a matrix and one with an HNSW graph (30 chunks: the graph's search is exhaustive) each
+    answer as sqlite-vec does on the same collection, and the two agree with each other."""
     engine = await start_engine(tmp_path, {"echo": (tmp_path, "echo")})
     try:
         texts = {
             f"doc{i}.txt": f"topic {i} words about subject {i % 5} and item {i * 7} here"
-            for i in range(40)
+            for i in range(30)
         }
-        await engine.rag.ingest(
-            "docs", [Upload(name, text.encode(), "text/plain") for name, text in texts.items()]
-        )
-        results = {}
-        for kind, index in (("exact", engine.rag.db.index), ("vec", ExactIndex(0))):
-            engine.rag.db.index = index
-            results[kind] = [
-                await engine.rag.search("docs", query=q, top_k=k, threshold=t, hybrid=h)
-                for q in ("subject 3 item", "topic words", "nothing matches zzz")
-                for k in (1, 5, 30)
-                for t in (-1.0, 0.2)
-                for h in (False, True)
+        for kind in (EXACT, HNSW):
+            await engine.rag.ingest(
+                kind,
+                [Upload(name, text.encode(), "text/plain") for name, text in texts.items()],
+                index=kind,
+            )
+        resident = engine.rag.db.index
+        searches = [
+            (q, k, t, h)
+            for q in HYBRID_QUERIES
+            for k in (1, 5, 30)
+            for t in THRESHOLDS
+            for h in (False, True)
+        ]
+        results: dict[tuple[str, str], list[list[Hit]]] = {}
+        for name in (EXACT, HNSW):
+            for searched, index in ((name, resident), (SQLITE_VEC, ExactIndex(0))):
+                engine.rag.db.index = index
+                results[name, searched] = [
+                    await engine.rag.search(name, query=q, top_k=k, threshold=t, hybrid=h)
+                    for q, k, t, h in searches
+                ]
+                info = engine.rag.db.index_info(name)
+                assert (info.kind, info.setting) == (searched, name)
+        engine.rag.db.index = resident
+        # The precondition above, on every chunk's cosine (sqlite-vec, top 30, no threshold).
+        by_search = dict(zip(searches, results[HNSW, SQLITE_VEC], strict=True))
+        for q in HYBRID_QUERIES:
+            cosines = np.array(sorted(h.score for h in by_search[q, 30, -1.0, False]))
+            assert len(cosines) == 30
+            assert np.diff(cosines).min() > HNSW_TOLERANCE
+            assert np.abs(cosines[:, None] - np.array(THRESHOLDS)).min() > HNSW_TOLERANCE
+        assert len(by_search["matches river", 30, 0.2, True]) == 3  # the threshold applies
+        for name, tolerance in ((EXACT, SCORE_TOLERANCE), (HNSW, HNSW_TOLERANCE)):
+            for got, expected in zip(results[name, name], results[name, SQLITE_VEC], strict=True):
+                assert_same_hits(got, expected, tolerance)
+        # Across the two collections: the same passages, by file and text.
+        for exact, graph in zip(results[EXACT, EXACT], results[HNSW, HNSW], strict=True):
+            assert [(h.metadata["file"], h.text) for h in exact] == [
+                (h.metadata["file"], h.text) for h in graph
             ]
-            info = engine.rag.db.index_info("docs")
-            assert info.kind == (EXACT if kind == "exact" else SQLITE_VEC)
-        for exact, vec in zip(results["exact"], results["vec"], strict=True):
-            assert [h.chunk_id for h in exact] == [h.chunk_id for h in vec]
-            for a, b in zip(exact, vec, strict=True):
-                assert a.score == pytest.approx(b.score, abs=SCORE_TOLERANCE)
+            for a, b in zip(exact, graph, strict=True):
+                assert a.score == pytest.approx(b.score, abs=HNSW_TOLERANCE)
                 assert a.rerank_score == b.rerank_score
     finally:
         await engine.stop()
+
+
+def assert_same_hits(got: list[Hit], expected: list[Hit], tolerance: float) -> None:
+    assert [h.chunk_id for h in got] == [h.chunk_id for h in expected]
+    for a, b in zip(got, expected, strict=True):
+        assert a.score == pytest.approx(b.score, abs=tolerance)
+        assert a.rerank_score == b.rerank_score  # the fused RRF score: the same ranks
 
 
 @pytest.mark.e2e
