@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
+from api_helpers import running_server
 from polling import until
 from structlog.testing import capture_logs
 from test_rag_hnsw import PER_DOC, exact_store, fill, queries, recall
@@ -159,3 +161,37 @@ def test_searches_after_patches_match_exact_search(tmp_path: Path, delay: float)
             fill(rag, "a", 1, seed=20 + step, start=DOCS + step)
             rag.delete_document("a", f"a-{step}")
         assert_agrees(rag, store, "a")
+
+
+def test_the_server_saves_pending_graphs_when_it_stops(
+    tmp_path: Path, tiny_embedder_dir: Path
+) -> None:
+    models = [
+        {"model_path": str(tiny_embedder_dir), "model_type": "embeddings"},
+        {"model_path": "echo", "model_type": "echo", "model_id": "echo"},
+    ]
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+
+    def text(n: int) -> bytes:
+        return " ".join(words[(n + i) % len(words)] for i in range(40)).encode()
+
+    def ingest(client: httpx.Client, n: int) -> None:
+        response = client.post(
+            "/api/rag/ingest",
+            data={"collection": "g", "index": "hnsw", "chunk_size": "16", "overlap": "0"},
+            files=[("files", (f"d{n}.txt", text(n), "text/plain"))],
+        )
+        assert response.status_code == 200, response.text
+
+    with running_server(tmp_path, startup_models=models, rag_hnsw_save_delay_s=3600) as client:
+        ingest(client, 0)
+        query = {"collection": "g", "query": "alpha", "model_id": "echo"}
+        response = client.post("/api/rag/query", json=query)
+        assert response.status_code == 200, response.text
+        built = client.get("/api/rag/collections/g").json()["index"]["generation"]
+        assert saved(tmp_path) == [f"1-{built}.usearch"]
+        ingest(client, 1)
+        now = client.get("/api/rag/collections/g").json()["index"]["generation"]
+        assert now > built
+        assert saved(tmp_path) == [f"1-{built}.usearch"]
+    assert saved(tmp_path) == [f"1-{now}.usearch"]
