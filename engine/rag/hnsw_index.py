@@ -181,9 +181,11 @@ class Saver:
             with self._cond:
                 now = time.monotonic()
                 due = [c for c, (_, at) in self._pending.items() if at <= now]
+                if not self._pending:
+                    self._thread = None  # started again by the next schedule
+                    return
                 if not due:
-                    soonest = min((at for _, at in self._pending.values()), default=None)
-                    self._cond.wait(None if soonest is None else soonest - now)
+                    self._cond.wait(min(at for _, at in self._pending.values()) - now)
                     continue
             for collection_id in due:
                 self._save(collection_id)
