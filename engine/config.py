@@ -151,6 +151,11 @@ class Settings:
     # server stops: writing a million-vector graph takes seconds. A crash loses only the
     # file's recent changes, which the next load takes from SQLite. 0: after every change.
     rag_hnsw_save_delay_s: float = 30.0
+    # Metadata filters on retrieval (docs/rag.md "Filters"): the most conditions one filter
+    # may hold (each operator on a field counts one) and the most values in one $in or $nin
+    # list. Past either: 400 with param "filter".
+    rag_filter_max_terms: int = 64
+    rag_filter_max_values: int = 1024
     # /v1/audio/transcriptions: the size limit of the uploaded file (OpenAI's is 25 MB).
     audio_max_file_mb: float = 25
     # Workflow documents (files, compose bodies, custom definitions): the most bytes of

@@ -8,6 +8,11 @@
   (FTS5 BM25) matches are fused by reciprocal rank fusion, 1 / (60 + rank) summed over both
   lists; every result still needs ``threshold`` cosine similarity.
 ``score`` is always the cosine similarity; ``rerank_score`` is the reranker's.
+
+A metadata filter (``where``, engine/rag/filters.py) restricts every mode to the chunks it
+matches: the vector candidates are the nearest *matching* chunks and the lexical ones the
+best-matching *matching* chunks, so a filter never leaves fewer results than an unfiltered
+search would over just those chunks.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from engine.rag.types import Hit
 
 if TYPE_CHECKING:  # both need the server extra (metrics, apsw); validation loads this module
     from engine.models.registry import ModelRegistry
+    from engine.rag.filters import SqlFilter
     from engine.rag.store import RagStore
 
 RRF_K = 60
@@ -67,29 +73,37 @@ class Retriever:
         threshold: float,
         rerank: bool = False,
         rerank_model: str | None = None,
+        where: SqlFilter | None = None,
     ) -> list[Hit]:
         if top_k < 1:
             return []
         vector = (await self.models.embed(embedder, [query])).vectors[0]
         if not rerank:
-            return await self.by_vector(collection, vector, top_k=top_k, threshold=threshold)
+            return await self.by_vector(
+                collection, vector, top_k=top_k, threshold=threshold, where=where
+            )
         pool = min(top_k * CANDIDATES_PER_RESULT, MAX_K)
-        nearest = await asyncio.to_thread(self.db.knn, collection, vector, pool)
+        nearest = await asyncio.to_thread(self.db.knn, collection, vector, pool, where)
         similar = {rowid: score for rowid, score in nearest if score >= threshold}
         if rerank_model:
             return await self._judged(query, rerank_model, similar, top_k)
-        return await self._hybrid(
-            collection, query, vector, nearest, similar, pool, top_k, threshold
-        )
+        return await self._hybrid(collection, query, vector, nearest, pool, top_k, threshold, where)
 
     async def by_vector(
-        self, collection: str, vector: Sequence[float], *, top_k: int, threshold: float
+        self,
+        collection: str,
+        vector: Sequence[float],
+        *,
+        top_k: int,
+        threshold: float,
+        where: SqlFilter | None = None,
     ) -> list[Hit]:
-        """The ``top_k`` chunks nearest to ``vector`` with at least ``threshold`` cosine
-        similarity (the vector must have the collection's dimension)."""
+        """The ``top_k`` chunks nearest to ``vector`` (of those ``where`` matches) with at
+        least ``threshold`` cosine similarity (the vector must have the collection's
+        dimension)."""
         if top_k < 1:
             return []
-        nearest = await asyncio.to_thread(self.db.knn, collection, vector, min(top_k, MAX_K))
+        nearest = await asyncio.to_thread(self.db.knn, collection, vector, min(top_k, MAX_K), where)
         similar = {rowid: score for rowid, score in nearest if score >= threshold}
         return await asyncio.to_thread(self.db.hits, list(similar), similar)
 
@@ -106,12 +120,12 @@ class Retriever:
         query: str,
         vector: list[float],
         nearest: list[tuple[int, float]],
-        similar: dict[int, float],
         pool: int,
         top_k: int,
         threshold: float,
+        where: SqlFilter | None,
     ) -> list[Hit]:
-        lexical = await asyncio.to_thread(self.db.lexical, collection, query, pool)
+        lexical = await asyncio.to_thread(self.db.lexical, collection, query, pool, where)
         fused = reciprocal_rank_fusion([[r for r, _ in nearest], [r for r, _ in lexical]])
         missing = [r for r in fused if r not in dict(nearest)]
         cosine = dict(nearest)

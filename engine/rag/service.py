@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ from engine.models.registry import ModelRegistry
 from engine.models.types import Operation
 from engine.rag.chunking import Tokenize, TooManyChunks, chunk_sections
 from engine.rag.extract import extract_limits, extracted_from_payload
+from engine.rag.filters import FilterLimits, SqlFilter, compile_filter
 from engine.rag.formats.common import ExtractLimits
 from engine.rag.prompt import answer_messages
 from engine.rag.retrieval import Retriever
@@ -61,6 +62,8 @@ class IngestLimits:
     index_max_mb: int = Settings.rag_index_max_mb
     hnsw_min_vectors: int = Settings.rag_hnsw_min_vectors
     hnsw_save_delay_s: float = Settings.rag_hnsw_save_delay_s
+    # Nor is this: the bounds on a retrieval's metadata filter.
+    filter: FilterLimits = field(default_factory=FilterLimits)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> IngestLimits:
@@ -75,6 +78,7 @@ class IngestLimits:
             index_max_mb=settings.rag_index_max_mb,
             hnsw_min_vectors=settings.rag_hnsw_min_vectors,
             hnsw_save_delay_s=settings.rag_hnsw_save_delay_s,
+            filter=FilterLimits.from_settings(settings),
         )
 
 
@@ -480,6 +484,10 @@ class RagService:
         return out
 
     # -- search and query -----------------------------------------------------------------
+    def compile_filter(self, metadata_filter: Any) -> SqlFilter | None:
+        """A request's `filter` checked and compiled (400, param "filter", when malformed)."""
+        return compile_filter(metadata_filter, self.limits.filter)
+
     async def search(
         self,
         collection: str,
@@ -490,12 +498,16 @@ class RagService:
         top_k: int = 5,
         threshold: float = 0.0,
         hybrid: bool = False,
+        metadata_filter: Any = None,
     ) -> list[Hit]:
         """Retrieval without generation, by exactly one of: ``query`` text (embedded with
         the collection's model; ``hybrid`` fuses BM25 matches by reciprocal rank fusion),
-        or ``vector``, a query the caller embedded, of the collection's dimension."""
+        or ``vector``, a query the caller embedded, of the collection's dimension.
+        ``metadata_filter`` (a filter object, docs/rag.md "Filters") restricts the search
+        to the chunks it matches."""
         if (query is None) == (vector is None):
             raise InvalidRequest("give either a query text or a query vector", param="query")
+        where = self.compile_filter(metadata_filter)
         started = time.perf_counter()
         if query is not None:
             if not query.strip():
@@ -504,7 +516,13 @@ class RagService:
                 self.collection_embedder, collection, embedding_model
             )
             hits = await self.retriever.retrieve(
-                collection, query, embedder, top_k=top_k, threshold=threshold, rerank=hybrid
+                collection,
+                query,
+                embedder,
+                top_k=top_k,
+                threshold=threshold,
+                rerank=hybrid,
+                where=where,
             )
             self.models.metrics.observe_rag_query("search", time.perf_counter() - started)
             return hits
@@ -529,7 +547,9 @@ class RagService:
                 param="query_embedding",
                 code=ErrorCode.DIMENSION_MISMATCH,
             )
-        hits = await self.retriever.by_vector(collection, vector, top_k=top_k, threshold=threshold)
+        hits = await self.retriever.by_vector(
+            collection, vector, top_k=top_k, threshold=threshold, where=where
+        )
         self.models.metrics.observe_rag_query("search", time.perf_counter() - started)
         return hits
 
@@ -547,9 +567,11 @@ class RagService:
         rerank: bool = False,
         rerank_model: str | None = None,
         generation_config: dict[str, Any] | None = None,
+        metadata_filter: Any = None,
     ) -> QueryResult:
         if not query.strip():
             raise InvalidRequest("query must not be empty", param="query")
+        where = self.compile_filter(metadata_filter)
         started = time.perf_counter()
         embedder = await asyncio.to_thread(self.collection_embedder, collection, embedding_model)
         if rerank and rerank_model:
@@ -566,6 +588,7 @@ class RagService:
             threshold=similarity_threshold,
             rerank=rerank,
             rerank_model=rerank_model,
+            where=where,
         )
         retrieval_ms = (time.perf_counter() - started) * 1000
         generator = model_id or self.models.select("lm")

@@ -72,6 +72,7 @@ from engine.rag.exact_index import (
     aligned_matrix,
     exact_bytes,
 )
+from engine.rag.filters import SqlFilter
 from engine.rag.types import CollectionInfo, DocumentInfo, Hit, NewDocument
 from engine.store import Store, register_migration
 
@@ -84,6 +85,17 @@ _MIN_NORM = 1e-12
 # Bound the FTS5 expression: a pasted essay as a query must not become a 10k-term OR.
 MAX_QUERY_TERMS = 64
 MIB = 1024 * 1024
+# A filtered search (docs/rag.md "Filters") scores a matching set of up to this many chunks
+# directly (every index kind can score given rowids); only larger sets go through a graph.
+FILTER_EXACT_ROWS = 8192
+# A graph's filtered search asks for this many times the nearest neighbours that the
+# filter's selectivity predicts it needs, and 4x more each time it finds fewer than k...
+FILTER_OVERSAMPLE = 2
+# ... until it would ask for more than a quarter of the matching set, or this many: then the
+# set is scored exactly instead.
+FILTER_WIDEST = 32_768
+# Rowids scored per call when a set is scored exactly: bounds the vectors copied at once.
+SCORE_BLOCK = 16_384
 
 ProgressFn = Callable[[int, int], None]
 log = structlog.get_logger(__name__)
@@ -327,15 +339,27 @@ class RagStore:
 
     # -- search --------------------------------------------------------------------------
 
-    def knn(self, collection: str, vector: Sequence[float], k: int) -> list[tuple[int, float]]:
-        """The `k` chunks of `collection` nearest to `vector`: (rowid, cosine), best first."""
+    def knn(
+        self,
+        collection: str,
+        vector: Sequence[float],
+        k: int,
+        where: SqlFilter | None = None,
+    ) -> list[tuple[int, float]]:
+        """The `k` chunks of `collection` nearest to `vector`: (rowid, cosine), best first;
+        with `where`, the `k` nearest of the chunks it matches (docs/rag.md "Filters")."""
         conn = self._store.connection()
         coll = _require_collection(conn, collection)
         query = _unit_vector(vector, coll.dimension, "vector")
         k = min(k, MAX_K)
         if k <= 0:
             return []
+        allowed = None if where is None else _matching_rowids(conn, coll, where)
+        if allowed is not None and not len(allowed):
+            return []
         snapshot = self._resident(conn, coll)
+        if allowed is not None:
+            return _filtered_top(conn, coll, snapshot, query, k, allowed)
         if snapshot is not None:
             return snapshot.top(query, k)
         if not _vec_table_exists(conn, coll.dimension):
@@ -347,27 +371,24 @@ class RagStore:
         ).fetchall()
         return [(int(rowid), 1.0 - float(distance) ** 2 / 2.0) for rowid, distance in rows]
 
+    def matching_rowids(self, collection: str, where: SqlFilter) -> np.ndarray:
+        """The rowids of `collection`'s chunks that `where` matches, ascending."""
+        conn = self._store.connection()
+        return _matching_rowids(conn, _require_collection(conn, collection), where)
+
     def similarities(
         self, collection: str, rowids: Sequence[int], vector: Sequence[float]
     ) -> dict[int, float]:
         """Cosine similarity of given chunks to `vector` (for matches found lexically)."""
         conn = self._store.connection()
         coll = _require_collection(conn, collection)
-        if not rowids:
+        if not len(rowids):
             return {}
         query = _unit_vector(vector, coll.dimension, "vector")
         snapshot = self._resident(conn, coll)
         if snapshot is not None:
             return snapshot.similarities(rowids, query)
-        if not _vec_table_exists(conn, coll.dimension):
-            return {}
-        marks = ",".join("?" * len(rowids))
-        rows: list[tuple[Any, ...]] = conn.execute(
-            f"SELECT chunk_rowid, vec_distance_l2(embedding, ?) FROM {_vec_table(coll.dimension)}"
-            f" WHERE collection_id = ? AND chunk_rowid IN ({marks})",
-            (query.tobytes(), coll.id, *rowids),
-        ).fetchall()
-        return {int(rowid): 1.0 - float(distance) ** 2 / 2.0 for rowid, distance in rows}
+        return _vec_similarities(conn, coll, rowids, query)
 
     def _resident(self, conn: apsw.Connection, coll: _Collection) -> Resident | None:
         """The collection's current index (matrix or graph), built now (or loaded from its
@@ -377,6 +398,9 @@ class RagStore:
         if snapshot is not None or self.index.refused(coll.id, coll.generation):
             return snapshot
         with self.index.build_lock(coll.id):
+            # Before the read transaction: a million-vector file takes seconds to read, and
+            # an open read transaction holds back WAL checkpoints.
+            base = self._graph_base(coll)
             # Another thread may have built it while this one waited for the lock.
             with _snapshot(conn):
                 generation = _generation(conn, coll.id)
@@ -396,8 +420,8 @@ class RagStore:
                     return None
                 started = time.perf_counter()
                 source, update = "sqlite", None
-                if kind == HNSW:
-                    source, update = self._graph_update(conn, coll)
+                if kind == HNSW and base is not None:
+                    source, update = self._graph_update(conn, coll, *base)
                 read = None if update else _read_snapshot(conn, coll, generation, count)
             # Outside the read transaction: adding to a graph is the long part and must not
             # hold back WAL checkpoints.
@@ -429,21 +453,22 @@ class RagStore:
             )
             return self.index.put(coll.id, resident)
 
-    def _graph_update(
-        self, conn: apsw.Connection, coll: _Collection
-    ) -> tuple[str, _GraphUpdate | None]:
+    def _graph_base(self, coll: _Collection) -> tuple[str, hnsw_index.HnswSnapshot] | None:
         """A graph to bring up to SQLite instead of building one: the stale one in memory
-        (another process changed the collection), else the newest saved file. Inside the
-        caller's read transaction; None when there is neither or it is too far behind."""
+        (another process changed the collection), else the newest saved file."""
+        if coll.index_kind == EXACT:
+            return None
         held = self.index.held(coll.id)
-        base: hnsw_index.HnswSnapshot | None
         if isinstance(held, hnsw_index.HnswSnapshot) and held.dimension == coll.dimension:
-            source, base = "memory", held
-        else:
-            source = "file"
-            base = hnsw_index.load(self.hnsw_directory, coll.id, coll.dimension, self.hnsw_saver)
-        if base is None:
-            return "sqlite", None
+            return "memory", held
+        loaded = hnsw_index.load(self.hnsw_directory, coll.id, coll.dimension, self.hnsw_saver)
+        return None if loaded is None else ("file", loaded)
+
+    def _graph_update(
+        self, conn: apsw.Connection, coll: _Collection, source: str, base: hnsw_index.HnswSnapshot
+    ) -> tuple[str, _GraphUpdate | None]:
+        """What brings `base` to SQLite's rows, read in the caller's read transaction; None
+        when it is too far behind (rebuild)."""
         ids = np.fromiter(
             (r for (r,) in conn.execute(_CHUNK_ROWIDS_SQL, (coll.id,))), dtype=np.int64
         )
@@ -478,8 +503,11 @@ class RagStore:
             for coll in (_Collection(*row) for row in rows)
         }
 
-    def lexical(self, collection: str, query: str, k: int) -> list[tuple[int, float]]:
-        """The `k` chunks of `collection` best matching `query`'s words by BM25.
+    def lexical(
+        self, collection: str, query: str, k: int, where: SqlFilter | None = None
+    ) -> list[tuple[int, float]]:
+        """The `k` chunks of `collection` best matching `query`'s words by BM25 (of those
+        `where` matches, when given).
 
         Returns (rowid, score) best first, where score is -bm25() so that higher is better.
         Any word matches (OR); BM25 ranks chunks with more and rarer words first.
@@ -489,12 +517,16 @@ class RagStore:
         expression = fts_expression(query)
         if expression is None or k <= 0:
             return []
+        join, condition, params = "", "", ()
+        if where is not None:
+            join = " JOIN documents d ON d.id = c.document_id"
+            condition, params = f" AND ({where.sql})", where.params
         rows: list[tuple[Any, ...]] = conn.execute(
             "SELECT chunks_fts.rowid, bm25(chunks_fts) AS rank FROM chunks_fts"
-            " JOIN chunks ON chunks.id = chunks_fts.rowid"
-            " WHERE chunks_fts MATCH ? AND chunks.collection_id = ?"
+            f" JOIN chunks c ON c.id = chunks_fts.rowid{join}"
+            f" WHERE chunks_fts MATCH ? AND c.collection_id = ?{condition}"
             " ORDER BY rank LIMIT ?",
-            (expression, coll.id, k),
+            (expression, coll.id, *params, k),
         ).fetchall()
         return [(int(rowid), -float(rank)) for rowid, rank in rows]
 
@@ -882,6 +914,142 @@ def _read_vectors(conn: apsw.Connection, dimension: int, rowids: np.ndarray) -> 
         (blob,) = conn.execute(sql, (rowid,)).fetchall()[0]
         rows[i] = np.frombuffer(cast(bytes, blob), dtype="<f4")
     return rows
+
+
+# -- filtered search -----------------------------------------------------------------------
+
+
+def _matching_rowids(conn: apsw.Connection, coll: _Collection, where: SqlFilter) -> np.ndarray:
+    """The rowids of the collection's chunks that `where` matches, ascending."""
+    if where.chunk_level:
+        sql = (
+            "SELECT c.id FROM chunks c JOIN documents d ON d.id = c.document_id"
+            f" WHERE c.collection_id = ? AND ({where.sql}) ORDER BY c.id"
+        )
+    else:
+        # Judged once per document, not once per chunk.
+        sql = (
+            "SELECT c.id FROM chunks c WHERE c.document_id IN (SELECT d.id FROM documents d"
+            f" WHERE d.collection_id = ? AND ({where.sql})) ORDER BY c.id"
+        )
+    return np.fromiter(
+        (rowid for (rowid,) in conn.execute(sql, (coll.id, *where.params))), dtype=np.int64
+    )
+
+
+def _filtered_top(
+    conn: apsw.Connection,
+    coll: _Collection,
+    resident: Resident | None,
+    query: np.ndarray,
+    k: int,
+    allowed: np.ndarray,
+) -> list[tuple[int, float]]:
+    """The `k` of the chunks `allowed` (ascending rowids) nearest to `query`."""
+    if resident is None:
+        return _vec_filtered_knn(conn, coll, query, k, allowed)
+    if isinstance(resident, Snapshot):
+        return _masked_top(resident, query, k, allowed)
+    if len(allowed) > FILTER_EXACT_ROWS:
+        found = _widened_top(resident, query, k, allowed)
+        if found is not None:
+            return found
+    return _set_top(resident, query, k, allowed)
+
+
+def _masked_top(
+    snapshot: Snapshot, query: np.ndarray, k: int, allowed: np.ndarray
+) -> list[tuple[int, float]]:
+    """Exact: the matrix's rows of `allowed` scored, the best `k` kept."""
+    ids = snapshot.ids
+    if not len(ids):
+        return []
+    positions = np.minimum(np.searchsorted(ids, allowed), len(ids) - 1)
+    positions = positions[ids[positions] == allowed]
+    if len(positions) * 4 > len(ids):
+        # Most rows: one matrix-vector product beats copying them out first.
+        scores = (snapshot.matrix @ query)[positions]
+    else:
+        scores = snapshot.matrix[positions] @ query
+    return _best(ids[positions], scores, k)
+
+
+def _widened_top(
+    resident: Resident, query: np.ndarray, k: int, allowed: np.ndarray
+) -> list[tuple[int, float]] | None:
+    """The graph's nearest neighbours that are `allowed`, from ever wider searches; None
+    when the search would grow wider than scoring the set exactly."""
+    total, matching = resident.vectors, len(allowed)
+    want = min(total, max(2 * k, math.ceil(FILTER_OVERSAMPLE * k * total / matching)))
+    while want <= min(matching // 4, FILTER_WIDEST):
+        found = resident.top(query, want)
+        keys = np.fromiter((rowid for rowid, _ in found), dtype=np.int64, count=len(found))
+        kept = allowed[np.minimum(np.searchsorted(allowed, keys), matching - 1)] == keys
+        if int(kept.sum()) >= k or want >= total:
+            return [pair for pair, keep in zip(found, kept.tolist(), strict=True) if keep][:k]
+        want = min(total, want * 4)
+    return None
+
+
+def _set_top(
+    resident: Resident, query: np.ndarray, k: int, rowids: np.ndarray
+) -> list[tuple[int, float]]:
+    """Exact over `rowids`: each scored by the index's own vectors, in bounded blocks."""
+    best_ids, best_scores = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+    for start in range(0, len(rowids), SCORE_BLOCK):
+        got = resident.similarities(rowids[start : start + SCORE_BLOCK].tolist(), query)
+        ids = np.concatenate([best_ids, np.fromiter(got, dtype=np.int64, count=len(got))])
+        scores = np.concatenate(
+            [best_scores, np.fromiter(got.values(), dtype=np.float64, count=len(got))]
+        )
+        order = _best_order(ids, scores, k)
+        best_ids, best_scores = ids[order], scores[order]
+    return list(zip(best_ids.tolist(), best_scores.tolist(), strict=True))
+
+
+def _best_order(ids: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the `k` best scores, best first, equal scores in rowid order (as
+    `Snapshot.top` orders them)."""
+    n = len(ids)
+    k = min(k, n)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64)
+    candidates = np.argpartition(scores, n - k)[n - k :] if k < n else np.arange(n)
+    return candidates[np.lexsort((ids[candidates], -scores[candidates]))]
+
+
+def _best(ids: np.ndarray, scores: np.ndarray, k: int) -> list[tuple[int, float]]:
+    order = _best_order(ids, scores, k)
+    return list(zip(ids[order].tolist(), scores[order].astype(np.float64).tolist(), strict=True))
+
+
+def _vec_filtered_knn(
+    conn: apsw.Connection, coll: _Collection, query: np.ndarray, k: int, allowed: np.ndarray
+) -> list[tuple[int, float]]:
+    """sqlite-vec's exact KNN over the collection's chunks restricted to `allowed`."""
+    if not _vec_table_exists(conn, coll.dimension):
+        return []
+    rows: list[tuple[Any, ...]] = conn.execute(
+        f"SELECT chunk_rowid, distance FROM {_vec_table(coll.dimension)}"
+        " WHERE embedding MATCH ? AND k = ? AND collection_id = ?"
+        " AND chunk_rowid IN (SELECT value FROM json_each(?)) ORDER BY distance",
+        (query.tobytes(), k, coll.id, json.dumps(allowed.tolist())),
+    ).fetchall()
+    return [(int(rowid), 1.0 - float(distance) ** 2 / 2.0) for rowid, distance in rows]
+
+
+def _vec_similarities(
+    conn: apsw.Connection, coll: _Collection, rowids: Sequence[int], query: np.ndarray
+) -> dict[int, float]:
+    if not _vec_table_exists(conn, coll.dimension):
+        return {}
+    # One JSON array, not a parameter each: SQLite caps the number of parameters.
+    rows: list[tuple[Any, ...]] = conn.execute(
+        f"SELECT chunk_rowid, vec_distance_l2(embedding, ?) FROM {_vec_table(coll.dimension)}"
+        " WHERE collection_id = ? AND chunk_rowid IN (SELECT value FROM json_each(?))",
+        (query.tobytes(), coll.id, json.dumps([int(r) for r in rowids])),
+    ).fetchall()
+    return {int(rowid): 1.0 - float(distance) ** 2 / 2.0 for rowid, distance in rows}
 
 
 def _touch(conn: apsw.Connection, collection_id: int) -> None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from engine.dsl.templating import is_template
+from engine.errors import InvalidRequest
+from engine.rag.filters import compile_filter
 from engine.rag.retrieval import MAX_K
 from engine.steps.base import CheckContext, StepContext, StepPlugin
 
@@ -69,6 +72,12 @@ class VectorSearchStep(StepPlugin):
                 "description": "Fuse BM25 lexical matches with the vector ranking (reciprocal "
                 "rank fusion); needs `query`.",
             },
+            "filter": {
+                "type": "object",
+                "description": 'Only chunks whose metadata match, e.g. {"year": {"$gte": '
+                '2020}, "file": {"$in": ["a.pdf", "b.pdf"]}}: equality, $eq $ne $gt '
+                '$gte $lt $lte $in $nin $exists, and $and/$or (docs/rag.md "Filters").',
+            },
         },
         "required": ["collection"],
     }
@@ -85,6 +94,13 @@ class VectorSearchStep(StepPlugin):
             )
         elif given == ["query_embedding"] and params.get("hybrid") is True:
             ctx.report("hybrid search matches the query's words: it needs 'query'", ("hybrid",))
+        where = params.get("filter")
+        # A filter written out in the workflow is judged now; one with templates when run.
+        if isinstance(where, Mapping) and not _templated(where):
+            try:
+                compile_filter(where)
+            except InvalidRequest as exc:
+                ctx.report(exc.message, ("filter",))
 
     async def run(self, params: dict[str, Any], ctx: StepContext, prepared: Any = None) -> Any:
         # Here, not at the top: the RAG service needs numpy (the server extra), and
@@ -100,5 +116,14 @@ class VectorSearchStep(StepPlugin):
             top_k=params.get("top_k", DEFAULT_TOP_K),
             threshold=params.get("similarity_threshold", DEFAULT_THRESHOLD),
             hybrid=params.get("hybrid", False),
+            metadata_filter=params.get("filter"),
         )
         return [hit_json(hit) for hit in hits]
+
+
+def _templated(value: Any) -> bool:
+    if isinstance(value, Mapping):
+        return any(_templated(k) or _templated(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_templated(v) for v in value)
+    return is_template(value)

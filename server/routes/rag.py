@@ -79,6 +79,9 @@ class QueryRequest(msgspec.Struct, forbid_unknown_fields=True):
     # Extension: rerank with this loaded `lm` (yes/no relevance) instead of hybrid fusion.
     rerank_model: Annotated[str, Meta(min_length=1)] | None = None
     generation_config: dict[str, Any] | None = None
+    # Extension: only chunks whose metadata match (docs/rag.md "Filters"); checked by the
+    # service, which answers 400 with param "filter".
+    filter: dict[str, Any] | None = None
 
 
 class Source(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -326,6 +329,7 @@ async def query(rag: NamedDependency[RagService], data: JSONBody[QueryRequest]) 
         rerank=data.rerank,
         rerank_model=data.rerank_model,
         generation_config=data.generation_config,
+        metadata_filter=data.filter,
     )
     return QueryResponse(
         answer=result.answer,
