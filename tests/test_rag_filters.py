@@ -707,3 +707,22 @@ def test_vector_search_step_filter_checked_at_validation() -> None:
     with pytest.raises(WorkflowInvalid, match="filter"):
         compile_workflow(STEP + "    filter: [lang, en]\n")
     compile_workflow(STEP + '    filter: {lang: "{{ input.lang }}"}\n')
+
+
+def test_matching_rowids_of_documents_whose_chunks_are_not_one_run(
+    store: Store, varied: RagStore
+) -> None:
+    """A document's chunks are one run of rowids when ingested; a chunk added to it later
+    (by another writer) breaks the run, and the filter still finds every chunk."""
+    with store.transaction() as conn:
+        conn.execute(
+            "INSERT INTO chunks (chunk_id, document_id, collection_id, idx, text, token_count)"
+            " SELECT 'doc1_chunk_99', id, collection_id, 99, 'late', 1 FROM documents"
+            " WHERE document_id = 'doc1'"
+        )
+    hits = every_hit(varied, "varied")
+    assert len(hits) == 3 * len(METADATA) + 1
+    for spec in ({"lang": "fr"}, {"document_id": "doc1"}, {"lang": "fr", "page": None}):
+        got = varied.matching_rowids("varied", where(spec)).tolist()
+        assert got == sorted(r for r, meta in hits.items() if reference(meta, spec))
+    assert max(varied.matching_rowids("varied", where({"document_id": "doc1"}))) == max(hits)

@@ -80,12 +80,17 @@ class FilterLimits:
 @dataclass(frozen=True)
 class SqlFilter:
     """A compiled filter: `sql` is a condition over `c` (chunks) and `d` (documents)
-    with `params` bound in order; `chunk_level` when it reads a chunk's own columns (page,
-    heading), else it depends on the document alone."""
+    with `params` bound in order. The same condition split in two, so the store can judge
+    most of it once per document: `document_sql` (over `d` alone; None: true) and
+    `chunk_sql` (the top-level terms that read a chunk's page or heading; None: true),
+    whose conjunction is `sql`."""
 
     sql: str
     params: tuple[Any, ...]
-    chunk_level: bool
+    document_sql: str | None = None
+    document_params: tuple[Any, ...] = ()
+    chunk_sql: str | None = None
+    chunk_params: tuple[Any, ...] = ()
 
 
 def compile_filter(spec: Any, limits: FilterLimits | None = None) -> SqlFilter | None:
@@ -100,8 +105,23 @@ def compile_filter(spec: Any, limits: FilterLimits | None = None) -> SqlFilter |
         raise compiler.error("filter", f"must be an object, not {_type_name(spec)}")
     if not spec:
         return None
-    sql, params = compiler.object(spec, "filter", 0)
-    return SqlFilter(sql, tuple(params), compiler.chunk_level)
+    by_document: list[Fragment] = []
+    by_chunk: list[Fragment] = []
+    for key, value in spec.items():  # the implicit $and of the top level, term by term
+        compiler.chunk_level = False
+        part = compiler.object({key: value}, "filter", 0)
+        (by_chunk if compiler.chunk_level else by_document).append(part)
+    sql, params = _joined(by_document + by_chunk, " AND ")
+    document = _joined(by_document, " AND ") if by_document else None
+    chunk = _joined(by_chunk, " AND ") if by_chunk else None
+    return SqlFilter(
+        sql,
+        tuple(params),
+        document_sql=None if document is None else document[0],
+        document_params=() if document is None else tuple(document[1]),
+        chunk_sql=None if chunk is None else chunk[0],
+        chunk_params=() if chunk is None else tuple(chunk[1]),
+    )
 
 
 def _type_name(value: Any) -> str:
