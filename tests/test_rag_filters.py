@@ -299,6 +299,8 @@ BAD_FILTERS: list[tuple[Any, str]] = [
     ({"year": math.nan}, "finite"),
     ({"lang": "x" * 1025}, "at most 1024 characters"),
     ({"lang": {"$eq": object()}}, "must be a string, number"),
+    ({"lang": "\ud800"}, "valid Unicode"),
+    ({"\udfff": 1}, "valid Unicode"),
 ]
 
 

@@ -255,6 +255,7 @@ class _Compiler:
         if isinstance(value, str):
             if len(value) > MAX_STRING_CHARS:
                 raise self.error(where, f"strings may be at most {MAX_STRING_CHARS} characters")
+            _check_text(value, where, self.error)
             return value
         raise self.error(
             where,
@@ -269,6 +270,15 @@ def _check_key(key: str, where: str, error: Any) -> None:
     # SQLite's JSON path cannot quote these inside a key.
     if any(ch in '"\\' or ord(ch) < 0x20 for ch in key):
         raise error(where, "a field name may not contain quotes, backslashes or control characters")
+    _check_text(key, where, error)
+
+
+def _check_text(text: str, where: str, error: Any) -> None:
+    # A lone surrogate (possible from Python callers, not from JSON) cannot be bound.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise error(where, "strings must be valid Unicode (no lone surrogates)") from None
 
 
 class _Field:
