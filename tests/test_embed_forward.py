@@ -141,3 +141,34 @@ def test_quantised_model_keeps_mlx_vlms_forward_pass(tiny_embedder_dir: Path) ->
     vectors = embed(quantised, ["hello world", "x"])
     assert vectors.shape == (2, 32)
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_other_threads_get_their_own_streams(minilm: EmbeddingModel) -> None:
+    """MLX streams belong to the thread that made them; each caller gets its own."""
+    here = embed(minilm, PASSAGES[:4])
+    there: list[np.ndarray] = []
+    thread = threading.Thread(target=lambda: there.append(embed(minilm, PASSAGES[:4])))
+    thread.start()
+    thread.join(60)
+    assert there
+    assert cosines(here, there[0]).min() >= 0.99999
+
+
+def test_blas_threads_and_cache_limit_are_put_back(minilm: EmbeddingModel) -> None:
+    import ctypes
+
+    import mlx.core as mx
+
+    from engine.models import blas
+
+    if blas.loaded is None:
+        pytest.skip("MLX's bundled BLAS: no OpenBLAS thread count to put back")
+    library = ctypes.CDLL(blas.loaded)
+    threads = library.openblas_get_num_threads()
+    limit = mx.set_cache_limit(64 << 20)
+    try:
+        embed(minilm, PASSAGES[:3])
+        assert library.openblas_get_num_threads() == threads
+        assert mx.set_cache_limit(limit) == 64 << 20
+    finally:
+        mx.set_cache_limit(limit)

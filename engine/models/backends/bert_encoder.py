@@ -20,7 +20,11 @@ mlx-vlm's own forward pass: ``BertForward.covers`` says which.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ctypes
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +44,11 @@ CACHE_LIMIT_BYTES = 512 << 20
 # Slices are cut to a multiple of this many columns: fewer distinct buffer sizes, which
 # MLX's allocator can reuse (it only reuses a freed buffer of about the size asked).
 SPAN_STEP = 16
+
+# Slices run on this many MLX CPU streams at most (one per core), each stream's matmuls
+# on one OpenBLAS thread: MLX's own CPU kernels (everything but the matmuls) use one
+# thread per stream, so splitting the batch across streams is what uses every core.
+MAX_WORKERS = 8
 
 # Tokens per slice: a slice's widest intermediate (tokens x 1536 floats for MiniLM's FFN,
 # or texts x 12 heads x length² scores) stays within a few MB.
@@ -134,6 +143,49 @@ class _Kernels:
 _KERNELS = _Kernels()
 
 
+def _workers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_WORKERS))
+
+
+class _Streams(threading.local):
+    """One MLX CPU stream (each has its own thread) per core, made on first use. MLX
+    streams belong to the thread that made them: each calling thread has its own (in
+    the server, the one MLX worker thread)."""
+
+    def __init__(self) -> None:
+        self.streams: list[mx.Stream] = []
+
+    def get(self) -> list[mx.Stream]:
+        if not self.streams:
+            self.streams = [mx.new_stream(mx.cpu) for _ in range(_workers())]
+        return self.streams
+
+
+_STREAMS = _Streams()
+
+
+@contextmanager
+def _single_threaded_blas() -> Iterator[None]:
+    """OpenBLAS on one thread per call while the slices run on one stream per core, put
+    back after: a model's prefill on the same process keeps all cores for its matmuls."""
+    from engine.models import blas
+
+    library = ctypes.CDLL(blas.loaded) if blas.loaded else None
+    if library is None or not hasattr(library, "openblas_set_num_threads"):
+        yield
+        return
+    previous = int(library.openblas_get_num_threads())
+    library.openblas_set_num_threads(1)
+    try:
+        yield
+    finally:
+        library.openblas_set_num_threads(previous)
+
+
 @dataclass(frozen=True)
 class _LayerNorm:
     weight: mx.array
@@ -202,11 +254,12 @@ class BertForward:
 
     @staticmethod
     def covers(model: Any) -> bool:
-        """mlx-vlm's plain BERT encoder with float32, unquantised linear layers."""
+        """mlx-vlm's plain BERT encoder with float32, unquantised linear layers, on the
+        CPU (a GPU runs mlx-vlm's pass well: one launch per op, no cache to fit)."""
         import mlx.nn as nn
         from mlx_vlm.models.bert.bert import Model
 
-        if type(model) is not Model:
+        if type(model) is not Model or mx.default_device() != mx.cpu:
             return False
         linears = [
             m
@@ -239,7 +292,8 @@ class BertForward:
         if previous > CACHE_LIMIT_BYTES:
             mx.set_cache_limit(previous)
         try:
-            return self._encode(input_ids, attention_mask, token_type_ids, pool)
+            with _single_threaded_blas():
+                return self._encode(input_ids, attention_mask, token_type_ids, pool)
         finally:
             mx.set_cache_limit(previous)
 
@@ -252,7 +306,9 @@ class BertForward:
     ) -> mx.array:
         spans = self._spans(attention_mask)
         order = np.argsort(spans, kind="stable")
+        streams = _STREAMS.get()
         pooled: list[mx.array] = []
+        pending: list[mx.array] = []
         start = 0
         while start < len(order):
             end = start + 1
@@ -262,15 +318,20 @@ class BertForward:
             rows = order[start:end]
             width = int(spans[rows[-1]])
             types = None if token_type_ids is None else _columns(token_type_ids[rows], width)
-            pooled.append(
-                self._slice(
-                    _columns(input_ids[rows], width),
-                    _columns(attention_mask[rows], width),
-                    types,
-                    pool,
+            with mx.stream(streams[len(pending)]):
+                pending.append(
+                    self._slice(
+                        _columns(input_ids[rows], width),
+                        _columns(attention_mask[rows], width),
+                        types,
+                        pool,
+                    )
                 )
-            )
-            mx.eval(pooled[-1])
+            # One slice per stream at a time: each slice's intermediates stay in cache.
+            if len(pending) == len(streams) or end == len(order):
+                mx.eval(pending)
+                pooled += pending
+                pending = []
             start = end
         out = mx.concatenate(pooled, axis=0)
         return out[mx.array(np.argsort(order))]
