@@ -2,16 +2,19 @@
 model: the same function as ``mlx_vlm.models.bert.Model`` (exact-erf GELU, post-layer-norm
 blocks), computed in a way that runs well where MLX has no vectorised transcendentals.
 
-Measured on Linux x86_64 CPUs (mlx 0.32.4, bench/embeddings.py, BENCHMARKS.md): MLX's
-CPU ``exp`` costs ~12 ns and ``erf`` ~26 ns per element whatever the array's size, while
-adds and multiplies run at ~0.2 ns per element when the arrays fit in cache and ~2.5 ns
-when they do not. So here:
+Measured on Linux x86_64 CPUs (mlx 0.32.4, 2 cores; bench/embeddings.py, BENCHMARKS.md):
+MLX's CPU ``exp`` costs ~12 ns and ``erf`` ~26 ns per element whatever the array's size,
+adds and multiplies ~0.2 ns when the arrays fit in cache and ~2.5 ns when they do not, and
+every MLX CPU kernel but the matmuls (OpenBLAS) runs on one thread. mlx-vlm's pass spent
+about as long in the attention softmax and in GELU as in all its matmuls. So here:
 
-- softmax's exponential and GELU's erf are polynomials made of adds, multiplies and one
-  division, fused by ``mx.compile`` into one loop each (g++ on Linux);
-- a batch runs in slices of a few hundred tokens, so every intermediate (the 12-head
-  score matrices, the 1536-wide GELU input) stays in cache, and each slice is cut to its
-  own longest text instead of the batch's;
+- softmax's exponential and GELU's erf are polynomials of adds, multiplies and one
+  division, fused by ``mx.compile`` into a few loops (g++ on Linux);
+- a batch runs in slices of ~512 tokens, so every intermediate (the 12-head score
+  matrices, the 1536-wide GELU input) stays in cache, and each slice is cut to its own
+  longest text (rounded up to SPAN_STEP) instead of the batch's;
+- the slices run on one MLX CPU stream per core, each with single-threaded OpenBLAS:
+  data parallelism for the kernels MLX runs on one thread;
 - Q, K and V come from one matmul, with the attention scale folded into Q's weights.
 
 Models this does not cover (another family, quantised or half-precision weights) keep
@@ -36,9 +39,10 @@ log = structlog.get_logger(__name__)
 
 # MLX's CPU allocator keeps 32 MiB of freed buffers by default; the slices' intermediates
 # (of many sizes, as slices differ in length) cycle through ~400 MiB per batch, so beyond
-# the cache every buffer comes back from the kernel as fresh pages: ~150k page faults per
-# batch of 32 MiniLM passages, ~15% of the time. The limit is raised while a batch runs and
-# put back after, when the next allocation returns the excess.
+# the cache buffers come back from the kernel as fresh pages: ~150k page faults per batch
+# of 32 MiniLM passages on one stream (~15% of its time then; a few % with the streams).
+# The limit is raised while a batch runs and put back after, when the next allocation
+# returns the excess.
 CACHE_LIMIT_BYTES = 512 << 20
 
 # Slices are cut to a multiple of this many columns: fewer distinct buffer sizes, which
@@ -73,9 +77,9 @@ ERF_Q = (
     -1.42647390514189e-02,
 )
 SQRT_HALF = 0.7071067811865476
-# Softmax weights below e^-20 (2e-9 of the largest) are taken as e^-20 before the key mask
-# zeroes padding; exp(x) = (exp(x/32))^32 with a degree-8 Taylor polynomial on [-0.625, 0]:
-# relative error < 1e-5 (measured), far inside the 1e-4 cosine tolerance of the tests.
+# Softmax weights below e^-20 (2e-9 of the largest) are taken as e^-20; exp(x) =
+# (exp(x/32))^32 with a degree-8 Taylor polynomial on [-0.625, 0]: relative error < 1e-5
+# (measured), far inside the 1e-4 cosine tolerance of the tests.
 EXP_FLOOR = -20.0
 EXP_SQUARINGS = 5
 EXP_TAYLOR = tuple(1.0 / float(np.prod(np.arange(1, k + 1))) for k in range(8, -1, -1))
