@@ -137,11 +137,12 @@ class Settings:
     # Ingest `metadata` (copied onto every document): its JSON nesting depth and size.
     rag_metadata_max_depth: int = 16
     rag_metadata_max_bytes: int = 16_384
-    # Memory for exact vector search (engine/rag/exact_index.py): all collections' in-memory
-    # float32 matrices together stay under this many MiB (n vectors x dimension x 4 bytes,
-    # plus 8 per vector); a collection that cannot fit is searched through sqlite-vec
-    # (slower), and least recently searched matrices make room. 0: always sqlite-vec.
-    rag_index_max_mb: int = 1024
+    # Memory for in-memory vector search (engine/rag/exact_index.py): all collections'
+    # float32 matrices (n vectors x (dimension x 4 + 8) bytes) and HNSW graphs (n x
+    # (dimension x 2 + 576) bytes: 1.3 GB for 1M x 384) together stay under this many MiB;
+    # a collection that cannot fit is searched through sqlite-vec (slower), and least
+    # recently searched indexes make room. 0: always sqlite-vec.
+    rag_index_max_mb: int = 2048
     # Collections with `index: auto` (the default) are searched through an approximate HNSW
     # graph (engine/rag/hnsw_index.py) from this many vectors up, exactly below: an exact
     # top-10 over 200k x 384 float32 takes ~10-30 ms on 2 cores, the graph ~1 ms.

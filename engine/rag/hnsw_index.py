@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import structlog
 
-from engine.rag.exact_index import HNSW
+from engine.rag.exact_index import HNSW, Snapshot, aligned_copy
 
 if TYPE_CHECKING:
     from usearch.index import Index
@@ -59,13 +59,17 @@ CONNECTIVITY = 16
 EXPANSION_ADD = 128
 EXPANSION_SEARCH = 128
 DTYPE = "f16"
+# Graphs this small, and searches for a quarter of a graph of up to 16 times as many, are
+# scanned exactly from their stored vectors (reading one back costs ~3 us).
+EXACT_SCAN_VECTORS = 1024
 _SUFFIX = ".usearch"
 
 
 def estimated_bytes(vectors: int, dimension: int) -> int:
-    """Memory a graph of `vectors` takes, before building it: f16 vectors, the base
-    layer's 2·CONNECTIVITY neighbour slots of 4 bytes, the key and level bookkeeping."""
-    return vectors * (dimension * 2 + 2 * CONNECTIVITY * 4 + 16)
+    """Memory a graph of `vectors` takes, before building it: f16 vectors plus what usearch
+    measured beyond them at 1M x 384 (1,334 bytes a vector in all: neighbour lists of every
+    level, keys, its arena's slack), about 36 bytes per unit of CONNECTIVITY."""
+    return vectors * (dimension * 2 + 36 * CONNECTIVITY)
 
 
 def index_path(directory: Path, collection_id: int, generation: int) -> Path:
@@ -220,9 +224,14 @@ class HnswSnapshot:
         return len(self.index)
 
     def top(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
-        k = min(k, len(self.index))
+        n = len(self.index)
+        k = min(k, n)
         if k <= 0:
             return []
+        if n <= EXACT_SCAN_VECTORS or 4 * k >= n <= 16 * EXACT_SCAN_VECTORS:
+            # A graph search is not exact (a graph patched by removals may even lose a
+            # neighbourhood), and buys nothing here: score every stored vector.
+            return self._scanned().top(query, k)
         # One query: the calling worker thread, not usearch's pool (its start-up costs more).
         matches = self.index.search(query, k, threads=1)
         scores = 1.0 - np.asarray(matches.distances, dtype=np.float64)
@@ -230,6 +239,15 @@ class HnswSnapshot:
         # Best first, equal scores in rowid order, as the exact path orders them.
         order = np.lexsort((keys, -scores))
         return list(zip(keys[order].tolist(), scores[order].tolist(), strict=True))
+
+    def _scanned(self) -> Snapshot:
+        """The graph's vectors as an exact matrix (small graphs only: see `top`)."""
+        keys = np.sort(np.asarray(self.index.keys, dtype=np.int64))
+        rows = np.asarray(self.index.get(keys.astype(np.uint64), dtype="f32"), dtype=np.float32)
+        rows = rows.reshape(len(keys), self.dimension)
+        # f16 rounding leaves stored vectors a little off unit length.
+        rows /= np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        return Snapshot(self.generation, keys, aligned_copy(rows))
 
     def similarities(self, rowids: Sequence[int], query: np.ndarray) -> dict[int, float]:
         """Cosine of the given rowids in the graph, from its stored (f16) vectors."""
