@@ -115,16 +115,6 @@ def encode_rate(model: EmbeddingModel, texts: list[str]) -> float:
     return len(texts) / (time.perf_counter() - start)
 
 
-@contextmanager
-def mlx_vlm_forward(model: EmbeddingModel) -> Iterator[None]:
-    """The model without Fusion's own forward pass (bert_encoder.py): mlx-vlm's."""
-    forward, model.forward = model.forward, None
-    try:
-        yield
-    finally:
-        model.forward = forward
-
-
 def direct_rate(texts: list[str]) -> float:
     return encode_rate(load_model(), texts)
 
@@ -259,7 +249,7 @@ def interleaved_rates(
 
 
 def mlx_vlm_rate(model: EmbeddingModel, texts: list[str]) -> float:
-    with mlx_vlm_forward(model):
+    with model.with_mlx_vlm_forward():
         return encode_rate(model, texts)
 
 

@@ -6,8 +6,7 @@ models it does not cover, which keep mlx-vlm's pass."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,15 +44,6 @@ def embed(model: EmbeddingModel, texts: Sequence[str]) -> np.ndarray:
     return np.array(model.embed(list(texts), threading.Event()).vectors)
 
 
-@contextmanager
-def mlx_vlm_forward(model: EmbeddingModel) -> Iterator[None]:
-    forward, model.forward = model.forward, None
-    try:
-        yield
-    finally:
-        model.forward = forward
-
-
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray((a * b).sum(axis=1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1))
 
@@ -66,7 +56,7 @@ def minilm(minilm_dir: Path) -> EmbeddingModel:
 def test_minilm_uses_the_own_forward_pass_and_matches_mlx_vlm(minilm: EmbeddingModel) -> None:
     assert minilm.forward is not None
     ours = embed(minilm, PASSAGES)
-    with mlx_vlm_forward(minilm):
+    with minilm.with_mlx_vlm_forward():
         theirs = embed(minilm, PASSAGES)
     assert cosines(ours, theirs).min() >= 0.9999
     assert np.abs(ours - theirs).max() < 1e-4
@@ -123,7 +113,7 @@ def test_tiny_embedder_matches_mlx_vlm(tiny_embedder_dir: Path) -> None:
     assert model.forward is not None
     texts = ["hello world", "a much longer sentence than the first one, with more words", "x"]
     ours = embed(model, texts)
-    with mlx_vlm_forward(model):
+    with model.with_mlx_vlm_forward():
         theirs = embed(model, texts)
     assert cosines(ours, theirs).min() >= 0.9999
 

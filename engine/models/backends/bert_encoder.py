@@ -256,6 +256,12 @@ class BertForward:
             )
         mx.eval([(lay.qkv_weight, lay.qkv_bias) for lay in self.layers])
 
+    @property
+    def extra_bytes(self) -> int:
+        """Memory held beside the model's own parameters: the fused QKV copies (mlx-vlm's
+        separate ones stay, for its pass)."""
+        return sum(lay.qkv_weight.nbytes + lay.qkv_bias.nbytes for lay in self.layers)
+
     @staticmethod
     def covers(model: Any) -> bool:
         """mlx-vlm's plain BERT encoder with float32, unquantised linear layers, on the
