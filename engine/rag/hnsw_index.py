@@ -40,6 +40,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -228,9 +229,11 @@ class HnswSnapshot:
         k = min(k, n)
         if k <= 0:
             return []
-        if n <= EXACT_SCAN_VECTORS or 4 * k >= n <= 16 * EXACT_SCAN_VECTORS:
-            # A graph search is not exact (a graph patched by removals may even lose a
-            # neighbourhood), and buys nothing here: score every stored vector.
+        # A graph search is not exact (a graph patched by removals may even lose a
+        # neighbourhood), and buys nothing here: score every stored vector.
+        if n <= EXACT_SCAN_VECTORS:
+            return self._small_matrix.top(query, k)
+        if 4 * k >= n <= 16 * EXACT_SCAN_VECTORS:
             return self._scanned().top(query, k)
         # One query: the calling worker thread, not usearch's pool (its start-up costs more).
         matches = self.index.search(query, k, threads=1)
@@ -239,6 +242,12 @@ class HnswSnapshot:
         # Best first, equal scores in rowid order, as the exact path orders them.
         order = np.lexsort((keys, -scores))
         return list(zip(keys[order].tolist(), scores[order].tolist(), strict=True))
+
+    @cached_property
+    def _small_matrix(self) -> Snapshot:
+        """A small graph's vectors, read back once per generation (1.6 ms for 1,024 of
+        384 dimensions, against 0.07 ms for a graph search)."""
+        return self._scanned()
 
     def _scanned(self) -> Snapshot:
         """The graph's vectors as an exact matrix (small graphs only: see `top`)."""

@@ -127,8 +127,8 @@ class Retriever:
     ) -> list[Hit]:
         lexical = await asyncio.to_thread(self.db.lexical, collection, query, pool, where)
         fused = reciprocal_rank_fusion([[r for r, _ in nearest], [r for r, _ in lexical]])
-        missing = [r for r in fused if r not in dict(nearest)]
         cosine = dict(nearest)
+        missing = [r for r in fused if r not in cosine]
         if missing:  # lexical-only matches: their similarity decides the threshold too
             cosine.update(
                 await asyncio.to_thread(self.db.similarities, collection, missing, vector)

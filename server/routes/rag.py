@@ -148,14 +148,7 @@ class IndexDetail(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     @classmethod
     def of(cls, info: IndexInfo) -> IndexDetail:
-        return cls(
-            kind=info.kind,
-            bytes=info.bytes,
-            vectors=info.vectors,
-            generation=info.generation,
-            reason=info.reason,
-            setting=info.setting,
-        )
+        return cls(**asdict(info))
 
 
 class CollectionDetail(msgspec.Struct, kw_only=True):
